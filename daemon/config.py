@@ -1,0 +1,461 @@
+"""Configuration: `config.yaml` into typed, validated settings, or a `FILE:LINE:COL:` error.
+
+Contract:
+- `load_config(path)` returns a `Config` or raises `ConfigError` whose `str()` is
+  `config.yaml:LINE:COL: <what is wrong, what was expected>`. The CLI prints it and exits 2.
+- Unknown keys are errors everywhere: a typo in compliance configuration must never pass
+  silently.
+- Credentials never live in this file: they come from the environment
+  (`GENESYSCLOUD_OAUTHCLIENT_ID`/`_SECRET`, or `GENESYS_CLOUD_CLIENT_ID`/`_SECRET`) or from
+  files (`genesys.client_id_file`/`client_secret_file`, or systemd's `$CREDENTIALS_DIRECTORY`
+  with `genesys_client_id`/`genesys_client_secret`). See `resolve_credentials`.
+- `Config.source` keeps the node positions, so later stages (the rule compiler, list loader)
+  can report `file:line:col` for what they find wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daemon.errors import ConfigError, CredentialsError
+
+try:  # the libyaml-backed loader is several times faster; fall back to pure Python
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover - depends on how PyYAML was built
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+Path_ = tuple[str | int, ...]
+
+SCHEMA_VERSION = 1
+
+# The SDK's PureCloudRegionHosts: domain by AWS region name.
+REGIONS: dict[str, str] = {
+    "us-east-1": "mypurecloud.com",
+    "us-east-2": "use2.us-gov-pure.cloud",
+    "us-west-2": "usw2.pure.cloud",
+    "ca-central-1": "cac1.pure.cloud",
+    "mx-central-1": "mxc1.pure.cloud",
+    "sa-east-1": "sae1.pure.cloud",
+    "eu-west-1": "mypurecloud.ie",
+    "eu-west-2": "euw2.pure.cloud",
+    "eu-central-1": "mypurecloud.de",
+    "eu-central-2": "euc2.pure.cloud",
+    "eusc-de-east-1": "edee1.eusc-pure.cloud",
+    "me-central-1": "mec1.pure.cloud",
+    "ap-south-1": "aps1.pure.cloud",
+    "ap-southeast-1": "apse1.pure.cloud",
+    "ap-southeast-2": "mypurecloud.com.au",
+    "ap-northeast-1": "mypurecloud.jp",
+    "ap-northeast-2": "apne2.pure.cloud",
+    "ap-northeast-3": "apne3.pure.cloud",
+}
+DOMAINS = frozenset(REGIONS.values())
+
+CLIENT_ID_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_ID", "GENESYS_CLOUD_CLIENT_ID")
+CLIENT_SECRET_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_SECRET", "GENESYS_CLOUD_CLIENT_SECRET")
+REGION_ENVS = ("GENESYSCLOUD_REGION", "GENESYS_CLOUD_REGION")
+
+
+# ---------------------------------------------------------------- YAML with positions
+
+
+@dataclass(slots=True)
+class ConfigSource:
+    """Where each node of a loaded YAML document stands, for `file:line:col` messages.
+
+    `values[path]` is the (line, col) of the value at `path`; `keys[path]` that of its
+    mapping key. Paths are tuples of keys and list indexes, e.g. `("rules", 2, "when")`.
+    """
+
+    file: str
+    values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    base_dir: Path = field(default_factory=Path)
+
+    def position(self, path: Path_, *, key: bool = False) -> tuple[int | None, int | None]:
+        """The nearest known position for `path`, walking up to its parents."""
+        p = tuple(path)
+        while True:
+            table = self.keys if key and p in self.keys else self.values
+            if p in table:
+                return table[p]
+            if not p:
+                return None, None
+            p = p[:-1]
+
+    def error(self, path: Path_, message: str, *, key: bool = False) -> ConfigError:
+        line, col = self.position(path, key=key)
+        return ConfigError(message, file=self.file, line=line, col=col)
+
+
+class _NoDupLoader(_Loader):  # type: ignore[misc,valid-type]
+    pass
+
+
+def compose_with_positions(text: str, file: str) -> tuple[Any, ConfigSource]:
+    """Parse YAML text into plain Python data plus a `ConfigSource` of node positions.
+
+    Raises ConfigError for syntax errors and duplicate keys (YAML silently keeps the last).
+    """
+    src = ConfigSource(file=file)
+    try:
+        node = yaml.compose(text, Loader=_NoDupLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        return _raise(ConfigError(f"invalid YAML: {problem}", file=file,
+                                  line=mark.line + 1 if mark else None,
+                                  col=mark.column + 1 if mark else None))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    if node is None:
+        return {}, src
+    return _build(node, (), src), src
+
+
+def _raise(err: ConfigError) -> Any:
+    raise err
+
+
+def _build(node: yaml.Node, path: Path_, src: ConfigSource) -> Any:
+    src.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise ConfigError("mapping keys must be plain text", file=src.file,
+                                  line=knode.start_mark.line + 1, col=knode.start_mark.column + 1)
+            if knode.tag == "tag:yaml.org,2002:merge":
+                raise ConfigError("YAML merge keys (<<) are not supported; write the keys out",
+                                  file=src.file, line=knode.start_mark.line + 1,
+                                  col=knode.start_mark.column + 1)
+            k = str(knode.value)
+            if k in out:
+                raise ConfigError(f"duplicate key {k!r}: each key may appear once", file=src.file,
+                                  line=knode.start_mark.line + 1, col=knode.start_mark.column + 1)
+            src.keys[path + (k,)] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
+            out[k] = _build(vnode, path + (k,), src)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(v, path + (i,), src) for i, v in enumerate(node.value)]
+    # Scalars: let the resolver's tag decide the type (int, float, bool, null, str).
+    try:
+        return yaml.load(yaml.serialize(node), Loader=_Loader)
+    except yaml.YAMLError as exc:  # pragma: no cover - composed nodes re-serialise cleanly
+        raise ConfigError(f"invalid value: {exc}", file=src.file,
+                          line=node.start_mark.line + 1, col=node.start_mark.column + 1) from None
+
+
+# ---------------------------------------------------------------- the settings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenesysSettings(_Strict):
+    """Where Genesys Cloud is and how to authenticate (secrets come from env or files)."""
+
+    region: str | None = Field(default=None, description="Domain (mypurecloud.ie) or AWS name (eu-west-1).")
+    api_base_url: str | None = Field(default=None, description="Origin such as http://127.0.0.1:8080; /api/v2/... is appended.")
+    login_base_url: str | None = Field(default=None, description="Origin; /oauth/token is appended.")
+    client_id_file: str | None = None
+    client_secret_file: str | None = None
+    requests_per_minute: int = Field(default=300, ge=1, le=100_000)
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    read_timeout: float = Field(default=10.0, gt=0, le=300)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    token_refresh_margin: float = Field(default=300.0, ge=0, description="Seconds before expiry to fetch a new token.")
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().lower()
+        if v in REGIONS or v in DOMAINS:
+            return v
+        raise ValueError(
+            f"unknown region {v!r}; expected a domain such as mypurecloud.ie or an AWS region "
+            f"such as eu-west-1 (known: {', '.join(sorted(REGIONS))})")
+
+    @field_validator("api_base_url", "login_base_url")
+    @classmethod
+    def _origin(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected an origin such as https://api.mypurecloud.ie or http://127.0.0.1:8080, got {v!r}")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"expected an origin without a path (confguard appends /api/v2/... itself), got {v!r}")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def domain(self) -> str:
+        region = self.region or _env_first(REGION_ENVS) or "mypurecloud.com"
+        region = region.strip().lower()
+        return REGIONS.get(region, region)
+
+    @property
+    def api_origin(self) -> str:
+        return self.api_base_url or f"https://api.{self.domain}"
+
+    @property
+    def login_origin(self) -> str:
+        return self.login_base_url or f"https://login.{self.domain}"
+
+
+class SubscriptionSettings(_Strict):
+    """Which calls are in scope: queues (ids or names) and users (ids)."""
+
+    queues: list[str] = Field(default_factory=list)
+    users: list[str] = Field(default_factory=list)
+    heartbeat_timeout_factor: float = Field(default=2.0, ge=1.0, le=10.0)
+    channel_refresh_before: float = Field(default=3600.0, ge=60, description="Seconds before a channel's 24 h expiry to replace it.")
+    resync_on_start: bool = True
+
+
+class SafetySettings(_Strict):
+    max_disconnects_per_minute: int = Field(default=30, ge=0)
+
+
+class ListSpec(_Strict):
+    """A named list for `in_list`/`not_in_list`: from a file (one value a line, '#' comments)
+    or inline values. Exactly one of the two."""
+
+    file: str | None = None
+    values: list[str | int] | None = None
+
+
+class RuleSpec(_Strict):
+    """One rule as written. `when`/`call` are checked and compiled by `daemon.rules`."""
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    when: dict[str, Any] = Field(default_factory=dict)
+    call: dict[str, Any] = Field(default_factory=dict)
+    hold_for: str | int | float | None = None
+    action: Literal["disconnect", "observe"]
+    enabled: bool = True
+    severity: Literal["info", "warning", "critical"] = "warning"
+    tags: list[str] = Field(default_factory=list)
+    message: str | None = None
+
+
+class AuditSettings(_Strict):
+    path: str = "audit/confguard-audit.jsonl"
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    fsync_interval: float = Field(default=1.0, gt=0, le=1.0)
+
+
+class OpsSettings(_Strict):
+    listen: str = "127.0.0.1:9464"
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, got {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class LoggingSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Strict):
+    """The whole of config.yaml. `source` is attached after validation (positions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    schema_version: int = 1
+    genesys: GenesysSettings = Field(default_factory=GenesysSettings)
+    subscriptions: SubscriptionSettings = Field(default_factory=SubscriptionSettings)
+    mode: Literal["enforce", "observe"] = "enforce"
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    lists: dict[str, ListSpec] = Field(default_factory=dict)
+    rules: list[RuleSpec] = Field(default_factory=list)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    source: ConfigSource | None = Field(default=None, exclude=True)
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        path = Path(p)
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.base_dir / path
+        return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    if kind == "extra_forbidden":
+        return f"unknown key {str(err['loc'][-1])!r}; check the spelling (allowed keys are in the README's configuration reference)"
+    if kind == "missing":
+        return f"missing required key {loc!r}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{loc}: got {err.get('input')!r}, expected one of {expected}"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = None) -> Config:
+    """Validate YAML text as a Config; raises ConfigError located at the first problem."""
+    data, src = compose_with_positions(text, file)
+    src.base_dir = base_dir or Path(".")
+    if not isinstance(data, dict):
+        raise src.error((), "the top level must be a mapping of sections (genesys, subscriptions, rules, ...)")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise src.error(("schema_version",),
+                        f"schema_version {version} is newer than this confguard understands "
+                        f"(up to {SCHEMA_VERSION}); upgrade confguard")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _data_path(data, tuple(first.get("loc", ())))
+        raise src.error(loc, _describe(first), key=first.get("type") == "extra_forbidden") from None
+    names: dict[str, int] = {}
+    for i, rule in enumerate(cfg.rules):
+        if rule.name in names:
+            raise src.error(("rules", i, "name"),
+                            f"duplicate rule name {rule.name!r} (first at rules[{names[rule.name]}]); names must be unique")
+        names[rule.name] = i
+    for name, spec in cfg.lists.items():
+        if (spec.file is None) == (spec.values is None):
+            raise src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'")
+    return cfg.model_copy(update={"source": src})
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
+    """The part of a pydantic error location that exists in the data (pydantic inserts
+    union-branch names such as 'str' that are not keys); an unknown key is kept last."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            out.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            out.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and not out[-1:] == [part]:
+            continue
+    return tuple(out)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError (never a traceback for bad input)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.__class__.__name__}: {exc}") from None
+    return parse_config(text, file=str(path), base_dir=p.parent)
+
+
+def load_list_file(path: Path) -> list[str]:
+    """One value a line; blank lines and '#' comments ignored; surrounding spaces stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"list file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read list file {path}: {exc}") from None
+    out = []
+    for line in lines:
+        value = line.split("#", 1)[0].strip()
+        if value:
+            out.append(value)
+    return out
+
+
+# ---------------------------------------------------------------- credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """OAuth client credentials. `repr` hides the secret so it never reaches a log."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Credentials(client_id={self.client_id!r}, client_secret='***')"
+
+
+def _env_first(names: tuple[str, ...], env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    for n in names:
+        v = env.get(n, "").strip()
+        if v:
+            return v
+    return None
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise CredentialsError(f"{what} file {path} is empty")
+    return value
+
+
+def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None = None) -> Credentials:
+    """Find the client id and secret: config-named files, then environment, then systemd
+    credentials (`$CREDENTIALS_DIRECTORY/genesys_client_id`, `.../genesys_client_secret`)."""
+    env = os.environ if env is None else env
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+
+    def pick(file_setting: str | None, envs: tuple[str, ...], cred_name: str, what: str) -> str | None:
+        if file_setting:
+            return _read_secret_file(Path(file_setting), what)
+        from_env = _env_first(envs, env)
+        if from_env:
+            return from_env
+        if cred_dir and (Path(cred_dir) / cred_name).is_file():
+            return _read_secret_file(Path(cred_dir) / cred_name, what)
+        return None
+
+    cid = pick(settings.client_id_file, CLIENT_ID_ENVS, "genesys_client_id", "client id")
+    secret = pick(settings.client_secret_file, CLIENT_SECRET_ENVS, "genesys_client_secret", "client secret")
+    if not cid or not secret:
+        missing = "client id" if not cid else "client secret"
+        raise CredentialsError(
+            f"no OAuth {missing} found: set {CLIENT_ID_ENVS[0]} and {CLIENT_SECRET_ENVS[0]} "
+            f"(or {CLIENT_ID_ENVS[1]}/{CLIENT_SECRET_ENVS[1]}), or genesys.client_id_file and "
+            f"genesys.client_secret_file, or systemd credentials genesys_client_id/genesys_client_secret")
+    return Credentials(cid, secret)
