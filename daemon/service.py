@@ -1,0 +1,395 @@
+"""The daemon: lifecycle, signals, reload and the hot path from socket to decision.
+
+Lifecycle (each transition is logged, exported as `confguard_daemon_state` and shown by
+`/healthz`; modelled on uvicorn's `Server`):
+
+    STARTING -> SUBSCRIBING -> RESYNCING -> RUNNING <-> DEGRADED (a gap: resync under way)
+                                              |  ^
+                                              v  |
+                                           RELOADING
+    any -> DRAINING -> STOPPED
+
+- SIGTERM/SIGINT: stop taking decisions, let in-flight disconnects finish (bounded by
+  `drain_timeout` seconds), close the stream, flush and fsync the audit, exit 0. A second
+  signal forces an immediate exit (code 1).
+- SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
+  line and the old rules stay in force; changed subscriptions are applied without dropping
+  the unchanged ones.
+- SIGUSR1: resume enforcement after the safety valve tripped.
+
+The hot path (`_on_message`) runs synchronously in the WebSocket reader's turn of the event
+loop: parse, apply, evaluate, then `Enforcer.submit`, which audits and starts the PATCH at
+once. Nothing on it awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import structlog
+
+from daemon import systemd
+from daemon.api import GenesysClient
+from daemon.audit import AuditLog
+from daemon.config import Config, load_config, resolve_credentials
+from daemon.engine import Engine
+from daemon.enforce import Enforcer
+from daemon.errors import ConfguardError
+from daemon.metrics import Metrics
+from daemon.model import Change, Decision
+from daemon.ops import HealthStatus, OpsServer
+from daemon.resync import Resyncer
+from daemon.rules import RuleEngine, SafetyValve, compile_rules
+from daemon.scope import resolve_scope
+from daemon.state import CallStore
+from daemon.stream import StreamManager
+
+log = structlog.get_logger("confguard.service")
+
+
+class State(enum.Enum):
+    """Where the daemon is in its life. Values are the metric and health labels."""
+
+    STARTING = "starting"
+    SUBSCRIBING = "subscribing"
+    RESYNCING = "resyncing"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    RELOADING = "reloading"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Daemon:
+    """One confguard process: stream in, decisions out.
+
+    `start()` returns once subscribed and resynced (READY); `stop()` drains and closes.
+    `run()` does both around signal handling and is what `confguard run` calls.
+    """
+
+    def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
+                 observe: bool = False, record_path: str | os.PathLike[str] | None = None,
+                 drain_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.observe_flag = observe
+        self.drain_timeout = drain_timeout
+        self.clock = clock
+        self.metrics = Metrics()
+        self.state = State.STARTING
+        self.metrics.daemon_state.state(self.state.value)
+        ruleset = compile_rules(config)
+        self.rules = RuleEngine(ruleset)
+        self.engine = Engine(self.rules, CallStore())
+        self.safety = SafetyValve(config.safety.max_disconnects_per_minute)
+        self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
+                              fsync_interval=config.audit.fsync_interval)
+        self.client: GenesysClient | None = None
+        self.enforcer: Enforcer | None = None
+        self.stream: StreamManager | None = None
+        self.resyncer: Resyncer | None = None
+        self.ops: OpsServer | None = None
+        self.ops_port: int | None = None
+        self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._timer_wake = asyncio.Event()
+        self._gap_flag = asyncio.Event()
+        self._scheduled_deadline: float | None = None
+        self._gap_reason: str | None = "startup"
+        self._signals = 0
+        self._queue_ids: list[str] = []
+        self._user_ids: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def mode(self) -> str:
+        return "observe" if self.observe_flag else self.config.mode
+
+    def _set_state(self, new: State, **why: Any) -> None:
+        if new is self.state:
+            return
+        log.info("state", old=self.state.value, new=new.value, **why)
+        self.state = new
+        self.metrics.daemon_state.state(new.value)
+        systemd.status(f"{new.value}" + (f": {why.get('reason')}" if why.get("reason") else ""))
+
+    def health(self) -> HealthStatus:
+        ready = (self.state in (State.RUNNING, State.RELOADING) and self.stream is not None
+                 and self.stream.ready and self._gap_reason is None)
+        reason = None if ready else (self._gap_reason or self.state.value)
+        details: dict[str, Any] = {
+            "mode": self.mode,
+            "tracked_calls": len(self.engine.store),
+            "safety_valve_tripped": self.safety.tripped,
+            "in_flight": self.enforcer.in_flight if self.enforcer else 0,
+        }
+        return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details)
+
+    async def start(self) -> None:
+        """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
+        cfg = self.config
+        log.info("starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
+        if cfg.ops.enabled:
+            self.ops = OpsServer(self.metrics, self.health)
+            self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
+            log.info("ops listening", host=cfg.ops.host, port=self.ops_port)
+        self.audit.open()
+        credentials = resolve_credentials(cfg.genesys)
+        self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
+        self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
+                                 safety=self.safety, metrics=self.metrics, clock=self.clock)
+        self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
+        self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
+        self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
+
+        self._set_state(State.SUBSCRIBING)
+        scope = await resolve_scope(self.client, cfg.subscriptions)
+        self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
+        self.stream = StreamManager(self.client, list(scope.topics), on_message=self._on_message,
+                                    on_gap=self._on_gap, metrics=self.metrics,
+                                    channel_refresh_before=cfg.subscriptions.channel_refresh_before)
+        self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
+                                 metrics=self.metrics, on_decisions=self._submit, clock=self.clock)
+        await self.stream.start()
+        self._tasks.append(asyncio.create_task(self.stream.run(), name="stream"))
+
+        self._set_state(State.RESYNCING)
+        if cfg.subscriptions.resync_on_start:
+            await self.resyncer.resync("startup")
+        self._gap_reason = None
+        self.stream.mark_resynced()
+        self._tasks.append(asyncio.create_task(self._gap_watch(), name="gap-watch"))
+        self._set_state(State.RUNNING)
+        systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
+
+    async def stop(self) -> None:
+        """Drain in-flight disconnects (bounded), close the stream, fsync the audit."""
+        if self.state is State.STOPPED:
+            return
+        self._set_state(State.DRAINING)
+        systemd.stopping()
+        abandoned = 0
+        if self.enforcer is not None:
+            self.enforcer.stop_accepting()
+            abandoned = await self.enforcer.drain(self.drain_timeout)
+        self._stop.set()
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.stream.stop(), timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.audit.close()
+        if self._record is not None:
+            self._record.close()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.ops is not None:
+            await self.ops.stop()
+        self._set_state(State.STOPPED, abandoned=abandoned)
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+
+        def on_stop(signame: str) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                log.warning("second signal: exiting now", signal=signame)
+                os._exit(1)
+            log.info("stop requested", signal=signame)
+            stop_requested.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self.resume_enforcement)
+        try:
+            start = asyncio.create_task(self.start())
+            waiter = asyncio.create_task(stop_requested.wait())
+            done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if start in done:
+                start.result()  # raise start-up errors (rejected topics, bad credentials...)
+                await waiter
+            else:
+                start.cancel()
+                await asyncio.gather(start, return_exceptions=True)
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    def resume_enforcement(self) -> None:
+        if self.safety.tripped:
+            self.safety.resume()
+            self.metrics.safety_valve_tripped.set(0)
+            log.warning("safety valve reset: enforcement resumed")
+
+    async def reload(self) -> bool:
+        """Re-read config.yaml and lists; keep the old rules if the new file is invalid."""
+        if self.config_path is None or self.state not in (State.RUNNING, State.DEGRADED):
+            log.warning("reload ignored", state=self.state.value)
+            return False
+        previous = self.state
+        self._set_state(State.RELOADING)
+        systemd.reloading()
+        try:
+            new = load_config(self.config_path)
+            ruleset = compile_rules(new)
+            if self.stream is not None and self.client is not None:
+                scope = await resolve_scope(self.client, new.subscriptions)
+                await self.stream.update_topics(list(scope.topics))
+                self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
+        except ConfguardError as exc:
+            log.error("reload rejected; the previous configuration stays in force", error=str(exc))
+            self.metrics.config_reloads.labels(result="rejected").inc()
+            self._set_state(previous)
+            systemd.ready(f"{previous.value}: reload rejected")
+            return False
+        self.rules.swap(ruleset)
+        self.safety.max_per_minute = new.safety.max_disconnects_per_minute
+        self.config = new
+        if self.enforcer is not None:
+            self.enforcer.mode = self.mode  # type: ignore[assignment]
+        self.metrics.config_reloads.labels(result="ok").inc()
+        log.info("reloaded", rules=len(new.rules), mode=self.mode)
+        self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+        systemd.ready(f"{self.state.value}: reloaded")
+        return True
+
+    # ------------------------------------------------------------------ hot path
+
+    def _on_message(self, raw: bytes | str, received_at: float) -> None:
+        """Called by the stream for every frame, synchronously: parse, apply, decide, act."""
+        if self._record is not None:
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            self._record.write(orjson.dumps({"ts": received_at, "raw": text}) + b"\n")
+        fed = self.engine.feed(raw, received_at)
+        self._account(fed.message, received_at)
+        if fed.change is not None:
+            self._observe(fed.change)
+        if fed.decisions:
+            self._submit(fed.decisions)
+        self._maybe_reschedule()
+
+    def _account(self, message: Any, received_at: float) -> None:
+        topic = getattr(message, "topic", None)
+        reason = getattr(message, "reason", None)
+        if reason is not None:
+            self.metrics.events_rejected.labels(reason=reason).inc()
+            log.warning("event rejected", reason=reason, excerpt=getattr(message, "excerpt", ""))
+        elif topic is not None:
+            self.metrics.events_received.labels(topic=topic).inc()
+
+    def _observe(self, change: Change) -> None:
+        if self.enforcer is not None:
+            self.enforcer.observe_change(change)
+        self.metrics.tracked_calls.set(len(self.engine.store))
+
+    def _submit(self, decisions: list[Decision]) -> None:
+        now = self.clock()
+        for d in decisions:
+            if d.received_at is not None:
+                self.metrics.event_to_decision_seconds.observe(max(0.0, now - d.received_at))
+        if self.enforcer is not None:
+            self.enforcer.submit(decisions)
+        self._maybe_reschedule()
+
+    def _on_response(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.metrics.api_requests.labels(method=method, route=route, status=str(status)).inc()
+        if status >= 400 or status == 0:
+            self.metrics.api_errors.labels(status=str(status)).inc()
+
+    # ------------------------------------------------------------------ gaps and timers
+
+    def _on_gap(self, reason: str) -> None:
+        """The stream may have missed events: resync (coalesced) and report not-ready."""
+        self._gap_reason = reason
+        if self.state is State.RUNNING:
+            self._set_state(State.DEGRADED, reason=reason)
+        self._gap_flag.set()
+
+    async def _gap_watch(self) -> None:
+        """Resync after each gap; retry with backoff until one succeeds."""
+        flag = self._gap_flag
+        if self._gap_reason:
+            flag.set()
+        delay = 1.0
+        while not self._stop.is_set():
+            await flag.wait()
+            flag.clear()
+            reason = self._gap_reason or "gap"
+            assert self.resyncer is not None
+            try:
+                await self.resyncer.resync(reason)
+            except ConfguardError as exc:
+                log.error("resync failed; will retry", reason=reason, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                flag.set()
+                continue
+            delay = 1.0
+            if not flag.is_set():  # no newer gap arrived while resyncing
+                self._gap_reason = None
+                if self.stream is not None:
+                    self.stream.mark_resynced()
+                if self.state is State.DEGRADED:
+                    self._set_state(State.RUNNING, reason="resynced")
+
+    def _maybe_reschedule(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is not None and (self._scheduled_deadline is None or deadline < self._scheduled_deadline):
+            self._timer_wake.set()
+
+    async def _timers(self) -> None:
+        """hold_for and time-based rules fire here, at their deadline, with no event needed.
+        Also evicts ended calls. Wakes at least once a second."""
+        while not self._stop.is_set():
+            now = self.clock()
+            deadline = self.engine.next_deadline()
+            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            self._scheduled_deadline = now + wait
+            self._timer_wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
+            decisions = self.engine.tick(self.clock())
+            if decisions:
+                self._submit(decisions)
+            self.metrics.tracked_calls.set(len(self.engine.store))
+            if self.client is not None and self.client.tokens.age is not None:
+                self.metrics.token_age_seconds.set(self.client.tokens.age)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("run", help="run the daemon in the foreground",
+                              description="Run confguard in the foreground (systemd Type=notify aware).")
+    p.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
+    p.add_argument("--observe", action="store_true", help="decide, log and audit, but send nothing")
+    p.add_argument("--record", metavar="FILE", help="append every received frame with its receive time (for replay)")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: Any) -> int:
+    from daemon.logs import configure_logging
+
+    config = load_config(args.config)
+    configure_logging(getattr(args, "log_level", None) or config.logging.level, config.logging.format)
+    daemon = Daemon(config, config_path=args.config, observe=args.observe, record_path=args.record)
+    return asyncio.run(daemon.run())
