@@ -122,7 +122,8 @@ class RequestLimiter:
             if fut.done() and not fut.cancelled():
                 # Granted in the same instant we were cancelled: give the token back.
                 self._tokens = min(float(self.burst), self._tokens + 1.0)
-            elif not fut.done():
+            else:
+                # Still queued (awaiting a future cancels it along with the task).
                 fut.cancel()
                 self._waiting[priority] -= 1
             self._dispatch()
