@@ -1,0 +1,153 @@
+"""Prometheus metrics. One `Metrics` object per process, each with its OWN registry (never
+prometheus_client's global one), so tests can create as many as they like.
+
+The attribute names below are a contract other modules rely on. Every metric name starts
+with `confguard_`; prometheus_client adds `_total` to counters and `_bucket`/`_sum`/`_count`
+to histograms on exposition.
+
+Cardinality: `events_received{topic}` has one series per subscribed topic. With 2,500
+queue topics that is 2,500 series (a few hundred KB of scrape), which Prometheus handles
+well; `rule`/`outcome`/`action`/`mode` labels are bounded by the rule set, `route` by the
+fixed set of API routes (templates such as `/api/v2/conversations/calls/{id}`, never raw
+paths with ids), `channel` by the handful of notification channels.
+
+Latency histograms use buckets from 0.1 ms to 1 s: the daemon's job is to act within
+milliseconds of an event, so resolution is concentrated there.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+__all__ = ["Metrics", "DAEMON_STATES", "LATENCY_BUCKETS", "CONTENT_TYPE"]
+
+#: Seconds. 0.1 ms .. 1 s, roughly 1-2.5-5 per decade.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
+    1.0,
+)
+#: Seconds. A resync reads every tracked call: tenths of a second to minutes.
+RESYNC_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+DAEMON_STATES: tuple[str, ...] = (
+    "starting", "subscribing", "resyncing", "running", "degraded", "reloading", "draining",
+    "stopped",
+)
+
+#: The Content-Type of `Metrics.render()`: Prometheus text format 0.0.4, which every
+#: Prometheus version parses. (prometheus_client >= 0.22 calls its default "1.0.0", but the
+#: bytes for our legacy-valid names are the same, and older scrapers reject "1.0.0".)
+CONTENT_TYPE: str = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("confguard")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """All confguard metrics on a private registry. See the module docstring for units."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "confguard_"
+
+        # -- events and decisions
+        self.events_received = Counter(
+            p + "events_received", "Notification messages received, by topic.", ["topic"],
+            registry=r)
+        self.events_rejected = Counter(
+            p + "events_rejected", "Malformed or unusable messages, by reason.", ["reason"],
+            registry=r)
+        self.event_to_decision_seconds = Histogram(
+            p + "event_to_decision_seconds",
+            "Seconds from a message's receipt to the rule decision it caused.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.event_to_request_seconds = Histogram(
+            p + "event_to_request_seconds",
+            "Seconds from a message's receipt to the disconnect request being sent.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.decisions = Counter(
+            p + "decisions", "Rule matches, by rule, action and mode.", ["rule", "action", "mode"],
+            registry=r)
+        self.outcomes = Counter(
+            p + "outcomes", "Enforcement outcomes (disconnected, already_gone, failed, "
+            "unconfirmed, observed, suppressed), by rule.", ["rule", "outcome"], registry=r)
+
+        # -- stream and resync
+        self.reconnects = Counter(
+            p + "reconnects", "Notification WebSocket reconnects, by reason.", ["reason"],
+            registry=r)
+        self.stream_gaps = Counter(
+            p + "stream_gaps", "Times events may have been missed (gap), by reason.", ["reason"],
+            registry=r)
+        self.resyncs = Counter(
+            p + "resyncs", "Resyncs of call state over REST, by reason.", ["reason"], registry=r)
+        self.resync_duration_seconds = Histogram(
+            p + "resync_duration_seconds", "Seconds a resync took.", buckets=RESYNC_BUCKETS,
+            registry=r)
+        self.resync_last_calls = Gauge(
+            p + "resync_last_calls", "Calls read by the last resync.", registry=r)
+        self.resync_last_seconds = Gauge(
+            p + "resync_last_seconds", "Seconds the last resync took.", registry=r)
+        self.tracked_calls = Gauge(
+            p + "tracked_calls", "Calls currently held in memory.", registry=r)
+        self.channels = Gauge(
+            p + "channels", "Notification channels open.", registry=r)
+        self.channel_age_seconds = Gauge(
+            p + "channel_age_seconds", "Seconds since each channel was created.", ["channel"],
+            registry=r)
+        self.subscribed_topics = Gauge(
+            p + "subscribed_topics", "Topics currently subscribed across channels.", registry=r)
+        self.token_age_seconds = Gauge(
+            p + "token_age_seconds", "Seconds since the OAuth token in use was issued.",
+            registry=r)
+
+        # -- API
+        self.api_requests = Counter(
+            p + "api_requests", "Genesys REST requests, by method, route template and status "
+            "(0 = no HTTP answer).", ["method", "route", "status"], registry=r)
+        self.api_errors = Counter(
+            p + "api_errors", "Genesys REST requests that failed, by status.", ["status"],
+            registry=r)
+
+        # -- safety, lifecycle, audit, config
+        self.safety_valve_tripped = Gauge(
+            p + "safety_valve_tripped", "1 while the safety valve holds disconnects back.",
+            registry=r)
+        self.daemon_state = Enum(
+            p + "daemon_state", "Lifecycle state of the daemon.", states=list(DAEMON_STATES),
+            registry=r)
+        self.audit_records = Counter(
+            p + "audit_records", "Audit records written, by type.", ["type"], registry=r)
+        self.config_reloads = Counter(
+            p + "config_reloads", "Configuration reloads, by result (ok, error).", ["result"],
+            registry=r)
+        self.build_info = Info(
+            p + "build", "Version and build of the running daemon.", registry=r)
+        self.build_info.info({"version": _version(), "python": platform.python_version()})
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPE
