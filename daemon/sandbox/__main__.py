@@ -1,0 +1,5 @@
+"""`python -m daemon.sandbox`: the same as `confguard sandbox`."""
+
+from daemon.sandbox.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Fault injection state for the sandbox, switchable at run time. Pure data and decisions:
+the server asks `Faults` what to do with each request and each event delivery.
+
+REST faults: `latency` seconds added to every /api/v2 request; `bursts` answer the next N
+requests matching a method and a path regex with a chosen status (429 with Retry-After, 5xx);
+`budget_per_minute` is a per-token request budget like Genesys' (sliding 60 s window,
+429 + Retry-After when spent).
+
+Event faults (decided per delivery to one socket): duplicate, lose (drop silently),
+reorder (hold an event back and send it after the next), malformed (an extra broken frame
+before the event), each as a probability and/or "the next N"; `event_latency` seconds
+before each frame is written; `drop_every` seconds closes every socket periodically.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Burst:
+    method: str
+    pattern: re.Pattern[str]
+    status: int
+    remaining: int
+    retry_after: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "path": self.pattern.pattern, "status": self.status,
+                "remaining": self.remaining, "retryAfter": self.retry_after}
+
+
+@dataclass(slots=True)
+class EventFault:
+    """A probability (0..1) and a count of next deliveries that get the fault for sure."""
+
+    probability: float = 0.0
+    next: int = 0
+
+    def fire(self, rng: random.Random) -> bool:
+        if self.next > 0:
+            self.next -= 1
+            return True
+        return self.probability > 0 and rng.random() < self.probability
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"probability": self.probability, "next": self.next}
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What to do with one event for one socket."""
+
+    lose: bool = False
+    duplicate: bool = False
+    reorder: bool = False
+    malformed: bool = False
+
+
+@dataclass
+class Faults:
+    latency: float = 0.0
+    event_latency: float = 0.0
+    budget_per_minute: int | None = None
+    drop_every: float | None = None
+    extra_field: bool = True
+    bursts: list[Burst] = field(default_factory=list)
+    duplicate: EventFault = field(default_factory=EventFault)
+    lose: EventFault = field(default_factory=EventFault)
+    reorder: EventFault = field(default_factory=EventFault)
+    malformed: EventFault = field(default_factory=EventFault)
+    seed: int | None = None
+    _windows: dict[str, deque[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def reset(self) -> None:
+        """Back to no faults (extra_field back on)."""
+        self.latency = self.event_latency = 0.0
+        self.budget_per_minute = None
+        self.drop_every = None
+        self.extra_field = True
+        self.bursts.clear()
+        self.duplicate, self.lose = EventFault(), EventFault()
+        self.reorder, self.malformed = EventFault(), EventFault()
+        self._windows.clear()
+
+    def add_burst(self, method: str, path: str, status: int, count: int,
+                  retry_after: float | None = None) -> Burst:
+        """The next `count` requests with `method` (or "*") whose path matches the regex
+        `path` (re.search) are answered with `status`."""
+        b = Burst(method.upper(), re.compile(path), int(status), int(count), retry_after)
+        self.bursts.append(b)
+        return b
+
+    def take_burst(self, method: str, path: str) -> Burst | None:
+        for b in self.bursts:
+            if b.remaining > 0 and b.method in ("*", method) and b.pattern.search(path):
+                b.remaining -= 1
+                if b.remaining == 0:
+                    self.bursts.remove(b)
+                return b
+        return None
+
+    def spend(self, token: str, now: float | None = None) -> float | None:
+        """Count one request against the token's budget. None if allowed, else the
+        Retry-After seconds."""
+        if self.budget_per_minute is None:
+            return None
+        now = time.monotonic() if now is None else now
+        win = self._windows.setdefault(token, deque())
+        while win and win[0] <= now - 60.0:
+            win.popleft()
+        if len(win) >= self.budget_per_minute:
+            return max(1.0, 60.0 - (now - win[0]))
+        win.append(now)
+        return None
+
+    def delivery(self) -> Delivery:
+        return Delivery(lose=self.lose.fire(self.rng), duplicate=self.duplicate.fire(self.rng),
+                        reorder=self.reorder.fire(self.rng),
+                        malformed=self.malformed.fire(self.rng))
+
+    @property
+    def events_clean(self) -> bool:
+        """True when no event fault can fire (the fast path skips per-delivery decisions)."""
+        return not any(f.next or f.probability for f in
+                       (self.duplicate, self.lose, self.reorder, self.malformed))
+
+    def configure(self, spec: dict[str, Any]) -> None:
+        """Apply a JSON fault spec (the /sandbox/faults body). Unknown keys raise ValueError.
+
+        Keys: latency, eventLatency, budgetPerMinute (null = off), dropEvery (null = off),
+        extraField, seed, burst {method, path, status, count, retryAfter},
+        duplicate/lose/reorder/malformed {probability, next}."""
+        for k, v in spec.items():
+            if k == "latency":
+                self.latency = float(v)
+            elif k == "eventLatency":
+                self.event_latency = float(v)
+            elif k == "budgetPerMinute":
+                self.budget_per_minute = None if v is None else int(v)
+                self._windows.clear()
+            elif k == "dropEvery":
+                self.drop_every = None if v is None else float(v)
+            elif k == "extraField":
+                self.extra_field = bool(v)
+            elif k == "seed":
+                self.rng.seed(v)
+            elif k == "burst":
+                self.add_burst(str(v.get("method", "*")), str(v.get("path", ".*")),
+                               int(v["status"]), int(v.get("count", 1)), v.get("retryAfter"))
+            elif k in ("duplicate", "lose", "reorder", "malformed"):
+                setattr(self, k, EventFault(float(v.get("probability", 0.0)),
+                                            int(v.get("next", 0))))
+            else:
+                raise ValueError(f"unknown fault: {k}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"latency": self.latency, "eventLatency": self.event_latency,
+                "budgetPerMinute": self.budget_per_minute, "dropEvery": self.drop_every,
+                "extraField": self.extra_field, "bursts": [b.as_dict() for b in self.bursts],
+                "duplicate": self.duplicate.as_dict(), "lose": self.lose.as_dict(),
+                "reorder": self.reorder.as_dict(), "malformed": self.malformed.as_dict()}
