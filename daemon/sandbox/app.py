@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")
+TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
+BODY: web.RequestKey[object] = web.RequestKey("json", object)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _NO_BODY = object()
 
@@ -57,15 +59,14 @@ def _sb(request: web.Request) -> Sandbox:
 
 
 def _json(request: web.Request) -> Any:
-    body = request.get("json", _NO_BODY)
+    body = request.get(BODY, _NO_BODY)
     if body is _NO_BODY:
         raise WorldError(400, "bad.request", "A JSON request body is required")
     return body
 
 
 def _token(request: web.Request) -> Token:
-    tok: Token = request["token"]
-    return tok
+    return request[TOKEN]
 
 
 # ------------------------------------------------------------------------ middleware
@@ -81,7 +82,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if raw:
         try:
             body = orjson.loads(raw)
-            request["json"] = body
+            request[BODY] = body
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
     client_id: str | None = None
@@ -100,7 +101,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             value = auth[7:].strip() if auth.lower().startswith("bearer ") else None
             tok = sb.world.check_token(value)
             client_id = tok.client_id
-            request["token"] = tok
+            request[TOKEN] = tok
             retry = sb.faults.spend(tok.value)
             if retry is not None:
                 raise _Reply(error_response(
