@@ -137,7 +137,7 @@ class Metrics:
         self.audit_records = Counter(
             p + "audit_records", "Audit records written, by type.", ["type"], registry=r)
         self.config_reloads = Counter(
-            p + "config_reloads", "Configuration reloads, by result (ok, error).", ["result"],
+            p + "config_reloads", "Configuration reloads, by result (ok, rejected).", ["result"],
             registry=r)
         self.build_info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)

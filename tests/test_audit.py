@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.audit import (
     OUTCOMES,
@@ -370,3 +372,29 @@ def test_register_into_parent_parser(tmp_path: Path, capsys: pytest.CaptureFixtu
     args = parser.parse_args(["audit", "verify", str(path)])
     assert args.func(args) == 0
     assert "ok: 2 records in 1 files" in capsys.readouterr().out
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(st.dictionaries(st.text(max_size=8), _json_values, max_size=5),
+                        min_size=1, max_size=6))
+def test_any_json_content_roundtrips_and_verifies(tmp_path: Path, records: list[dict[str, Any]]) -> None:
+    """Whatever JSON the caller logs (unicode, floats, nesting), the hash a reader
+    recomputes equals the one written, across a reopen."""
+    folder = tmp_path / os.urandom(6).hex()
+    path = folder / "audit.jsonl"
+    for rec in records:
+        log = AuditLog(path, max_bytes=1 << 20)
+        log.open()
+        log.write(rec)
+        log.close()
+    report = verify([folder])
+    assert report.ok, report.problem
+    assert report.records == len(records)
