@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
-
-import structlog
 
 from daemon.errors import (ApiError, AuditError, AuthError, ConfguardError, ConfigError,
                            CredentialsError, ForbiddenError, NotFoundError, ReplayError,
@@ -93,20 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_cli_logging(level: str) -> None:
     """Logs go to stderr so command output on stdout stays clean."""
-    try:  # the daemon's own logging set-up, when that module exists
-        from daemon import logs  # type: ignore[attr-defined,unused-ignore]
-        logs.configure_logging(level, "console")
-        return
-    except (ImportError, AttributeError):
-        pass
-    structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False)
+    from daemon.logs import configure_logging
+
+    configure_logging(level, "console", stream=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ against the aiohttp stand-in on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -119,9 +120,16 @@ def test_exit_code_mapping() -> None:
 
 @pytest.fixture
 def restore_structlog() -> Iterator[None]:
-    # cli.main configures structlog globally; keep other tests' logging untouched.
+    # cli.main configures structlog and the root logger; keep other tests' logging untouched.
+    before = list(logging.getLogger().handlers)
+    level = logging.getLogger().level
     yield
     structlog.reset_defaults()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_structlog")
@@ -166,12 +174,15 @@ def write_config(tmp_path: Path, origin: str) -> Path:
 
 
 async def eject(tmp_path: Path, server: StandIn, *args: str, secret: str | None = None,
-                config: bool = True) -> Run:
+                config: bool = True, log_level: str | None = None) -> Run:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GENESYS", "CREDENTIALS_DIRECTORY"))}
     env["GENESYSCLOUD_OAUTHCLIENT_ID"] = server.client_id
     env["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = secret or server.client_secret
-    argv = [sys.executable, "-m", "daemon", "eject"]
+    argv = [sys.executable, "-m", "daemon"]
+    if log_level:
+        argv += ["--log-level", log_level]
+    argv.append("eject")
     if config:
         argv += ["--config", str(write_config(tmp_path, server.origin))]
     proc = await asyncio.create_subprocess_exec(
@@ -184,8 +195,10 @@ async def eject(tmp_path: Path, server: StandIn, *args: str, secret: str | None 
 
 async def test_subprocess_removes_one_party_with_the_exact_patch(
         tmp_path: Path, standin: StandIn) -> None:
-    run = await eject(tmp_path, standin, "--conversation", CID, "--address", "+442079460999")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--address", "+442079460999",
+                      log_level="debug")
     assert run.code == 0, run.err
+    assert "api_request" in run.err  # debug logs went to stderr ...
     (patch,) = standin.patches()
     assert patch.method == "PATCH"
     assert patch.path == f"/api/v2/conversations/calls/{CID}/participants/{EXTERNAL}"
@@ -199,7 +212,7 @@ async def test_subprocess_removes_one_party_with_the_exact_patch(
     still = run.out.split("still on the call:", 1)[1]
     assert CUSTOMER in still and AGENT in still and EXTERNAL not in still
     assert standin.client_secret not in run.out + run.err
-    assert standin.tokens[0] not in run.out + run.err
+    assert standin.tokens[0] not in run.out + run.err  # ... without the token
 
 
 async def test_subprocess_ambiguous_target_sends_nothing(tmp_path: Path, standin: StandIn) -> None:
