@@ -281,6 +281,7 @@ class StreamManager:
         self.gap_count = 0
         self.connections_opened = 0
         self.connect_attempts = 0
+        self.pings_sent = 0
         self.reconnects: dict[str, int] = {}
 
     # ------------------------------------------------------------------ public API
@@ -302,6 +303,10 @@ class StreamManager:
     @property
     def channels(self) -> list[ChannelId]:
         return [s.channel.id for s in self._shards if s.channel is not None]
+
+    def backoff_failures(self, shard_index: int) -> int:
+        """Consecutive unhealthy connection attempts of a shard (0 after a healthy one)."""
+        return self._shards[shard_index].backoff.failures
 
     def mark_resynced(self, started_at: float | None = None) -> None:
         """A resync completed: close the gap. With `started_at` (the resync's start on this
@@ -612,6 +617,7 @@ class StreamManager:
             if conn.ping_sent is None:
                 if mono - conn.last_frame > self.silence_limit:
                     conn.ping_sent = mono
+                    self.pings_sent += 1
                     log.warning("stream_silent_ping", shard=conn.shard.index, channel=conn.channel.id,
                                 silent_for=round(mono - conn.last_frame, 2))
                     try:
