@@ -57,7 +57,9 @@ _BOOL_IDX: Final = (13, 14, 15, 16)
 _CT: Final = 17
 _ET: Final = 18
 _REF_IDX: Final = (19, 20, 21, 22, 23)
-_INTERNED_IDX: Final = (1, 2, 3, 7, 8, 12, 19, 20, 21)
+# Shared: names, enum-like fields, dnis, and user/queue/team ids repeat across many calls.
+_INTERNED_IDX: Final = (0, 1, 2, 3, 6, 7, 8, 12, 19, 20, 21)
+_MAX_ATTR_INTERN_LEN: Final = 32
 
 _MAX_TIME_LEN: Final = 64
 _MAX_INTERN_LEN: Final = 64
@@ -141,23 +143,6 @@ def _parse_time_slow(s: str) -> float | None:
         return None
 
 
-def _signature(p: dict[str, Any]) -> tuple[Any, ...]:
-    """Raw kept fields of one participant, unvalidated: cheap to build and to compare."""
-    get = p.get
-    u = get("user")
-    q = get("queue")
-    t = get("team")
-    ec = get("externalContact")
-    eo = get("externalOrganization")
-    return tuple(map(get, _KEYS)) + (
-        u.get("id") if u.__class__ is dict else None,
-        q.get("id") if q.__class__ is dict else None,
-        t.get("id") if t.__class__ is dict else None,
-        ec.get("id") if ec.__class__ is dict else None,
-        eo.get("id") if eo.__class__ is dict else None,
-    )
-
-
 def _normalize(sig: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
     """Type-checked signature (wrong types -> None, shared strings) and the count of ignored fields."""
     out = list(sig)
@@ -196,7 +181,9 @@ def _clean_attributes(a: object) -> tuple[dict[str, str], int]:
     if a.__class__ is not dict:
         return {}, 1
     items: dict[str, Any] = a
-    clean = {k: v for k, v in items.items() if v.__class__ is str}
+    intern = _intern
+    clean = {k: intern(v) if len(v) <= _MAX_ATTR_INTERN_LEN else v
+             for k, v in items.items() if v.__class__ is str}
     return clean, len(items) - len(clean)
 
 
@@ -320,26 +307,42 @@ class CallStore:
                 stats["retracked_after_evict"] += 1
             entry = _Entry(Call(ConversationId(cid), last_update=now))
         call = entry.call
-        parties = call.participants
-        sigs = entry.sigs
+        # Keys are ParticipantIds (NewType of str); plain str views avoid a cast() per party.
+        parties: dict[str, Participant] = call.participants  # type: ignore[assignment]
+        sigs: dict[str, tuple[Any, ...]] = entry.sigs  # type: ignore[assignment]
         changed: list[Participant] = []
         call_changed = new_call
+        final = _FINAL
+        keys = _KEYS
+        dict_ = dict
         for p in parts:
-            if p.__class__ is not dict:
+            if p.__class__ is not dict_:
                 stats["participants_dropped"] += 1
                 continue
-            raw_pid = p.get("id")
-            if raw_pid.__class__ is not str or not raw_pid:
+            get = p.get
+            pid = get("id")
+            if pid.__class__ is not str or not pid:
                 stats["participants_dropped"] += 1
                 continue
-            pid = cast(ParticipantId, raw_pid)
             old = parties.get(pid)
-            if old is not None and old.state in _FINAL:
-                if p.get("state") not in _FINAL:
+            if old is not None and old.state in final:
+                if get("state") not in final:
                     stats["revival_blocked"] += 1
                 continue
-            sig = _signature(p)
-            a = p.get("attributes")
+            # The signature, inlined (hot path): raw kept fields plus nested reference ids.
+            u = get("user")
+            q = get("queue")
+            t = get("team")
+            ec = get("externalContact")
+            eo = get("externalOrganization")
+            sig = tuple(map(get, keys)) + (
+                u.get("id") if u.__class__ is dict_ else None,
+                q.get("id") if q.__class__ is dict_ else None,
+                t.get("id") if t.__class__ is dict_ else None,
+                ec.get("id") if ec.__class__ is dict_ else None,
+                eo.get("id") if eo.__class__ is dict_ else None,
+            )
+            a = get("attributes")
             old_sig = sigs.get(pid) if old is not None else None
             if old is not None and sig == old_sig and (
                     a == old.attributes if a is not None else not old.attributes):
@@ -353,13 +356,13 @@ class CallStore:
                     attrs = old.attributes
                     if norm == old_sig:
                         continue  # differed only by ignored (wrong-typed) values
-            ppid = pid if old is None else old.id
-            newp = _build(ppid, norm, attrs, old, old_sig)
-            parties[ppid] = newp
-            if newp.state in _FINAL:
-                sigs.pop(ppid, None)
+            newp = _build(cast(ParticipantId, pid) if old is None else old.id,
+                          norm, attrs, old, old_sig)
+            parties[newp.id] = newp
+            if newp.state in final:
+                sigs.pop(newp.id, None)
             else:
-                sigs[ppid] = norm
+                sigs[newp.id] = norm
             changed.append(newp)
             qid = newp.queue_id
             if qid and qid not in call.queue_ids:
