@@ -316,7 +316,7 @@ class Enforcer:
             self._on_resumed()
         now = self._clock()
         if not self.safety.allow(now):
-            self._suppress(d)
+            self._suppress(d, now)
             return
         loop = asyncio.get_running_loop()
         action = _Action(decision=d, key=key, started_at=now)
@@ -327,15 +327,17 @@ class Enforcer:
         action.task = loop.create_task(self._run(action),
                                        name=f"disconnect {d.conversation_id}/{d.participant_id}")
 
-    def _suppress(self, d: Decision) -> None:
+    def _suppress(self, d: Decision, now: float) -> None:
         limit = getattr(self.safety, "max_per_minute", None)
         if not self._trip_logged:
             self._trip_logged = True
+            count = getattr(self.safety, "count", None)
+            recent = count(now) if callable(count) else limit
             self._log.critical(
-                f"safety valve tripped: more than {limit} disconnects in the last minute "
-                f"(max {limit}); enforcement paused; resume with `kill -USR1 <pid>` or "
-                f"POST /safety/resume or restart",
-                max_per_minute=limit)
+                f"safety valve tripped: {recent} disconnects in the last minute, next one "
+                f"would exceed the max of {limit}; enforcement paused; resume with "
+                f"`kill -USR1 <pid>` or POST /safety/resume or restart",
+                max_per_minute=limit, recent=recent)
             if self.metrics is not None:
                 self.metrics.safety_valve_tripped.set(1)
         skey = (d.rule, d.conversation_id, d.participant_id)
