@@ -615,7 +615,10 @@ def _compile_message(spec: RuleSpec, template: str, path: Path_, ctx: _Ctx) -> R
         if name.startswith("party.attributes.") and len(name) > len("party.attributes."):
             getter = _attr_field(name[len("party.attributes."):], None).get
         elif name.startswith("party.") and name[6:] in _PARTY_PLACEHOLDERS:
-            getter = _pattr(name[6:])  # as sent: an operator reads +44 20..., not +4420...
+            if name[6:] == "connected_seconds":
+                getter = _get_connected_seconds
+            else:
+                getter = _pattr(name[6:])  # as sent: an operator reads +44 20..., not +4420...
         elif name.startswith("call.") and name[5:] in CALL_FIELDS:
             getter = CALL_FIELDS[name[5:]].get
         elif name.startswith("rule.") and name[5:] in rule_values:
