@@ -29,7 +29,13 @@ from daemon.errors import (ApiError, AuditError, AuthError, ConfguardError, Conf
 
 # One module per subcommand, in --help order. Add a command by appending its module here.
 COMMAND_MODULES: tuple[str, ...] = (
-    "daemon.eject",
+    "daemon.service",       # run
+    "daemon.check",         # check
+    "daemon.replay",        # replay
+    "daemon.demo",          # demo
+    "daemon.eject",         # eject
+    "daemon.audit",         # audit verify
+    "daemon.sandbox.cli",   # sandbox
 )
 
 EXIT_OK = 0
@@ -58,7 +64,7 @@ def exit_code_for(err: ConfguardError) -> int:
     explicit = getattr(err, "exit_code", None)
     if isinstance(explicit, int):
         return explicit
-    if isinstance(err, (ConfigError, CredentialsError)):
+    if isinstance(err, (ConfigError, CredentialsError, ReplayError)):
         return EXIT_CONFIG
     if isinstance(err, (TargetError, NotFoundError)):
         return EXIT_NOT_FOUND
@@ -68,7 +74,7 @@ def exit_code_for(err: ConfguardError) -> int:
         return EXIT_PERMISSION if err.status in (400, 401) else EXIT_API
     if isinstance(err, ApiError):
         return EXIT_API
-    if isinstance(err, (AuditError, ReplayError)):
+    if isinstance(err, AuditError):
         return 1
     return 1
 

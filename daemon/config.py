@@ -96,7 +96,7 @@ class ConfigSource:
         return ConfigError(message, file=self.file, line=line, col=col)
 
 
-class _NoDupLoader(_Loader):  # type: ignore[misc,valid-type]
+class _NoDupLoader(_Loader):
     pass
 
 
@@ -111,18 +111,14 @@ def compose_with_positions(text: str, file: str) -> tuple[Any, ConfigSource]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
-        return _raise(ConfigError(f"invalid YAML: {problem}", file=file,
-                                  line=mark.line + 1 if mark else None,
-                                  col=mark.column + 1 if mark else None))
+        raise ConfigError(f"invalid YAML: {problem}", file=file,
+                          line=mark.line + 1 if mark else None,
+                          col=mark.column + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
     if node is None:
         return {}, src
     return _build(node, (), src), src
-
-
-def _raise(err: ConfigError) -> Any:
-    raise err
 
 
 def _build(node: yaml.Node, path: Path_, src: ConfigSource) -> Any:

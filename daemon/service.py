@@ -92,7 +92,8 @@ class Daemon:
         self.engine = Engine(self.rules, CallStore())
         self.safety = SafetyValve(config.safety.max_disconnects_per_minute)
         self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
-                              fsync_interval=config.audit.fsync_interval)
+                              fsync_interval=config.audit.fsync_interval,
+                              on_record=lambda kind: self.metrics.audit_records.labels(type=kind).inc())
         self.client: GenesysClient | None = None
         self.enforcer: Enforcer | None = None
         self.stream: StreamManager | None = None
@@ -119,7 +120,7 @@ class Daemon:
     def _set_state(self, new: State, **why: Any) -> None:
         if new is self.state:
             return
-        log.info("state", old=self.state.value, new=new.value, **why)
+        log.info("daemon_state", old=self.state.value, new=new.value, **why)
         self.state = new
         self.metrics.daemon_state.state(new.value)
         systemd.status(f"{new.value}" + (f": {why.get('reason')}" if why.get("reason") else ""))
@@ -139,11 +140,10 @@ class Daemon:
     async def start(self) -> None:
         """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
         cfg = self.config
-        log.info("starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
+        log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
         if cfg.ops.enabled:
             self.ops = OpsServer(self.metrics, self.health)
             self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
-            log.info("ops listening", host=cfg.ops.host, port=self.ops_port)
         self.audit.open()
         credentials = resolve_credentials(cfg.genesys)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
@@ -208,9 +208,9 @@ class Daemon:
         def on_stop(signame: str) -> None:
             self._signals += 1
             if self._signals > 1:
-                log.warning("second signal: exiting now", signal=signame)
+                log.warning("second_signal_exit_now", signal=signame)
                 os._exit(1)
-            log.info("stop requested", signal=signame)
+            log.info("stop_requested", signal=signame)
             stop_requested.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -237,12 +237,12 @@ class Daemon:
         if self.safety.tripped:
             self.safety.resume()
             self.metrics.safety_valve_tripped.set(0)
-            log.warning("safety valve reset: enforcement resumed")
+            log.warning("safety_valve_reset", detail="enforcement resumed")
 
     async def reload(self) -> bool:
         """Re-read config.yaml and lists; keep the old rules if the new file is invalid."""
         if self.config_path is None or self.state not in (State.RUNNING, State.DEGRADED):
-            log.warning("reload ignored", state=self.state.value)
+            log.warning("reload_ignored", state=self.state.value)
             return False
         previous = self.state
         self._set_state(State.RELOADING)
@@ -255,7 +255,7 @@ class Daemon:
                 await self.stream.update_topics(list(scope.topics))
                 self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
         except ConfguardError as exc:
-            log.error("reload rejected; the previous configuration stays in force", error=str(exc))
+            log.error("reload_rejected", error=str(exc), detail="the previous configuration stays in force")
             self.metrics.config_reloads.labels(result="rejected").inc()
             self._set_state(previous)
             systemd.ready(f"{previous.value}: reload rejected")
@@ -266,7 +266,7 @@ class Daemon:
         if self.enforcer is not None:
             self.enforcer.mode = self.mode  # type: ignore[assignment]
         self.metrics.config_reloads.labels(result="ok").inc()
-        log.info("reloaded", rules=len(new.rules), mode=self.mode)
+        log.info("reloaded", rules=len(new.rules), mode=self.mode, config=str(self.config_path))
         self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
         systemd.ready(f"{self.state.value}: reloaded")
         return True
@@ -291,7 +291,7 @@ class Daemon:
         reason = getattr(message, "reason", None)
         if reason is not None:
             self.metrics.events_rejected.labels(reason=reason).inc()
-            log.warning("event rejected", reason=reason, excerpt=getattr(message, "excerpt", ""))
+            log.warning("event_rejected", reason=reason, excerpt=getattr(message, "excerpt", ""))
         elif topic is not None:
             self.metrics.events_received.labels(topic=topic).inc()
 
@@ -337,7 +337,7 @@ class Daemon:
             try:
                 await self.resyncer.resync(reason)
             except ConfguardError as exc:
-                log.error("resync failed; will retry", reason=reason, error=str(exc), retry_in=delay)
+                log.error("resync_failed", reason=reason, error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 flag.set()
