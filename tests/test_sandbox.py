@@ -670,3 +670,32 @@ def test_python_m_daemon_sandbox_serves_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+async def test_malformed_inputs_get_clean_errors(sandbox: Sandbox,
+                                                 sandbox_client: SandboxClient) -> None:
+    c = sandbox_client
+    path = "/api/v2/analytics/conversations/details/query"
+    st, body, _ = await c.request("POST", path, {"interval": "a/b", "paging": "x"})
+    assert st == 400 and is_error_body(body, 400)
+    st, body, _ = await c.request("POST", path, {"interval": "a/b",
+                                                 "paging": {"pageSize": "many"}})
+    assert st == 400
+    async with aiohttp.ClientSession() as s:
+        async with s.post(sandbox.base_url + "/api/v2/notifications/channels/x/subscriptions",
+                          data=b"{nope", headers={"Authorization": f"Bearer {c.token}",
+                                                  "Content-Type": "application/json"}) as r:
+            assert r.status == 400 and is_error_body(await r.json(), 400)
+        for url, payload in (("/sandbox/set_attributes", {"conversationId": "x",
+                                                          "participantId": "y",
+                                                          "attributes": "z"}),
+                             ("/sandbox/faults", {"burst": "x"}),
+                             ("/sandbox/start_call", [1])):
+            async with s.post(sandbox.base_url + url, json=payload) as r:
+                assert r.status in (400, 404), url
+        # credentials in a token request's form body never reach the journal
+        async with s.post(sandbox.base_url + "/oauth/token",
+                          data={"grant_type": "client_credentials", "client_id": "a",
+                                "client_secret": "TOPSECRET"}) as r:
+            assert r.status == 401
+    assert "TOPSECRET" not in repr(list(sandbox.journal.requests))

@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")
 TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
 BODY: web.RequestKey[object] = web.RequestKey("json", object)
+FORM_GRANT: web.RequestKey[str] = web.RequestKey("grant_type", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _NO_BODY = object()
 
@@ -119,6 +120,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             resp = error_response(e.status, f"{request.method} {path}: {e.reason}")
         else:
             raise
+    except Exception:  # a sandbox bug must still answer like Genesys, and be visible
+        log.exception("sandbox.handler_failed", method=request.method, path=path)
+        resp = error_response(500, "The sandbox failed to handle this request")
+    if path == "/oauth/token":
+        # never journal credentials a client may put in the form body
+        body = {"grant_type": request[FORM_GRANT]} if FORM_GRANT in request else None
     if not path.startswith("/sandbox/"):
         sb.journal.request(request.method, path, dict(request.query), body, resp.status,
                            client_id, at=at, perf_ns=perf)
@@ -148,6 +155,7 @@ async def oauth_token(request: web.Request) -> web.Response:
     except (binascii.Error, UnicodeDecodeError):
         return refuse(401, "invalid_client", "malformed HTTP Basic credentials")
     form = await request.post()
+    request[FORM_GRANT] = str(form.get("grant_type"))
     if form.get("grant_type") != "client_credentials":
         return refuse(400, "unsupported_grant_type", "grant_type must be client_credentials")
     try:
@@ -424,7 +432,10 @@ async def analytics_query(request: web.Request) -> web.Response:
             or "/" not in body["interval"]:
         raise WorldError(400, "bad.request", "interval (ISO-8601 start/end) is required")
     paging = body.get("paging") or {}
-    size, number = int(paging.get("pageSize", 25)), int(paging.get("pageNumber", 1))
+    try:
+        size, number = int(paging.get("pageSize", 25)), int(paging.get("pageNumber", 1))
+    except (AttributeError, TypeError, ValueError):
+        raise WorldError(400, "bad.request", "paging must be {pageSize, pageNumber}") from None
     if not 1 <= size <= 100 or number < 1:
         raise WorldError(400, "bad.request", "paging.pageSize must be 1..100, pageNumber >= 1")
     active_only = any(d == "conversationEnd" and op == "notExists"

@@ -175,7 +175,7 @@ def add_driver_routes(app: web.Application) -> None:
             raise WorldError(404, "not.found", f"unknown sandbox op {name!r}")
         try:
             result = fn(await _args(request))
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise WorldError(400, "bad.request", f"{name}: {e}") from None
         return _out({"result": result})
 
@@ -199,7 +199,7 @@ def add_driver_routes(app: web.Application) -> None:
         if request.method == "POST":
             try:
                 sb.faults.configure(await _args(request))
-            except (TypeError, ValueError, KeyError, re.error) as e:
+            except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
                 raise WorldError(400, "bad.request", f"bad fault spec: {e}") from None
         return _out(sb.faults.as_dict())
 
