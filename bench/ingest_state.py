@@ -3,6 +3,7 @@
     .venv/bin/python bench/ingest_state.py                 # both figures
     .venv/bin/python bench/ingest_state.py --profile       # plus a cProfile of the hot loop
     .venv/bin/python bench/ingest_state.py --engine        # through Engine.feed with a no-op rule stub
+    .venv/bin/python bench/ingest_state.py --config config.yaml   # Engine.feed with the real rules
 
 Throughput: `--calls` live conference calls of 4 parties (customer, agent, external, acd),
 each frame the whole conversation (~2.5 KB of Genesys-shaped JSON, many fields the store
@@ -35,7 +36,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.engine import Engine  # noqa: E402
+from daemon.engine import Engine, RuleEvaluator  # noqa: E402
 from daemon.events import CallEvent, parse_message  # noqa: E402
 from daemon.ids import ConversationId  # noqa: E402
 from daemon.model import Change, Decision  # noqa: E402
@@ -175,8 +176,16 @@ def run_store(stream: list[tuple[bytes, float]]) -> tuple[float, CallStore, int]
     return time.perf_counter() - t, store, changes
 
 
-def run_engine(stream: list[tuple[bytes, float]]) -> tuple[float, CallStore, int]:
-    engine = Engine(NoRules(), CallStore(ended_grace=30.0))
+def make_rules(config: str | None) -> RuleEvaluator:
+    if config is None:
+        return NoRules()
+    from daemon.config import load_config
+    from daemon.rules import RuleEngine, compile_rules
+    return RuleEngine(compile_rules(load_config(config)))
+
+
+def run_engine(stream: list[tuple[bytes, float]], config: str | None = None) -> tuple[float, CallStore, int]:
+    engine = Engine(make_rules(config), CallStore(ended_grace=30.0))
     t = time.perf_counter()
     for n, (raw, now) in enumerate(stream):
         engine.feed(raw, now)
@@ -210,15 +219,21 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1_000)
     ap.add_argument("--mem-calls", type=int, default=10_000)
     ap.add_argument("--engine", action="store_true", help="time Engine.feed (no-op rules) instead")
+    ap.add_argument("--config", help="time Engine.feed with the RuleEngine compiled from this config")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
     stream = make_stream(args.frames, args.calls)
     avg = sum(len(r) for r, _ in stream) / len(stream)
-    runner = run_engine if args.engine else run_store
+    def runner(frames: list[tuple[bytes, float]]) -> tuple[float, CallStore, int]:
+        if args.engine or args.config:
+            return run_engine(frames, args.config)
+        return run_store(frames)
+
     runner(stream[: min(len(stream), 5_000)])  # warm-up
     elapsed, store, changes = runner(stream)
-    what = "Engine.feed (no-op rules)" if args.engine else "parse_message + CallStore.apply"
+    what = ("parse_message + CallStore.apply" if not (args.engine or args.config)
+            else f"Engine.feed (rules from {args.config})" if args.config else "Engine.feed (no-op rules)")
     print(f"{what}: {len(stream)} frames (avg {avg:.0f} B, {args.calls} live 4-party calls), "
           f"{changes} changes, {len(stream) / elapsed:,.0f} events/s ({elapsed * 1e6 / len(stream):.1f} us/event)")
     print(f"  store stats: {store.stats}")
