@@ -8,8 +8,9 @@ from REST. `Resyncer.resync(reason)`:
    until=now + lookahead)`; analytics lags real time by seconds, hence the look-ahead);
 2. adds every call the store tracks that has not ended (a call may have ended, or left the
    scope, while we were deaf; analytics may also lag);
-3. orders conferences first (3+ participants in the analytics reply, or 3+ connected parties
-   in the store; more parties first), then the rest: conferences are what rules act on;
+3. orders conferences first (3+ live parties in the analytics reply, see
+   `analytics_parties`, or 3+ connected parties in the store; more parties first), then the
+   rest: conferences are what rules act on;
 4. reads each call with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
    the client's shared limiter, `concurrency` at a time, in that order; each reply goes to
    `engine.apply_conversation(conv, now, source="resync")` and any decisions go to
@@ -200,7 +201,6 @@ class Resyncer:
                 return await self._run_once(reasons)
             except ConfguardError as exc:
                 self.failed += 1
-                _inc(self._metrics, "resyncs", result="failed", reason=reasons[0])
                 if attempt >= self.attempts:
                     log.error("resync_failed", reasons=reasons, attempts=attempt, error=str(exc))
                     raise
@@ -234,8 +234,7 @@ class Resyncer:
                 report.rejected += 1
                 log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
                 continue
-            ps = conv.get("participants")
-            n = len(ps) if isinstance(ps, list) else 0
+            n = analytics_parties(conv)
             key = ConversationId(cid)
             parties[key] = max(parties.get(key, 0), n)
             order.setdefault(key, len(order))
@@ -272,7 +271,7 @@ class Resyncer:
         report.seconds = time.monotonic() - mono
         self.last = report
         self.completed += 1
-        _inc(self._metrics, "resyncs", result="ok", reason=report.reason)
+        _inc(self._metrics, "resyncs", reason=report.reason)
         _observe(self._metrics, "resync_duration_seconds", report.seconds)
         _set(self._metrics, "resync_last_calls", float(report.calls))
         _set(self._metrics, "resync_last_seconds", report.seconds)
@@ -333,6 +332,41 @@ class Resyncer:
         except Exception:
             log.exception("resync_mark_gone_failed", conversation_id=cid)
         return []
+
+
+_SYSTEM_PURPOSES = frozenset({"acd", "ivr", "workflow", "voicemail"})
+
+
+def analytics_parties(conv: Mapping[str, Any]) -> int:
+    """How many parties of an analytics conversation are still on the call.
+
+    A participant counts when one of its sessions' last segment has no `segmentEnd`, and its
+    purpose is not a system one (acd, ivr, workflow, voicemail: a queue is not a party to a
+    conversation). A routed call (customer, ended acd, agent) gives 2; a conference 3+.
+    Without any segment data (a sparse reply) every non-system participant counts.
+    """
+    ps = conv.get("participants")
+    if not isinstance(ps, list):
+        return 0
+    live = 0
+    any_segments = False
+    listed = 0
+    for p in ps:
+        if not isinstance(p, dict) or p.get("purpose") in _SYSTEM_PURPOSES:
+            continue
+        listed += 1
+        sessions = p.get("sessions")
+        if not isinstance(sessions, list):
+            continue
+        for sess in sessions:
+            segs = sess.get("segments") if isinstance(sess, dict) else None
+            if isinstance(segs, list) and segs:
+                any_segments = True
+                last = segs[-1]
+                if isinstance(last, dict) and not last.get("segmentEnd"):
+                    live += 1
+                    break
+    return live if any_segments else listed
 
 
 def _retrieve(fut: asyncio.Future[ResyncReport]) -> None:
