@@ -146,6 +146,7 @@ class _Action:
     last_status: int | None = None
     event_to_request_ms: float | None = None
     gone: bool = False  # an applied change showed the party final
+    accepted: bool = False  # a PATCH of this action got a 2xx
     confirm: asyncio.Future[bool] | None = None
     finished: bool = False
 
@@ -388,6 +389,8 @@ class Enforcer:
         confirm_retried = False
         while True:
             if action.gone or self._store_final(action.key):
+                if action.accepted:  # our accepted PATCH took effect after all
+                    return _Result("disconnected", action.last_status, None)
                 err = None if action.attempts else "party left before any request was sent"
                 return _Result("already_gone", action.last_status, err)
             action.attempts += 1
@@ -437,6 +440,7 @@ class Enforcer:
                                 participant_id=pid, status=exc.status, error=str(exc))
                 return _Result("failed", exc.status or None, str(exc), rearm=True)
             action.last_status = reply if isinstance(reply, int) else None
+            action.accepted = True
             if await self._confirm(action):
                 return _Result("disconnected", action.last_status, None)
             if not confirm_retried:
@@ -475,7 +479,8 @@ class Enforcer:
             self._log.warning("enforce_confirm_get_failed", conversation_id=cid,
                               participant_id=pid, error=str(exc))
             return False
-        return _participant_final_or_absent(call, pid)
+        # An event may have shown the party gone while the GET was under way.
+        return action.gone or _participant_final_or_absent(call, pid)
 
     def _finish(self, action: _Action, result: _Result) -> None:
         if action.finished:

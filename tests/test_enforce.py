@@ -24,40 +24,13 @@ from daemon.enforce import Enforcer
 from daemon.ids import ConversationId, ParticipantId, RuleName
 from daemon.metrics import Metrics
 from daemon.model import Call, Change, Decision, Participant
-
-try:
-    from daemon.rules import SafetyValve
-except ImportError:  # pragma: no cover - until daemon/rules.py lands
-    SafetyValve = None  # type: ignore[assignment,misc]
+from daemon.rules import SafetyValve
 
 PATCH_PREFIX = "/api/v2/conversations/calls/"
 
 
-class _FallbackValve:
-    """Minimal stand-in used only while daemon.rules is missing."""
-
-    def __init__(self, max_per_minute: int) -> None:
-        self.max_per_minute = max_per_minute
-        self.tripped = False
-        self._times: list[float] = []
-
-    def allow(self, now: float) -> bool:
-        if self.tripped:
-            return False
-        self._times = [t for t in self._times if now - t < 60.0]
-        if len(self._times) >= self.max_per_minute:
-            self.tripped = True
-            return False
-        self._times.append(now)
-        return True
-
-    def resume(self) -> None:
-        self.tripped = False
-        self._times.clear()
-
-
-def make_valve(n: int) -> Any:
-    return SafetyValve(n) if SafetyValve is not None else _FallbackValve(n)
+def make_valve(n: int) -> SafetyValve:
+    return SafetyValve(n)
 
 
 class RecLog:
@@ -230,6 +203,8 @@ async def test_disconnect_audits_first_then_one_patch_then_confirmed(make: Any) 
     assert h.metrics.event_to_request_seconds.collect()[0].samples  # observed
     assert h.rules.rearmed == []
     assert verify([h.audit_path]).ok
+    assert h.metrics.decisions.labels(rule="r1", action="disconnect", mode="enforce")._value.get() == 1
+    assert h.metrics.outcomes.labels(rule="r1", outcome="disconnected")._value.get() == 1
     # the decision log line carries every decision field
     [(event, kw)] = [(e, kw) for e, kw in h.log.at("critical") if e == "decision"]
     for k in ("rule", "conversation_id", "participant_id", "purpose", "matched", "mode",
@@ -375,6 +350,35 @@ async def test_unconfirmed_twice_ends_unconfirmed_after_exactly_two_patches(make
     assert len(h.patches()) == 2
     assert [o["outcome"] for o in h.outcomes()] == ["unconfirmed", "unconfirmed"]
     assert h.rules.rearmed == [("r1", "c1", "p1")]
+
+
+async def test_event_arriving_during_the_confirming_get_confirms(make: Any) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        if req.method == "PATCH":
+            return httpx.Response(202)
+        h.confirm_soon(req.url.path + "/participants/p1")  # the leave event races the GET
+        await asyncio.sleep(0)  # ... and is applied before the GET's reply is read
+        return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": "connected"}]})
+
+    h = make(handler, confirm_timeout=0.02)
+    h.enforcer.submit([decision()])
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert len(h.patches()) == 1
+    assert [o["outcome"] for o in h.outcomes()] == ["disconnected"]
+
+
+async def test_party_leaving_during_conflict_backoff_is_already_gone(make: Any) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        h.confirm_soon(req.url.path)
+        return error(409, "conflict")
+
+    h = make(handler)
+    h.enforcer.submit([decision()])
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert len(h.patches()) == 1  # not retried once the party is seen gone
+    [out] = h.outcomes()
+    assert out["outcome"] == "already_gone" and out["http_status"] == 409
+    assert h.rules.rearmed == []
 
 
 # ------------------------------------------------------------------ once per party / rule
