@@ -368,6 +368,14 @@ class CallStore:
             if qid and qid not in call.queue_ids:
                 call.queue_ids.add(qid)
                 call_changed = True
+            if newp.purpose == "acd":
+                # An ACD party may name its queue only in its routing data.
+                crd = get("conversationRoutingData")
+                cq = crd.get("queue") if crd.__class__ is dict_ else None
+                rq = cq.get("id") if cq.__class__ is dict_ else None
+                if rq.__class__ is str and rq and rq not in call.queue_ids:
+                    call.queue_ids.add(_intern(rq))
+                    call_changed = True
 
         rs = conv.get("recordingState")
         if rs is not None and rs.__class__ is not str:
@@ -403,6 +411,9 @@ class CallStore:
             stats["duplicates"] += 1
             return None
         call.last_update = now
+        if len(changed) > 1 and len({p.id for p in changed}) < len(changed):
+            # The same id listed twice in one snapshot: report its last version once.
+            changed = list({p.id: parties[p.id] for p in changed}.values())
         return Change(call, tuple(changed), call_changed, source,
                       received_at if received_at is not None else now)
 

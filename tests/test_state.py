@@ -351,3 +351,23 @@ def test_fuzz_apply_never_raises_and_finals_stay_final(snapshots: list[list[Any]
         assert (call.ended_at is not None) == (not call.live_parties)
         if store.evict(T0 + step + 1):
             finals.clear()  # evicted: a later live snapshot legitimately re-tracks it afresh
+
+
+def test_acd_queue_from_routing_data() -> None:
+    store = CallStore()
+    acd = party("q1", purpose="acd", conversationRoutingData={"queue": {"id": "queue-R"}, "priority": 0})
+    del acd["queue"]
+    change = store.apply(conversation("c1", [party("a"), acd]), T0)
+    assert change is not None and change.call.queue_ids == {"queue-R"}
+    assert change.call.participants["q1"].queue_id is None  # type: ignore[index]
+    # Routing data on a non-ACD party is not a queue the call passed through.
+    other = party("z", conversationRoutingData={"queue": {"id": "queue-X"}})
+    store.apply(conversation("c1", [party("a"), acd, other]), T0 + 1)
+    assert store.get("c1").queue_ids == {"queue-R"}  # type: ignore[union-attr]
+
+
+def test_same_id_twice_in_one_snapshot_reported_once() -> None:
+    store = CallStore()
+    change = store.apply(conversation("c1", [party("a"), party("a", held=True)]), T0)
+    assert change is not None and len(change.changed) == 1
+    assert change.changed[0].held is True and change.call.participants["a"] is change.changed[0]  # type: ignore[index]
