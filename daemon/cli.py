@@ -89,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level for messages on stderr (default: warning)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # the module exists but one of its imports is missing: a real bug
+            # A command module not (yet) in this build must not take every other command
+            # down with it; tests/test_eject.py checks that every listed module imports.
+            continue
         module.register(subparsers)
     return parser
 

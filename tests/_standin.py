@@ -10,6 +10,7 @@ This is test scaffolding, independent of the full sandbox under daemon/sandbox/.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -103,12 +104,15 @@ class StandIn:
         self.requests: list[Recorded] = []
         self.fail: dict[tuple[str, str], list[Failure]] = {}
         self.sticky_fail: dict[tuple[str, str], Failure] = {}
+        self.hold_gets = False  # hold every GET of a call until stop() (or 30 s)
+        self._release: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self.origin = ""
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> str:
+        self._release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         app.router.add_get("/api/v2/conversations/calls/{cid}", self._get_call)
@@ -123,6 +127,8 @@ class StandIn:
         return self.origin
 
     async def stop(self) -> None:
+        if self._release is not None:
+            self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -182,6 +188,11 @@ class StandIn:
         await self._record(request)
         if not self._authorised(request):
             return self._error(Failure(401, "bad.credentials", "Invalid login credentials."))
+        if self.hold_gets and self._release is not None:
+            try:
+                await asyncio.wait_for(self._release.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
         canned = self._canned(("GET", "call"))
         if canned is not None:
             return canned

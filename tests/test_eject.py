@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -316,3 +317,74 @@ async def test_subprocess_bad_config_exits_2(tmp_path: Path, standin: StandIn) -
     assert run.code == 2
     assert "config.yaml:2:3" in run.err and "regoin" in run.err
     assert "Traceback" not in run.err
+
+
+async def test_subprocess_401_after_refresh_says_credentials_refused(
+        tmp_path: Path, standin: StandIn) -> None:
+    standin.sticky_fail[("GET", "call")] = Failure(401, "bad.credentials",
+                                                   "Invalid login credentials.")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL)
+    assert run.code == 4
+    assert "credentials were refused" in run.err
+    assert len(standin.tokens) == 2  # one refresh, then one retry, then give up
+    assert len([r for r in standin.requests if r.method == "GET"]) == 2
+    assert standin.patches() == []
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eject", "--help"]) == 0
+    out = capsys.readouterr().out
+    for line in ("0  done", "1  ambiguous", "2  bad configuration", "3  no such call",
+                 "4  permission denied", "5  API or network failure", "6  removal accepted"):
+        assert line in out
+    assert main(["--help"]) == 0
+    assert "eject" in capsys.readouterr().out
+
+
+async def test_subprocess_ctrl_c_exits_130_without_traceback(
+        tmp_path: Path, standin: StandIn) -> None:
+    standin.hold_gets = True  # the GET hangs until we interrupt
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENESYS")}
+    env["GENESYSCLOUD_OAUTHCLIENT_ID"] = standin.client_id
+    env["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = standin.client_secret
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "eject", "--config",
+        str(write_config(tmp_path, standin.origin)), "--conversation", CID,
+        "--participant", EXTERNAL, cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(400):  # up to ~20 s for the interpreter to start and send the GET
+            if any(r.method == "GET" for r in standin.requests):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the GET never arrived")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err.decode()
+    assert "interrupted" in err.decode()
+    assert standin.patches() == []
+
+
+def test_every_listed_command_module_imports_and_registers() -> None:
+    import argparse
+    import importlib
+
+    from daemon.cli import COMMAND_MODULES
+
+    missing = []
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            missing.append(name)
+            continue
+        sub = argparse.ArgumentParser().add_subparsers()
+        module.register(sub)
+        assert sub.choices, f"{name}.register added no subcommand"
+    assert not missing, f"cli.COMMAND_MODULES lists modules that do not exist: {missing}"
