@@ -207,7 +207,9 @@ def _has_live_party(parts: list[Any]) -> bool:
     for p in parts:
         if p.__class__ is dict:
             pid = p.get("id")
-            if pid.__class__ is str and pid and p.get("state") not in _FINAL:
+            state = p.get("state")
+            # A raw value may be unhashable: type-check before the set lookup.
+            if pid.__class__ is str and pid and (state.__class__ is not str or state not in _FINAL):
                 return True
     return False
 
@@ -326,7 +328,8 @@ class CallStore:
                 continue
             old = parties.get(pid)
             if old is not None and old.state in final:
-                if get("state") not in final:
+                state = get("state")
+                if state.__class__ is str and state not in final:
                     stats["revival_blocked"] += 1
                 continue
             # The signature, inlined (hot path): raw kept fields plus nested reference ids.

@@ -324,8 +324,10 @@ def test_memory_stays_bounded_over_many_calls() -> None:
 class _Shapes:
     party = st.fixed_dictionaries({}, optional={
         "id": st.sampled_from(["a", "b", "", None, 3]),
-        "state": st.sampled_from(["connected", "disconnected", "terminated", "alerting", 5, None]),
-        "purpose": st.sampled_from(["customer", "agent", None, []]),
+        "state": st.sampled_from(["connected", "disconnected", "terminated", "alerting", 5, None, [], {}]),
+        "purpose": st.sampled_from(["customer", "agent", "acd", None, []]),
+        "conversationRoutingData": st.sampled_from([{"queue": {"id": "r"}}, {"queue": []}, [], None]),
+        "user": st.sampled_from([{"id": "u"}, {"id": []}, [], None]),
         "held": st.sampled_from([True, False, None, "x", 1]),
         "connectedTime": st.sampled_from(["2026-11-21T09:15:02.345Z", "bad", 17, None]),
         "queue": st.sampled_from([{"id": "q"}, {"id": 3}, "q", None]),
@@ -371,3 +373,13 @@ def test_same_id_twice_in_one_snapshot_reported_once() -> None:
     change = store.apply(conversation("c1", [party("a"), party("a", held=True)]), T0)
     assert change is not None and len(change.changed) == 1
     assert change.changed[0].held is True and change.call.participants["a"] is change.changed[0]  # type: ignore[index]
+
+
+def test_unhashable_state_values_do_not_raise() -> None:
+    store = CallStore(ended_grace=1.0)
+    store.apply(conversation("c1", [party("a", state="disconnected")]), T0)
+    assert store.apply(conversation("c1", [party("a", state=["connected"])]), T0 + 1) is None
+    assert store.evict(T0 + 2) == ["c1"]
+    # Evicted id, unhashable state: treated as not final (re-tracked, state ignored).
+    change = store.apply(conversation("c1", [party("b", state={"x": 1})]), T0 + 3)
+    assert change is not None and change.changed[0].state is None
