@@ -35,7 +35,9 @@ Contract (docs/architecture.md, enforce.py):
     * 404 -> `already_gone` (a party that left meanwhile is not an error);
     * 409 -> retried with jittered back-off until `max_attempts` PATCHes, then `failed`;
     * 403 -> `failed`, the error names the missing permission, CRITICAL log;
-    * any other API error (the client already retried 429/5xx/transport) -> `failed`.
+    * any other API error (the client already retried 429/5xx/transport) -> `failed`,
+      unless the party is by then seen final (an event, the store, or for a 400 one GET of
+      the call: Genesys may refuse a PATCH for a party that just left) -> `already_gone`.
   Every outcome record carries `http_status` (of the last PATCH; None when the client does not
   report the status of a 2xx or when nothing was sent), `attempts`, `event_to_request_ms` and
   `error`. `event_to_request_ms` runs from `decision.received_at` (or `decided_at` when the
@@ -436,6 +438,15 @@ class Enforcer:
                 return _Result("failed", 403, text, rearm=True)
             except ApiError as exc:
                 action.last_status = exc.status or None
+                # Genesys may refuse a PATCH for a party that has just left (e.g. 400
+                # "participant not connected"): that is not a failure.
+                if await self._gone_after_error(action, exc):
+                    if action.accepted:
+                        return _Result("disconnected", action.last_status, None)
+                    self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
+                                   participant_id=pid, status=exc.status, detail=exc.message)
+                    return _Result("already_gone", action.last_status,
+                                   f"party had left; the PATCH was refused: {exc}")
                 self._log.error("enforce_failed", rule=d.rule, conversation_id=cid,
                                 participant_id=pid, status=exc.status, error=str(exc))
                 return _Result("failed", exc.status or None, str(exc), rearm=True)
@@ -481,6 +492,29 @@ class Enforcer:
             return False
         # An event may have shown the party gone while the GET was under way.
         return action.gone or _participant_final_or_absent(call, pid)
+
+    async def _gone_after_error(self, action: _Action, exc: ApiError) -> bool:
+        """After a refused PATCH: is the party final? Events and the store first; for a 400
+        (the API answering, but refusing this party) one GET of the call as well. Not after
+        429/5xx/transport errors, which the client already retried: the API is struggling."""
+        if action.gone or self._store_final(action.key):
+            return True
+        if exc.status != 400:
+            return False
+        cid, pid = action.key
+        try:
+            call = await self.client.get_call(cid, priority=Priority.ENFORCE)
+        except NotFoundError:
+            return True
+        except ApiError:
+            return False
+        if action.gone:
+            return True
+        parts = call.get("participants")
+        if not isinstance(parts, list):
+            return False
+        return any(isinstance(p, Mapping) and p.get("id") == pid
+                   and p.get("state") in FINAL_STATES for p in parts)
 
     def _finish(self, action: _Action, result: _Result) -> None:
         if action.finished:

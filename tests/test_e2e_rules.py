@@ -552,6 +552,42 @@ async def test_disconnect_lands_exactly_once_through_429_and_5xx_bursts(
         assert all(p.live for p in conv.participants if p.id != target.id and p.purpose != "acd")
 
 
+def _count(histogram: Any) -> float:
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                return float(sample.value)
+    return 0.0
+
+
+async def test_party_leaving_while_the_patch_is_in_flight_is_already_gone(
+        populated: Sandbox, tmp_path: Path) -> None:
+    rule = "flagged-party"
+    async with env_for(populated, tmp_path) as env:
+        w, sb = env.world, env.sb
+        conv = new_call(w, recorded=True)
+        w.add_external(conv.id, HARMLESS)
+        await synced(env, [conv])
+        target = party(conv, "customer")
+        # Genesys refusing a PATCH for a party that is no longer connected; every API
+        # request held 1 s before it is handled.
+        sb.patch_final_status = 400
+        sb.faults.latency = 1.0
+        w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
+        await until(lambda: _count(env.daemon.metrics.event_to_request_seconds) == 1,
+                    "the PATCH to be handed to the client")
+        w.disconnect(conv.id, target.id, "endpoint")  # the customer hangs up meanwhile
+        await until(lambda: len(env.outcomes(rule)) == 1, "the outcome record", timeout=15.0)
+        sb.faults.latency = 0.0
+        await quiet(env)
+        [patch] = env.patches()
+        assert patch.status == 400 and patch.path == patch_path(conv.id, target.id)
+        [out] = env.outcomes(rule)
+        assert out["outcome"] == "already_gone", out
+        assert out["http_status"] == 400 and out["attempts"] == 1
+        assert all(p.live for p in conv.participants if p.id != target.id and p.purpose != "acd")
+
+
 # ------------------------------------------------------------------ audit verify
 
 

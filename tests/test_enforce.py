@@ -381,6 +381,27 @@ async def test_party_leaving_during_conflict_backoff_is_already_gone(make: Any) 
     assert h.rules.rearmed == []
 
 
+@pytest.mark.parametrize("state", ["disconnected", "connected"])
+async def test_400_for_a_party_that_left_is_already_gone_else_failed(make: Any, state: str) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        if req.method == "PATCH":
+            return error(400, "Participant is not connected")
+        return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": state}]})
+
+    h = make(handler)
+    h.enforcer.submit([decision()])
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert [r["method"] for r in h.requests] == ["PATCH", "GET"]
+    [out] = h.outcomes()
+    assert out["http_status"] == 400 and out["attempts"] == 1
+    if state == "disconnected":
+        assert out["outcome"] == "already_gone"
+        assert h.rules.rearmed == []
+    else:
+        assert out["outcome"] == "failed" and "not connected" in out["error"]
+        assert h.rules.rearmed == [("r1", "c1", "p1")]
+
+
 # ------------------------------------------------------------------ once per party / rule
 
 
