@@ -699,3 +699,31 @@ async def test_malformed_inputs_get_clean_errors(sandbox: Sandbox,
                                 "client_secret": "TOPSECRET"}) as r:
             assert r.status == 401
     assert "TOPSECRET" not in repr(list(sandbox.journal.requests))
+
+
+async def test_cli_register_and_serve_in_process() -> None:
+    import argparse
+    import io
+
+    from daemon.sandbox import cli
+
+    parser = argparse.ArgumentParser(prog="confguard")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["sandbox", "--heartbeat", "0.5", "--budget", "0",
+                              "--client-id", "cid", "--client-secret", "sec"])
+    assert args.func is cli.run and args.port == 0
+    out, stop = io.StringIO(), asyncio.Event()
+    task = asyncio.create_task(cli.serve(args, out, stop))
+    await wait_until(lambda: "call" in out.getvalue() or "user:" in out.getvalue())
+    text = out.getvalue()
+    assert "client id:  cid" in text and "secret:     sec" in text
+    assert text.count("queue:") == 3
+    base = text.split("api:")[1].split()[0].removesuffix("/api/v2")
+    async with httpx.AsyncClient() as h:
+        r = await h.post(base + "/oauth/token", auth=("cid", "sec"),
+                         data={"grant_type": "client_credentials"})
+        assert r.status_code == 200
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
+    bad = parser.parse_args(["sandbox", "--heartbeat", "0"])
+    assert await cli.serve(bad, io.StringIO()) == 2
