@@ -11,8 +11,11 @@ Lifecycle:
   `SubscriptionError` naming every such topic, its `rejectionReason` and
   `missingPermissions`: a silent hole in compliance coverage is worse than not starting.
   Then one WebSocket per channel is opened.
-- `await run()`: returns after `stop()`; raises `SubscriptionError` if a re-subscription
-  (after a reconnect or handover) is refused, since coverage would silently shrink.
+- `await run()`: returns after `stop()`; raises only if supervision itself failed (a bug),
+  and the stream is then not ready. A topic refused when re-subscribing after start (a
+  queue deleted, a permission withdrawn) is not fatal, since dropping every topic would be
+  worse, but it is loud: logged as an error, listed in `rejected_topics`, and `ready` stays
+  False until a later re-subscription (each reconnect/handover, or a reload) succeeds.
 - `await stop()`: closes the sockets and deletes the channels' subscriptions (best effort,
   bounded by `stop_timeout` seconds).
 
@@ -49,14 +52,15 @@ Self-healing (per shard, one supervisor task each):
 - After every reconnect or replacement where events may have been missed, `on_gap(reason)`
   is called (after the new socket is up, so a resync it triggers sees the new stream).
 
-`ready` is True when every shard has a live socket and no gap is open. A gap opens when
+`ready` is True when every shard has a live socket, no topic is refused and no gap is open. A gap opens when
 `on_gap` is called and is closed by `mark_resynced()` (the daemon calls it after a
 completed resync).
 
 `update_topics(new)` (config reload) subscribes added topics (POST to shards with room, new
 shards/channels when needed) and re-PUTs shards that lost topics, without touching
-unchanged shards or reconnecting anything. Added topics open a gap (`topics_added`):
-calls already live on a newly covered queue must be discovered by a resync.
+unchanged shards or reconnecting anything. It is all or nothing: a refused topic or a
+failed request rolls every shard back and raises `SubscriptionError`. Added topics open a
+gap (`topics_added`): calls already live on a newly covered queue must be found by a resync.
 """
 
 from __future__ import annotations
@@ -73,7 +77,14 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from daemon.errors import ApiError, ConfguardError, StreamError, SubscriptionError, UnauthorizedError
+from daemon.errors import (
+    ApiError,
+    ConfguardError,
+    NotFoundError,
+    StreamError,
+    SubscriptionError,
+    UnauthorizedError,
+)
 from daemon.events import ChannelGone, Heartbeat, SocketClosing, parse_message
 from daemon.ids import ChannelId, Topic
 from daemon.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
@@ -227,6 +238,7 @@ class _Shard:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inbox: asyncio.Queue[tuple[str, _Conn]] = field(default_factory=asyncio.Queue)
     supervisor: asyncio.Task[None] | None = None
+    dirty: bool = False  # topics changed while disconnected: re-PUT on the reused channel
 
 
 class StreamManager:
@@ -279,6 +291,8 @@ class StreamManager:
         self._in_gap = start_in_gap
         self._last_gap_at = clock() if start_in_gap else float("-inf")
         self.gap_count = 0
+        self._created: dict[str, float] = {}  # channel id -> creation time (stream clock)
+        self._rejected: dict[str, str] = {}  # topic -> why, for topics refused after start
         self.connections_opened = 0
         self.connect_attempts = 0
         self.pings_sent = 0
@@ -288,9 +302,16 @@ class StreamManager:
 
     @property
     def ready(self) -> bool:
-        """Every shard has a live socket and no gap awaits a resync."""
-        return (self._started and not self._stopping and not self._in_gap and bool(self._shards)
+        """Every shard has a live socket, no gap awaits a resync, every topic is subscribed."""
+        return (self._started and not self._stopping and self._fatal is None
+                and not self._in_gap and not self._rejected and bool(self._shards)
                 and all(s.current is not None and s.current.alive for s in self._shards))
+
+    @property
+    def rejected_topics(self) -> dict[str, str]:
+        """Topics refused on a re-subscription after start (topic -> reason); while any is
+        listed the stream is not ready. Each later re-subscription tries them again."""
+        return dict(self._rejected)
 
     @property
     def in_gap(self) -> bool:
@@ -395,14 +416,18 @@ class StreamManager:
     async def update_topics(self, new_topics: Sequence[Topic | str]) -> None:
         """Reload: subscribe added topics and unsubscribe dropped ones, without reconnecting.
 
-        Raises SubscriptionError if the new set needs too many channels (nothing changed
-        then) or if some added topics were rejected (those are left out, the rest applied).
+        Shards that only gain topics get a POST (add); shards that lose some get a PUT of
+        their new set; unchanged shards are not touched; topics that fit nowhere get new
+        shards (channel + socket). All or nothing: if the new set needs too many channels,
+        or a topic is refused, or a request fails, every shard is put back as it was and
+        SubscriptionError (naming refused topics) is raised. A shard whose socket is down
+        just records its new set; its supervisor subscribes it when reconnecting.
         """
+        wanted = list(dict.fromkeys(Topic(t) for t in new_topics))
         if not self._started:
-            self._topics = list(dict.fromkeys(Topic(t) for t in new_topics))
+            self._topics = wanted
             return
         async with self._update_lock:
-            wanted = list(dict.fromkeys(Topic(t) for t in new_topics))
             wanted_set = set(wanted)
             current = set(self.topics)
             added = [t for t in wanted if t not in current]
@@ -410,73 +435,102 @@ class StreamManager:
             if not added and not removed:
                 return
             # Plan first, so an impossible plan changes nothing.
-            room = {s.index: self.per_channel - len([t for t in s.topics if t not in removed])
-                    for s in self._shards}
             plan: dict[int, list[Topic]] = {}
             rest = list(added)
             for s in self._shards:
-                take = rest[:max(0, room[s.index])]
+                room = self.per_channel - sum(1 for t in s.topics if t not in removed)
+                take = rest[:max(0, room)]
                 if take:
                     plan[s.index] = take
                     rest = rest[len(take):]
-            new_groups = shard(rest, self.per_channel, self.max_channels) if rest else []
-            remaining_shards = [s for s in self._shards
-                                if any(t not in removed for t in s.topics) or s.index in plan]
-            if len(remaining_shards) + len(new_groups) > self.max_channels:
+            new_groups = [rest[i:i + self.per_channel] for i in range(0, len(rest), self.per_channel)]
+            kept = [s for s in self._shards if any(t not in removed for t in s.topics) or s.index in plan]
+            if len(kept) + len(new_groups) > self.max_channels:
                 shard(wanted, self.per_channel, self.max_channels)  # raises the clear message
                 raise SubscriptionError(
-                    f"{len(wanted)} topics would need {len(remaining_shards) + len(new_groups)} "
-                    f"channels (limit {self.max_channels}); restart confguard to re-pack them")
+                    f"{len(wanted)} topics would need {len(kept) + len(new_groups)} channels "
+                    f"(limit {self.max_channels}) without re-packing; restart confguard to apply")
+            before = {s.index: list(s.topics) for s in self._shards}
+            touched: list[_Shard] = []
+            created: list[_Shard] = []
+            emptied: list[_Shard] = []
             rejected: list[TopicStateLike] = []
-            for s in list(self._shards):
-                lost = [t for t in s.topics if t in removed]
-                gained = plan.get(s.index, [])
-                if not lost and not gained:
-                    continue
-                async with s.lock:
-                    s.topics = [t for t in s.topics if t not in removed] + gained
-                    if s.channel is None or s.current is None or not s.current.alive:
-                        continue  # the supervisor re-subscribes s.topics when it reconnects
-                    if not s.topics:
-                        await self._retire_shard(s)
+            try:
+                for s in self._shards:
+                    lost = [t for t in s.topics if t in removed]
+                    gained = plan.get(s.index, [])
+                    if not lost and not gained:
                         continue
-                    if lost:
-                        states = await self._client.put_subscriptions(
-                            s.channel.id, list(s.topics), ignore_errors=True)
-                    else:
-                        states = await self._client.add_subscriptions(
-                            s.channel.id, list(gained), ignore_errors=True)
-                    bad = await self._check(s.channel, s.topics, states)
-                    rejected += bad
-                    bad_ids = {b.id for b in bad}
-                    s.topics = [t for t in s.topics if t not in bad_ids]
-                    log.info("stream_subscriptions_updated", shard=s.index, channel=s.channel.id,
-                             added=len(gained), removed=len(lost), topics=len(s.topics))
-            for group in new_groups:
-                index = max((s.index for s in self._shards), default=-1) + 1
-                s = _Shard(index, list(group), backoff=Backoff(*self._backoff_cfg))
-                s.channel = await self._create_channel(s)
-                bad = await self._subscribe(s.channel, s.topics)
-                rejected += bad
-                bad_ids = {b.id for b in bad}
-                s.topics = [t for t in s.topics if t not in bad_ids]
-                await self._connect_initial(s)
-                self._shards.append(s)
-                s.supervisor = asyncio.create_task(self._supervise(s), name=f"stream-shard-{s.index}")
+                    new_set = [t for t in s.topics if t not in removed] + gained
+                    if not new_set:
+                        emptied.append(s)
+                        continue
+                    async with s.lock:
+                        touched.append(s)
+                        if s.channel is None or s.current is None or not s.current.alive:
+                            s.topics, s.dirty = new_set, True
+                            continue
+                        if lost:
+                            states = await self._client.put_subscriptions(
+                                s.channel.id, list(new_set), ignore_errors=True)
+                        else:
+                            states = await self._client.add_subscriptions(
+                                s.channel.id, list(gained), ignore_errors=True)
+                        s.topics = new_set
+                        rejected += await self._check(s.channel, new_set, states)
+                        log.info("stream_subscriptions_updated", shard=s.index, channel=s.channel.id,
+                                 added=len(gained), removed=len(lost), topics=len(new_set))
+                for group in new_groups:
+                    index = max((x.index for x in [*self._shards, *created]), default=-1) + 1
+                    ns = _Shard(index, list(group), backoff=Backoff(*self._backoff_cfg))
+                    created.append(ns)
+                    ns.channel = await self._create_channel(ns)
+                    rejected += await self._subscribe(ns.channel, ns.topics)
+                if rejected:
+                    raise _rejection_error(rejected)
+            except BaseException as exc:
+                await self._roll_back(touched, before, created)
+                if isinstance(exc, ApiError):
+                    raise SubscriptionError(f"subscription update failed, nothing changed: {exc}") from exc
+                raise
+            for ns in created:
+                await self._connect_initial(ns)
+                self._shards.append(ns)
+                ns.supervisor = asyncio.create_task(self._supervise(ns), name=f"stream-shard-{ns.index}")
+            for s in emptied:
+                await self._retire_shard(s)
             self._topics = self.topics
             self._update_gauges()
             log.info("stream_topics_updated", added=len(added), removed=len(removed),
                      topics=len(self._topics), shards=len(self._shards))
             if added:
                 self._signal_gap("topics_added")
-            if rejected:
-                raise _rejection_error(rejected)
+
+    async def _roll_back(self, touched: Sequence[_Shard], before: dict[int, list[Topic]],
+                         created: Sequence[_Shard]) -> None:
+        """Put shards back to their topic sets before a failed update (best effort)."""
+        for s in touched:
+            s.topics = before[s.index]
+            if s.channel is not None and s.current is not None and s.current.alive:
+                try:
+                    await self._client.put_subscriptions(s.channel.id, list(s.topics), ignore_errors=True)
+                except ConfguardError as exc:
+                    s.dirty = True
+                    log.error("stream_rollback_failed", shard=s.index, error=str(exc))
+            else:
+                s.dirty = True
+        await self._cleanup_channels([ns.channel for ns in created if ns.channel is not None])
+        for ns in created:
+            if ns.channel is not None:
+                self._forget_channel(ns.channel.id)
+
 
     # ------------------------------------------------------------------ channels
 
     async def _create_channel(self, s: _Shard) -> ChannelLike:
         async with self._create_lock:
             ch = await self._client.create_channel()
+        self._created[ch.id] = self._clock()
         log.info("stream_channel_created", shard=s.index, channel=ch.id,
                  expires_in=round(ch.expires - self._clock(), 1))
         return ch
@@ -506,6 +560,26 @@ class StreamManager:
             log.error("stream_topic_rejected", channel=ch.id, topic=st.id,
                       reason=st.rejection_reason, missing_permissions=list(st.missing_permissions))
         return list(bad.values())
+
+    async def _resubscribe(self, s: _Shard, ch: ChannelLike) -> None:
+        """Subscribe a shard's topics after start. A refusal is not fatal (dropping every
+        topic would be worse than missing the refused ones) but it is loud: logged as an
+        error, listed in `rejected_topics`, and the stream is not ready while it lasts."""
+        bad = await self._subscribe(ch, s.topics)
+        for t in s.topics:
+            self._rejected.pop(t, None)
+        for b in bad:
+            self._rejected[b.id] = b.rejection_reason or b.state
+        if bad:
+            log.error("stream_coverage_incomplete", shard=s.index, channel=ch.id,
+                      error=str(_rejection_error(bad)))
+
+    def _forget_channel(self, channel_id: str) -> None:
+        self._created.pop(channel_id, None)
+        metric = getattr(self._metrics, "channel_age_seconds", None) if self._metrics is not None else None
+        if metric is not None:
+            with contextlib.suppress(Exception):
+                metric.remove(channel_id)
 
     async def _cleanup_channels(self, channels: Sequence[ChannelLike]) -> None:
         for ch in channels:
@@ -629,6 +703,7 @@ class StreamManager:
                             silent_for=round(mono - conn.last_frame, 2))
                 conn.abort("heartbeat_timeout")
                 return
+            self._set_age(conn.channel)
             if not conn.refresh_requested and self._clock() >= conn.refresh_at:
                 conn.refresh_requested = True
                 conn.shard.inbox.put_nowait(("refresh", conn))
@@ -679,13 +754,13 @@ class StreamManager:
                         old = s.channel
                         s.channel = None
                         ch = await self._create_channel(s)
-                        bad = await self._subscribe(ch, s.topics)
-                        if bad:
-                            raise _rejection_error(bad)
                         s.channel = ch
+                        s.dirty = False
                         if old is not None and old.id != ch.id:
                             self._background(self._cleanup_channels([old]))
+                            self._forget_channel(old.id)
                         new_channel = False
+                        await self._resubscribe(s, ch)
                     else:
                         try:
                             exists = await self._client.channel_exists(s.channel.id)
@@ -701,9 +776,14 @@ class StreamManager:
                             await self._renew_token()
                             new_channel = True
                             continue
+                        if s.dirty:
+                            await self._resubscribe(s, s.channel)
+                            s.dirty = False
                     conn = await self._connect(s, s.channel)
-            except SubscriptionError:
-                raise
+            except NotFoundError:
+                gap_reason = "channel_gone"
+                new_channel = True
+                continue
             except UnauthorizedError as exc:
                 log.warning("stream_reconnect_unauthorized", shard=s.index, error=str(exc))
                 gap_reason = "token_expired"
@@ -729,18 +809,19 @@ class StreamManager:
     async def _handover(self, s: _Shard, old: _Conn, reason: str) -> None:
         """Make-before-break: new channel + socket first, then retire the old one."""
         log.info("stream_handover_start", shard=s.index, channel=old.channel.id, reason=reason)
+        ch: ChannelLike | None = None
         try:
             async with s.lock:
                 ch = await self._create_channel(s)
-                bad = await self._subscribe(ch, s.topics)
-                if bad:
-                    raise _rejection_error(bad)
+                await self._resubscribe(s, ch)
                 new = await self._connect(s, ch)
                 s.channel = ch
-        except SubscriptionError:
-            raise
+                s.dirty = False
         except (ApiError, OSError, WebSocketException, TimeoutError, asyncio.TimeoutError) as exc:
             log.warning("stream_handover_failed", shard=s.index, reason=reason, error=_describe(exc))
+            if ch is not None:
+                self._background(self._cleanup_channels([ch]))
+                self._forget_channel(ch.id)
             if reason == "channel_refresh" and old.alive:
                 old.refresh_requested = False
                 old.refresh_at = self._clock() + max(1.0, s.backoff.next())
@@ -753,6 +834,7 @@ class StreamManager:
         log.info("stream_handover_done", shard=s.index, old_channel=old.channel.id,
                  new_channel=ch.id, reason=reason, gap=gap)
         self._background(self._retire(old, new))
+        self._forget_channel(old.channel.id)
         self._update_gauges()
         if gap:
             self._signal_gap("channel_expired" if reason == "channel_refresh" else reason)
@@ -782,6 +864,7 @@ class StreamManager:
                 await asyncio.wait_for(conn.ws.close(), timeout=2.0)
         if s.channel is not None:
             await self._cleanup_channels([s.channel])
+            self._forget_channel(s.channel.id)
         self._shards.remove(s)
         log.info("stream_shard_closed", shard=s.index)
 
@@ -818,13 +901,15 @@ class StreamManager:
             return
         _set(self._metrics, "subscribed_topics", float(len(self.topics)))
         _set(self._metrics, "channels", float(sum(1 for s in self._shards if s.channel is not None)))
-        now = self._clock()
         for s in self._shards:
             if s.channel is not None:
-                # Age from creation: channels live 24 h, so created = expires - 86400.
-                _set(self._metrics, "channel_age_seconds",
-                     max(0.0, now - (s.channel.expires - 86400.0)), shard=str(s.index),
-                     channel=str(s.channel.id))
+                self._set_age(s.channel)
+
+    def _set_age(self, ch: ChannelLike) -> None:
+        created = self._created.get(ch.id)
+        if created is not None and self._metrics is not None:
+            _set(self._metrics, "channel_age_seconds", max(0.0, self._clock() - created),
+                 channel=str(ch.id))
 
     def _background(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

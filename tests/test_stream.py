@@ -527,3 +527,57 @@ async def test_update_topics_rejected_topic_is_reported() -> None:
                     await stream.update_topics([Topic(queue_topic(q.id)), Topic(bad)])
                 assert stream.topics == [queue_topic(q.id)]
                 assert await rest_topics(client, stream.channels[0]) == {queue_topic(q.id)}
+
+
+async def test_topic_refused_after_start_is_loud_but_not_fatal() -> None:
+    async with own_sandbox(closing_grace=0.3) as sb:
+        qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
+        col = Collector()
+        async with client_for(sb) as client:
+            stream = StreamManager(client, [Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))],
+                                   on_message=col.on_message, on_gap=col.on_gap,
+                                   heartbeat_interval=HB)
+            async with running(stream) as task:
+                await wait_for(lambda: stream.ready, what="ready")
+                deleted = sb.world.queues.pop(qb.id)  # queue B deleted in Genesys meanwhile
+                sb.socket_closing()
+                await wait_for(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
+                assert list(stream.rejected_topics) == [queue_topic(qb.id)]
+                assert "Queue not found" in stream.rejected_topics[queue_topic(qb.id)]
+                assert not stream.ready and not task.done()
+                cid = sb.world.start_call(qa.id).id  # the permitted topic still streams
+                await wait_for(lambda: cid in col.conversation_ids, what="events on queue A")
+                sb.world.queues[qb.id] = deleted  # restored: the next re-subscription heals
+                sb.socket_closing()
+                await wait_for(lambda: stream.reconnects.get("socket_closing") == 2, what="handover 2")
+                assert stream.rejected_topics == {}
+                await wait_for(lambda: stream.ready, what="ready again")
+
+
+async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> None:
+    # No heartbeats, so the first reconnect does not prove health and the second one waits.
+    async with own_sandbox(heartbeat_interval=60.0) as sb:
+        qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
+        col = Collector()
+        async with client_for(sb) as client:
+            stream = StreamManager(client, [Topic(queue_topic(qa.id))], on_message=col.on_message,
+                                   on_gap=col.on_gap, heartbeat_interval=30.0, backoff=(1.0, 2.0))
+            async with running(stream):
+                await wait_for(lambda: stream.ready, what="ready")
+                ch = stream.channels[0]
+                puts = len(sb.journal.find("PUT", "/subscriptions"))
+                # Make the reconnect wait: drop twice quickly so the back-off is non-zero.
+                sb.drop_sockets()
+                await wait_for(lambda: stream.connections_opened == 2, what="first reconnect")
+                sb.drop_sockets()
+                await wait_for(lambda: not stream.ready and ch not in sb.conns, what="socket down")
+                await stream.update_topics([Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))])
+                assert stream.connections_opened == 2  # still down: only recorded
+                assert len(sb.journal.find("PUT", "/subscriptions")) == puts
+                await wait_for(lambda: stream.connections_opened == 3, what="second reconnect")
+                assert stream.channels == [ch]
+                assert len(sb.journal.find("PUT", "/subscriptions")) == puts + 1  # on reconnect
+                assert await rest_topics(client, ch) == {queue_topic(qa.id), queue_topic(qb.id)}
+                stream.mark_resynced()
+                cid = sb.world.start_call(qb.id).id
+                await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
