@@ -302,6 +302,10 @@ async def test_channels_and_subscriptions(sandbox: Sandbox, world: Any,
     world.clients[sandbox.client_id].permissions.discard("routing:queue:view")
     st, body, _ = await c.request("PUT", subs + "?ignoreErrors=true", [{"id": qtopic(q.id)}])
     assert body["entities"][0]["missingPermissions"] == ["routing:queue:view"]
+    st, body, _ = await c.request("PUT", subs, [{"id": qtopic(q.id)}])
+    assert st == 403 and is_error_body(body, 403)
+    assert "Missing permission: routing:queue:view" in body["message"]
+    assert qtopic(q.id) in body["message"]
 
 
 async def test_twenty_first_channel_retires_lru_unconnected_first(

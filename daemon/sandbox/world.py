@@ -706,10 +706,15 @@ class World:
         judged = [self._judge_topic(client, t) for t in dict.fromkeys(topics)]
         bad = [j for j in judged if j.state == "Rejected"]
         if bad and not ignore_errors:
+            listing = ", ".join(f"{j.id} ({j.rejection_reason})" for j in bad)
+            missing = sorted({m for j in bad for m in j.missing_permissions})
+            if all(j.missing_permissions for j in bad):
+                # only permission failures: what ignoreErrors exists for (SDK docs)
+                raise WorldError(403, "missing.permissions",
+                                 f"Missing permission: {', '.join(missing)}; topics rejected: "
+                                 + listing, details=[j.id for j in bad])
             raise WorldError(400, "notification.subscription.topics.rejected",
-                             "Topics rejected: " + ", ".join(
-                                 f"{j.id} ({j.rejection_reason})" for j in bad),
-                             details=[j.id for j in bad])
+                             "Topics rejected: " + listing, details=[j.id for j in bad])
         keep = {} if replace else {k: v for k, v in ch.topics.items() if v.state == "Permitted"}
         for j in judged:
             keep[j.id] = j
