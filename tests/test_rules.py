@@ -711,3 +711,184 @@ def test_rules_module_imports_no_io() -> None:
                  if isinstance(node, ast.ImportFrom)}
     assert not imported & {"asyncio", "httpx", "websockets", "aiohttp", "socket"}
     assert not re.search(r"\btime\.(time|monotonic)\(", source)  # `now` is always passed in
+
+
+# ---------------------------------------------------------------- generated code vs a reference
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from daemon.phone import normalize_phone  # noqa: E402
+
+_WORDS = ["customer", "external", "agent", "Fraud Desk", "x", ""]
+_PHONES = ["tel:+442079460000", "+44 20 7946 0000", "+15550001111", "sip:bob@host", "Anonymous"]
+_NUMS = ["85", "80", "80.0", "-3", "high", "", " 7 "]
+_QUEUES = ["q1", "q2", "q3"]
+_LIST = {"l": ["x", "agent", "+442079460000", "q2", "80"]}
+
+
+def _ref_value(field: str, call: Any, p: Any, now: float) -> Any:
+    if field.startswith("call."):
+        return {"call.queue_ids": call.queue_ids,
+                "call.connected_parties": call.connected_parties}[field]
+    if field.startswith("attributes."):
+        return p.attributes.get(field[len("attributes."):])
+    if field == "connected_seconds":
+        return p.connected_seconds(now)
+    return getattr(p, field)
+
+
+def _ref_num(v: Any) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if x != x else x
+
+
+def _ref_op(field: str, op: str, arg: Any, v: Any) -> bool:
+    """The documented semantics, written plainly."""
+    phone = field in ("address", "ani", "dnis")
+    norm = normalize_phone if phone else (lambda s: s)
+    if op.startswith("not_"):
+        return not _ref_op(field, op[4:] if op != "not_equals" else "equals", arg, v)
+    if op == "exists":
+        present = bool(v) if field == "call.queue_ids" else v is not None
+        return present is arg
+    if field == "call.queue_ids":
+        items = set(v)
+        if op in ("equals", "contains"):
+            return arg in items
+        if op == "in":
+            return bool(items & set(arg))
+        if op == "in_list":
+            return bool(items & set(_LIST[arg]))
+        if op == "matches":
+            return any(re.fullmatch(arg, x) for x in items)
+        if op == "starts_with":
+            return any(x.startswith(arg) for x in items)
+        raise AssertionError(op)
+    if v is None:
+        return False
+    if op in ("gt", "gte", "lt", "lte"):
+        x = _ref_num(v)
+        if x is None:
+            return False
+        return {"gt": x > arg, "gte": x >= arg, "lt": x < arg, "lte": x <= arg}[op]
+    if op in ("equals", "in"):
+        wanted = [arg] if op == "equals" else arg
+        for w in wanted:
+            if isinstance(v, bool) or isinstance(w, bool):
+                if field.startswith("attributes.") and isinstance(w, bool):
+                    if v == ("true" if w else "false"):
+                        return True
+                elif v is w:
+                    return True
+            elif isinstance(w, (int, float)) and isinstance(v, str):
+                if _ref_num(v) == w:
+                    return True
+            elif isinstance(w, (int, float)):
+                if v == w:
+                    return True
+            elif norm(v) == norm(w):
+                return True
+        return False
+    if op == "in_list":
+        return norm(v) in {norm(x) for x in _LIST[arg]}
+    if op == "matches":
+        return bool(re.fullmatch(arg, v) or (phone and re.fullmatch(arg, normalize_phone(v))))
+    if op == "contains":
+        return norm(arg) in norm(v)
+    if op == "starts_with":
+        return norm(v).startswith(norm(arg))
+    raise AssertionError(op)
+
+
+def _ref_group(cond: dict[str, Any], call: Any, p: Any, now: float) -> bool:
+    for key, val in cond.items():
+        if key == "any":
+            ok = any(_ref_group(c, call, p, now) for c in val)
+        elif key == "all":
+            ok = all(_ref_group(c, call, p, now) for c in val)
+        elif key == "not":
+            ok = not _ref_group(val, call, p, now)
+        else:
+            v = _ref_value(key, call, p, now)
+            ops = val if isinstance(val, dict) else {"equals": val}
+            ok = all(_ref_op(key, op, arg, v) for op, arg in ops.items())
+        if not ok:
+            return False
+    return True
+
+
+_TEXT_OPS = st.sampled_from(["equals", "not_equals", "contains", "starts_with", "matches"])
+
+
+def _leaf() -> st.SearchStrategy[dict[str, Any]]:
+    text = st.one_of(
+        st.tuples(st.sampled_from(["purpose", "name"]), _TEXT_OPS, st.sampled_from(["agent", "x", "Fraud.*", "F"])),
+        st.tuples(st.sampled_from(["purpose", "name"]), st.sampled_from(["in", "not_in"]),
+                  st.lists(st.sampled_from(_WORDS), max_size=3)),
+        st.tuples(st.just("address"), st.sampled_from(["equals", "not_equals", "contains", "starts_with"]),
+                  st.sampled_from(["+44 20 7946 0000", "+1555", "sip:bob", "bob", "7946"])),
+        st.tuples(st.just("address"), st.just("matches"),
+                  st.sampled_from([r"\+4420.*", "sip:.*", "bob", "anonymous", "tel:.*"])),
+        st.tuples(st.just("address"), st.sampled_from(["in_list", "not_in_list"]), st.just("l")),
+        st.tuples(st.sampled_from(["name", "attributes.s", "call.queue_ids"]),
+                  st.sampled_from(["in_list", "not_in_list"]), st.just("l")),
+        st.tuples(st.just("held"), st.sampled_from(["equals", "not_equals"]), st.booleans()),
+        st.tuples(st.sampled_from(["name", "held", "attributes.s", "address", "call.queue_ids"]),
+                  st.just("exists"), st.booleans()),
+        st.tuples(st.sampled_from(["attributes.s", "connected_seconds", "call.connected_parties"]),
+                  st.sampled_from(["gt", "gte", "lt", "lte"]), st.sampled_from([0, 2, 80, 79.5])),
+        st.tuples(st.just("attributes.s"), st.sampled_from(["equals", "not_equals"]),
+                  st.sampled_from([80, "80", "high", True])),
+        st.tuples(st.just("attributes.s"), st.sampled_from(["in", "not_in"]),
+                  st.lists(st.sampled_from([80, "high", -3, "x"]), max_size=3)),
+        st.tuples(st.just("call.queue_ids"), st.sampled_from(["equals", "not_equals", "contains", "starts_with"]),
+                  st.sampled_from(_QUEUES + ["q"])),
+        st.tuples(st.just("call.queue_ids"), st.sampled_from(["in", "not_in"]),
+                  st.lists(st.sampled_from(_QUEUES), max_size=2)),
+    )
+    return text.map(lambda t: {t[0]: {t[1]: t[2]}})
+
+
+_conds = st.recursive(
+    st.lists(_leaf(), min_size=1, max_size=3).map(lambda ls: {k: v for d in ls for k, v in d.items()}),
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"any": xs}),
+        st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"all": xs}),
+        inner.map(lambda x: {"not": x}),
+        st.tuples(inner, inner).map(lambda ab: {**ab[0], **{k: v for k, v in ab[1].items() if k not in ab[0]}}),
+    ),
+    max_leaves=6,
+)
+
+_parties = st.builds(
+    lambda purpose, name, held, address, s, ct: party(
+        "p", purpose=purpose, name=name, held=held, address=address,
+        attributes={} if s is None else {"s": s}, connected_time=ct),
+    st.sampled_from(_WORDS + [None]), st.sampled_from(_WORDS + [None]), st.sampled_from([True, False, None]),
+    st.sampled_from(_PHONES + [None]), st.sampled_from(_NUMS + [None]), st.sampled_from([None, 990.0, 900.0]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cond=_conds, p=_parties, queues=st.sets(st.sampled_from(_QUEUES), max_size=3),
+       others=st.integers(0, 3))
+def test_compiled_rules_agree_with_reference(tmp_path: Path, cond: dict[str, Any], p: Any,
+                                             queues: set[str], others: int) -> None:
+    rs = one_rule(tmp_path, when=cond, lists={"l": {"values": _LIST["l"]}})
+    call = make_call(p, *(party(f"o{i}") for i in range(others)), queue_ids=queues)
+    now = 1000.0
+    expected = _ref_group(cond, call, p, now)
+    assert holds(rs, call, "p", now) is expected
+    # the fused per-purpose path gives the same answer as the per-rule path
+    plan = rs.plan_for(p.purpose)
+    if plan.plain:
+        hit = bool(plan.fused(call, p, now))
+    elif plan.timed:  # connected_seconds makes the rule timed: judged by its own test
+        hit = plan.timed[0][1](call, p, now)
+    else:  # the purpose prefilter rejected the party
+        hit = False
+    assert hit is expected
