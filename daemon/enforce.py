@@ -4,7 +4,8 @@ Contract (docs/architecture.md, enforce.py):
 
 - `Enforcer.submit(decisions)` is SYNCHRONOUS and is called from the WebSocket receive
   callback. For each decision, in order: count it (`metrics.decisions`), log one structlog
-  line carrying every decision field, write the audit `decision` record (`AuditLog.write`
+  line `decision` carrying every decision field (level INFO for rules of severity info,
+  else WARNING; the severity is a field), write the audit `decision` record (`AuditLog.write`
   hands the line to the OS before it returns, so the record is in the page cache BEFORE any
   PATCH for it exists), then act:
     * rule action `observe`, or the enforcer in `observe` mode: an `observed` outcome
@@ -42,9 +43,11 @@ Contract (docs/architecture.md, enforce.py):
   report the status of a 2xx or when nothing was sent), `attempts`, `event_to_request_ms` and
   `error`. `event_to_request_ms` runs from `decision.received_at` (or `decided_at` when the
   decision came from a timer) to the moment just before the first PATCH is handed to the
-  client (the client then writes it as soon as the shared limiter grants a slot; enforcement
-  has the highest priority there), measured with the same `clock`; it is also observed as
-  `metrics.event_to_request_seconds`.
+  client, measured with the same `clock`; it is also observed as
+  `metrics.event_to_request_seconds`. The client writes the request as soon as the shared
+  request limiter grants a slot (ENFORCE is served first and has a reserve); a wait there,
+  when the request budget is spent, is NOT included, because the client offers no hook
+  between the slot and the socket write.
 - Draining: `stop_accepting()` makes later `submit` calls still audit every decision they see
   (a `decision` record, then a `suppressed` outcome whose error says the daemon was stopping)
   but send nothing new. `await drain(timeout)` waits for in-flight actions, at most `timeout`
@@ -609,7 +612,9 @@ class Enforcer:
             self.metrics.outcomes.labels(rule=d.rule, outcome=outcome).inc()
 
     def _log_decision(self, d: Decision, mode: str) -> None:
-        level = {"info": "info", "warning": "warning", "critical": "critical"}.get(d.severity, "info")
+        # The rule's severity is a field of the line; the level is capped at WARNING so that
+        # the daemon's own CRITICAL lines (safety valve, missing permission) stand out.
+        level = "info" if d.severity == "info" else "warning"
         getattr(self._log, level)(
             "decision", rule=d.rule, conversation_id=d.conversation_id,
             participant_id=d.participant_id, purpose=d.purpose, matched=d.matched, mode=mode,
