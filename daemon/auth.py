@@ -23,6 +23,7 @@ body `grant_type=client_credentials`; reply `{"access_token", "token_type": "bea
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 from collections.abc import Callable
@@ -133,7 +134,7 @@ class TokenManager:
         except httpx.HTTPError as exc:
             raise AuthError(
                 f"cannot reach the Genesys login service at {self._origin} "
-                f"({exc.__class__.__name__}{_detail(exc, self._credentials.client_secret)}); "
+                f"({exc.__class__.__name__}{_detail(exc, self._credentials)}); "
                 f"check the region/login_base_url and the network") from None
         if resp.status_code != 200:
             raise self._error_for(resp)
@@ -199,9 +200,12 @@ class TokenManager:
         return AuthError(msg, status=status)
 
 
-def _detail(exc: Exception, secret: str) -> str:
+def _detail(exc: Exception, credentials: Credentials) -> str:
+    """The exception text without the secret, plain or as the Basic-auth base64 form."""
     text = str(exc).strip()
     if not text:
         return ""
-    text = text.replace(secret, "***")
+    basic = base64.b64encode(
+        f"{credentials.client_id}:{credentials.client_secret}".encode()).decode()
+    text = text.replace(basic, "***").replace(credentials.client_secret, "***")
     return f": {text[:200]}"

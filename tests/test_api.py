@@ -436,3 +436,12 @@ async def test_debug_logs_name_route_and_status_never_the_token() -> None:
     assert entries[0]["status"] == 200
     for secret in [SECRET, *g.tokens]:
         assert secret not in repr(logs)
+
+
+async def test_one_shared_client_with_explicit_timeouts() -> None:
+    s = settings(connect_timeout=2.5, read_timeout=7.0)
+    async with GenesysClient(s, CREDS, transport=httpx.MockTransport(Genesys(lambda r: httpx.Response(200)))) as c:
+        t = c._http.timeout
+        assert (t.connect, t.read, t.write, t.pool) == (2.5, 7.0, 7.0, 2.5)
+        assert c.tokens._http is c._http  # the token requests share the one client
+        assert c.limiter.per_minute == 300

@@ -205,3 +205,18 @@ async def test_token_and_secret_never_in_logs_reprs_or_errors() -> None:
     for secret in [SECRET, *login.issued]:
         assert secret not in text
     await http.aclose()
+
+
+async def test_basic_auth_form_of_the_secret_is_redacted_too() -> None:
+    basic = base64.b64encode(f"client-1:{SECRET}".encode()).decode()
+
+    def boom(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError(f"bad header Authorization: Basic {basic}")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(boom))
+    tm = TokenManager(http, LOGIN, CREDS)
+    with pytest.raises(AuthError) as info:
+        await tm.token()
+    assert basic not in str(info.value) and SECRET not in str(info.value)
+    assert "RemoteProtocolError" in str(info.value)
+    await http.aclose()
