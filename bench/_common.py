@@ -1,0 +1,157 @@
+"""Shared helpers for the benchmarks: the machine line, load average, percentiles, the
+50-rule configuration (the six shipped rules plus 44 realistic variants) and a daemon
+config pointed at a sandbox.
+
+Not a benchmark itself; imported by bench/ingest.py, removal.py, receive.py, memory.py.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from daemon.config import Config, load_config  # noqa: E402
+
+SHIPPED_CONFIG = ROOT / "config.yaml"
+PAYMENTS_QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model (/proc/cpuinfo), Python version, kernel."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages as text (other engineers share the machine)."""
+    a, b, c = os.getloadavg()
+    return f"{a:.2f}/{b:.2f}/{c:.2f}"
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+# --------------------------------------------------------------------------- 50 rules
+
+def variant_rules(n: int = 44, queue_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """`n` realistic rule variants on top of the shipped six: other participant-data flags,
+    named lists, queues (has_party / queue_ids), regexes on numbers and names, numeric
+    thresholds, and a few time-based (connected_seconds) and hold_for rules. None of them
+    fires on an ordinary customer + agent + external call without the specific trigger."""
+    qs = queue_ids or [f"00000000-0000-4000-8000-{i:012d}" for i in range(1, 9)]
+    out: list[dict[str, Any]] = []
+    kinds = 11
+    for i in range(n):
+        k = i % kinds
+        name = f"variant-{i:02d}"
+        r: dict[str, Any]
+        if k == 0:  # another upstream compliance flag
+            r = {"when": {"purpose": {"in": ["customer", "external"]},
+                          f"attributes.pciFlag{i}": "true"}, "action": "disconnect"}
+        elif k == 1:  # blocked list on ani
+            r = {"when": {"purpose": "customer", "ani": {"in_list": "blocked_numbers"}},
+                 "call": {"connected_parties": {"gte": 3}}, "action": "observe"}
+        elif k == 2:  # queue-scoped outside party
+            r = {"when": {"purpose": "external", "attributes.partnerTier": {"not_in": ["gold", "silver"]}},
+                 "call": {"has_party": {"purpose": "acd", "queue_id": qs[i % len(qs)]},
+                          "recording_state": "paused"},
+                 "action": "disconnect"}
+        elif k == 3:  # premium-rate numbers by regex
+            r = {"when": {"purpose": "external", "address": {"matches": rf"\+?(?:44)?9{i % 10}\d{{7,9}}"}},
+                 "action": "disconnect", "severity": "critical"}
+        elif k == 4:  # risk thresholds
+            r = {"when": {"attributes.riskScore": {"gte": 90 + i % 10}, "purpose": {"not_equals": "agent"}},
+                 "action": "observe"}
+        elif k == 5:  # secure pause with an outside party
+            r = {"when": {"purpose": "external", "state": "connected"},
+                 "call": {"secure_pause": True, "queue_ids": {"contains": qs[i % len(qs)]}},
+                 "action": "disconnect"}
+        elif k == 6:  # supervisor coaching limit (time-based)
+            r = {"when": {"coached_participant_id": {"exists": True},
+                          "user_id": {"not_in_list": "trusted_supervisors"},
+                          "connected_seconds": {"gt": 1200 + 60 * i}},
+                 "action": "disconnect"}
+        elif k == 7:  # names from a watch list pattern
+            r = {"when": {"purpose": {"in": ["external", "customer"]},
+                          "name": {"matches": rf"(?i).*(?:test|fraud){i}.*"}},
+                 "action": "observe"}
+        elif k == 8:  # unrecorded external party for a while (hold_for)
+            r = {"when": {"purpose": "external", "state": "connected",
+                          f"attributes.needsRecording{i}": "yes"},
+                 "call": {"recording_state": {"not_in": ["active"]}},
+                 "hold_for": f"{5 + i % 20}s", "action": "disconnect"}
+        elif k == 9:  # country prefix limits
+            r = {"when": {"purpose": "external", "address": {"starts_with": f"+8{i % 10}"},
+                          "direction": "outbound"},
+                 "call": {"connected_parties": {"gte": 3}}, "action": "disconnect"}
+        else:  # flagged interaction with a held party
+            r = {"when": {"any": [{"flagged_reason": {"exists": True}},
+                                  {f"attributes.fraudScore{i}": {"gt": 70}}],
+                          "held": True, "not": {"purpose": "agent"}},
+                 "action": "observe"}
+        out.append({"name": name, **r})
+    return out
+
+
+def write_config(out_dir: Path, *, n_rules: int = 50, sandbox_base: str | None = None,
+                 queues: list[str] | None = None, users: list[str] | None = None,
+                 queue_ids_for_rules: list[str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Path:
+    """config.yaml in `out_dir`: the shipped file, its rules padded to `n_rules` with
+    `variant_rules`, optionally pointed at a sandbox (api/login base, subscriptions, a
+    private audit file, ops on an ephemeral port). Returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    shutil.copy(ROOT / "blocked-numbers.txt", out_dir / "blocked-numbers.txt")
+    extra = max(0, n_rules - len(data["rules"]))
+    data["rules"] = data["rules"][:n_rules] + variant_rules(extra, queue_ids_for_rules)
+    data["audit"]["path"] = str(out_dir / "audit.jsonl")
+    data["ops"]["listen"] = "127.0.0.1:0"
+    if sandbox_base is not None:
+        data["genesys"]["api_base_url"] = sandbox_base
+        data["genesys"]["login_base_url"] = sandbox_base
+    if queues is not None:
+        data["subscriptions"]["queues"] = queues
+    if users is not None:
+        data["subscriptions"]["users"] = users
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *head, last = dotted.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def load_bench_config(path: Path) -> Config:
+    return load_config(path)
