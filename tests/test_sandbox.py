@@ -255,6 +255,11 @@ async def test_analytics_active_calls(world: Any, sandbox_client: SandboxClient)
                                                     for x in body["conversations"]}
     st, body, _ = await sandbox_client.request("POST", path, {"paging": {}})
     assert st == 400 and is_error_body(body, 400)
+    st, body, _ = await sandbox_client.request("POST", path, {"interval": "x/y"})
+    assert st == 400 and is_error_body(body, 400)
+    later = {**query(qp), "interval": "2099-01-01T00:00:00.000Z/2100-01-01T00:00:00.000Z"}
+    st, body, _ = await sandbox_client.request("POST", path, later)
+    assert st == 200 and body == {"totalHits": 0}
 
 
 # ------------------------------------------------------------------------ channels
@@ -680,9 +685,10 @@ async def test_malformed_inputs_get_clean_errors(sandbox: Sandbox,
                                                  sandbox_client: SandboxClient) -> None:
     c = sandbox_client
     path = "/api/v2/analytics/conversations/details/query"
-    st, body, _ = await c.request("POST", path, {"interval": "a/b", "paging": "x"})
+    iv = "2020-01-01T00:00:00Z/2100-01-01T00:00:00Z"
+    st, body, _ = await c.request("POST", path, {"interval": iv, "paging": "x"})
     assert st == 400 and is_error_body(body, 400)
-    st, body, _ = await c.request("POST", path, {"interval": "a/b",
+    st, body, _ = await c.request("POST", path, {"interval": iv,
                                                  "paging": {"pageSize": "many"}})
     assert st == 400
     async with aiohttp.ClientSession() as s:

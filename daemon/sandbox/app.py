@@ -15,6 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -424,13 +425,18 @@ def _predicates(filters: Any) -> list[tuple[str, str, str | None]]:
 
 
 async def analytics_query(request: web.Request) -> web.Response:
-    """Conversation details query over the sandbox's calls. Supports conversationEnd
-    notExists (active only), segment predicates queueId/userId (OR'd), paging."""
+    """Conversation details query over the sandbox's calls: those that started within
+    `interval`; conversationEnd notExists (active only); segment predicates queueId/userId
+    (OR'd); paging. Genesys omits `conversations` when nothing matches."""
     sb = _sb(request)
     body = _json(request)
     if not isinstance(body, dict) or not isinstance(body.get("interval"), str) \
             or "/" not in body["interval"]:
         raise WorldError(400, "bad.request", "interval (ISO-8601 start/end) is required")
+    try:
+        lo, hi = (datetime.fromisoformat(x).timestamp() for x in body["interval"].split("/", 1))
+    except ValueError:
+        raise WorldError(400, "bad.request", "interval must be <ISO-8601>/<ISO-8601>") from None
     paging = body.get("paging") or {}
     try:
         size, number = int(paging.get("pageSize", 25)), int(paging.get("pageNumber", 1))
@@ -443,6 +449,8 @@ async def analytics_query(request: web.Request) -> web.Response:
     seg = [(d, v) for d, op, v in _predicates(body.get("segmentFilters"))
            if d in ("queueId", "userId")]
     calls = sb.world.active_calls() if active_only else list(sb.world.calls.values())
+    # Genesys matches conversations that started within the interval
+    calls = [c for c in calls if lo <= c.start < hi]
     if seg:
         def hit(c: Any) -> bool:
             qs, us = set(c.queue_ids()), set(c.user_ids())
