@@ -891,6 +891,7 @@ class RuleEngine:
         self._heap: list[tuple[float, int, ConversationId, RuleName, ParticipantId]] = []
         self._seq = 0
         self._live_pending = 0
+        self.evaluation_errors = 0  # rule judgments that raised (bad data); see _failed
 
     # -- events ---------------------------------------------------------------
 
@@ -926,7 +927,11 @@ class RuleEngine:
             fired = cs.fired.get(party.id)
             plan = plan_for(party.purpose)
             if plan.plain:
-                for i in plan.fused(call, party, now):
+                try:
+                    hits = plan.fused(call, party, now)
+                except Exception:  # unexpected data: judge rule by rule so one cannot mask others
+                    hits = self._hits_one_by_one(plan.plain, call, party, now)
+                for i in hits:
                     rule = plan.plain[i]
                     if fired is None or rule.name not in fired:
                         out.append(self._fire(cs, rule, party, now, received_at))
@@ -934,17 +939,38 @@ class RuleEngine:
             for name, test, gate, rule in plan.timed:
                 if fired is not None and name in fired:
                     continue
-                if gate(call, party, now):
-                    d = self._judge_stateful(cs, rule, party, now, received_at,
-                                             True if gate is test else test(call, party, now))
-                    if d is not None:
-                        out.append(d)
-                        fired = cs.fired[party.id]
-                elif cs.pending:
-                    # cannot hold and no timer can make it hold: cancel what was pending
-                    if cs.pending.pop((name, party.id), None) is not None:
-                        self._live_pending -= 1
+                try:
+                    if gate(call, party, now):
+                        d = self._judge_stateful(cs, rule, party, now, received_at,
+                                                 True if gate is test else test(call, party, now))
+                        if d is not None:
+                            out.append(d)
+                            fired = cs.fired[party.id]
+                    elif cs.pending:
+                        # cannot hold and no timer can make it hold: cancel what was pending
+                        if cs.pending.pop((name, party.id), None) is not None:
+                            self._live_pending -= 1
+                except Exception as exc:
+                    self._failed(rule, call, party, exc)
         return out
+
+    def _hits_one_by_one(self, rules: Sequence[CompiledRule], call: Call, party: Participant,
+                         now: float) -> tuple[int, ...]:
+        hits: list[int] = []
+        for i, rule in enumerate(rules):
+            try:
+                if rule.test(call, party, now):
+                    hits.append(i)
+            except Exception as exc:
+                self._failed(rule, call, party, exc)
+        return tuple(hits)
+
+    def _failed(self, rule: CompiledRule, call: Call, party: Participant, exc: Exception) -> None:
+        """A rule could not be judged (malformed data slipped through): counted, logged, and
+        treated as not matching; the other rules still run."""
+        self.evaluation_errors += 1
+        log.warning("rule_evaluation_failed", rule=rule.name, conversation_id=call.id,
+                    participant_id=party.id, error=exc.__class__.__name__)
 
     def _judge_stateful(self, cs: _CallState, rule: CompiledRule, party: Participant, now: float,
                         received_at: float | None, holds: bool) -> Decision | None:
@@ -1039,7 +1065,11 @@ class RuleEngine:
                 del cs.pending[(name, pid)]
                 self._live_pending -= 1
                 continue
-            d = self._judge_stateful(cs, rule, party, now, None, rule.check(cs.call, party, now))
+            try:
+                d = self._judge_stateful(cs, rule, party, now, None, rule.check(cs.call, party, now))
+            except Exception as exc:
+                self._failed(rule, cs.call, party, exc)
+                d = None
             if d is not None:
                 out.append(d)
             else:
@@ -1186,6 +1216,3 @@ class SafetyValve:
         self.tripped_at = None
         self._times.clear()
 
-
-def iter_rule_names(ruleset: RuleSet) -> Iterable[RuleName]:
-    return (r.name for r in ruleset.rules)

@@ -892,3 +892,17 @@ def test_compiled_rules_agree_with_reference(tmp_path: Path, cond: dict[str, Any
     else:  # the purpose prefilter rejected the party
         hit = False
     assert hit is expected
+
+
+def test_bad_data_fails_one_rule_not_the_others(tmp_path: Path) -> None:
+    text = ("rules:\n"
+            "  - name: picky\n    when: {attributes.x: {contains: a}}\n    action: observe\n"
+            "  - name: timed\n    when: {attributes.x: {starts_with: a}}\n    hold_for: 1s\n"
+            "    action: observe\n"
+            "  - name: plain\n    when: {purpose: external}\n    action: disconnect\n")
+    eng = RuleEngine(load(text, tmp_path))
+    # attributes are str -> str by contract; a value of another type must not stop the others
+    bad = party("x", purpose="external", attributes={"x": 5})
+    got = eng.on_change(change(make_call(bad), T0), T0)
+    assert [d.rule for d in got] == ["plain"]
+    assert eng.evaluation_errors == 2
