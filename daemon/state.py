@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict, deque
 from collections.abc import Mapping
+from itertools import compress
+from operator import ne
 from datetime import datetime, timezone
 from typing import Any, Final, cast
 
@@ -171,6 +173,36 @@ def _normalize(sig: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
         v = out[i]
         if v is not None:
             out[i] = _intern(v)
+    return tuple(out), bad
+
+
+_SIG_LEN: Final = len(_KEYS) + len(_REF_IDX)
+_SIG_RANGE: Final = range(_SIG_LEN)
+_INTERNED: Final = frozenset(_INTERNED_IDX)
+
+
+def _valid(i: int, v: Any) -> tuple[Any, int]:
+    """One raw signature value at index `i`, type-checked: (value or None, 1 if ignored)."""
+    if v is None:
+        return None, 0
+    if i < _N_STR or i >= len(_KEYS):  # strings and reference ids
+        if v.__class__ is not str or (not v and i >= len(_KEYS)):
+            return None, 1
+    elif i < _CT:  # booleans
+        return (v, 0) if v is True or v is False else (None, 1)
+    elif v.__class__ is not str or len(v) > _MAX_TIME_LEN:  # times
+        return None, 1
+    return (_intern(v) if i in _INTERNED else v), 0
+
+
+def _normalize_from(sig: tuple[Any, ...], old: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
+    """Like `_normalize`, checking only the values that differ from the stored (already
+    normalized) signature `old`: usually one or two of them."""
+    out = list(old)
+    bad = 0
+    for i in compress(_SIG_RANGE, map(ne, sig, old)):
+        out[i], b = _valid(i, sig[i])
+        bad += b
     return tuple(out), bad
 
 
@@ -346,19 +378,27 @@ class CallStore:
                 eo.get("id") if eo.__class__ is dict_ else None,
             )
             a = get("attributes")
-            old_sig = sigs.get(pid) if old is not None else None
-            if old is not None and sig == old_sig and (
-                    a == old.attributes if a is not None else not old.attributes):
-                continue
-            norm, bad = _normalize(sig)
-            attrs, bad_attrs = _clean_attributes(a)
-            if bad or bad_attrs:
-                stats["fields_ignored"] += bad + bad_attrs
             if old is not None:
-                if attrs == old.attributes:
+                old_sig = sigs.get(pid)
+                same_attrs = a == old.attributes if a is not None else not old.attributes
+                if same_attrs and sig == old_sig:
+                    continue
+            else:
+                old_sig = None
+                same_attrs = False
+            norm, bad = _normalize(sig) if old_sig is None else _normalize_from(sig, old_sig)
+            if same_attrs:
+                attrs = old.attributes  # type: ignore[union-attr]
+            else:
+                attrs, bad_attrs = _clean_attributes(a)
+                bad += bad_attrs
+                if old is not None and attrs == old.attributes:
                     attrs = old.attributes
-                    if norm == old_sig:
-                        continue  # differed only by ignored (wrong-typed) values
+                    same_attrs = True
+            if bad:
+                stats["fields_ignored"] += bad
+            if same_attrs and norm == old_sig:
+                continue  # differed only by ignored (wrong-typed) values
             newp = _build(cast(ParticipantId, pid) if old is None else old.id,
                           norm, attrs, old, old_sig)
             parties[newp.id] = newp

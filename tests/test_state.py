@@ -383,3 +383,22 @@ def test_unhashable_state_values_do_not_raise() -> None:
     # Evicted id, unhashable state: treated as not final (re-tracked, state ignored).
     change = store.apply(conversation("c1", [party("b", state={"x": 1})]), T0 + 3)
     assert change is not None and change.changed[0].state is None
+
+
+_raw_values = st.sampled_from([None, "", "a", "connected", True, False, 0, 1, 2.5, [], {}, "x" * 80,
+                               "2026-11-21T09:15:02.345Z"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_raw_values, min_size=24, max_size=24), st.lists(_raw_values, min_size=24, max_size=24))
+def test_incremental_normalize_equals_full(old_raw: list[Any], new_raw: list[Any]) -> None:
+    from daemon.state import _normalize, _normalize_from
+
+    old_norm, _ = _normalize(tuple(old_raw))
+    full, _ = _normalize(tuple(new_raw))
+    incremental, _ = _normalize_from(tuple(new_raw), old_norm)
+    # Documented quirk: a raw value *equal* to the stored one (0/1 vs False/True) leaves the
+    # stored value as it is, on the fast path as here; everything else matches a full check.
+    expected = tuple(o if n == o else f for n, o, f in zip(new_raw, old_norm, full))
+    assert incremental == expected
+    assert [type(v) for v in incremental] == [type(v) for v in expected]
