@@ -388,3 +388,26 @@ def test_every_listed_command_module_imports_and_registers() -> None:
         module.register(sub)
         assert sub.choices, f"{name}.register added no subcommand"
     assert not missing, f"cli.COMMAND_MODULES lists modules that do not exist: {missing}"
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_unreachable_service_exits_5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        origin = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"genesys:\n  api_base_url: {origin}\n  login_base_url: {origin}\n"
+                   "  max_retries: 0\n", encoding="utf-8")
+    for name in ("GENESYS_CLOUD_CLIENT_ID", "GENESYS_CLOUD_CLIENT_SECRET", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", "id")
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "very-secret-value")
+    code = main(["eject", "--config", str(cfg), "--conversation", CID, "--participant", "p"])
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "cannot reach the Genesys login service" in err
+    assert "very-secret-value" not in err
+    assert "Traceback" not in err
