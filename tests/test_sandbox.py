@@ -620,10 +620,22 @@ async def test_http_driver_journal_and_faults(sandbox: Sandbox,
         st, _, _ = await sandbox_client.request("GET", "/api/v2/routing/queues")
         assert st == 401
         await h.post("/faults/reset", json={})
+        r = await h.post("/configure", json={"heartbeatInterval": 0.5, "tokenLifetime": 120,
+                                             "patchFinalStatus": 400})
+        assert r.json()["result"]["heartbeatInterval"] == 0.5
+        assert sandbox.patch_final_status == 400
+        await sandbox_client.login()
+        assert sandbox.world.tokens[sandbox_client.token].expires_at < time.time() + 121
+        extra = (await h.post("/add_client", json={})).json()["result"]
+        await sandbox_client.login(extra["clientId"], extra["clientSecret"])
+        r = await h.post("/set_permissions", json={"clientId": extra["clientId"],
+                                                   "revoke": ["routing:queue:view"]})
+        assert "routing:queue:view" not in r.json()["result"]["permissions"]
         state = (await h.get("/state")).json()
         assert state["clientId"] == sandbox.client_id and state["activeCalls"] == 0
         j = (await h.get("/journal")).json()
-        assert j["requests"][-1]["status"] == 401
+        assert [x["status"] for x in j["requests"]
+                if x["path"] == "/api/v2/routing/queues"][-1] == 401
         assert {"time", "perf_ns", "method", "path", "query", "body", "status"} <= \
             set(j["requests"][0])
         assert all(e["conversation_id"] == cid for e in j["events"])

@@ -20,7 +20,8 @@ participantId, attributes}, set_flag {conversationId, participantId, reason|null
 set_party_state {conversationId, participantId, held?, muted?, confined?, recording?},
 set_recording {conversationId, state}, hangup {conversationId, participantId,
 disconnectType?}, end_call {conversationId}, touch {conversationId},
-set_permissions {grant?, revoke?, clientId?}, add_client {clientId?, secret?, tokenLifetime?},
+set_permissions {grant?, revoke?, clientId?}, configure {heartbeatInterval?, closingGrace?,
+patchFinalStatus?, channelLifetime?, tokenLifetime? (+ clientId?)}, add_client {clientId?, secret?, tokenLifetime?},
 conference {queueId?, userId?, address?}: a ready three-party call.
 """
 
@@ -91,6 +92,23 @@ def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
         c.permissions -= set(a.get("revoke") or [])
         return {"clientId": c.id, "permissions": sorted(c.permissions)}
 
+    def configure(a: dict[str, Any]) -> Any:
+        for key, attr, conv in (("heartbeatInterval", "heartbeat_interval", float),
+                                ("closingGrace", "closing_grace", float),
+                                ("patchFinalStatus", "patch_final_status", int)):
+            if key in a:
+                setattr(sb, attr, conv(a[key]))
+        if "channelLifetime" in a:
+            w.channel_lifetime = float(a["channelLifetime"])
+        if "tokenLifetime" in a:
+            c = w.clients.get(a.get("clientId") or sb.client_id)
+            if c is None:
+                raise WorldError(404, "not.found", "no such client")
+            c.token_lifetime = float(a["tokenLifetime"])
+        return {"heartbeatInterval": sb.heartbeat_interval, "closingGrace": sb.closing_grace,
+                "patchFinalStatus": sb.patch_final_status,
+                "channelLifetime": w.channel_lifetime}
+
     def add_client(a: dict[str, Any]) -> Any:
         c = w.add_client(a.get("clientId"), a.get("secret"),
                          token_lifetime=a.get("tokenLifetime"))
@@ -127,6 +145,7 @@ def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "end_call": lambda a: w.end_call(_req(a, "conversationId")),
         "touch": lambda a: w.touch(_req(a, "conversationId")),
         "set_permissions": set_permissions,
+        "configure": configure,
         "add_client": add_client,
         "conference": lambda a: conference(
             w, a.get("queueId") or next(iter(w.queues)), a.get("userId") or next(iter(w.users)),

@@ -61,7 +61,8 @@ def new_id() -> str:
 class WorldError(Exception):
     """A request the world refuses. `status` is the HTTP status, `code` the Genesys error code."""
 
-    def __init__(self, status: int, code: str, message: str, *, details: Iterable[str] = ()) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 details: Iterable[str] = ()) -> None:
         self.status = status
         self.code = code
         self.message = message
