@@ -348,6 +348,11 @@ class StreamManager:
             raise SubscriptionError(
                 "nothing to subscribe: subscriptions.queues and subscriptions.users are both "
                 "empty; add the queues or users whose calls confguard must watch")
+        if len(groups) == self.max_channels:
+            log.warning("stream_channel_limit_reached", channels=len(groups),
+                        note="every channel slot is in use: a make-before-break handover needs "
+                             "one more channel, which makes Genesys retire its least recently "
+                             "used one; keep the scope to (max_channels - 1) x per_channel topics")
         rejected: list[TopicStateLike] = []
         shards: list[_Shard] = []
         try:
@@ -545,17 +550,19 @@ class StreamManager:
     async def _check(self, ch: ChannelLike, topics: Sequence[Topic],
                      states: Sequence[TopicStateLike]) -> list[TopicStateLike]:
         listed = await self._client.get_subscriptions(ch.id)
+        # Matched without regard to case: the service may echo ids in its own spelling.
         bad: dict[str, TopicStateLike] = {}
         permitted: set[str] = set()
         for st in (*states, *listed):
             if st.state.lower() == "rejected":
-                bad.setdefault(st.id, st)
+                bad.setdefault(st.id.casefold(), st)
         for st in listed:
             if st.state.lower() != "rejected":
-                permitted.add(st.id)
+                permitted.add(st.id.casefold())
         for t in topics:
-            if t not in permitted and t not in bad:
-                bad[t] = _Missing(t)
+            key = t.casefold()
+            if key not in permitted and key not in bad:
+                bad[key] = _Missing(t)
         for st in bad.values():
             log.error("stream_topic_rejected", channel=ch.id, topic=st.id,
                       reason=st.rejection_reason, missing_permissions=list(st.missing_permissions))
