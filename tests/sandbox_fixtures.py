@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -125,6 +125,26 @@ async def sandbox() -> AsyncIterator[Sandbox]:
         yield sb
     finally:
         await sb.stop()
+
+
+@pytest.fixture
+async def sandbox_factory() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+    """`await sandbox_factory(**Sandbox kwargs)` -> a started Sandbox; all stopped afterwards."""
+    started: list[Sandbox] = []
+
+    async def make(**kw: Any) -> Sandbox:
+        kw.setdefault("heartbeat_interval", 1.0)
+        kw.setdefault("closing_grace", 0.5)
+        sb = Sandbox(**kw)
+        await sb.start()
+        started.append(sb)
+        return sb
+
+    try:
+        yield make
+    finally:
+        for sb in started:
+            await sb.stop()
 
 
 @pytest.fixture

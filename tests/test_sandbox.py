@@ -145,8 +145,9 @@ async def test_get_call_and_patch_disconnect(sandbox: Sandbox, world: Any,
     assert [x.path for x in sandbox.journal.patches(conv.id)].count(path) == 3
 
 
-async def test_patch_final_status_configurable(world: Any) -> None:
-    async with Sandbox(patch_final_status=400) as sb, aiohttp.ClientSession() as s:
+async def test_patch_final_status_configurable(sandbox_factory: Any) -> None:
+    sb = await sandbox_factory(patch_final_status=400)
+    async with aiohttp.ClientSession() as s:
         c = SandboxClient(sb, s)
         await c.login()
         q = sb.world.create_queue("Q")
@@ -158,6 +159,9 @@ async def test_patch_final_status_configurable(world: Any) -> None:
             "PATCH", f"/api/v2/conversations/calls/{conv.id}/participants/{cust.id}",
             {"state": "disconnected"})
         assert st == 400 and is_error_body(body, 400)
+        sb.world.forget_call(conv.id)
+        st, body, _ = await c.request("GET", f"/api/v2/conversations/calls/{conv.id}")
+        assert st == 404 and is_error_body(body, 404)
 
 
 async def test_missing_permission_403(sandbox: Sandbox, world: Any,

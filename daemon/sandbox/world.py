@@ -633,6 +633,11 @@ class World:
         """Republish a conversation without changing it (an update Genesys sends anyway)."""
         self._changed(self.get_call(conversation_id))
 
+    def forget_call(self, conversation_id: str) -> None:
+        """Drop a call from the world at once (GET/PATCH then answer 404), no event."""
+        self.get_call(conversation_id)
+        del self.calls[conversation_id]
+
     def active_calls(self) -> list[Conversation]:
         return [c for c in self.calls.values() if c.end is None]
 
