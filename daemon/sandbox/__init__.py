@@ -1,8 +1,34 @@
 """A faithful local fake of Genesys Cloud (OAuth, REST, notification WebSockets) with fault
-injection, for tests, demos and benchmarks. See `daemon.sandbox.server.Sandbox`.
+injection, for tests, demos and benchmarks.
 
-Modules: world (pure state), app (aiohttp routes), faults, journal, scenario (worlds and the
-/sandbox/ test driver), server (`Sandbox`), cli (`confguard sandbox`)."""
+    from daemon.sandbox import Sandbox
+    async with Sandbox(heartbeat_interval=1.0) as sb:        # 127.0.0.1, ephemeral port
+        q = sb.world.create_queue("Sales"); u = sb.world.create_user("Ann")
+        conv = sb.world.start_call(q.id)                      # customer + acd
+        agent = sb.world.connect_agent(conv.id, u.id)         # acd leaves (transfer)
+        ext = sb.world.add_external(conv.id)                  # now a conference
+        sb.faults.configure({"lose": {"next": 1}})            # lose the next event
+        ... sb.journal.patches(conv.id) ...                   # which PATCHes arrived, when
+
+One origin (`sb.base_url`) serves /oauth/token, /api/v2/..., the /channels/{id} WebSockets
+and the unauthenticated test driver /sandbox/... (see `scenario` for its ops).
+Synchronous use: `with Sandbox().run_in_thread() as sb: sb.call(sb.world.create_queue, "Q")`.
+CLI: `confguard sandbox` or `python -m daemon.sandbox`.
+
+Modules: world (pure state and the SDK-shaped JSON), app (aiohttp routes), faults, journal,
+scenario (starting worlds and the /sandbox/ driver), server (`Sandbox`), cli.
+
+Behaviour chosen where Genesys is not documented (documented here so tests can rely on it):
+PATCH {"state":"disconnected"} on an already-disconnected party answers 202 and changes
+nothing (`patch_final_status` makes it e.g. 400); a conversation forgotten (after
+`ended_retention`, or `world.forget_call`) answers 404. Subscriptions with a rejected topic
+fail whole without `ignoreErrors=true`: 403 naming the permission when only permission
+checks failed, else 400 naming the topics. A socket `subscribe` message is answered with
+{"result": "200", "correlationId", "message"} (+ "rejectedTopics"). The analytics details
+query matches conversations that started within `interval` and omits `conversations` when
+nothing matches. Events carry one extra unknown key `sandboxExtra<n>` (and a participant
+key `sandboxExtraFlag`) unless `faults.extra_field` is False.
+"""
 
 from daemon.sandbox.server import Sandbox
 
