@@ -5,7 +5,8 @@ Input is one conversation dict, either a notification `eventBody` (call topics) 
 `daemon.model.Participant` keeps is extracted and type-checked, field by field: a value of
 the wrong type is ignored (stored as None, counted in `stats["fields_ignored"]`), a
 participant that is not an object or has no string id is skipped (counted in
-`stats["participants_dropped"]`). Unknown fields are ignored.
+`stats["participants_dropped"]`). Unknown fields are ignored. A wrong-typed value that
+compares equal to the stored one (JSON 0/1 where false/true is stored) is not a change.
 
 Ordering rules (notifications are neither ordered nor de-duplicated):
 
