@@ -581,3 +581,25 @@ async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> N
                 stream.mark_resynced()
                 cid = sb.world.start_call(qb.id).id
                 await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
+
+
+async def test_401_on_head_renews_token_and_channel() -> None:
+    async with own_sandbox() as sb:
+        q = sb.world.create_queue("Sales")
+        col = Collector()
+        async with client_for(sb) as client:
+            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
+                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            async with running(stream):
+                await wait_for(lambda: stream.ready, what="ready")
+                old = stream.channels[0]
+                tokens_before = len(sb.journal.find("POST", "/oauth/token"))
+                # HEAD answers 401 (even after the client's own refresh and retry).
+                sb.faults.add_burst("HEAD", "/notifications/channels/", 401, 2)
+                sb.drop_sockets()
+                await wait_for(lambda: col.gaps == ["token_expired"], what="token_expired gap")
+                assert stream.channels[0] != old
+                assert len(sb.journal.find("POST", "/oauth/token")) > tokens_before
+                stream.mark_resynced()
+                cid = sb.world.start_call(q.id).id
+                await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
