@@ -7,7 +7,8 @@ replay tool and the benchmarks drive it alike.
 
 Counters for the metrics layer (plain dicts, only ever incremented):
 - `messages[kind]`: kind is one of `MESSAGE_KINDS`;
-- `rejected[reason]`: `Rejected.reason` tokens (see `daemon.events`);
+- `rejected[reason]`: `Rejected.reason` tokens (all of `events.REJECT_REASONS` present from
+  the start, so metric labels exist at zero);
 - `call_events[topic_kind]`: call events by `events.topic_kind` (queue / user);
 - `counters`: `changes`, `duplicates`, `decisions`, `evicted`, `rule_errors`, `gone`.
 State-level counters are in `engine.store.stats`.
@@ -26,6 +27,7 @@ from daemon.events import (
     ChannelGone,
     Heartbeat,
     Message,
+    REJECT_REASONS,
     OtherMessage,
     Pong,
     Rejected,
@@ -92,7 +94,7 @@ class Engine:
         self.rules = rules
         self.store = store if store is not None else CallStore()
         self.messages: dict[str, int] = dict.fromkeys(MESSAGE_KINDS, 0)
-        self.rejected: dict[str, int] = {}
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.call_events: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("changes", "duplicates", "decisions", "evicted", "rule_errors", "gone"), 0)

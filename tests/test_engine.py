@@ -8,7 +8,7 @@ import orjson
 
 from _core_payloads import conversation, frame, party
 from daemon.engine import MESSAGE_KINDS, Engine, RuleEvaluator
-from daemon.events import CallEvent, Heartbeat, Rejected
+from daemon.events import REJECT_REASONS, CallEvent, Heartbeat, Rejected
 from daemon.ids import ConversationId, ParticipantId, RuleName
 from daemon.model import Change, Decision
 from daemon.state import CallStore
@@ -97,7 +97,9 @@ def test_non_call_messages_and_rejections_counted() -> None:
     engine.feed(orjson.dumps({"topicName": "v2.system.socket_closing"}), T0)
     engine.feed(orjson.dumps({"result": "404", "message": "gone"}), T0)
     engine.feed(orjson.dumps({"topicName": "v2.users.u.presence"}), T0)
-    assert engine.rejected == {"not_json": 1, "not_object": 1, "bad_participants": 1}
+    assert {k: v for k, v in engine.rejected.items() if v} == {"not_json": 1, "not_object": 1,
+                                                               "bad_participants": 1}
+    assert set(engine.rejected) == set(REJECT_REASONS)
     assert engine.messages == {"heartbeat": 1, "pong": 1, "socket_closing": 1, "channel_gone": 1,
                                "call_event": 0, "other": 1, "rejected": 3}
     assert set(engine.messages) == set(MESSAGE_KINDS)
