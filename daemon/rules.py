@@ -214,13 +214,21 @@ class _Ctx:
     # Generated predicates see only these names: helpers and constants, never config text.
     ns: dict[str, Any] = field(default_factory=lambda: {"__builtins__": {"any": any, "bool": bool},
                                                         "NP": _nn, "NUM": _num})
+    shared: dict[tuple[type, Any], str] = field(default_factory=dict)
 
     def err(self, path: Path_, message: str, *, key: bool = False) -> ConfigError:
         return self.src.error(path, message, key=key)
 
     def const(self, value: Any) -> str:
+        """A name for `value` in generated code. Equal scalars share a name, so identical
+        sub-expressions of different rules read the same and can be computed once (_fuse)."""
+        key = (type(value), value) if type(value) in (str, int, float, bool) else None
+        if key is not None and key in self.shared:
+            return self.shared[key]
         name = f"K{len(self.ns)}"
         self.ns[name] = value
+        if key is not None:
+            self.shared[key] = name
         return name
 
     def make(self, expr: str, path: Path_) -> Pred:
@@ -525,8 +533,8 @@ class _Compiler:
                 return f"any({full}(x) is not None for x in {v})"
             if fld.kind == "phone":
                 # as sent (sip:...@host patterns) or normalised (+44... patterns)
-                return (f"(r := {fld.raw_expr}) is not None and "
-                        f"({full}(r) is not None or {full}(NP(r)) is not None)")
+                raw = fld.raw_expr
+                return f"{raw} is not None and ({full}({raw}) is not None or {full}({v}) is not None)"
             return f"(s := {v}) is not None and {full}(s) is not None"
         x = k(_norm(arg) if fld.kind == "phone" else arg)
         if op == "contains":
@@ -741,10 +749,23 @@ class _Plan:
     timed: tuple[_Step, ...]
 
 
+# Sub-expressions worth computing once per party when several rules use them: phone
+# normalisation, participant data (as text and as a number), derived counts.
+_HOISTABLE = re.compile(r"NUM\(p\.attributes\.get\(K\d+\)\)|NP\(p\.\w+\)"
+                        r"|p\.attributes\.get\(K\d+\)|p\.connected_seconds\(n\)|c\.connected_parties")
+
+
 def _fuse(rules: Sequence[CompiledRule], namespace: dict[str, Any]) -> Matcher:
+    counts: dict[str, int] = {}
+    for r in rules:
+        for m in _HOISTABLE.finditer(r.test_expr):
+            counts[m.group(0)] = counts.get(m.group(0), 0) + 1
+    hoisted = {text: f"_e{i}" for i, text in enumerate(t for t, c in counts.items() if c > 1)}
     lines = ["def _match(c, p, n):", "    hits = ()"]
+    lines.extend(f"    {name} = {text}" for text, name in hoisted.items())
     for i, r in enumerate(rules):
-        lines.append(f"    if {r.test_expr}:")
+        expr = _HOISTABLE.sub(lambda m: hoisted.get(m.group(0), m.group(0)), r.test_expr)
+        lines.append(f"    if {expr}:")
         lines.append(f"        hits += ({i},)")
     lines.append("    return hits")
     scope: dict[str, Any] = {}

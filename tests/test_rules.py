@@ -906,3 +906,26 @@ def test_bad_data_fails_one_rule_not_the_others(tmp_path: Path) -> None:
     got = eng.on_change(change(make_call(bad), T0), T0)
     assert [d.rule for d in got] == ["plain"]
     assert eng.evaluation_errors == 2
+
+
+def test_fused_plan_with_shared_subexpressions_matches_per_rule(tmp_path: Path) -> None:
+    conds = [
+        {"address": {"matches": r"\+4420\d+"}}, {"address": {"starts_with": "+44"}},
+        {"address": {"in_list": "l"}}, {"attributes.s": {"gte": 80}},
+        {"attributes.s": {"lt": 0}}, {"attributes.s": "high"}, {"attributes.s": {"in": [85, "x"]}},
+        {"call.connected_parties": {"gte": 2}}, {"not": {"call.connected_parties": 1}},
+        {"any": [{"address": {"contains": "7946"}}, {"attributes.s": {"exists": False}}]},
+    ]
+    rules = "".join(f"  - name: r{i}\n    when: {c!r}\n    action: observe\n".replace("'", '"')
+                    for i, c in enumerate(conds))
+    rs = load("lists:\n  l: {values: ['+44 20 7946 0000']}\nrules:\n" + rules, tmp_path)
+    plan = rs.plan_for("customer")
+    assert len(plan.plain) == len(conds)
+    for address in _PHONES + [None]:
+        for s in _NUMS + [None]:
+            for others in range(3):
+                p = party("p", purpose="customer", address=address,
+                          attributes={} if s is None else {"s": s})
+                call = make_call(p, *(party(f"o{i}") for i in range(others)))
+                want = tuple(i for i, r in enumerate(plan.plain) if r.test(call, p, 1000.0))
+                assert plan.fused(call, p, 1000.0) == want, (address, s, others)
