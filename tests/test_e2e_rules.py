@@ -588,6 +588,64 @@ async def test_party_leaving_while_the_patch_is_in_flight_is_already_gone(
         assert all(p.live for p in conv.participants if p.id != target.id and p.purpose != "acd")
 
 
+async def test_missing_permission_fails_loudly_then_rearmed_rule_acts_on_next_event(
+        populated: Sandbox, tmp_path: Path) -> None:
+    rule = "flagged-party"
+    perm = "conversation:communication:disconnect"
+    async with env_for(populated, tmp_path) as env:
+        w, sb = env.world, env.sb
+        conv = new_call(w, recorded=True)
+        w.add_external(conv.id, HARMLESS)
+        await synced(env, [conv])
+        target = party(conv, "customer")
+        w.clients[sb.client_id].permissions.discard(perm)
+        w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
+        await until(lambda: len(env.outcomes(rule)) == 1, "the failed outcome")
+        [failed] = env.outcomes(rule)
+        assert failed["outcome"] == "failed" and failed["http_status"] == 403
+        assert perm in failed["error"]
+        assert [p.status for p in env.patches()] == [403]
+        assert target.live
+        # The permission is granted; the failed rule was re-armed, so the next change to the
+        # call acts (an unchanged republish is a duplicate and changes nothing).
+        w.clients[sb.client_id].permissions.add(perm)
+        w.set_attributes(conv.id, party(conv, "agent").id, {"wrapupHint": "none"})
+        await until(lambda: len(env.outcomes(rule)) == 2, "the second outcome")
+        assert env.outcomes(rule)[1]["outcome"] == "disconnected"
+        assert [p.status for p in env.patches()] == [403, 202]
+        assert not target.live
+        assert len(env.decisions(rule)) == 2
+
+
+async def test_stop_drains_in_flight_disconnects_within_the_bound(
+        populated: Sandbox, tmp_path: Path) -> None:
+    rule = "flagged-party"
+    cfg = make_config(tmp_path, populated.base_url)
+    audit_path = tmp_path / "audit" / "confguard-audit.jsonl"
+    w, sb = populated.world, populated
+    daemon = Daemon(cfg, drain_timeout=1.0)
+    await asyncio.wait_for(daemon.start(), timeout=20.0)
+    try:
+        env = Env(sb, daemon, audit_path)
+        conv = new_call(w, recorded=True)
+        w.add_external(conv.id, HARMLESS)
+        await synced(env, [conv])
+        sb.faults.latency = 30.0  # the PATCH will not be answered before the drain bound
+        w.set_attributes(conv.id, party(conv, "customer").id, {"complianceFlag": "true"})
+        await until(lambda: _count(daemon.metrics.event_to_request_seconds) == 1,
+                    "the PATCH to be handed to the client")
+        assert daemon.enforcer is not None and daemon.enforcer.in_flight == 1
+    finally:
+        started = time.monotonic()
+        await asyncio.wait_for(daemon.stop(), timeout=20.0)
+        sb.faults.latency = 0.0
+    assert time.monotonic() - started < 15.0  # drain bound 1 s + the stream's own 5 s bound
+    assert daemon.state is State.STOPPED
+    [out] = [r for r in env.records() if r["type"] == "outcome" and r["rule"] == rule]
+    assert out["outcome"] == "unconfirmed" and "abandoned" in out["error"]
+    assert verify([audit_path]).ok
+
+
 # ------------------------------------------------------------------ audit verify
 
 
