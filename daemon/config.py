@@ -23,7 +23,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 from daemon.errors import ConfigError, CredentialsError
 
@@ -79,6 +80,8 @@ class ConfigSource:
     values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path)
+    constructor: yaml.constructor.SafeConstructor = field(
+        default_factory=yaml.constructor.SafeConstructor, repr=False, compare=False)
 
     def position(self, path: Path_, *, key: bool = False) -> tuple[int | None, int | None]:
         """The nearest known position for `path`, walking up to its parents."""
@@ -142,10 +145,10 @@ def _build(node: yaml.Node, path: Path_, src: ConfigSource) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(v, path + (i,), src) for i, v in enumerate(node.value)]
-    # Scalars: let the resolver's tag decide the type (int, float, bool, null, str).
+    # Scalars: the resolver's tag decides the type (int, float, bool, null, str).
     try:
-        return yaml.load(yaml.serialize(node), Loader=_Loader)
-    except yaml.YAMLError as exc:  # pragma: no cover - composed nodes re-serialise cleanly
+        return src.constructor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
         raise ConfigError(f"invalid value: {exc}", file=src.file,
                           line=node.start_mark.line + 1, col=node.start_mark.column + 1) from None
 
@@ -239,7 +242,7 @@ class RuleSpec(_Strict):
     description: str | None = None
     when: dict[str, Any] = Field(default_factory=dict)
     call: dict[str, Any] = Field(default_factory=dict)
-    hold_for: str | int | float | None = None
+    hold_for: StrictStr | StrictInt | StrictFloat | None = None
     action: Literal["disconnect", "observe"]
     enabled: bool = True
     severity: Literal["info", "warning", "critical"] = "warning"
@@ -308,13 +311,23 @@ class Config(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(err: Mapping[str, Any], path: Path_) -> str:
     kind = err.get("type", "")
-    loc = ".".join(str(x) for x in err.get("loc", ()))
+    loc = _dotted(path)
+    if path and path[-1] == "hold_for":
+        return f"{loc}: expected a duration such as 10s, 2m, 500ms or a number of seconds, got {err.get('input')!r}"
     if kind == "extra_forbidden":
         return f"unknown key {str(err['loc'][-1])!r}; check the spelling (allowed keys are in the README's configuration reference)"
     if kind == "missing":
-        return f"missing required key {loc!r}"
+        where = f" in {loc}" if loc else ""
+        return f"missing required key {str(err['loc'][-1])!r}{where}"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{loc}: got {err.get('input')!r}, expected one of {expected}"
@@ -339,7 +352,7 @@ def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = N
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _data_path(data, tuple(first.get("loc", ())))
-        raise src.error(loc, _describe(first), key=first.get("type") == "extra_forbidden") from None
+        raise src.error(loc, _describe(first, loc), key=first.get("type") == "extra_forbidden") from None
     names: dict[str, int] = {}
     for i, rule in enumerate(cfg.rules):
         if rule.name in names:
