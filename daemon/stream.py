@@ -664,6 +664,9 @@ class StreamManager:
                 conn.end_reason = "closed"
             log.info("stream_socket_closed", shard=conn.shard.index, channel=conn.channel.id,
                      code=exc.rcvd.code if exc.rcvd else None, retired=conn.retired)
+        except Exception:  # anything else ends this socket too; the supervisor reconnects
+            log.exception("stream_pump_failed", shard=conn.shard.index, channel=conn.channel.id)
+            conn.abort("error")
         finally:
             if conn.end_reason is None:
                 conn.end_reason = "closed"
