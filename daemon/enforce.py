@@ -152,6 +152,7 @@ class _Action:
     event_to_request_ms: float | None = None
     gone: bool = False  # an applied change showed the party final
     accepted: bool = False  # a PATCH of this action got a 2xx
+    sending: bool = False  # a PATCH is with the client, its answer not yet read
     confirm: asyncio.Future[bool] | None = None
     finished: bool = False
 
@@ -371,13 +372,14 @@ class Enforcer:
         try:
             result = await self._perform(action)
         except asyncio.CancelledError:
-            if action.attempts:
+            if action.sending or action.accepted:
                 result = _Result("unconfirmed", action.last_status,
                                  "abandoned at shutdown after the PATCH was sent; removal not confirmed",
                                  rearm=True)
             else:
-                result = _Result("failed", None, "abandoned at shutdown before the PATCH was sent",
-                                 rearm=True)
+                last = f" (last answer HTTP {action.last_status})" if action.last_status else ""
+                result = _Result("failed", action.last_status,
+                                 f"abandoned at shutdown with no PATCH accepted{last}", rearm=True)
             self._finish(action, result)
             raise
         except Exception as exc:  # a bug must not leave the party marked in flight forever
@@ -408,17 +410,14 @@ class Enforcer:
                 action.event_to_request_ms = round(delay * 1000.0, 3)
                 if self.metrics is not None:
                     self.metrics.event_to_request_seconds.observe(delay)
-            try:
-                # The client would retry 409 itself; conflicts are retried here instead so
-                # that `attempts` counts every PATCH.
-                reply = await self.client.disconnect_participant(cid, pid, retry_conflict=0)
-            except NotFoundError as exc:
-                action.last_status = 404
+            exc = await self._send(action)
+            if isinstance(exc, NotFoundError):
                 self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
                                participant_id=pid, detail=exc.message)
+                if action.accepted:  # the earlier accepted PATCH removed the party
+                    return _Result("disconnected", 404, None)
                 return _Result("already_gone", 404, None)
-            except ConflictError as exc:
-                action.last_status = 409
+            if isinstance(exc, ConflictError):
                 if action.attempts < self.max_attempts:
                     wait = min(2.0, self.conflict_backoff * 2.0 ** (action.attempts - 1))
                     self._log.info("enforce_conflict_retry", rule=d.rule, conversation_id=cid,
@@ -429,8 +428,7 @@ class Enforcer:
                 return _Result("failed", 409,
                                f"409 conflict on every one of {action.attempts} attempts: {exc}",
                                rearm=True)
-            except ForbiddenError as exc:
-                action.last_status = 403
+            if isinstance(exc, ForbiddenError):
                 missing = exc.missing_permissions or [DISCONNECT_PERMISSION]
                 text = (f"403 forbidden: the OAuth client's role lacks permission "
                         f"{', '.join(missing)}: {exc}")
@@ -439,8 +437,7 @@ class Enforcer:
                                    participant_id=pid, missing_permissions=missing,
                                    error=str(exc))
                 return _Result("failed", 403, text, rearm=True)
-            except ApiError as exc:
-                action.last_status = exc.status or None
+            if exc is not None:
                 # Genesys may refuse a PATCH for a party that has just left (e.g. 400
                 # "participant not connected"): that is not a failure.
                 if await self._gone_after_error(action, exc):
@@ -453,8 +450,6 @@ class Enforcer:
                 self._log.error("enforce_failed", rule=d.rule, conversation_id=cid,
                                 participant_id=pid, status=exc.status, error=str(exc))
                 return _Result("failed", exc.status or None, str(exc), rearm=True)
-            action.last_status = reply if isinstance(reply, int) else None
-            action.accepted = True
             if await self._confirm(action):
                 return _Result("disconnected", action.last_status, None)
             if not confirm_retried:
@@ -469,6 +464,25 @@ class Enforcer:
             return _Result("unconfirmed", action.last_status,
                            f"PATCH accepted {action.attempts} times but the party was never "
                            f"seen disconnected; rule re-armed", rearm=True)
+
+    async def _send(self, action: _Action) -> ApiError | None:
+        """One PATCH. Returns the API error, or None when it was accepted (2xx). A
+        cancellation propagates with `action.sending` still set: the PATCH may have landed."""
+        cid, pid = action.key
+        action.sending = True
+        try:
+            # The client would retry 409 itself; conflicts are retried by `_perform` instead,
+            # so that `attempts` counts every PATCH.
+            reply = await self.client.disconnect_participant(cid, pid, retry_conflict=0)
+        except ApiError as exc:
+            action.sending = False
+            action.last_status = exc.status or None
+            return exc
+        action.sending = False
+        action.accepted = True
+        # The client returns None today; a status code, if it ever returns one, is recorded.
+        action.last_status = reply if isinstance(reply, int) else None
+        return None
 
     async def _confirm(self, action: _Action) -> bool:
         """True when the party is seen final: an applied change within `confirm_timeout`,

@@ -402,6 +402,20 @@ async def test_400_for_a_party_that_left_is_already_gone_else_failed(make: Any, 
         assert h.rules.rearmed == [("r1", "c1", "p1")]
 
 
+async def test_404_on_the_confirm_retry_means_our_first_patch_worked(make: Any) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        if req.method == "GET":
+            return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": "connected"}]})
+        return httpx.Response(202) if len(h.patches()) == 1 else error(404, "participant not found")
+
+    h = make(handler, confirm_timeout=0.02)
+    h.enforcer.submit([decision()])
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert len(h.patches()) == 2
+    assert [(o["outcome"], o["http_status"]) for o in h.outcomes()] == [
+        ("unconfirmed", None), ("disconnected", 404)]
+
+
 # ------------------------------------------------------------------ once per party / rule
 
 
@@ -568,6 +582,21 @@ async def test_drain_waits_then_abandons_and_records(make: Any) -> None:
     assert outs["p1"]["outcome"] == "disconnected"
     assert outs["p2"]["outcome"] == "unconfirmed" and "abandoned" in outs["p2"]["error"]
     assert await h.enforcer.drain(0.1) == 0
+
+
+async def test_drain_during_conflict_backoff_records_failed_not_unconfirmed(make: Any) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        return error(409, "conflict")
+
+    h = make(handler)
+    h.enforcer.conflict_backoff = 30.0  # the action sits in its back-off when the drain ends
+    h.enforcer.submit([decision()])
+    await until(lambda: len(h.patches()) == 1)
+    await asyncio.sleep(0)
+    assert await h.enforcer.drain(0.5) == 1
+    [out] = h.outcomes()
+    assert out["outcome"] == "failed" and out["http_status"] == 409
+    assert "no PATCH accepted" in out["error"]
 
 
 async def test_no_patch_without_its_audit_record(make: Any) -> None:
