@@ -22,12 +22,14 @@ Lifecycle:
 Hot path: `on_message(raw, received_at)` is called synchronously for EVERY data frame, with
 the frame exactly as received and `clock()` at receipt (epoch seconds). The stream does not
 parse call events: the consumer (the engine) parses each frame once. The stream only needs
-control messages (heartbeat, pong, socket_closing, `"result": "404"`), which are all short,
-so it runs `daemon.events.parse_message` only on frames of at most `CONTROL_PEEK_MAX` bytes
-that contain one of the control markers (`channel.metadata`, `v2.system.`, `"result"`,
-`pong`). A large call event is never parsed twice; a small call event that happens to
-contain a marker is parsed twice, which is cheap at that size. Every frame, whatever it
-is, counts as a sign of life for the watchdog.
+control messages (heartbeat, pong, socket_closing, `"result": "404"`), so it peeks:
+a frame that starts `{"topicName":"v2.routing.queues.` or `{"topicName":"v2.users.` (how
+the service lays out call events) is a call event and is not looked at further (~0.1 us);
+any other frame of at most `CONTROL_PEEK_MAX` bytes that contains a control marker
+(`channel.metadata`, `v2.system.`, `"result"`, `pong`) is parsed with
+`daemon.events.parse_message`. So a call event is never parsed twice unless it comes with
+another key order, is short and contains a marker, which is harmless (and cheap) anyway.
+Every frame, whatever it is, counts as a sign of life for the watchdog.
 
 Self-healing (per shard, one supervisor task each):
 - Watchdog: no frame for `heartbeat_timeout_factor x heartbeat_interval` seconds -> send
@@ -95,6 +97,8 @@ CONTROL_PEEK_MAX: Final = 4096
 """Frames longer than this are never control messages (those are a few hundred bytes)."""
 _MARKERS_STR: Final = ("channel.metadata", "v2.system.", '"result"', "pong")
 _MARKERS_BYTES: Final = tuple(m.encode() for m in _MARKERS_STR)
+_CALL_PREFIXES_STR: Final = ('{"topicName":"v2.routing.queues.', '{"topicName":"v2.users.')
+_CALL_PREFIXES_BYTES: Final = tuple(p.encode() for p in _CALL_PREFIXES_STR)
 _PING: Final = '{"message":"ping"}'
 
 
@@ -655,7 +659,7 @@ class StreamManager:
                     on_message(data, clock())
                 except Exception:  # the consumer's bug must not take the stream down
                     log.exception("stream_on_message_failed", shard=conn.shard.index)
-                if len(data) <= CONTROL_PEEK_MAX and _maybe_control(data):
+                if _maybe_control(data):
                     self._control(conn, data)
                     if not conn.alive:
                         break
@@ -938,9 +942,16 @@ class _Missing:
 
 
 def _maybe_control(data: bytes | str) -> bool:
+    """Could this frame be a control message? Cheap: a prefix test settles call events as
+    the service lays them out (~0.1 us); other frames are scanned for markers only when
+    short enough to be control messages."""
     if isinstance(data, str):
-        return any(m in data for m in _MARKERS_STR)
-    return any(m in data for m in _MARKERS_BYTES)
+        if data.startswith(_CALL_PREFIXES_STR):
+            return False
+        return len(data) <= CONTROL_PEEK_MAX and any(m in data for m in _MARKERS_STR)
+    if data.startswith(_CALL_PREFIXES_BYTES):
+        return False
+    return len(data) <= CONTROL_PEEK_MAX and any(m in data for m in _MARKERS_BYTES)
 
 
 def _rejection_error(rejected: Sequence[TopicStateLike]) -> SubscriptionError:

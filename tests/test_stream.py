@@ -603,3 +603,20 @@ async def test_401_on_head_renews_token_and_channel() -> None:
                 stream.mark_resynced()
                 cid = sb.world.start_call(q.id).id
                 await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+
+
+def test_control_peek_is_cheap_and_finds_control_frames() -> None:
+    from daemon.stream import CONTROL_PEEK_MAX, _maybe_control
+
+    event = '{"topicName":"v2.routing.queues.q1.conversations.calls","eventBody":{"id":"c","note":"pong"}}'
+    user_event = b'{"topicName":"v2.users.u1.conversations.calls","eventBody":{"x":"channel.metadata"}}'
+    heartbeat = '{"topicName":"channel.metadata","version":"2","eventBody":{"message":"WebSocket Heartbeat"}}'
+    closing = b'{"topicName":"v2.system.socket_closing","eventBody":{"message":"closing"}}'
+    gone = '{"result":"404","message":"channel not found"}'
+    pong = b'{"message":"pong"}'
+    other_order = '{"eventBody":{"message":"WebSocket Heartbeat"},"topicName":"channel.metadata"}'
+    big_other = '{"eventBody":{"x":"' + "a" * CONTROL_PEEK_MAX + '"},"topicName":"channel.metadata"}'
+    assert not _maybe_control(event) and not _maybe_control(user_event)
+    for frame in (heartbeat, closing, gone, pong, other_order):
+        assert _maybe_control(frame), frame
+    assert not _maybe_control(big_other)  # control frames are never this long
