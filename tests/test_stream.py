@@ -263,7 +263,7 @@ def test_backoff_sequence_is_capped_and_jittered() -> None:
 
 
 async def test_socket_closing_handover_loses_no_event() -> None:
-    async with own_sandbox(closing_grace=0.5) as sb:
+    async with own_sandbox(closing_grace=2.0) as sb:
         q = sb.world.create_queue("Sales")
         col = Collector()
         async with client_for(sb) as client:
@@ -530,7 +530,7 @@ async def test_update_topics_rejected_topic_is_reported() -> None:
 
 
 async def test_topic_refused_after_start_is_loud_but_not_fatal() -> None:
-    async with own_sandbox(closing_grace=0.3) as sb:
+    async with own_sandbox(closing_grace=2.0) as sb:
         qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
         col = Collector()
         async with client_for(sb) as client:
