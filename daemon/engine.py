@@ -10,7 +10,9 @@ Counters for the metrics layer (plain dicts, only ever incremented):
 - `rejected[reason]`: `Rejected.reason` tokens (all of `events.REJECT_REASONS` present from
   the start, so metric labels exist at zero);
 - `call_events[topic_kind]`: call events by `events.topic_kind` (queue / user);
-- `counters`: `changes`, `duplicates`, `decisions`, `evicted`, `rule_errors`, `gone`.
+- `counters`: `changes`, `duplicates` (call snapshots that changed nothing, or unusable
+  ones: see `store.stats`), `decisions`, `evicted`, `rule_errors`, `state_errors` (a bug
+  in the store, logged), `gone`.
 State-level counters are in `engine.store.stats`.
 """
 
@@ -97,7 +99,7 @@ class Engine:
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.call_events: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(
-            ("changes", "duplicates", "decisions", "evicted", "rule_errors", "gone"), 0)
+            ("changes", "duplicates", "decisions", "evicted", "rule_errors", "state_errors", "gone"), 0)
 
     def feed(self, raw: bytes | str, now: float) -> Fed:
         """Handle one WebSocket frame received at `now`."""
@@ -107,7 +109,7 @@ class Engine:
         if isinstance(message, CallEvent):
             tk = topic_kind(message.topic)
             self.call_events[tk] = self.call_events.get(tk, 0) + 1
-            change = self.store.apply(message.body, now, received_at=now, source="event")
+            change = self._apply(message.body, now, "event")
             if change is None:
                 self.counters["duplicates"] += 1
                 return Fed(message, None, [])
@@ -119,7 +121,7 @@ class Engine:
     def apply_conversation(self, conv: Mapping[str, Any], now: float, *,
                            source: ChangeSource = "resync") -> list[Decision]:
         """Fold in a conversation read from REST (or any snapshot) and judge the change."""
-        change = self.store.apply(conv, now, received_at=now, source=source)
+        change = self._apply(conv, now, source)
         if change is None:
             self.counters["duplicates"] += 1
             return []
@@ -156,6 +158,15 @@ class Engine:
     def next_deadline(self) -> float | None:
         """The earliest rule timer (epoch s), or None."""
         return self.rules.next_deadline()
+
+    def _apply(self, conv: Mapping[str, Any], now: float, source: ChangeSource) -> Change | None:
+        try:
+            return self.store.apply(conv, now, received_at=now, source=source)
+        except Exception:
+            # A store bug must not take the stream down; the next resync re-reads the call.
+            self.counters["state_errors"] += 1
+            log.exception("state_apply_failed", source=source)
+            return None
 
     def _judge(self, change: Change, now: float) -> list[Decision]:
         self.counters["changes"] += 1

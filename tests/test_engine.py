@@ -158,3 +158,17 @@ def test_rule_errors_are_contained() -> None:
     assert engine.tick(T0 + 60) == []
     assert engine.counters["rule_errors"] == 3  # on_change, due, forget_call
     assert len(engine.store) == 1  # c1 evicted even though forget_call failed
+
+
+class _BrokenStore(CallStore):
+    def apply(self, conv: Any, now: float, **kw: Any) -> Change | None:  # type: ignore[override]
+        raise RuntimeError("store bug")
+
+
+def test_store_errors_are_contained() -> None:
+    rules = StubRules()
+    engine = Engine(rules, _BrokenStore())
+    fed = engine.feed(frame(body(party("x", purpose="external"))), T0)
+    assert isinstance(fed.message, CallEvent) and fed.change is None and fed.decisions == []
+    assert engine.apply_conversation(body(party("a")), T0) == []
+    assert engine.counters["state_errors"] == 2 and rules.changes == []
