@@ -350,15 +350,21 @@ async def test_channel_refreshed_before_expiry_without_gap() -> None:
     async with own_sandbox(channel_lifetime=3.0) as sb:
         q = sb.world.create_queue("Sales")
         col = Collector()
+        metrics = Metrics()
         async with client_for(sb) as client:
             stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
                                    on_gap=col.on_gap, heartbeat_interval=HB,
-                                   channel_refresh_before=2.0)
+                                   channel_refresh_before=2.0, metrics=metrics)
             async with running(stream):
                 first = stream.channels[0]
+                assert f'channel="{first}"' in metrics.render().decode()
                 await wait_for(lambda: stream.reconnects.get("channel_refresh", 0) >= 1,
                                what="refresh handover")
                 assert stream.channels[0] != first
+                text = metrics.render().decode()
+                # The age gauge follows the live channel only; the retired one is dropped.
+                assert f'channel="{stream.channels[0]}"' in text and f'channel="{first}"' not in text
+                assert metrics.reconnects.labels(reason="channel_refresh")._value.get() >= 1
                 await wait_for(lambda: first not in sb.world.channels or first not in sb.conns,
                                what="old channel retired")
                 cid = sb.world.start_call(q.id).id
