@@ -234,8 +234,13 @@ class Daemon:
         return 0
 
     def resume_enforcement(self) -> None:
+        """SIGUSR1: reset a tripped safety valve. Through the enforcer, so the rules of the
+        parties it suppressed are re-armed and their next event acts on them."""
         if self.safety.tripped:
-            self.safety.resume()
+            if self.enforcer is not None:
+                self.enforcer.resume_enforcement()
+            else:
+                self.safety.resume()
             self.metrics.safety_valve_tripped.set(0)
             log.warning("safety_valve_reset", detail="enforcement resumed")
 
