@@ -1,0 +1,401 @@
+"""The daemon's lifecycle: signals, reload, drain, systemd notify, ops endpoints.
+
+Most tests run `python -m daemon run --config FILE` as a real child process against the
+sandbox, which runs in the test's event loop on 127.0.0.1:<ephemeral>; the child reaches it
+over real sockets. What happened is read from the sandbox (world, journal, sockets), the
+daemon's JSON log lines, its audit file and its ops endpoints. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _daemon_harness import (BLOCKED_RULE, FLAGGED_RULE, SALES, SUPPORT, DaemonProcess,
+                             audit_records, credentials_env, sample, sandbox_queue, wait_until,
+                             write_config)
+from daemon.audit import verify
+from daemon.config import load_config
+from daemon.metrics import DAEMON_STATES, Metrics
+from daemon.sandbox import Sandbox
+from daemon.sandbox.world import Conversation, Party
+from daemon.service import Daemon, State
+
+AGENT = "a11ce000-0000-4000-8000-00000000000a"
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(sb: Sandbox, folder: Path, *, env_extra: dict[str, str] | None = None,
+                         **cfg: Any) -> AsyncIterator[DaemonProcess]:
+    sandbox_queue(sb)
+    if AGENT not in sb.world.users:
+        sb.world.create_user("Alice Agent", AGENT)
+    config = write_config(folder, sb.base_url, **cfg)
+    d = DaemonProcess(config, credentials_env(sb, **(env_extra or {})), folder)
+    await d.start()
+    try:
+        yield d
+    finally:
+        sb.faults.reset()
+        await d.close()
+
+
+def flagged_call(sb: Sandbox, queue: str = SALES, flag: str = "true",
+                 address: str = "tel:+14155550123") -> tuple[Conversation, Party]:
+    """A call with an agent and an external party whose complianceFlag is `flag`."""
+    w = sb.world
+    conv = w.start_call(queue)
+    w.connect_agent(conv.id, AGENT)
+    ext = w.add_external(conv.id, address, name="Partner")
+    w.set_attributes(conv.id, ext.id, {"complianceFlag": flag})
+    return conv, ext
+
+
+def patched(sb: Sandbox, conv: Conversation, party: Party) -> list[Any]:
+    return [r for r in sb.journal.patches(conv.id) if r.path.endswith(party.id)]
+
+
+async def removed(sb: Sandbox, conv: Conversation, party: Party, timeout: float = 10.0,
+                  label: str = "") -> None:
+    await wait_until(lambda: conv.party(party.id).state == "disconnected" and patched(sb, conv, party),
+                     timeout, f"party {party.id} {label} to be removed by a PATCH")
+
+
+# ---------------------------------------------------------------------- signals
+
+
+async def test_sigterm_lets_an_in_flight_disconnect_finish(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        await d.wait_ready()
+        sandbox.faults.latency = 2.0  # every /api/v2 request now takes 2 s: the PATCH is in flight
+        conv, ext = flagged_call(sandbox)
+        await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
+                         10, "the decision record (written just before the PATCH is sent)")
+        assert patched(sandbox, conv, ext) == [], "the PATCH must still be in flight"
+        assert conv.party(ext.id).state == "connected"
+        sent_at = time.time()
+        d.send(signal.SIGTERM)
+        sandbox.faults.latency = 0.0  # later requests (unsubscribe on close) are quick again
+        assert await d.wait_exit(20) == 0
+        (patch,) = patched(sandbox, conv, ext)
+        assert patch.status == 202 and patch.body == {"state": "disconnected"}
+        assert conv.party(ext.id).state == "disconnected"
+        records = audit_records(tmp_path)
+        outcomes = [r for r in records if r["type"] == "outcome"]
+        assert [(o["participant_id"], o["outcome"]) for o in outcomes] == [(ext.id, "disconnected")]
+        report = verify([tmp_path / "audit"])
+        assert report.ok, report.problem
+        assert report.records == len(records)
+        assert d.events("stop_requested", signal="SIGTERM")
+        stopped = d.events("daemon_state", new="stopped")
+        assert stopped and stopped[-1]["abandoned"] == 0
+        assert d.events("daemon_state", new="draining")
+        # the outcome was written after the signal: the drain waited for it
+        assert sandbox.journal.patches()[0].time < sent_at
+
+
+async def test_sighup_good_config_adds_rule_and_queue_without_dropping_subscriptions(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox_queue(sandbox, SUPPORT, "Support")
+    async with daemon_process(sandbox, tmp_path) as d:
+        await d.wait_ready()
+        assert len(sandbox.world.channels) == 1 and len(sandbox.conns) == 1
+        (channel_id, conn), = sandbox.conns.items()
+        since = sandbox.journal.requests[-1].seq
+
+        # Before: a blocked number is not a rule yet, Support is not watched.
+        before, ext = flagged_call(sandbox, flag="false", address="tel:+14155550999")
+        topic = f"v2.routing.queues.{SALES}.conversations.calls"
+        await d.wait_metrics(lambda t: (sample(t, "confguard_events_received_total", topic=topic) or 0) >= 4,
+                             what="the daemon to receive the events of the first call")
+
+        write_config(tmp_path, sandbox.base_url, rules=FLAGGED_RULE + BLOCKED_RULE,
+                     queues=[SALES, SUPPORT])
+        d.send(signal.SIGHUP)
+        await d.wait_event("reloaded")
+        await d.wait_http("/readyz", 200)
+
+        # The unchanged subscription was not dropped: same channel, same socket object,
+        # no new channel created; the new queue's topic was added to it.
+        assert list(sandbox.conns) == [channel_id] and sandbox.conns[channel_id] is conn
+        assert len(sandbox.world.channels) == 1
+        after = [r for r in sandbox.journal.requests if r.seq > since]
+        assert not [r for r in after if r.method == "POST" and r.path == "/api/v2/notifications/channels"]
+        subs = [r for r in after if r.path.endswith("/subscriptions")]
+        assert subs and all(r.method in ("POST", "GET") for r in subs), [(r.method, r.path) for r in subs]
+        topics = set(sandbox.world.channels[channel_id].topics)
+        assert f"v2.routing.queues.{SALES}.conversations.calls" in topics
+        assert f"v2.routing.queues.{SUPPORT}.conversations.calls" in topics
+
+        # The new rule is enforced, on the old queue and on the new one.
+        conv, blocked = flagged_call(sandbox, flag="false", address="tel:+14155550999")
+        await removed(sandbox, conv, blocked, label="(blocked, Sales)")
+        conv2, flagged = flagged_call(sandbox, queue=SUPPORT)
+        await removed(sandbox, conv2, flagged, label="(flagged, Support)")
+        # the call from before the reload is re-judged by the resync the new topic caused,
+        # or by its next event: the new rule applies to it as well
+        sandbox.world.touch(before.id)
+        await removed(sandbox, before, ext, label="(blocked, before the reload)")
+        metrics = await d.metrics()
+        assert 'confguard_config_reloads_total{result="ok"} 1.0' in metrics
+        assert d.events("daemon_state", new="reloading")
+
+
+async def test_sighup_bad_config_keeps_old_rules(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        await d.wait_ready()
+        cfg = tmp_path / "config.yaml"
+        good = cfg.read_text()
+        cfg.write_text(good.replace("mode: enforce", "mode: enforce\nmood: happy"))
+        d.send(signal.SIGHUP)
+        rec = await d.wait_event("reload_rejected")
+        assert re.fullmatch(rf"{re.escape(str(cfg))}:\d+:1: unknown key 'mood'.*", rec["error"]), rec["error"]
+        assert rec["level"] == "error"
+        assert "Traceback" not in d.text()
+        await d.wait_http("/readyz", 200)
+        assert d.proc is not None and d.proc.returncode is None
+        conv, ext = flagged_call(sandbox)  # the old rule still acts
+        await removed(sandbox, conv, ext)
+        metrics = await d.metrics()
+        assert 'confguard_config_reloads_total{result="rejected"} 1.0' in metrics
+        assert 'confguard_daemon_state{confguard_daemon_state="running"} 1.0' in metrics
+        d.send(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+
+
+async def test_second_sigint_forces_exit(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        await d.wait_ready()
+        sandbox.faults.latency = 30.0  # the PATCH hangs: the drain would wait its full bound
+        flagged_call(sandbox)
+        await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
+                         10, "the decision record")
+        d.send(signal.SIGINT)
+        await d.wait_event("daemon_state", new="draining")
+        d.send(signal.SIGINT)
+        assert await d.wait_exit(10) == 1
+        assert d.events("second_signal_exit_now", signal="SIGINT")
+        assert not d.events("daemon_state", new="stopped")
+
+
+async def test_startup_failure_exits_with_clear_message(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Refused credentials: one `confguard: ...` line, exit 4, no traceback, no secret."""
+    async with daemon_process(sandbox, tmp_path, env_extra={
+            "GENESYSCLOUD_OAUTHCLIENT_SECRET": "wrong-secret-s3cr3t"}) as d:
+        code = await d.wait_exit(20)
+        assert code == 4, d.text()
+        err = d.stderr_path.read_text()
+        assert err.count("confguard: ") == 1 and "Traceback" not in err
+        assert "wrong-secret-s3cr3t" not in d.text() and sandbox.client_secret not in d.text()
+
+
+# ---------------------------------------------------------------------- in-process drain bound
+
+
+async def test_drain_abandons_in_flight_after_timeout(sandbox: Sandbox, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox_queue(sandbox)
+    sandbox.world.create_user("Alice Agent", AGENT)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", sandbox.client_id)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", sandbox.client_secret)
+    config = load_config(write_config(tmp_path, sandbox.base_url, ops=False))
+    daemon = Daemon(config, drain_timeout=0.3)
+    await asyncio.wait_for(daemon.start(), 20)
+    try:
+        assert daemon.state is State.RUNNING and daemon.health().ready
+        sandbox.faults.latency = 8.0
+        conv, ext = flagged_call(sandbox)
+        await wait_until(lambda: daemon.enforcer is not None and daemon.enforcer.in_flight == 1,
+                         10, "the disconnect to be in flight")
+        sandbox.faults.latency = 0.0
+        started = time.monotonic()
+        await asyncio.wait_for(daemon.stop(), 20)
+        took = time.monotonic() - started
+    finally:
+        sandbox.faults.reset()
+        await daemon.stop()
+    assert daemon.state is State.STOPPED
+    assert took < 6.0, f"stop() waited {took:.1f} s: the drain bound (0.3 s) was not applied"
+    outcomes = [r for r in audit_records(tmp_path) if r["type"] == "outcome"]
+    assert [(o["participant_id"], o["outcome"]) for o in outcomes] == [(ext.id, "unconfirmed")]
+    assert outcomes[0]["error"]
+    assert verify([tmp_path / "audit"]).ok
+    assert daemon.metrics.outcomes.labels(rule="flagged-party", outcome="unconfirmed")._value.get() == 1
+
+
+async def test_sigusr1_resumes_after_safety_valve(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(cfg.read_text().replace("max_disconnects_per_minute: 30",
+                                               "max_disconnects_per_minute: 1"))
+        await d.wait_ready()
+        c1, e1 = flagged_call(sandbox)
+        await removed(sandbox, c1, e1)
+        c2, e2 = flagged_call(sandbox)
+        await wait_until(lambda: [r for r in audit_records(tmp_path)
+                                  if r["type"] == "outcome" and r["outcome"] == "suppressed"],
+                         10, "a suppressed outcome (valve tripped)")
+        assert 'confguard_safety_valve_tripped 1.0' in await d.metrics()
+        assert conv_party_state(c2, e2) == "connected"
+        d.send(signal.SIGUSR1)
+        await d.wait_event("safety_valve_reset")
+        assert 'confguard_safety_valve_tripped 0.0' in await d.metrics()
+        sandbox.world.set_attributes(c2.id, e2.id, {"complianceFlag": "true", "again": "1"})
+        await removed(sandbox, c2, e2)
+
+
+def conv_party_state(conv: Conversation, party: Party) -> str:
+    return conv.party(party.id).state
+
+
+# ---------------------------------------------------------------------- systemd notify
+
+
+class NotifyListener:
+    """An AF_UNIX SOCK_DGRAM socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def poll(self) -> list[dict[str, str]]:
+        for _ in range(10_000):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            fields: dict[str, str] = {}
+            for line in data.decode().split("\n"):
+                key, _, value = line.partition("=")
+                fields[key] = value
+            self.messages.append(fields)
+        return self.messages
+
+    def index(self, key: str, value: str | None = None, start: int = 0) -> int | None:
+        for i, m in enumerate(self.poll()[start:], start):
+            if key in m and (value is None or m[key] == value):
+                return i
+        return None
+
+    async def wait(self, key: str, value: str | None = None, start: int = 0,
+                   timeout: float = 15.0) -> int:
+        i: int = await wait_until(lambda: (lambda x: None if x is None else x + 1)(
+            self.index(key, value, start)), timeout, f"sd_notify {key}={value or '*'}")
+        return i - 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_systemd_notify_protocol(sandbox: Sandbox, tmp_path: Path) -> None:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    # WATCHDOG_PID is left unset: daemon/systemd.py only rejects a PID naming another process.
+    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "2000000"}
+    try:
+        async with daemon_process(sandbox, tmp_path, env_extra=env) as d:
+            ready = await listener.wait("READY", "1", timeout=20)
+            before = listener.messages[:ready]
+            statuses = [m["STATUS"] for m in before if "STATUS" in m]
+            assert statuses[:3] == ["subscribing", "resyncing", "running"] or \
+                {"subscribing", "resyncing"} <= set(statuses), statuses
+            assert listener.messages[ready]["STATUS"].startswith("running: 1 topics")
+            # ready only once subscribed and resynced
+            journal_paths = [r.path for r in sandbox.journal.requests]
+            assert any(p.endswith("/subscriptions") for p in journal_paths)
+            assert "/api/v2/analytics/conversations/details/query" in journal_paths
+            await d.wait_ready()
+
+            # WATCHDOG=1 every half interval (1 s): at least two more after READY
+            first = await listener.wait("WATCHDOG", "1", start=ready)
+            await listener.wait("WATCHDOG", "1", start=first + 1, timeout=10)
+
+            mark = len(listener.poll())
+            d.send(signal.SIGHUP)
+            reloading = await listener.wait("RELOADING", "1", start=mark)
+            usec = listener.messages[reloading]["MONOTONIC_USEC"]
+            assert usec.isdigit() and abs(int(usec) - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 60e6
+            again = await listener.wait("READY", "1", start=reloading)
+            assert "reloaded" in listener.messages[again].get("STATUS", "")
+
+            mark = len(listener.poll())
+            d.send(signal.SIGTERM)
+            stopping = await listener.wait("STOPPING", "1", start=mark)
+            assert await d.wait_exit() == 0
+            assert stopping >= mark
+            tail = [m.get("STATUS") for m in listener.poll()[stopping:] if "STATUS" in m]
+            assert tail and tail[-1].startswith("stopped"), tail
+    finally:
+        listener.close()
+
+
+# ---------------------------------------------------------------------- ops endpoints
+
+
+async def test_ops_endpoints_from_the_running_daemon(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        body = await d.wait_ready()
+        assert body["status"] == "ready" and body["state"] == "running"
+        assert body["details"]["mode"] == "enforce" and body["details"]["safety_valve_tripped"] is False
+        st, raw = await d.get("/healthz")
+        assert st == 200 and raw == b'{"state":"running","status":"ok"}'
+
+        # traffic: one removal, one near miss
+        conv, ext = flagged_call(sandbox)
+        await removed(sandbox, conv, ext)
+        near, keep = flagged_call(sandbox, flag="false")
+        await wait_until(lambda: len(sandbox.world.calls) == 2, 5, "two calls")
+
+        # a gap: drop the socket and make the resync fail for a while (5xx burst)
+        sandbox.faults.add_burst("POST", "/analytics/conversations/details/query", 503, 6)
+        dropped = sandbox.drop_sockets()
+        assert dropped == 1
+        not_ready = await d.wait_http("/readyz", 503)
+        assert not_ready["status"] == "not_ready" and not_ready["reason"]
+        st, raw = await d.get("/healthz")
+        assert st == 200  # alive, just not ready
+        await d.wait_http("/readyz", 200, timeout=30)
+
+        # gauges such as tracked_calls are refreshed at least once a second
+        text = await d.wait_metrics(lambda t: sample(t, "confguard_tracked_calls") == 2, 5,
+                                    "tracked_calls to show both calls")
+        families = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
+        expected = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", Metrics().render().decode(), re.M)}
+        assert len(expected) >= 24
+        assert expected <= families, expected - families
+        topic = f"v2.routing.queues.{SALES}.conversations.calls"
+        assert (sample(text, "confguard_events_received_total", topic=topic) or 0) >= 4
+        assert sample(text, "confguard_decisions_total", rule="flagged-party",
+                       action="disconnect", mode="enforce") == 1
+        assert sample(text, "confguard_outcomes_total", rule="flagged-party", outcome="disconnected") == 1
+        assert sample(text, "confguard_event_to_decision_seconds_count") == 1
+        assert sample(text, "confguard_event_to_request_seconds_count") == 1
+        assert (sample(text, "confguard_reconnects_total") or 0) >= 1
+        assert (sample(text, "confguard_stream_gaps_total") or 0) >= 1
+        resyncs = sum(float(v) for v in re.findall(r"^confguard_resyncs_total\{[^}]*\} (\S+)$", text, re.M))
+        assert resyncs >= 2  # startup + after the gap
+        assert (sample(text, "confguard_resync_duration_seconds_count") or 0) >= 2
+        assert sample(text, "confguard_channels") == 1
+        assert sample(text, "confguard_subscribed_topics") == 1
+        token_age = sample(text, "confguard_token_age_seconds")
+        assert token_age is not None and 0 <= token_age < 600
+        assert sample(text, "confguard_safety_valve_tripped") == 0
+        assert (sample(text, "confguard_api_requests_total", method="PATCH", status="202") or 0) >= 1
+        assert (sample(text, "confguard_api_requests_total", method="POST", status="503") or 0) >= 1
+        assert (sample(text, "confguard_api_errors_total", status="503") or 0) >= 1
+        for state in DAEMON_STATES:
+            assert sample(text, "confguard_daemon_state", confguard_daemon_state=state) == \
+                (1.0 if state == "running" else 0.0)
+        assert (sample(text, "confguard_audit_records_total", type="decision") or 0) >= 1
+        assert conv_party_state(near, keep) == "connected"
