@@ -221,6 +221,10 @@ class SubscriptionSettings(_Strict):
     heartbeat_timeout_factor: float = Field(default=2.0, ge=1.0, le=10.0)
     channel_refresh_before: float = Field(default=3600.0, ge=60, description="Seconds before a channel's 24 h expiry to replace it.")
     resync_on_start: bool = True
+    reconcile_interval: float = Field(
+        default=300.0, ge=0,
+        description="Seconds between periodic re-reads of the in-scope calls (0: never). Genesys "
+                    "never says it lost an event; this bounds how long a lost one can hide a breaker.")
 
 
 class SafetySettings(_Strict):

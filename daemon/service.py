@@ -170,6 +170,8 @@ class Daemon:
         self._gap_reason = None
         self.stream.mark_resynced()
         self._tasks.append(asyncio.create_task(self._gap_watch(), name="gap-watch"))
+        if cfg.subscriptions.reconcile_interval > 0:
+            self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self._set_state(State.RUNNING)
         systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
 
@@ -354,6 +356,22 @@ class Daemon:
                     self.stream.mark_resynced()
                 if self.state is State.DEGRADED:
                     self._set_state(State.RUNNING, reason="resynced")
+
+    async def _reconcile(self) -> None:
+        """Anti-entropy: Genesys never reports a lost event, so every `reconcile_interval`
+        seconds the in-scope calls are re-read (a resync: conferences first, Priority.RESYNC
+        through the shared limiter, coalesced with gap resyncs). Failures wait for the next
+        interval; the stream's gap state is left alone."""
+        interval = self.config.subscriptions.reconcile_interval
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            if self._stop.is_set() or self.resyncer is None:
+                return
+            try:
+                await self.resyncer.resync("reconcile")
+            except ConfguardError as exc:
+                log.warning("reconcile_failed", error=str(exc))
 
     def _maybe_reschedule(self) -> None:
         deadline = self.engine.next_deadline()
