@@ -33,7 +33,9 @@ Contract (docs/architecture.md, enforce.py):
       it in time, one `GET` of the call (404, or the participant final or absent -> confirmed).
       Confirmed -> `disconnected`. Not confirmed -> an `unconfirmed` record and the PATCH is
       retried ONCE; still not confirmed -> final `unconfirmed` and the rule is re-armed;
-    * 404 -> `already_gone` (a party that left meanwhile is not an error);
+    * 404 -> `already_gone` (a party that left meanwhile is not an error); but when an
+      earlier PATCH of the same action was accepted (the confirm retry), the party left
+      because of it -> `disconnected`, as when it is seen final after an accepted PATCH;
     * 409 -> retried with jittered back-off until `max_attempts` PATCHes, then `failed`;
     * 403 -> `failed`, the error names the missing permission, CRITICAL log;
     * any other API error (the client already retried 429/5xx/transport) -> `failed`,
@@ -60,7 +62,8 @@ Contract (docs/architecture.md, enforce.py):
   SIGUSR1 handler calling `safety.resume()`) is noticed at the next `submit` and does the same.
 
 Failure of the audit trail: when the decision record cannot be written the PATCH is NOT
-sent (no disconnect without its audit record) and a CRITICAL line is logged.
+sent (no disconnect without its audit record), a CRITICAL line is logged and the rule is
+re-armed, so the party is acted on at a later change once the trail can be written again.
 """
 
 from __future__ import annotations
