@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from daemon.api import GenesysClient
 from daemon.config import Config, load_config, resolve_credentials
+from daemon.errors import ConfigError
 from daemon.rules import compile_rules
 from daemon.scope import resolve_scope, shard
 
@@ -79,9 +80,16 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=check_command)
 
 
-def check_command(args: Any, out: TextIO = sys.stdout) -> int:
-    config = load_config(args.config)
-    print(summary(config), file=out)
+def check_command(args: Any, out: TextIO = sys.stdout, err: TextIO | None = None) -> int:
+    try:
+        config = load_config(args.config)
+        print(summary(config), file=out)
+    except ConfigError as exc:
+        if exc.line is None:
+            raise  # no position to show: the CLI's usual `confguard: message` line
+        # Bare `FILE:LINE:COL: message`, as compilers print it, so editors and CI jump to it.
+        print(" ".join(str(exc).split()), file=err or sys.stderr)
+        return 2
     if not args.online:
         return 0
     return asyncio.run(online_check(config, out))
