@@ -277,6 +277,22 @@ def sample(metrics: str, name: str, **labels: str) -> float | None:
     return None
 
 
+async def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                  timeout: float = 60.0) -> tuple[int, str, str]:
+    """`python -m daemon ARGS` as a child process: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=str(cwd or REPO))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"confguard {' '.join(args)} did not finish within {timeout} s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def audit_records(folder: Path) -> list[dict[str, Any]]:
     return read_jsonl(folder / "audit" / "audit.jsonl")
 
