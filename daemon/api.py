@@ -142,14 +142,18 @@ class GenesysClient:
     async def disconnect_participant(self, conversation_id: ConversationId | str,
                                      participant_id: ParticipantId | str, *,
                                      retry_conflict: int = 3,
-                                     priority: Priority = Priority.ENFORCE) -> None:
+                                     priority: Priority = Priority.ENFORCE,
+                                     on_send: Callable[[], None] | None = None) -> int:
         """PATCH .../calls/{cid}/participants/{pid} {"state": "disconnected"}: remove one
-        party, leaving the rest of the call up. Success is a 2xx with an empty body.
-        A 409 is retried `retry_conflict` times with a short back-off."""
-        await self._request("PATCH", ROUTE_PARTICIPANT,
-                            {"conversationId": conversation_id, "participantId": participant_id},
-                            priority=priority, json={"state": "disconnected"},
-                            retry_conflict=retry_conflict)
+        party, leaving the rest of the call up. Success is a 2xx with an empty body; returns
+        that status. A 409 is retried `retry_conflict` times with a short back-off.
+        `on_send` is called just before each attempt is written (after the limiter slot and
+        the token), so callers can measure event-to-request including any limiter wait."""
+        resp = await self._request("PATCH", ROUTE_PARTICIPANT,
+                                   {"conversationId": conversation_id, "participantId": participant_id},
+                                   priority=priority, json={"state": "disconnected"},
+                                   retry_conflict=retry_conflict, on_send=on_send)
+        return resp.status_code
 
     async def set_participant_attributes(self, conversation_id: ConversationId | str,
                                          participant_id: ParticipantId | str,
@@ -311,7 +315,8 @@ class GenesysClient:
     async def _request(self, method: str, route: str, path_args: Mapping[str, str], *,
                        priority: Priority, json: Any = None,
                        query: Mapping[str, str] | None = None,
-                       retry_conflict: int = 0) -> httpx.Response:
+                       retry_conflict: int = 0,
+                       on_send: Callable[[], None] | None = None) -> httpx.Response:
         """Send one logical request with the retry policy of the module docstring."""
         path = route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
         url = self.api_origin + path
@@ -322,6 +327,8 @@ class GenesysClient:
             token = await self.tokens.token()
             headers = {"Authorization": f"Bearer {token}"}
             async with self.limiter.slot(priority):
+                if on_send is not None:
+                    on_send()
                 started = time.monotonic()
                 try:
                     resp = await self._http.request(method, url, headers=headers, json=json,

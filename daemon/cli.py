@@ -128,5 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ConfguardError as exc:
         message = " ".join(str(exc).split()) or exc.__class__.__name__
-        print(f"confguard: {message}", file=sys.stderr)
+        if isinstance(exc, ConfigError) and exc.line is not None:
+            # Bare `FILE:LINE:COL: message`, as compilers print it, so editors and CI jump to it.
+            print(message, file=sys.stderr)
+        else:
+            print(f"confguard: {message}", file=sys.stderr)
         return exit_code_for(exc)

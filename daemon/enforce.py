@@ -41,15 +41,12 @@ Contract (docs/architecture.md, enforce.py):
     * any other API error (the client already retried 429/5xx/transport) -> `failed`,
       unless the party is by then seen final (an event, the store, or for a 400 one GET of
       the call: Genesys may refuse a PATCH for a party that just left) -> `already_gone`.
-  Every outcome record carries `http_status` (of the last PATCH; None when the client does not
-  report the status of a 2xx or when nothing was sent), `attempts`, `event_to_request_ms` and
-  `error`. `event_to_request_ms` runs from `decision.received_at` (or `decided_at` when the
-  decision came from a timer) to the moment just before the first PATCH is handed to the
-  client, measured with the same `clock`; it is also observed as
-  `metrics.event_to_request_seconds`. The client writes the request as soon as the shared
-  request limiter grants a slot (ENFORCE is served first and has a reserve); a wait there,
-  when the request budget is spent, is NOT included, because the client offers no hook
-  between the slot and the socket write.
+  Every outcome record carries `http_status` (of the last PATCH; None when nothing was
+  sent), `attempts`, `event_to_request_ms` and `error`. `event_to_request_ms` runs from
+  `decision.received_at` (or `decided_at` when the decision came from a timer) to the
+  moment the client is about to write the first PATCH (its `on_send` hook, after the shared
+  request limiter granted a slot and a token is at hand, so a wait for budget is included),
+  measured with the same `clock`; it is also observed as `metrics.event_to_request_seconds`.
 - Draining: `stop_accepting()` makes later `submit` calls still audit every decision they see
   (a `decision` record, then a `suppressed` outcome whose error says the daemon was stopping)
   but send nothing new. `await drain(timeout)` waits for in-flight actions, at most `timeout`
@@ -102,7 +99,8 @@ class DisconnectClient(Protocol):
     async def disconnect_participant(self, conversation_id: ConversationId | str,
                                      participant_id: ParticipantId | str, *,
                                      retry_conflict: int = ...,
-                                     priority: Priority = ...) -> object: ...
+                                     priority: Priority = ...,
+                                     on_send: Callable[[], None] | None = ...) -> object: ...
 
     async def get_call(self, conversation_id: ConversationId | str, *,
                        priority: Priority = ...) -> dict[str, Any]: ...
@@ -407,12 +405,6 @@ class Enforcer:
             # Registered before sending: the event showing the party gone may arrive before
             # the PATCH reply does.
             action.confirm = loop.create_future()
-            if action.event_to_request_ms is None:
-                origin = d.received_at if d.received_at is not None else d.decided_at
-                delay = max(0.0, self._clock() - origin)
-                action.event_to_request_ms = round(delay * 1000.0, 3)
-                if self.metrics is not None:
-                    self.metrics.event_to_request_seconds.observe(delay)
             exc = await self._send(action)
             if isinstance(exc, NotFoundError):
                 self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
@@ -476,16 +468,28 @@ class Enforcer:
         try:
             # The client would retry 409 itself; conflicts are retried by `_perform` instead,
             # so that `attempts` counts every PATCH.
-            reply = await self.client.disconnect_participant(cid, pid, retry_conflict=0)
+            reply = await self.client.disconnect_participant(
+                cid, pid, retry_conflict=0, on_send=lambda: self._sending(action))
         except ApiError as exc:
             action.sending = False
             action.last_status = exc.status or None
             return exc
         action.sending = False
         action.accepted = True
-        # The client returns None today; a status code, if it ever returns one, is recorded.
         action.last_status = reply if isinstance(reply, int) else None
         return None
+
+    def _sending(self, action: _Action) -> None:
+        """The client is about to write the first PATCH (limiter wait and token included):
+        event-to-request is measured here, once per action."""
+        if action.event_to_request_ms is not None:
+            return
+        d = action.decision
+        origin = d.received_at if d.received_at is not None else d.decided_at
+        delay = max(0.0, self._clock() - origin)
+        action.event_to_request_ms = round(delay * 1000.0, 3)
+        if self.metrics is not None:
+            self.metrics.event_to_request_seconds.observe(delay)
 
     async def _confirm(self, action: _Action) -> bool:
         """True when the party is seen final: an applied change within `confirm_timeout`,

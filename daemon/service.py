@@ -24,6 +24,7 @@ once. Nothing on it awaits.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import enum
@@ -43,7 +44,7 @@ from daemon.audit import AuditLog
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.engine import Engine
 from daemon.enforce import Enforcer
-from daemon.errors import ConfguardError
+from daemon.errors import ConfguardError, StreamError
 from daemon.metrics import Metrics
 from daemon.model import Change, Decision
 from daemon.ops import HealthStatus, OpsServer
@@ -108,6 +109,8 @@ class Daemon:
         self._scheduled_deadline: float | None = None
         self._gap_reason: str | None = "startup"
         self._signals = 0
+        self._stop_requested = asyncio.Event()
+        self._fatal: BaseException | None = None
         self._queue_ids: list[str] = []
         self._user_ids: list[str] = []
 
@@ -148,7 +151,8 @@ class Daemon:
         credentials = resolve_credentials(cfg.genesys)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
         self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
-                                 safety=self.safety, metrics=self.metrics, clock=self.clock)
+                                 safety=self.safety, metrics=self.metrics, clock=self.clock,
+                                 store=self.engine.store)
         self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
         self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
         self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
@@ -158,11 +162,14 @@ class Daemon:
         self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
         self.stream = StreamManager(self.client, list(scope.topics), on_message=self._on_message,
                                     on_gap=self._on_gap, metrics=self.metrics,
+                                    heartbeat_timeout_factor=cfg.subscriptions.heartbeat_timeout_factor,
                                     channel_refresh_before=cfg.subscriptions.channel_refresh_before)
         self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
                                  metrics=self.metrics, on_decisions=self._submit, clock=self.clock)
         await self.stream.start()
-        self._tasks.append(asyncio.create_task(self.stream.run(), name="stream"))
+        stream_task = asyncio.create_task(self.stream.run(), name="stream")
+        stream_task.add_done_callback(self._stream_ended)
+        self._tasks.append(stream_task)
 
         self._set_state(State.RESYNCING)
         if cfg.subscriptions.resync_on_start:
@@ -205,7 +212,7 @@ class Daemon:
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
         loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
+        stop_requested = self._stop_requested
 
         def on_stop(signame: str) -> None:
             self._signals += 1
@@ -233,7 +240,21 @@ class Daemon:
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+        if self._fatal is not None:
+            raise self._fatal
         return 0
+
+    def _stream_ended(self, task: asyncio.Task[Any]) -> None:
+        """The stream task should only end when we stop it. If it fails, stop the daemon
+        with an error so systemd (Restart=on-failure) starts a fresh one."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        log.critical("stream_failed", error=str(exc) if exc else "stream ended unexpectedly",
+                     error_type=type(exc).__name__ if exc else None)
+        self._fatal = exc if isinstance(exc, ConfguardError) else StreamError(
+            f"the notification stream stopped unexpectedly: {exc!r}")
+        self._stop_requested.set()
 
     def resume_enforcement(self) -> None:
         """SIGUSR1: reset a tripped safety valve. Through the enforcer, so the rules of the
@@ -274,6 +295,10 @@ class Daemon:
             self.enforcer.mode = self.mode  # type: ignore[assignment]
         self.metrics.config_reloads.labels(result="ok").inc()
         log.info("reloaded", rules=len(new.rules), mode=self.mode, config=str(self.config_path))
+        # New or changed rules judge the live calls now, not at each call's next event.
+        decisions = self.rules.reevaluate(self.clock())
+        if decisions:
+            self._submit(decisions)
         self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
         systemd.ready(f"{self.state.value}: reloaded")
         return True
@@ -341,6 +366,7 @@ class Daemon:
             flag.clear()
             reason = self._gap_reason or "gap"
             assert self.resyncer is not None
+            started = self.clock()
             try:
                 await self.resyncer.resync(reason)
             except ConfguardError as exc:
@@ -350,10 +376,11 @@ class Daemon:
                 flag.set()
                 continue
             delay = 1.0
+            self.metrics.tracked_calls.set(len(self.engine.store))
             if not flag.is_set():  # no newer gap arrived while resyncing
                 self._gap_reason = None
                 if self.stream is not None:
-                    self.stream.mark_resynced()
+                    self.stream.mark_resynced(started_at=started)
                 if self.state is State.DEGRADED:
                     self._set_state(State.RUNNING, reason="resynced")
 
@@ -406,6 +433,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
     p.add_argument("--observe", action="store_true", help="decide, log and audit, but send nothing")
     p.add_argument("--record", metavar="FILE", help="append every received frame with its receive time (for replay)")
+    # Also accepted after `run` (SUPPRESS keeps `confguard --log-level X run` working too).
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
+                   default=argparse.SUPPRESS, help="overrides logging.level from the config")
     p.set_defaults(func=run_command)
 
 

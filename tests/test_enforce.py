@@ -413,7 +413,7 @@ async def test_404_on_the_confirm_retry_means_our_first_patch_worked(make: Any) 
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     assert [(o["outcome"], o["http_status"]) for o in h.outcomes()] == [
-        ("unconfirmed", None), ("disconnected", 404)]
+        ("unconfirmed", 202), ("disconnected", 404)]
 
 
 # ------------------------------------------------------------------ once per party / rule
