@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,89 +254,6 @@ async def test_sigusr1_resumes_after_safety_valve(sandbox: Sandbox, tmp_path: Pa
 
 def conv_party_state(conv: Conversation, party: Party) -> str:
     return conv.party(party.id).state
-
-
-# ---------------------------------------------------------------------- systemd notify
-
-
-class NotifyListener:
-    """An AF_UNIX SOCK_DGRAM socket standing in for systemd's notify socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.messages: list[dict[str, str]] = []
-
-    def poll(self) -> list[dict[str, str]]:
-        for _ in range(10_000):
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            fields: dict[str, str] = {}
-            for line in data.decode().split("\n"):
-                key, _, value = line.partition("=")
-                fields[key] = value
-            self.messages.append(fields)
-        return self.messages
-
-    def index(self, key: str, value: str | None = None, start: int = 0) -> int | None:
-        for i, m in enumerate(self.poll()[start:], start):
-            if key in m and (value is None or m[key] == value):
-                return i
-        return None
-
-    async def wait(self, key: str, value: str | None = None, start: int = 0,
-                   timeout: float = 15.0) -> int:
-        i: int = await wait_until(lambda: (lambda x: None if x is None else x + 1)(
-            self.index(key, value, start)), timeout, f"sd_notify {key}={value or '*'}")
-        return i - 1
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def test_systemd_notify_protocol(sandbox: Sandbox, tmp_path: Path) -> None:
-    listener = NotifyListener(tmp_path / "notify.sock")
-    # WATCHDOG_PID is left unset: daemon/systemd.py only rejects a PID naming another process.
-    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "2000000"}
-    try:
-        async with daemon_process(sandbox, tmp_path, env_extra=env) as d:
-            ready = await listener.wait("READY", "1", timeout=20)
-            before = listener.messages[:ready]
-            statuses = [m["STATUS"] for m in before if "STATUS" in m]
-            assert statuses[:3] == ["subscribing", "resyncing", "running"] or \
-                {"subscribing", "resyncing"} <= set(statuses), statuses
-            assert listener.messages[ready]["STATUS"].startswith("running: 1 topics")
-            # ready only once subscribed and resynced
-            journal_paths = [r.path for r in sandbox.journal.requests]
-            assert any(p.endswith("/subscriptions") for p in journal_paths)
-            assert "/api/v2/analytics/conversations/details/query" in journal_paths
-            await d.wait_ready()
-
-            # WATCHDOG=1 every half interval (1 s): at least two more after READY
-            first = await listener.wait("WATCHDOG", "1", start=ready)
-            await listener.wait("WATCHDOG", "1", start=first + 1, timeout=10)
-
-            mark = len(listener.poll())
-            d.send(signal.SIGHUP)
-            reloading = await listener.wait("RELOADING", "1", start=mark)
-            usec = listener.messages[reloading]["MONOTONIC_USEC"]
-            assert usec.isdigit() and abs(int(usec) - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 60e6
-            again = await listener.wait("READY", "1", start=reloading)
-            assert "reloaded" in listener.messages[again].get("STATUS", "")
-
-            mark = len(listener.poll())
-            d.send(signal.SIGTERM)
-            stopping = await listener.wait("STOPPING", "1", start=mark)
-            assert await d.wait_exit() == 0
-            assert stopping >= mark
-            tail = [m.get("STATUS") for m in listener.poll()[stopping:] if "STATUS" in m]
-            assert tail and tail[-1].startswith("stopped"), tail
-    finally:
-        listener.close()
 
 
 # ---------------------------------------------------------------------- ops endpoints
