@@ -1,6 +1,6 @@
 """Compliance rules: YAML rule specs compiled once into predicates, and a sans-I/O engine.
 
-Contract (see docs/architecture.md and docs/rules.md):
+Contract (see docs/architecture.md and the README section "Compliance rules"):
 
 - `compile_rules(cfg)` checks every rule (enabled or not), loads every declared list and
   returns a `RuleSet` of closures for the enabled rules. Anything that cannot work is a
