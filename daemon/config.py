@@ -117,6 +117,15 @@ def compose_with_positions(text: str, file: str) -> tuple[Any, ConfigSource]:
         raise ConfigError(f"invalid YAML: {problem}", file=file,
                           line=mark.line + 1 if mark else None,
                           col=mark.column + 1 if mark else None) from None
+    except yaml.reader.ReaderError as exc:
+        # Unacceptable characters carry a character offset, not a mark: locate it by hand.
+        pos = max(0, min(int(exc.position), len(text)))
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise ConfigError(f"invalid YAML: unacceptable character U+{ord(char):04X} "
+                          f"(control characters are not allowed)", file=file, line=line,
+                          col=col) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
     if node is None:
