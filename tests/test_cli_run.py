@@ -1,0 +1,119 @@
+"""The `confguard` command line: help and usage errors, and `confguard run` flags
+(`--observe`, `--record`) as a real child process against the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from _daemon_harness import (FLAGGED_RULE, REPO, SALES, DaemonProcess, audit_records,
+                             credentials_env, read_jsonl, run_cli, sandbox_queue, wait_until,
+                             write_config)
+from daemon.cli import COMMAND_MODULES, main
+from daemon.sandbox import Sandbox
+
+COMMANDS = ("run", "check", "replay", "demo", "eject", "audit", "sandbox")
+CONSOLE_SCRIPT = Path(sys.executable).parent / "confguard"
+
+
+async def _exec(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, cwd=str(REPO))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_help_is_the_same_from_the_script_and_python_m() -> None:
+    assert CONSOLE_SCRIPT.exists(), "the confguard console script is not installed in the venv"
+    (c1, out1, err1), (c2, out2, err2) = await asyncio.gather(
+        _exec(str(CONSOLE_SCRIPT), "--help"), _exec(sys.executable, "-m", "daemon", "--help"))
+    assert (c1, c2) == (0, 0), err1 + err2
+    assert out1 == out2
+    assert out1.startswith("usage: confguard ")
+    listed = re.search(r"\{([a-z,]+)\}|COMMAND", out1)
+    assert listed
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s+\S", out1, re.M), (command, out1)
+    assert "exit codes" in out1 and err1 == err2 == ""
+
+
+async def test_unknown_subcommand_and_missing_subcommand_exit_2() -> None:
+    (c1, out1, err1), (c2, out2, err2) = await asyncio.gather(
+        _exec(sys.executable, "-m", "daemon", "frobnicate"), _exec(str(CONSOLE_SCRIPT)))
+    assert c1 == 2 and out1 == ""
+    assert "invalid choice: 'frobnicate'" in err1 and "Traceback" not in err1
+    assert c2 == 2 and out2 == "" and err2.startswith("usage: confguard ")
+
+
+def test_every_command_module_is_listed() -> None:
+    assert len(COMMAND_MODULES) == len(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: confguard {command}"), out
+    assert err == ""
+    if command in ("run", "check", "replay", "demo"):
+        assert "--config" in out
+
+
+def test_bad_option_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+async def test_run_with_a_bad_config_exits_2_with_its_position(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", extra_top="modee: observe\n")
+    code, out, err = await run_cli("run", "--config", str(cfg))
+    assert code == 2 and out == ""
+    line = cfg.read_text().splitlines().index("modee: observe") + 1
+    assert err == f"{cfg}:{line}:1: unknown key 'modee'; check the spelling (allowed keys are " \
+                  "in the README's configuration reference)\n"
+    code, out, err = await run_cli("run", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and err == f"confguard: config file not found: {tmp_path / 'missing.yaml'}\n"
+
+
+async def test_run_observe_and_record_then_replay(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`run --observe --record FILE`: decides and audits but sends nothing; every frame is
+    recorded; replaying the recording makes the same decision."""
+    sandbox_queue(sandbox)
+    agent = sandbox.world.create_user("Alice Agent").id
+    cfg = write_config(tmp_path, sandbox.base_url, rules=FLAGGED_RULE)
+    record = tmp_path / "frames.jsonl"
+    d = DaemonProcess(cfg, credentials_env(sandbox), tmp_path, args=("--observe", "--record", str(record)))
+    await d.start()
+    try:
+        body = await d.wait_ready()
+        assert body["details"]["mode"] == "observe"
+        w = sandbox.world
+        conv = w.start_call(SALES)
+        w.connect_agent(conv.id, agent)
+        ext = w.add_external(conv.id, "tel:+14155550123")
+        w.set_attributes(conv.id, ext.id, {"complianceFlag": "true"})
+        await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "outcome"], 10,
+                         "the observed outcome")
+        d.send(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    finally:
+        await d.close()
+    records = audit_records(tmp_path)
+    decision = next(r for r in records if r["type"] == "decision")
+    assert (decision["rule"], decision["participant_id"], decision["mode"]) == ("flagged-party", ext.id, "observe")
+    assert [(r["outcome"], r["participant_id"]) for r in records if r["type"] == "outcome"] == [("observed", ext.id)]
+    assert sandbox.journal.patches() == [] and conv.party(ext.id).state == "connected"
+
+    frames = read_jsonl(record)
+    assert len(frames) >= 4 and all(isinstance(f["ts"], float) and isinstance(f["raw"], str) for f in frames)
+    assert sum(1 for f in frames if SALES in f["raw"] and conv.id in f["raw"]) >= 4
+    code, out, err = await run_cli("replay", "--config", str(cfg), str(record))
+    assert code == 0, err
+    decided = [ln for ln in out.splitlines() if " flagged-party " in ln]
+    assert len(decided) == 1 and f"conversation={conv.id} participant={ext.id} " in decided[0]
