@@ -272,7 +272,6 @@ class Daemon:
         if self.config_path is None or self.state not in (State.RUNNING, State.DEGRADED):
             log.warning("reload_ignored", state=self.state.value)
             return False
-        previous = self.state
         self._set_state(State.RELOADING)
         systemd.reloading()
         try:
@@ -285,8 +284,9 @@ class Daemon:
         except ConfguardError as exc:
             log.error("reload_rejected", error=str(exc), detail="the previous configuration stays in force")
             self.metrics.config_reloads.labels(result="rejected").inc()
-            self._set_state(previous)
-            systemd.ready(f"{previous.value}: reload rejected")
+            # Not `previous`: a gap may have opened or closed while the reload awaited.
+            self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+            systemd.ready(f"{self.state.value}: reload rejected")
             return False
         self.rules.swap(ruleset)
         self.safety.max_per_minute = new.safety.max_disconnects_per_minute
