@@ -44,7 +44,7 @@ from daemon.audit import AuditLog
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.engine import Engine
 from daemon.enforce import Enforcer
-from daemon.errors import ConfguardError, StreamError
+from daemon.errors import ConfguardError, StreamError, SubscriptionError
 from daemon.metrics import Metrics
 from daemon.model import Change, Decision
 from daemon.ops import HealthStatus, OpsServer
@@ -279,6 +279,10 @@ class Daemon:
             ruleset = compile_rules(new)
             if self.stream is not None and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
+                if not scope.topics:  # as at start-up: never drop every subscription silently
+                    raise SubscriptionError(
+                        "nothing to subscribe: subscriptions.queues and subscriptions.users are "
+                        "both empty in the new configuration")
                 await self.stream.update_topics(list(scope.topics))
                 self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
         except ConfguardError as exc:
