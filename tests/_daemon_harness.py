@@ -2,7 +2,7 @@
 
 The sandbox runs in the test's own event loop (the `sandbox` fixture); the daemon is
 `python -m daemon run --config FILE` in a child process that reaches it over 127.0.0.1.
-The daemon's JSON log lines (stdout, as docs/operations.md says) and stderr go to files in
+The daemon's JSON log lines (stdout, as the README says) and stderr go to files in
 tmp_path, so nothing blocks on a full pipe; tests wait on log events, ops endpoints, audit
 records or the sandbox's journal, always with a bounded timeout.
 
@@ -52,7 +52,8 @@ BLOCKED_RULE = """
 
 def write_config(folder: Path, base_url: str, *, rules: str = FLAGGED_RULE,
                  queues: list[str] | None = None, blocked: list[str] | None = None,
-                 extra_top: str = "", name: str = "config.yaml", ops: bool = True) -> Path:
+                 extra_top: str = "", name: str = "config.yaml", ops: bool = True,
+                 max_retries: int = 2) -> Path:
     """A config.yaml for the sandbox at `base_url` (JSON logs, ops on 127.0.0.1:0)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "blocked.txt").write_text("\n".join(blocked or ["+14155550999"]) + "\n")
@@ -61,7 +62,7 @@ def write_config(folder: Path, base_url: str, *, rules: str = FLAGGED_RULE,
 genesys:
   api_base_url: {base_url}
   login_base_url: {base_url}
-  max_retries: 2
+  max_retries: {max_retries}
   connect_timeout: 2
   read_timeout: 10
 subscriptions:

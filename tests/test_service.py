@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from _daemon_harness import (BLOCKED_RULE, FLAGGED_RULE, SALES, SUPPORT, DaemonProcess,
                              audit_records, credentials_env, sample, sandbox_queue, wait_until,
@@ -315,3 +316,72 @@ async def test_ops_endpoints_from_the_running_daemon(sandbox: Sandbox, tmp_path:
                 (1.0 if state == "running" else 0.0)
         assert (sample(text, "confguard_audit_records_total", type="decision") or 0) >= 1
         assert conv_party_state(near, keep) == "connected"
+
+
+# ---------------------------------------------------------------------- reload edge cases (in-process)
+
+
+@contextlib.asynccontextmanager
+async def in_process(sb: Sandbox, folder: Path, monkeypatch: pytest.MonkeyPatch,
+                     **cfg: Any) -> AsyncIterator[Daemon]:
+    """A started in-process Daemon (max_retries 4) on a config.yaml in `folder`."""
+    sandbox_queue(sb)
+    if AGENT not in sb.world.users:
+        sb.world.create_user("Alice Agent", AGENT)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", sb.client_id)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", sb.client_secret)
+    path = write_config(folder, sb.base_url, ops=False, max_retries=4, **cfg)
+    daemon = Daemon(load_config(path), config_path=path, drain_timeout=1.0)
+    await asyncio.wait_for(daemon.start(), 20)
+    try:
+        yield daemon
+    finally:
+        sb.faults.reset()
+        await asyncio.wait_for(daemon.stop(), 20)
+
+
+async def test_rejected_reload_during_a_gap_that_closes_meanwhile_ends_ready(
+        sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload rejected while the daemon was DEGRADED must not leave it DEGRADED (and
+    not ready) when the gap was closed by a resync during the reload."""
+    async with in_process(sandbox, tmp_path, monkeypatch) as daemon:
+        config = tmp_path / "config.yaml"
+        # the new file names a queue whose lookup fails after a few retries (5xx)
+        # (the client's retries take 4-7 s before the lookup fails)
+        write_config(tmp_path, sandbox.base_url, ops=False, max_retries=4, queues=[SALES, "Collections"])
+        sandbox.faults.add_burst("GET", "/api/v2/routing/queues", 503, 50)
+        # a gap whose first resync fails (3 answers: the request and its 2 retries): the daemon
+        # stays DEGRADED and retries the resync 1 s later, while the reload is under way
+        sandbox.faults.add_burst("POST", "/analytics/conversations/details/query", 503, 3)
+        sandbox.drop_sockets()
+        await wait_until(lambda: daemon.state is State.DEGRADED, 10, "the gap (DEGRADED)")
+        ok = await asyncio.wait_for(daemon.reload(), 30)
+        assert ok is False
+        assert daemon.rules.ruleset.by_name.keys() == {"flagged-party"}
+        assert config.exists()
+        await wait_until(lambda: daemon.health().ready and daemon.state is State.RUNNING, 10,
+                         f"ready and running again (state {daemon.state.value}, "
+                         f"gap {daemon._gap_reason})")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", r"nothing to subscribe: .*"),  # an empty file must not silently drop every subscription
+    ("- just\n- a list\n", r".*config\.yaml:1:1: .*"),
+    ("schema_version: 1\nrules:\n  - name: x\n    when: {purpose: {in_list: nope}}\n    action: disconnect\n",
+     r".*:4:\d+: unknown list 'nope'.*"),
+    ("\x00\x01\x02 binary", r".*config\.yaml.*"),
+])
+async def test_unusable_reload_files_are_rejected(sandbox: Sandbox, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  content: str, message: str) -> None:
+    async with in_process(sandbox, tmp_path, monkeypatch) as daemon:
+        (tmp_path / "config.yaml").write_text(content)
+        with structlog.testing.capture_logs() as logs:
+            assert await asyncio.wait_for(daemon.reload(), 10) is False
+        (rejected,) = [r for r in logs if r["event"] == "reload_rejected"]
+        assert re.fullmatch(message, rejected["error"]), rejected["error"]
+        assert daemon.state is State.RUNNING and daemon.health().ready
+        assert daemon.metrics.config_reloads.labels(result="rejected")._value.get() == 1
+        assert daemon.rules.ruleset.by_name.keys() == {"flagged-party"}
+        conv, ext = flagged_call(sandbox)
+        await removed(sandbox, conv, ext)
