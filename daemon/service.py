@@ -44,7 +44,7 @@ from daemon.audit import AuditLog
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.engine import Engine
 from daemon.enforce import Enforcer
-from daemon.errors import ConfguardError, StreamError, SubscriptionError
+from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
 from daemon.metrics import Metrics
 from daemon.model import Change, Decision
 from daemon.ops import HealthStatus, OpsServer
@@ -101,7 +101,10 @@ class Daemon:
         self.resyncer: Resyncer | None = None
         self.ops: OpsServer | None = None
         self.ops_port: int | None = None
-        self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
+        try:
+            self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot open the --record file {record_path}: {exc.strerror or exc}") from None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._timer_wake = asyncio.Event()
@@ -146,7 +149,14 @@ class Daemon:
         log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
         if cfg.ops.enabled:
             self.ops = OpsServer(self.metrics, self.health)
-            self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
+            try:
+                self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
+            except OSError as exc:  # port taken, address not local: an operator error, not a crash
+                self.ops = None
+                message = (f"ops.listen {cfg.ops.listen}: cannot listen: {exc.strerror or exc} "
+                           f"(another process on that port? choose another, or set ops.enabled: false)")
+                raise (cfg.source.error(("ops", "listen"), message) if cfg.source
+                       else ConfigError(message)) from None
         self.audit.open()
         credentials = resolve_credentials(cfg.genesys)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
