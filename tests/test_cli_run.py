@@ -117,3 +117,30 @@ async def test_run_observe_and_record_then_replay(sandbox: Sandbox, tmp_path: Pa
     assert code == 0, err
     decided = [ln for ln in out.splitlines() if " flagged-party " in ln]
     assert len(decided) == 1 and f"conversation={conv.id} participant={ext.id} " in decided[0]
+
+
+async def test_run_with_the_ops_port_taken_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, "http://127.0.0.1:9")
+        cfg.write_text(cfg.read_text().replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}"))
+        code, out, err = await run_cli("run", "--config", str(cfg),
+                                       env={"GENESYSCLOUD_OAUTHCLIENT_ID": "id", "GENESYSCLOUD_OAUTHCLIENT_SECRET": "s",
+                                            "PATH": "/usr/bin:/bin"})
+    assert code == 2, err
+    assert "Traceback" not in err
+    line = cfg.read_text().splitlines().index(f"  listen: 127.0.0.1:{port}") + 1
+    assert re.search(rf"^{re.escape(str(cfg))}:{line}:\d+: ops\.listen 127\.0\.0\.1:{port}: cannot listen: .*"
+                     r"address already in use", err, re.M), err
+
+
+async def test_run_with_an_unwritable_record_file_exits_2(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")
+    target = tmp_path / "no-such-folder" / "frames.jsonl"
+    code, _, err = await run_cli("run", "--config", str(cfg), "--record", str(target))
+    assert code == 2
+    assert err == f"confguard: cannot open the --record file {target}: No such file or directory\n"
