@@ -155,3 +155,19 @@ async def test_online_without_credentials_exits_2(sandbox: Sandbox, tmp_path: Pa
     code, out, err = await run_cli("check", "--config", str(cfg), "--online", env=env)
     assert code == 2, out + err
     assert err.startswith("confguard: ") and len(err.strip().splitlines()) == 1
+
+
+async def test_online_unreachable_login_exits_5(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        origin = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = write_config(tmp_path, origin)
+    env = {"GENESYSCLOUD_OAUTHCLIENT_ID": "id", "GENESYSCLOUD_OAUTHCLIENT_SECRET": "secret-xyz",
+           "PATH": "/usr/bin:/bin"}
+    code, out, err = await run_cli("check", "--config", str(cfg), "--online", env=env)
+    assert code == 5, out + err
+    lines = [ln for ln in err.splitlines() if ln.startswith("confguard: ")]
+    assert len(lines) == 1 and f"cannot reach the Genesys login service at {origin}" in lines[0]
+    assert "secret-xyz" not in out + err and "Traceback" not in err

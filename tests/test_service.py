@@ -385,3 +385,15 @@ async def test_unusable_reload_files_are_rejected(sandbox: Sandbox, tmp_path: Pa
         assert daemon.rules.ruleset.by_name.keys() == {"flagged-party"}
         conv, ext = flagged_call(sandbox)
         await removed(sandbox, conv, ext)
+
+
+async def test_sigterm_during_startup_exits_0_promptly(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with daemon_process(sandbox, tmp_path) as d:
+        sandbox.faults.latency = 30.0  # every /api/v2 request hangs: start-up cannot finish
+        await d.wait_event("daemon_state", new="subscribing")
+        d.send(signal.SIGTERM)
+        sandbox.faults.latency = 0.0
+        assert await d.wait_exit(15) == 0
+        assert not d.events("daemon_state", new="running")
+        assert d.events("daemon_state", new="stopped")
+        assert "Traceback" not in d.text()
