@@ -397,3 +397,33 @@ async def test_sigterm_during_startup_exits_0_promptly(sandbox: Sandbox, tmp_pat
         assert not d.events("daemon_state", new="running")
         assert d.events("daemon_state", new="stopped")
         assert "Traceback" not in d.text()
+
+
+async def test_reload_applies_a_changed_list_and_mode(sandbox: Sandbox, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml unchanged, only the list file edited: SIGHUP's reload re-reads it. Then a
+    switch to `mode: observe` applies to the next decision (audited, nothing sent)."""
+    async with in_process(sandbox, tmp_path, monkeypatch, rules=BLOCKED_RULE,
+                          blocked=["+14155550999"]) as daemon:
+        conv, ext = flagged_call(sandbox, flag="false", address="tel:+14155550888")
+        def seen() -> bool:
+            call = daemon.engine.store.get(conv.id)  # type: ignore[arg-type]
+            return call is not None and ext.id in call.participants
+        await wait_until(seen, 10, "the daemon to see the external party")
+        assert conv.party(ext.id).state == "connected"
+        (tmp_path / "blocked.txt").write_text("+14155550999\n+1 (415) 555-0888\n")
+        assert await daemon.reload() is True
+        await removed(sandbox, conv, ext, label="(number added to the list; judged at reload)")
+
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(cfg.read_text().replace("mode: enforce", "mode: observe"))
+        assert await daemon.reload() is True
+        assert daemon.mode == "observe" and daemon.enforcer is not None and daemon.enforcer.mode == "observe"
+        conv2, ext2 = flagged_call(sandbox, flag="false", address="tel:+14155550888")
+        await wait_until(lambda: [r for r in audit_records(tmp_path)
+                                  if r["type"] == "outcome" and r["participant_id"] == ext2.id], 10,
+                         "the observed outcome")
+        outcome = next(r for r in audit_records(tmp_path) if r["type"] == "outcome" and r["participant_id"] == ext2.id)
+        assert outcome["outcome"] == "observed"
+        assert patched(sandbox, conv2, ext2) == [] and conv2.party(ext2.id).state == "connected"
+        assert daemon.health().details["mode"] == "observe"
