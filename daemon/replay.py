@@ -53,7 +53,12 @@ def iso(ts: float) -> str:
 
 
 def _parse_iso(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    """ISO-8601 to epoch seconds. A time without an offset is UTC, as Genesys writes times,
+    never the machine's local zone: the same files must give the same verdict everywhere."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
 
 
 @dataclass(slots=True, frozen=True)
