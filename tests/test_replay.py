@@ -13,6 +13,7 @@ example for operators; `test_committed_fixture_*` keeps it working.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,3 +329,19 @@ def test_committed_fixture_hold_for_fires_on_the_virtual_clock() -> None:
     assert any(abs(holds[0].decided_at - (f.ts + HOLD)) < 1e-6 for f in frames), iso(holds[0].decided_at)
     assert {d.rule for d in result.decisions} == {"flagged-party", "blocked-number-in-conference",
                                                   "third-party-needs-recording", "risky-interaction"}
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Tokyo", "America/New_York"])
+async def test_iso_by_without_offset_is_utc_whatever_the_local_zone(tmp_path: Path, tz: str) -> None:
+    """`by: 2026-11-22 03:05:30` means UTC on every machine (it used to be local time)."""
+    frames = list(read_frames(FIXTURES / "events.jsonl"))
+    flagged = next(d for d in replay(load_config(FIXTURES / "config.yaml"), iter(frames)).decisions
+                   if d.rule == "flagged-party")
+    env = {**os.environ, "TZ": tz}
+    for offset, verdict in ((-0.5, 1), (0.5, 0)):
+        naive = iso(flagged.decided_at + offset).replace("T", " ").rstrip("Z")
+        expect = _expect(tmp_path, f"rules:\n  flagged-party:\n    acted_on:\n"
+                                   f"      - participant: {flagged.participant_id}\n        by: {naive}\n")
+        code, out, err = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"),
+                                       str(FIXTURES / "events.jsonl"), "--expect", str(expect), env=env)
+        assert code == verdict, (tz, naive, out + err)
