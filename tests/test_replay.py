@@ -345,3 +345,19 @@ async def test_iso_by_without_offset_is_utc_whatever_the_local_zone(tmp_path: Pa
         code, out, err = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"),
                                        str(FIXTURES / "events.jsonl"), "--expect", str(expect), env=env)
         assert code == verdict, (tz, naive, out + err)
+
+
+async def test_extend_lets_timers_run_past_the_last_frame(tmp_path: Path) -> None:
+    frames = list(read_frames(FIXTURES / "events.jsonl"))
+    config = load_config(FIXTURES / "config.yaml")
+    hold = next(d for d in replay(config, iter(frames)).decisions if d.rule == "third-party-needs-recording")
+    start = next(i for i, f in enumerate(frames) if abs(f.ts + HOLD - hold.decided_at) < 1e-6)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(orjson.dumps({"ts": f.ts, "raw": f.raw}).decode() + "\n" for f in frames[:start + 1]))
+    rules = lambda out: [ln.split()[2] for ln in out.splitlines() if re.match(r"\d{4}-", ln)]  # noqa: E731
+    code, out, _ = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"), str(cut))
+    assert code == 0 and "third-party-needs-recording" not in rules(out)
+    code, out, _ = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"), str(cut),
+                                 "--extend", str(HOLD + 0.5))
+    assert code == 0 and rules(out).count("third-party-needs-recording") == 1
+    assert f"{iso(hold.decided_at)}  disconnect third-party-needs-recording " in out
