@@ -28,6 +28,13 @@ from daemon.scope import resolve_scope, shard
 
 def summary(config: Config) -> str:
     compile_rules(config)  # raises ConfigError with file:line:col for any rule or list problem
+    subs = config.subscriptions
+    if not subs.queues and not subs.users:
+        # `confguard run` refuses to start on this; check must not call it ok.
+        message = ("nothing to subscribe: subscriptions.queues and subscriptions.users are both "
+                   "empty; add the queues (ids or names) or users (ids) whose calls confguard watches")
+        raise (config.source.error(("subscriptions", "queues"), message, key=True) if config.source
+               else ConfigError(message))
     enabled = [r for r in config.rules if r.enabled]
     return (f"ok: {config.source.file if config.source else 'config'}: {len(enabled)} rule(s) enabled "
             f"of {len(config.rules)}, {len(config.lists)} list(s), "
