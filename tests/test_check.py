@@ -171,3 +171,15 @@ async def test_online_unreachable_login_exits_5(tmp_path: Path) -> None:
     lines = [ln for ln in err.splitlines() if ln.startswith("confguard: ")]
     assert len(lines) == 1 and f"cannot reach the Genesys login service at {origin}" in lines[0]
     assert "secret-xyz" not in out + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("body", ["schema_version: 1\n", "schema_version: 1\nsubscriptions:\n  queues: []\n  users: []\n"])
+async def test_nothing_to_subscribe_is_not_ok(tmp_path: Path, body: str) -> None:
+    """`confguard run` refuses to start without queues or users; check must say so too."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(body)
+    code, out, err = await run_cli("check", "--config", str(cfg))
+    assert code == 2 and out == ""
+    line = 3 if "queues" in body else 1
+    assert re.fullmatch(rf"{re.escape(str(cfg))}:{line}:\d+: nothing to subscribe: subscriptions\.queues "
+                        r"and subscriptions\.users are both empty; .*\n", err), err
