@@ -183,3 +183,12 @@ async def test_nothing_to_subscribe_is_not_ok(tmp_path: Path, body: str) -> None
     line = 3 if "queues" in body else 1
     assert re.fullmatch(rf"{re.escape(str(cfg))}:{line}:\d+: nothing to subscribe: subscriptions\.queues "
                         r"and subscriptions\.users are both empty; .*\n", err), err
+
+
+async def test_online_unknown_queue_name_is_named(sandbox: Sandbox, tmp_path: Path) -> None:
+    cfg = _online_config(sandbox, tmp_path, [SALES, "Collectoins"])
+    code, out, err = await run_cli("check", "--config", str(cfg), "--online", env=credentials_env(sandbox))
+    assert code == 1, out + err
+    lines = [ln for ln in err.splitlines() if ln.startswith("confguard: ")]
+    assert len(lines) == 1 and "'Collectoins'" in lines[0], err
+    assert sandbox.world.channels == {}  # failed before creating anything
