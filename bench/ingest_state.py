@@ -47,10 +47,6 @@ T0 = 1_795_000_000.0
 QUEUES = [str(uuid.UUID(int=i + 1)) for i in range(20)]
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
 def make_party(rng: random.Random, purpose: str, start: float) -> dict[str, Any]:
     pid = str(uuid.UUID(int=rng.getrandbits(128)))
     queue = rng.choice(QUEUES)
@@ -59,8 +55,8 @@ def make_party(rng: random.Random, purpose: str, start: float) -> dict[str, Any]
         "name": {"customer": "Mobile Number, United Kingdom", "agent": "Jane Agent",
                  "external": "External Party", "acd": "Sales Queue"}[purpose],
         "address": f"tel:+4420{rng.randrange(10**7, 10**8)}",
-        "startTime": _iso(start),
-        "connectedTime": _iso(start + 2.345),
+        "startTime": format_time(start),
+        "connectedTime": format_time(start + 2.345),
         "purpose": purpose,
         "state": "connected",
         "initialState": "alerting" if purpose == "agent" else "offering",
@@ -139,7 +135,7 @@ def make_stream(n_frames: int, n_calls: int, seed: int = 7) -> list[tuple[bytes,
         else:
             for p in parts:  # the call ends; a new one replaces it
                 p["state"] = "disconnected"
-                p["endTime"] = _iso(now)
+                p["endTime"] = format_time(now)
                 p["disconnectType"] = "client"
             out.append((envelope(conv), now))
             live[i] = conv = make_call(rng, now)

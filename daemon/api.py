@@ -44,6 +44,7 @@ from daemon.errors import (ApiError, ConflictError, RateLimitedError, TransportE
                            UnauthorizedError, api_error_for_status)
 from daemon.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
 from daemon.ratelimit import Priority, RequestLimiter
+from daemon.timefmt import format_time, parse_time
 
 log = structlog.get_logger(__name__)
 
@@ -263,7 +264,7 @@ class GenesysClient:
         ids = [("queueId", str(q)) for q in queue_ids] + [("userId", str(u)) for u in user_ids]
         if not ids:
             return []
-        interval = f"{_iso(since)}/{_iso(max(until, since + 1.0))}"
+        interval = f"{format_time(since)}/{format_time(max(until, since + 1.0))}"
         seen: set[str] = set()
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), ANALYTICS_IDS_PER_QUERY):
@@ -469,27 +470,6 @@ class GenesysClient:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def parse_time(value: object) -> float | None:
-    """ISO-8601 (e.g. `2026-11-21T09:15:02.345Z`) to epoch seconds; None if absent or bad."""
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
-
-
-def _iso(epoch: float) -> str:
-    dt = datetime.fromtimestamp(epoch, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def _entities(body: Mapping[str, Any]) -> list[dict[str, Any]]:

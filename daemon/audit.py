@@ -47,6 +47,7 @@ import structlog
 
 from daemon.errors import AuditError
 from daemon.model import Decision
+from daemon.timefmt import format_time
 
 log = structlog.get_logger(__name__)
 
@@ -93,10 +94,6 @@ def _normalise(record: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise AuditError("audit record must be a JSON object")
     return out
-
-
-def _iso_ms(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _stem(path: Path) -> str:
@@ -240,7 +237,7 @@ class AuditLog:
             raise AuditError(f"audit trail {self.path} is not open")
         rec = _normalise({k: v for k, v in record.items() if k not in RESERVED})
         rec["seq"] = self._seq + 1
-        rec["time"] = _iso_ms(self._clock())
+        rec["time"] = format_time(self._clock())
         rec["prev_hash"] = self._last_hash
         rec["hash"] = _record_hash(rec)
         line = _canonical(rec) + b"\n"

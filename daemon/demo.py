@@ -28,6 +28,7 @@ from daemon.config import Config, load_config
 from daemon.sandbox.server import Sandbox
 from daemon.sandbox.world import Party, World
 from daemon.service import Daemon
+from daemon.timefmt import parse_time
 
 PAYMENTS_QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
 TRUSTED_SUPERVISOR = "6f1c2a9e-0b3d-4c8e-9a57-2d1e4b7c8f01"
@@ -186,7 +187,7 @@ async def run_demo(config_path: Path, out: TextIO, *, out_dir: Path, timeout: fl
         while time.time() < deadline:
             records, offset = _tail(audit_path, offset)
             for r in records:
-                t = f"+{r['time'] and max(0.0, _epoch(r['time']) - started):5.1f}s"
+                t = f"+{max(0.0, (parse_time(r.get('time')) or started) - started):5.1f}s"
                 if r["type"] == "decision":
                     print(f"{t}  DECISION {r['action']:<10} {r['rule']:<30} {r.get('purpose') or '?':<9} "
                           f"on '{labels.get(r['conversation_id'], r['conversation_id'])}'", file=out)
@@ -234,12 +235,6 @@ async def run_demo(config_path: Path, out: TextIO, *, out_dir: Path, timeout: fl
         if daemon is not None:
             await daemon.stop()
         await sandbox.stop()
-
-
-def _epoch(iso_time: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
 def _latencies(sandbox: Sandbox, script: Script) -> list[float]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,21 +43,7 @@ from daemon.errors import ConfigError, ReplayError
 from daemon.model import Decision
 from daemon.rules import RuleEngine, compile_rules, parse_duration
 from daemon.state import CallStore
-
-
-def iso(ts: float) -> str:
-    """Epoch seconds as Genesys-style ISO-8601 UTC with milliseconds."""
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def _parse_iso(text: str) -> float:
-    """ISO-8601 to epoch seconds. A time without an offset is UTC, as Genesys writes times,
-    never the machine's local zone: the same files must give the same verdict everywhere."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+from daemon.timefmt import format_time, parse_time
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,10 +71,9 @@ def read_frames(path: Path) -> Iterator[Frame]:
                 raise ReplayError(f"{path}:{n}: expected an object with 'ts' and 'raw'")
             ts: Any = obj.get("ts")
             if ts is None and isinstance(obj.get("received_at"), str):
-                try:
-                    ts = _parse_iso(obj["received_at"])
-                except ValueError:
-                    raise ReplayError(f"{path}:{n}: received_at is not an ISO-8601 time") from None
+                ts = parse_time(obj["received_at"])
+                if ts is None:
+                    raise ReplayError(f"{path}:{n}: received_at is not an ISO-8601 time")
             if not isinstance(ts, (int, float)) or isinstance(ts, bool):
                 raise ReplayError(f"{path}:{n}: missing receive time: expected 'ts' (epoch seconds) or 'received_at'")
             if isinstance(obj.get("raw"), str):
@@ -203,11 +187,10 @@ def load_expectations(path: Path, config: Config, first_ts: float | None) -> tup
                     if seconds is not None:
                         by = (first_ts or 0.0) + seconds
                     else:
-                        try:
-                            by = _parse_iso(str(by_raw))
-                        except ValueError:
+                        by = parse_time(str(by_raw))
+                        if by is None:
                             raise src.error(path_ + ("by",), f"'by' must be a duration such as 5s or an "
-                                            f"ISO-8601 time, got {by_raw!r}") from None
+                                            f"ISO-8601 time, got {by_raw!r}")
                 out.append(Expectation(rule, item["participant"], item.get("conversation"), by,
                                        None if by_raw is None else str(by_raw), must,
                                        f"{path}:{src.position(path_)[0] or 1}"))
@@ -227,20 +210,20 @@ def check_expectations(result: ReplayResult, expectations: list[Expectation], si
             problems.append(f"{e.where}: rule {e.rule!r} should have acted on participant {e.participant}, but did not")
         elif e.must and e.by is not None and hits[0].decided_at > e.by + 1e-9:
             problems.append(f"{e.where}: rule {e.rule!r} acted on participant {e.participant} at "
-                            f"{iso(hits[0].decided_at)}, later than expected (by {e.by_text} = {iso(e.by)})")
+                            f"{format_time(hits[0].decided_at)}, later than expected (by {e.by_text} = {format_time(e.by)})")
         elif not e.must and hits:
             problems.append(f"{e.where}: rule {e.rule!r} acted on participant {e.participant} at "
-                            f"{iso(hits[0].decided_at)}, but must not have")
+                            f"{format_time(hits[0].decided_at)}, but must not have")
     for rule in sorted(silent):
         for d in (d for d in result.decisions if d.rule == rule):
             problems.append(f"rule {rule!r} must not fire, but acted on participant {d.participant_id} "
-                            f"in conversation {d.conversation_id} at {iso(d.decided_at)}")
+                            f"in conversation {d.conversation_id} at {format_time(d.decided_at)}")
     return problems
 
 
 def describe(d: Decision) -> str:
     matched = ", ".join(f"{k}={v!r}" for k, v in d.matched.items())
-    return (f"{iso(d.decided_at)}  {d.action:<10} {d.rule}  conversation={d.conversation_id} "
+    return (f"{format_time(d.decided_at)}  {d.action:<10} {d.rule}  conversation={d.conversation_id} "
             f"participant={d.participant_id} purpose={d.purpose}  [{matched}]")
 
 

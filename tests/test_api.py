@@ -12,7 +12,8 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.api import GenesysClient, TopicState, parse_time
+from daemon.api import GenesysClient, TopicState
+from daemon.timefmt import parse_time
 from daemon.config import Credentials, GenesysSettings
 from daemon.errors import (ApiError, BadRequestError, ConflictError, ForbiddenError,
                            NotFoundError, RateLimitedError, ServerError, TransportError,

@@ -25,7 +25,8 @@ import pytest
 from _daemon_harness import REPO, SALES, read_jsonl, run_cli, wait_until
 from daemon.audit import verify
 from daemon.config import load_config
-from daemon.replay import iso, read_frames, replay
+from daemon.replay import read_frames, replay
+from daemon.timefmt import format_time as iso
 from daemon.sandbox import Sandbox
 from daemon.service import Daemon
 

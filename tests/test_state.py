@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _core_payloads import conversation, party
-from daemon.state import CallStore, parse_time
+from daemon.state import CallStore
+from daemon.timefmt import parse_time
 
 T0 = 1_795_000_000.0
 

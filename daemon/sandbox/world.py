@@ -20,8 +20,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
+
+from daemon.timefmt import format_time
 
 MAX_TOPICS_PER_CHANNEL = 1000
 MAX_CHANNELS_PER_CLIENT = 20
@@ -48,10 +49,7 @@ _USER_TOPIC = re.compile(r"^v2\.users\.([^.]+)\.conversations\.calls$")
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds -> `2026-11-21T09:15:02.345Z` (UTC, milliseconds), None stays None."""
-    if ts is None:
-        return None
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return None if ts is None else format_time(ts)
 
 
 def new_id() -> str:
