@@ -81,6 +81,7 @@ class Daemon:
                  observe: bool = False, record_path: str | os.PathLike[str] | None = None,
                  drain_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._startup_config = config  # what the client, audit, ops and stream were built from
         self.config_path = Path(config_path) if config_path else None
         self.observe_flag = observe
         self.drain_timeout = drain_timeout
@@ -304,6 +305,10 @@ class Daemon:
             return False
         self.rules.swap(ruleset)
         self.safety.max_per_minute = new.safety.max_disconnects_per_minute
+        unapplied = _restart_only_changes(self._startup_config, new)
+        if unapplied:  # say so, rather than let the operator believe they are live
+            log.warning("reload_needs_restart", settings=unapplied,
+                        detail="these settings keep their old values until confguard restarts")
         self.config = new
         if self.enforcer is not None:
             self.enforcer.mode = self.mode  # type: ignore[assignment]
@@ -436,6 +441,18 @@ class Daemon:
             self.metrics.tracked_calls.set(len(self.engine.store))
             if self.client is not None and self.client.tokens.age is not None:
                 self.metrics.token_age_seconds.set(self.client.tokens.age)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Changed settings that a reload does not apply (the client, audit file, ops listener,
+    logging and stream timings are built once at start-up), as dotted names."""
+    changed = [name for name in ("genesys", "audit", "ops", "logging")
+               if getattr(old, name) != getattr(new, name)]
+    for name in type(old.subscriptions).model_fields:
+        if name not in ("queues", "users") and \
+                getattr(old.subscriptions, name) != getattr(new.subscriptions, name):
+            changed.append(f"subscriptions.{name}")
+    return changed
 
 
 # ---------------------------------------------------------------------- CLI
