@@ -427,3 +427,21 @@ async def test_reload_applies_a_changed_list_and_mode(sandbox: Sandbox, tmp_path
         assert outcome["outcome"] == "observed"
         assert patched(sandbox, conv2, ext2) == [] and conv2.party(ext2.id).state == "connected"
         assert daemon.health().details["mode"] == "observe"
+
+
+async def test_reload_names_settings_that_need_a_restart(sandbox: Sandbox, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    async with in_process(sandbox, tmp_path, monkeypatch) as daemon:
+        cfg = tmp_path / "config.yaml"
+        text = cfg.read_text()
+        cfg.write_text(text.replace("path: audit/audit.jsonl", "path: elsewhere/audit.jsonl")
+                       .replace("level: info", "level: debug"))
+        with structlog.testing.capture_logs() as logs:
+            assert await daemon.reload() is True
+        (warning,) = [r for r in logs if r["event"] == "reload_needs_restart"]
+        assert warning["settings"] == ["audit", "logging"] and warning["log_level"] == "warning"
+        assert daemon.audit.path == tmp_path / "audit" / "audit.jsonl"  # unchanged, as the warning says
+        cfg.write_text(text.replace("mode: enforce", "mode: observe"))
+        with structlog.testing.capture_logs() as logs:
+            assert await daemon.reload() is True
+        assert not [r for r in logs if r["event"] == "reload_needs_restart"]
