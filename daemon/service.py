@@ -14,7 +14,7 @@ Lifecycle (each transition is logged, exported as `confguard_daemon_state` and s
   signal forces an immediate exit (code 1).
 - SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
   line and the old rules stay in force; changed subscriptions are applied without dropping
-  the unchanged ones.
+  the unchanged ones. A SIGHUP during a reload is queued: the files are read once more after it.
 - SIGUSR1: resume enforcement after the safety valve tripped.
 
 The hot path (`_on_message`) runs synchronously in the WebSocket reader's turn of the event
@@ -113,6 +113,8 @@ class Daemon:
         self._scheduled_deadline: float | None = None
         self._gap_reason: str | None = "startup"
         self._signals = 0
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
         self._queue_ids: list[str] = []
@@ -235,7 +237,7 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR1, self.resume_enforcement)
         try:
             start = asyncio.create_task(self.start())
@@ -277,6 +279,22 @@ class Daemon:
                 self.safety.resume()
             self.metrics.safety_valve_tripped.set(0)
             log.warning("safety_valve_reset", detail="enforcement resumed")
+
+    def _on_sighup(self) -> None:
+        """A SIGHUP during a reload is not dropped: the file is read once more afterwards
+        (an operator or a config tool may have changed it again in the meantime)."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            log.info("reload_queued", detail="a reload is under way; the files are read again when it ends")
+            return
+        self._reload_task = asyncio.create_task(self._reload_until_settled(), name="reload")
+
+    async def _reload_until_settled(self) -> None:
+        for _ in range(100):  # bounded: each round needs another SIGHUP during the previous one
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
 
     async def reload(self) -> bool:
         """Re-read config.yaml and lists; keep the old rules if the new file is invalid."""
