@@ -150,6 +150,27 @@ async def test_sighup_good_config_adds_rule_and_queue_without_dropping_subscript
         assert d.events("daemon_state", new="reloading")
 
 
+async def test_sighup_during_a_reload_is_not_lost(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The file changes again while a (slow) reload runs and a second SIGHUP comes: the
+    second version must end up in force, not be ignored."""
+    sandbox_queue(sandbox, SUPPORT, "Support")
+    async with daemon_process(sandbox, tmp_path) as d:
+        await d.wait_ready()
+        write_config(tmp_path, sandbox.base_url, queues=[SALES, "Support"])
+        sandbox.faults.latency = 1.0  # the queue-name lookup and subscription calls are slow
+        d.send(signal.SIGHUP)
+        await d.wait_event("daemon_state", new="reloading")
+        write_config(tmp_path, sandbox.base_url, rules=FLAGGED_RULE + BLOCKED_RULE, queues=[SALES, "Support"])
+        d.send(signal.SIGHUP)
+        await d.wait_event("reload_queued")
+        await d.wait_event("reloaded", count=2, timeout=30)
+        sandbox.faults.latency = 0.0
+        await d.wait_http("/readyz", 200)
+        assert d.events("reloaded")[-1]["rules"] == 2
+        conv, blocked = flagged_call(sandbox, flag="false", address="tel:+14155550999")
+        await removed(sandbox, conv, blocked, label="(blocked: the rule of the second file)")
+
+
 async def test_sighup_bad_config_keeps_old_rules(sandbox: Sandbox, tmp_path: Path) -> None:
     async with daemon_process(sandbox, tmp_path) as d:
         await d.wait_ready()
