@@ -201,6 +201,10 @@ class Daemon:
             return
         self._set_state(State.DRAINING)
         systemd.stopping()
+        if self._reload_task is not None and not self._reload_task.done():
+            # A reload must not finish during the drain and report the daemon RUNNING/READY.
+            self._reload_task.cancel()
+            await asyncio.wait({self._reload_task}, timeout=5.0)  # its roll-back is bounded too
         abandoned = 0
         if self.enforcer is not None:
             self.enforcer.stop_accepting()
