@@ -148,3 +148,24 @@ async def test_abstract_notify_socket(sandbox: Sandbox, tmp_path: Path) -> None:
     finally:
         await d.close()
         sock.close()
+
+
+async def test_sigterm_during_a_reload_never_reports_ready_after_stopping(sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox_queue(sandbox, "2c7b5e3f-8d4a-4f9b-8c2e-3a4b5c6d7e8f", "Support")
+    async with notified_daemon(sandbox, tmp_path) as (d, listener):
+        await listener.wait("READY", "1", timeout=20)
+        await d.wait_ready()
+        write_config(tmp_path, sandbox.base_url, queues=[SALES, "Support"])
+        sandbox.faults.latency = 1.0  # the reload's queue lookup and subscription calls are slow
+        d.send(signal.SIGHUP)
+        await d.wait_event("daemon_state", new="reloading")
+        d.send(signal.SIGTERM)
+        assert await d.wait_exit(30) == 0
+        sandbox.faults.latency = 0.0
+        messages = listener.poll()
+        stopping = listener.index("STOPPING", "1")
+        assert stopping is not None
+        after = messages[stopping:]
+        assert not [m for m in after if "READY" in m], after
+        states = [r["new"] for r in d.events("daemon_state")]
+        assert states[-1] == "stopped" and "running" not in states[states.index("draining"):], states
