@@ -351,6 +351,8 @@ class Daemon:
         if self._record is not None:
             text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             self._record.write(orjson.dumps({"ts": received_at, "raw": text}) + b"\n")
+            # Now, not when a buffer fills: a recording matters most when the process dies.
+            self._record.flush()
         fed = self.engine.feed(raw, received_at)
         self._account(fed.message, received_at)
         if fed.change is not None:
