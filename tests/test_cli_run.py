@@ -144,3 +144,34 @@ async def test_run_with_an_unwritable_record_file_exits_2(tmp_path: Path) -> Non
     code, _, err = await run_cli("run", "--config", str(cfg), "--record", str(target))
     assert code == 2
     assert err == f"confguard: cannot open the --record file {target}: No such file or directory\n"
+
+
+async def test_record_file_is_complete_while_running_and_after_a_kill(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Frames reach the --record file as they arrive (a recording matters most when the
+    daemon dies: systemd's watchdog sends SIGKILL), so it can be replayed at any time."""
+    sandbox.heartbeat_interval = 3600.0  # no heartbeat frames pushing earlier ones out
+    sandbox_queue(sandbox)
+    agent = sandbox.world.create_user("Alice Agent").id
+    cfg = write_config(tmp_path, sandbox.base_url, rules=FLAGGED_RULE)
+    record = tmp_path / "frames.jsonl"
+    d = DaemonProcess(cfg, credentials_env(sandbox), tmp_path, args=("--record", str(record)))
+    await d.start()
+    try:
+        await d.wait_ready()
+        w = sandbox.world
+        conv = w.start_call(SALES)
+        w.connect_agent(conv.id, agent)
+        ext = w.add_external(conv.id, "tel:+14155550123")
+        w.set_attributes(conv.id, ext.id, {"complianceFlag": "true"})
+        await wait_until(lambda: conv.party(ext.id).state == "disconnected", 10, "the removal")
+        published = sum(1 for e in sandbox.journal.events if e.conversation_id == conv.id)
+        await wait_until(lambda: sum(1 for f in read_jsonl(record) if conv.id in f["raw"]) >= published, 10,
+                         "every published event in the record file while the daemon runs")
+        d.proc.kill()  # type: ignore[union-attr]
+        await d.wait_exit()
+    finally:
+        await d.close()
+    assert record.read_bytes().endswith(b"\n")
+    code, out, err = await run_cli("replay", "--config", str(cfg), str(record))
+    assert code == 0, err
+    assert sum(1 for ln in out.splitlines() if f" flagged-party  conversation={conv.id} participant={ext.id} " in ln) == 1
