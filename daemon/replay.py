@@ -7,7 +7,9 @@ Input (EVENTS.jsonl), one JSON object a line, as `confguard run --record FILE` w
 `ts` is the receive time in epoch seconds; `received_at` (ISO-8601) is accepted in its place,
 and `message` (the frame as a JSON object) in place of `raw`. Blank lines and lines starting
 with `#` are skipped. The clock is virtual: each frame is applied at its `ts`, and `hold_for`
-and time-based timers fire at their deadlines in between, exactly as they did live.
+and time-based timers fire at their deadlines in between, exactly as they did live. What
+the live daemon learnt over REST (its start-up resync, resyncs after gaps) is not in the
+recording: a call already live when recording began is first seen at its next frame.
 
 Expectations (EXPECT.yaml), in the manner of `promtool test rules`:
 
