@@ -297,9 +297,14 @@ def demo_command(args: Any) -> int:
     from daemon.logs import configure_logging
 
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (out_dir / "daemon.log").open("w", encoding="utf-8")
+    except OSError as exc:  # a bad --out is a usage error, not a traceback
+        print(f"confguard: cannot use --out {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     # The daemon's own log lines go to a file so the demo's screen stays readable.
-    with (out_dir / "daemon.log").open("w", encoding="utf-8") as log_file:
+    with log_file:
         configure_logging(getattr(args, "log_level", None) or "info", "json", stream=log_file)
         print(f"daemon log: {out_dir / 'daemon.log'}", file=sys.stdout)
         return asyncio.run(run_demo(Path(args.config), sys.stdout, out_dir=out_dir))
