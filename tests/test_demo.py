@@ -46,3 +46,17 @@ async def test_demo_runs_to_a_clean_summary(tmp_path: Path) -> None:
     report = verify([out_dir / "audit.jsonl"])
     assert report.ok and report.records == 12
     assert (out_dir / "daemon.log").stat().st_size > 0
+
+
+async def test_demo_with_an_unusable_out_folder_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "below"):
+        code, stdout, err = await run_cli("demo", "--config", str(REPO / "config.yaml"), "--out", str(out))
+        assert code == 2 and stdout == ""
+        assert err.startswith(f"confguard: cannot use --out {out}: ") and err.count("\n") == 1, err
+
+
+async def test_demo_with_a_missing_config_exits_2(tmp_path: Path) -> None:
+    code, _, err = await run_cli("demo", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o"))
+    assert code == 2 and err == f"confguard: config file not found: {tmp_path / 'none.yaml'}\n"
