@@ -167,7 +167,7 @@ async def test_record_file_is_complete_while_running_and_after_a_kill(sandbox: S
         published = sum(1 for e in sandbox.journal.events if e.conversation_id == conv.id)
         await wait_until(lambda: sum(1 for f in read_jsonl(record) if conv.id in f["raw"]) >= published, 10,
                          "every published event in the record file while the daemon runs")
-        d.proc.kill()  # type: ignore[union-attr]
+        d.send(signal.SIGKILL)
         await d.wait_exit()
     finally:
         await d.close()

@@ -107,7 +107,7 @@ async def test_systemd_notify_protocol(sandbox: Sandbox, tmp_path: Path) -> None
         stopping = await listener.wait("STOPPING", "1", start=mark)
         assert await d.wait_exit() == 0
         assert stopping >= mark
-        tail = [m.get("STATUS") for m in listener.poll()[stopping:] if "STATUS" in m]
+        tail = [m["STATUS"] for m in listener.poll()[stopping:] if "STATUS" in m]
         assert tail and tail[-1].startswith("stopped"), tail
 
 

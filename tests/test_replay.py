@@ -355,7 +355,10 @@ async def test_extend_lets_timers_run_past_the_last_frame(tmp_path: Path) -> Non
     start = next(i for i, f in enumerate(frames) if abs(f.ts + HOLD - hold.decided_at) < 1e-6)
     cut = tmp_path / "cut.jsonl"
     cut.write_text("".join(orjson.dumps({"ts": f.ts, "raw": f.raw}).decode() + "\n" for f in frames[:start + 1]))
-    rules = lambda out: [ln.split()[2] for ln in out.splitlines() if re.match(r"\d{4}-", ln)]  # noqa: E731
+
+    def rules(out: str) -> list[str]:
+        return [ln.split()[2] for ln in out.splitlines() if re.match(r"\d{4}-", ln)]
+
     code, out, _ = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"), str(cut))
     assert code == 0 and "third-party-needs-recording" not in rules(out)
     code, out, _ = await run_cli("replay", "--config", str(FIXTURES / "config.yaml"), str(cut),

@@ -26,6 +26,7 @@ from _daemon_harness import (BLOCKED_RULE, FLAGGED_RULE, SALES, SUPPORT, DaemonP
                              write_config)
 from daemon.audit import verify
 from daemon.config import load_config
+from daemon.ids import ConversationId
 from daemon.metrics import DAEMON_STATES, Metrics
 from daemon.sandbox import Sandbox
 from daemon.sandbox.world import Conversation, Party
@@ -247,7 +248,7 @@ async def test_drain_abandons_in_flight_after_timeout(sandbox: Sandbox, tmp_path
     finally:
         sandbox.faults.reset()
         await daemon.stop()
-    assert daemon.state is State.STOPPED
+    assert daemon.state.value == "stopped"
     assert took < 6.0, f"stop() waited {took:.1f} s: the drain bound (0.3 s) was not applied"
     outcomes = [r for r in audit_records(tmp_path) if r["type"] == "outcome"]
     assert [(o["participant_id"], o["outcome"]) for o in outcomes] == [(ext.id, "unconfirmed")]
@@ -431,7 +432,7 @@ async def test_reload_applies_a_changed_list_and_mode(sandbox: Sandbox, tmp_path
                           blocked=["+14155550999"]) as daemon:
         conv, ext = flagged_call(sandbox, flag="false", address="tel:+14155550888")
         def seen() -> bool:
-            call = daemon.engine.store.get(conv.id)  # type: ignore[arg-type]
+            call = daemon.engine.store.get(ConversationId(conv.id))
             return call is not None and ext.id in call.participants
         await wait_until(seen, 10, "the daemon to see the external party")
         assert conv.party(ext.id).state == "connected"
