@@ -78,7 +78,7 @@ async def removed(sb: Sandbox, conv: Conversation, party: Party, timeout: float 
 async def test_sigterm_lets_an_in_flight_disconnect_finish(sandbox: Sandbox, tmp_path: Path) -> None:
     async with daemon_process(sandbox, tmp_path) as d:
         await d.wait_ready()
-        sandbox.faults.latency = 2.0  # every /api/v2 request now takes 2 s: the PATCH is in flight
+        sandbox.faults.latency = 3.0  # every /api/v2 request now takes 3 s: the PATCH is in flight
         conv, ext = flagged_call(sandbox)
         await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
                          10, "the decision record (written just before the PATCH is sent)")
@@ -87,6 +87,12 @@ async def test_sigterm_lets_an_in_flight_disconnect_finish(sandbox: Sandbox, tmp
         sent_at = time.time()
         d.send(signal.SIGTERM)
         sandbox.faults.latency = 0.0  # later requests (unsubscribe on close) are quick again
+        # while it drains: alive, but not ready (a load balancer or probe stops sending work)
+        draining = await d.wait_http("/readyz", 503, timeout=5)
+        assert draining["state"] == "draining" and draining["reason"] == "draining"
+        assert draining["details"]["in_flight"] == 1
+        st, raw = await d.get("/healthz")
+        assert st == 200 and b'"state":"draining"' in raw
         assert await d.wait_exit(20) == 0
         (patch,) = patched(sandbox, conv, ext)
         assert patch.status == 202 and patch.body == {"state": "disconnected"}
