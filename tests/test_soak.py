@@ -4,9 +4,12 @@ rotating list, while calls with and without rule breakers come and go.
 
 Faults (in rotation): dropped sockets, socket_closing with a short grace, channel expiry,
 token expiry, token revocation, 429 and 5xx bursts on the PATCH and on the GET endpoint,
-duplicated, reordered and lost events, malformed frames. A lost event has no gap signal
-(Genesys never says it lost one): the daemon's periodic reconciliation
-(`subscriptions.reconcile_interval`, 3 s here) must find the breaker anyway.
+duplicated, reordered and lost events (any, or precisely a breaker's breaking event),
+malformed frames. A lost event has no gap signal (Genesys never says it lost one), and a
+call with a breaker in it gets no further events here: the daemon's periodic
+reconciliation (`subscriptions.reconcile_interval`, 3 s here) or a resync after another
+fault must find the breaker. `test_lost_breaking_event_is_recovered_by_reconciliation`
+isolates the reconciliation: one lost event, no other fault, no later event.
 
 Counted from the sandbox's own journal and world: breakers removed, breakers missed,
 parties removed wrongly, duplicate PATCHes (more than one 2xx PATCH for one party), worst
@@ -42,7 +45,7 @@ MAX_LIVE_CALLS = 40
 NEW_CALLS_PER_S = 4.0
 TOUCHES_PER_S = 20.0
 BREAKER_SHARE = 0.35
-RECONCILE_INTERVAL = 3.0
+RECONCILE_INTERVAL = float(os.environ.get("CONFGUARD_SOAK_RECONCILE", "3"))
 DRAIN_SECONDS = 20.0
 BLOCKED = "tel:+442079460999"
 
@@ -109,6 +112,7 @@ class Soak:
     live: dict[str, float] = field(default_factory=dict)  # cid -> planned end (monotonic)
     pending_breaks: list[tuple[float, str, str]] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
+    lose_next_breaker: bool = False
     calls_started: int = 0
     touches: int = 0
     n: int = 0
@@ -147,6 +151,9 @@ class Soak:
         due = [b for b in self.pending_breaks if b[0] <= now]
         self.pending_breaks = [b for b in self.pending_breaks if b[0] > now]
         for _, cid, pid in due:
+            if self.lose_next_breaker:  # the breaking event itself never reaches anyone
+                self.lose_next_breaker = False
+                self.sb.faults.configure({"lose": {"next": 1}})
             self.world.set_attributes(cid, pid, {"complianceFlag": "true"})
             self._breaker(cid, pid, "flagged")
 
@@ -165,9 +172,14 @@ class Soak:
                 self.world.end_call(cid)
 
     def touch(self) -> None:
-        if not self.live:
+        # Never a call whose breaker is still in it: a later event would carry the breaking
+        # state again and hide a lost one, which only reconciliation may recover.
+        out = {b.cid for b in self.breakers.values() if self.world.get_call(b.cid).party(b.pid).live}
+        out |= {cid for _, cid, _ in self.pending_breaks}
+        candidates = [cid for cid in self.live if cid not in out]
+        if not candidates:
             return
-        cid = self.rng.choice(list(self.live))
+        cid = self.rng.choice(candidates)
         conv = self.world.get_call(cid)
         try:
             if self.rng.random() < 0.5:
@@ -183,7 +195,7 @@ class Soak:
         sb = self.sb
         kinds = ("drop_sockets", "socket_closing", "expire_channel", "expire_tokens", "patch_429",
                  "get_5xx", "duplicate", "lose", "revoke_tokens", "patch_5xx", "get_429",
-                 "reorder", "malformed")
+                 "reorder", "malformed", "lose_breaker")
         kind = kinds[i % len(kinds)]
         f = sb.faults
         if kind == "drop_sockets":
@@ -208,7 +220,9 @@ class Soak:
         elif kind == "duplicate":
             f.configure({"duplicate": {"next": 5}})
         elif kind == "lose":
-            f.configure({"lose": {"next": 3}})
+            f.configure({"lose": {"next": 3}})  # whatever comes next, breaker or not
+        elif kind == "lose_breaker":
+            self.lose_next_breaker = True
         elif kind == "reorder":
             f.configure({"reorder": {"next": 3}})
         else:
@@ -342,3 +356,51 @@ async def test_soak_under_rotating_faults(tmp_path: Path, quiet_logs: Path,
 
 def _samples(metric: Any) -> list[Any]:
     return [s for fam in metric.collect() for s in fam.samples if s.name.endswith("_total")]
+
+
+async def test_lost_breaking_event_is_recovered_by_reconciliation(
+        tmp_path: Path, quiet_logs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No gap, no later event: only the periodic re-read can find this breaker."""
+    sb = Sandbox(heartbeat_interval=1.0)
+    await sb.start()
+    daemon: Daemon | None = None
+    try:
+        w = sb.world
+        queue = w.create_queue("Sales").id
+        agent = w.create_user("Agent").id
+        for name in ("GENESYS_CLOUD_CLIENT_ID", "GENESYS_CLOUD_CLIENT_SECRET"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", sb.client_id)
+        monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", sb.client_secret)
+        text_cfg = _config(tmp_path, sb.base_url)
+        cfg = text_cfg.model_copy(update={"subscriptions": text_cfg.subscriptions.model_copy(
+            update={"reconcile_interval": 1.0})})
+        daemon = Daemon(cfg, drain_timeout=2.0)
+        await asyncio.wait_for(daemon.start(), timeout=20.0)
+        conv = w.start_call(queue)
+        w.connect_agent(conv.id, agent)
+        ext = w.add_external(conv.id, "tel:+12125550100")
+        for _ in range(200):  # the daemon knows the call (bounded: 10 s)
+            call = daemon.engine.store.get(conv.id)
+            if call is not None and ext.id in call.participants:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the daemon never saw the call")
+        sb.faults.configure({"lose": {"next": 1}})
+        w.set_attributes(conv.id, ext.id, {"complianceFlag": "true"})
+        assert sb.journal.events[-1].conversation_id == conv.id
+        for _ in range(200):  # removed within 10 s, by a GET of the call, not by an event
+            if not w.get_call(conv.id).party(ext.id).live:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("a breaker whose event was lost was never removed")
+        reads = sb.journal.find("GET", f"/api/v2/conversations/calls/{conv.id}")
+        assert reads, "removed without re-reading the call"
+        assert daemon.state is State.RUNNING
+        assert len(sb.journal.patches(conv.id)) == 1
+    finally:
+        if daemon is not None:
+            await asyncio.wait_for(daemon.stop(), timeout=20.0)
+        await sb.stop()
