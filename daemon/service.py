@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import logging
 import os
 import signal
 import time
@@ -55,6 +56,14 @@ from daemon.state import CallStore
 from daemon.stream import StreamManager
 
 log = structlog.get_logger("confguard.service")
+event_log = structlog.get_logger("confguard.event")
+
+
+def _debug_enabled() -> bool:
+    """Whether debug lines are emitted, so the hot path builds its per-event line only then."""
+    bound = structlog.get_logger("confguard.event").bind()
+    check = getattr(bound, "is_enabled_for", None)
+    return bool(check(logging.DEBUG)) if callable(check) else True
 
 
 class State(enum.Enum):
@@ -113,6 +122,7 @@ class Daemon:
         self._scheduled_deadline: float | None = None
         self._gap_reason: str | None = "startup"
         self._signals = 0
+        self._trace_events = _debug_enabled()
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
         self._stop_requested = asyncio.Event()
@@ -318,8 +328,9 @@ class Daemon:
                         "both empty in the new configuration")
                 await self.stream.update_topics(list(scope.topics))
                 self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
-        except ConfguardError as exc:
-            log.error("reload_rejected", error=str(exc), detail="the previous configuration stays in force")
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave us stuck in RELOADING
+            log.error("reload_rejected", error=str(exc), error_type=type(exc).__name__,
+                      detail="the previous configuration stays in force")
             self.metrics.config_reloads.labels(result="rejected").inc()
             # Not `previous`: a gap may have opened or closed while the reload awaited.
             self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
@@ -360,6 +371,14 @@ class Daemon:
         if fed.decisions:
             self._submit(fed.decisions)
         self._maybe_reschedule()
+        if self._trace_events:  # the canonical line per processed event (at debug level)
+            change = fed.change
+            event_log.debug("event", kind=type(fed.message).__name__,
+                            topic=getattr(fed.message, "topic", None),
+                            conversation_id=change.call.id if change else None,
+                            changed=[p.id for p in change.changed] if change else [],
+                            decisions=[d.rule for d in fed.decisions],
+                            processing_us=round((self.clock() - received_at) * 1e6, 1))
 
     def _account(self, message: Any, received_at: float) -> None:
         topic = getattr(message, "topic", None)

@@ -13,6 +13,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from daemon.logs import REDACTED, configure_logging, redact_secrets
+from _logging_state import preserved_logging
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjb25mZ3VhcmQifQ.c2lnbmF0dXJlLXNlY3JldA"
 OPAQUE = "Zx9_qP3-longOpaqueTokenValue0123456789"
@@ -21,16 +22,8 @@ OPAQUE = "Zx9_qP3-longOpaqueTokenValue0123456789"
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """Leave structlog and the root logger as we found them for other tests."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    third = {n: logging.getLogger(n).level for n in ("aiohttp", "websockets", "httpx", "httpcore", "asyncio")}
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for n, lvl in third.items():
-        logging.getLogger(n).setLevel(lvl)
+    with preserved_logging():
+        yield
 
 
 def _entries(buf: io.StringIO) -> list[dict[str, Any]]:

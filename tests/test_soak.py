@@ -20,10 +20,8 @@ Asserted: zero missed, zero wrong, zero duplicates. Run with -s to see the count
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from daemon.config import Config, parse_config
 from daemon.logs import configure_logging
 from daemon.sandbox import Sandbox
 from daemon.sandbox.world import World, WorldError
 from daemon.service import Daemon, State
+from _logging_state import preserved_logging
 
 SOAK_SECONDS = float(os.environ.get("CONFGUARD_SOAK_SECONDS", "60"))
 FAULT_EVERY = 3.0  # seconds between faults
@@ -234,20 +232,10 @@ class Soak:
 @pytest.fixture
 def quiet_logs(tmp_path: Path) -> Iterator[Path]:
     """The daemon's warnings go to a file (faults make many); restored afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     path = tmp_path / "daemon.log"
-    with path.open("w") as fh:
+    with path.open("w") as fh, preserved_logging():
         configure_logging("warning", "json", stream=fh)
-        try:
-            yield path
-        finally:
-            structlog.configure(**saved)
-            for h in list(root.handlers):
-                if h not in handlers:
-                    root.removeHandler(h)
-            root.setLevel(level)
+        yield path
 
 
 @pytest.mark.slow
