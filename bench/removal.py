@@ -294,6 +294,10 @@ def _audit(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def fmt(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.2f}"
+
+
 def summary(r: dict[str, Any]) -> str:
     lines = [f"time to removal, {r['calls']} live calls, {r['background_per_s']} background events/s, "
              f"{r['breakers_per_phase']} breakers per phase at {r['breaker_rate_per_s']}/s:"]
@@ -301,7 +305,6 @@ def summary(r: dict[str, Any]) -> str:
         x = r.get(name)
         if not x:
             continue
-        fmt = (lambda v: "-" if v is None or v != v else f"{v:.2f}")
         lines.append(f"  {name:<18} removed {x['removed']}/{x['breakers']} missed {x['missed']}  "
                      f"p50 {fmt(x['p50_ms'])} p95 {fmt(x['p95_ms'])} p99 {fmt(x['p99_ms'])} max {fmt(x['max_ms'])} ms  "
                      f"requests {x['requests']}  load {x['load']}"

@@ -180,7 +180,7 @@ class Stack:
             await asyncio.wait_for(self.daemon.stop(), 20.0)
         await self.sb.stop()
 
-    async def probe(self, frame: str) -> tuple[int, int, str]:
+    async def probe(self, frame: str) -> tuple[int, float, str]:
         """Send `frame` raw, then a valid event; wait (bounded) until the daemon has it.
         Returns (frames counted under the expected kind, rejections counted by the metric,
         expected kind) as increases."""
