@@ -342,10 +342,10 @@ class Enforcer:
             count = getattr(self.safety, "count", None)
             recent = count(now) if callable(count) else limit
             self._log.critical(
-                f"safety valve tripped: {recent} disconnects in the last minute, next one "
-                f"would exceed the max of {limit}; enforcement paused; resume with "
-                f"`kill -USR1 <pid>` or POST /safety/resume or restart",
-                max_per_minute=limit, recent=recent)
+                "safety_valve_tripped", max_per_minute=limit, recent=recent,
+                detail=f"{recent} disconnects in the last minute, the next one would exceed the "
+                       f"max of {limit}: enforcement paused, decisions are audited as suppressed",
+                resume="systemctl kill -s USR1 confguard (or kill -USR1 <pid>), or restart")
             if self.metrics is not None:
                 self.metrics.safety_valve_tripped.set(1)
         skey = (d.rule, d.conversation_id, d.participant_id)
