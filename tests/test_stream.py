@@ -49,6 +49,22 @@ async def own_sandbox(**kw: Any) -> AsyncIterator[Sandbox]:
         await sb.stop()
 
 
+@contextlib.asynccontextmanager
+async def queue_stream(sb: Sandbox, **kw: Any) -> AsyncIterator[
+        tuple[Any, Collector, GenesysClient, StreamManager, asyncio.Task[None]]]:
+    """A queue "Sales", a Collector and a running StreamManager on its topic, once ready.
+    Yields (queue, collector, client, stream, run task)."""
+    kw.setdefault("heartbeat_interval", HB)
+    q = sb.world.create_queue("Sales")
+    col = Collector()
+    async with client_for(sb) as client:
+        stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
+                               on_gap=col.on_gap, **kw)
+        async with running(stream) as task:
+            await wait_for(lambda: stream.ready, what="ready")
+            yield q, col, client, stream, task
+
+
 def topics_of(sb: Sandbox, channel_id: str) -> dict[str, str]:
     return {t: s.state for t, s in sb.world.channels[channel_id].topics.items()}
 
@@ -174,27 +190,20 @@ async def test_dropped_socket_reconnects_and_signals_gap() -> None:
 
 
 async def test_heartbeat_silence_pings_then_reconnects() -> None:
-    async with own_sandbox() as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB, ping_timeout=0.5)
-            async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
-                first = stream.connections_opened
-                # The socket stays open but nothing gets through any more: not even the pong.
-                sb.faults.event_latency = 30.0
-                await wait_for(lambda: stream.pings_sent >= 1, what="a ping after silence")
-                await wait_for(lambda: "heartbeat_timeout" in col.gaps, what="heartbeat_timeout gap")
-                sb.faults.event_latency = 0.0
-                assert stream.connections_opened > first
-                # The reconnected socket works: events arrive again (the stalled writer of the
-                # new socket, if any, is bounded by further watchdog rounds).
-                stream.mark_resynced()
-                cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, timeout=15,
-                               what="events after heartbeat reconnect")
+    async with own_sandbox() as sb, queue_stream(sb, ping_timeout=0.5) as (q, col, client, stream, _):
+        first = stream.connections_opened
+        # The socket stays open but nothing gets through any more: not even the pong.
+        sb.faults.event_latency = 30.0
+        await wait_for(lambda: stream.pings_sent >= 1, what="a ping after silence")
+        await wait_for(lambda: "heartbeat_timeout" in col.gaps, what="heartbeat_timeout gap")
+        sb.faults.event_latency = 0.0
+        assert stream.connections_opened > first
+        # The reconnected socket works: events arrive again (the stalled writer of the
+        # new socket, if any, is bounded by further watchdog rounds).
+        stream.mark_resynced()
+        cid = sb.world.start_call(q.id).id
+        await wait_for(lambda: cid in col.conversation_ids, timeout=15,
+                       what="events after heartbeat reconnect")
 
 
 async def test_ping_answered_keeps_connection() -> None:
@@ -263,86 +272,65 @@ def test_backoff_sequence_is_capped_and_jittered() -> None:
 
 
 async def test_socket_closing_handover_loses_no_event() -> None:
-    async with own_sandbox(closing_grace=2.0) as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
-            async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
-                old = stream.channels[0]
-                calls = [sb.world.start_call(q.id).id for _ in range(5)]
-                stop = asyncio.Event()
-                published = 0
+    async with own_sandbox(closing_grace=2.0) as sb, queue_stream(sb) as (q, col, client, stream, _):
+        old = stream.channels[0]
+        calls = [sb.world.start_call(q.id).id for _ in range(5)]
+        stop = asyncio.Event()
+        published = 0
 
-                async def publish() -> None:
-                    nonlocal published
-                    for i in range(100_000):  # bounded; stopped by the event long before
-                        if stop.is_set():
-                            return
-                        sb.world.touch(calls[i % len(calls)])
-                        published += 1
-                        await asyncio.sleep(0.002)
+        async def publish() -> None:
+            nonlocal published
+            for i in range(100_000):  # bounded; stopped by the event long before
+                if stop.is_set():
+                    return
+                sb.world.touch(calls[i % len(calls)])
+                published += 1
+                await asyncio.sleep(0.002)
 
-                pub = asyncio.create_task(publish())
-                await wait_for(lambda: published >= 50, what="publishing")
-                assert sb.socket_closing() == 1
-                await wait_for(lambda: stream.reconnects.get("socket_closing") == 1,
-                               what="handover")
-                await wait_for(lambda: old not in sb.conns, what="old socket closed")
-                mark = published
-                await wait_for(lambda: published >= mark + 50, what="publishing after handover")
-                stop.set()
-                await asyncio.wait_for(pub, 5)
-                sent = [e for e in sb.journal.events if e.conversation_id in calls]
-                assert len(sent) >= 100
-                assert all(e.sockets >= 1 for e in sent), "an event was published to nobody"
-                want = {e.correlation_id for e in sent}
-                await wait_for(lambda: want <= col.correlation_ids, what="every event delivered")
-                assert stream.channels != [old]
-                assert col.gaps == []  # make-before-break: no gap, no resync needed
-                assert stream.ready
+        pub = asyncio.create_task(publish())
+        await wait_for(lambda: published >= 50, what="publishing")
+        assert sb.socket_closing() == 1
+        await wait_for(lambda: stream.reconnects.get("socket_closing") == 1,
+                       what="handover")
+        await wait_for(lambda: old not in sb.conns, what="old socket closed")
+        mark = published
+        await wait_for(lambda: published >= mark + 50, what="publishing after handover")
+        stop.set()
+        await asyncio.wait_for(pub, 5)
+        sent = [e for e in sb.journal.events if e.conversation_id in calls]
+        assert len(sent) >= 100
+        assert all(e.sockets >= 1 for e in sent), "an event was published to nobody"
+        want = {e.correlation_id for e in sent}
+        await wait_for(lambda: want <= col.correlation_ids, what="every event delivered")
+        assert stream.channels != [old]
+        assert col.gaps == []  # make-before-break: no gap, no resync needed
+        assert stream.ready
 
 
 async def test_socket_closing_with_immediate_close_signals_gap() -> None:
     # The old socket closes before a replacement can be up: events may be lost -> gap.
-    async with own_sandbox(closing_grace=0.0) as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
-            async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
-                sb.socket_closing(grace=0.0)
-                await wait_for(lambda: len(col.gaps) >= 1, what="gap")
-                stream.mark_resynced()
-                await wait_for(lambda: stream.ready, what="ready again")
-                cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events flow")
+    async with own_sandbox(closing_grace=0.0) as sb, queue_stream(sb) as (q, col, client, stream, _):
+        sb.socket_closing(grace=0.0)
+        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        stream.mark_resynced()
+        await wait_for(lambda: stream.ready, what="ready again")
+        cid = sb.world.start_call(q.id).id
+        await wait_for(lambda: cid in col.conversation_ids, what="events flow")
 
 
 async def test_channel_expiry_recovers_without_restart() -> None:
-    async with own_sandbox() as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
-            async with running(stream) as task:
-                await wait_for(lambda: stream.ready, what="ready")
-                old = stream.channels[0]
-                sb.expire_channel(old)  # the service sends {"result":"404"} and closes
-                await wait_for(lambda: len(col.gaps) == 1, what="gap")
-                assert col.gaps[0] in ("channel_gone", "channel_expired")
-                new = stream.channels[0]
-                assert new != old and new in sb.world.channels
-                assert topics_of(sb, new) == {queue_topic(q.id): "Permitted"}
-                stream.mark_resynced()
-                cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
-                assert not task.done()  # no restart
+    async with own_sandbox() as sb, queue_stream(sb) as (q, col, client, stream, task):
+        old = stream.channels[0]
+        sb.expire_channel(old)  # the service sends {"result":"404"} and closes
+        await wait_for(lambda: len(col.gaps) == 1, what="gap")
+        assert col.gaps[0] in ("channel_gone", "channel_expired")
+        new = stream.channels[0]
+        assert new != old and new in sb.world.channels
+        assert topics_of(sb, new) == {queue_topic(q.id): "Permitted"}
+        stream.mark_resynced()
+        cid = sb.world.start_call(q.id).id
+        await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+        assert not task.done()  # no restart
 
 
 async def test_channel_refreshed_before_expiry_without_gap() -> None:
@@ -374,50 +362,36 @@ async def test_channel_refreshed_before_expiry_without_gap() -> None:
 
 @pytest.mark.parametrize("how", ["expire", "revoke"])
 async def test_token_expiry_recovers_without_restart(how: str) -> None:
-    async with own_sandbox() as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
-            async with running(stream) as task:
-                await wait_for(lambda: stream.ready, what="ready")
-                old = stream.channels[0]
-                old_token = await client.tokens.token()
-                if how == "expire":
-                    sb.world.expire_tokens()
-                else:
-                    sb.world.revoke_tokens()
-                # The channel dies with its token ({"result":"404"} + close).
-                await wait_for(lambda: len(col.gaps) >= 1, what="gap")
-                assert stream.channels[0] != old
-                assert await client.tokens.token() != old_token
-                stream.mark_resynced()
-                cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events after token renewal")
-                assert not task.done()
+    async with own_sandbox() as sb, queue_stream(sb) as (q, col, client, stream, task):
+        old = stream.channels[0]
+        old_token = await client.tokens.token()
+        if how == "expire":
+            sb.world.expire_tokens()
+        else:
+            sb.world.revoke_tokens()
+        # The channel dies with its token ({"result":"404"} + close).
+        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        assert stream.channels[0] != old
+        assert await client.tokens.token() != old_token
+        stream.mark_resynced()
+        cid = sb.world.start_call(q.id).id
+        await wait_for(lambda: cid in col.conversation_ids, what="events after token renewal")
+        assert not task.done()
 
 
 async def test_channel_gone_on_reconnect_gets_a_new_channel() -> None:
     # The socket drops, and by the time we come back the channel no longer exists (HEAD 404).
-    async with own_sandbox() as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB, backoff=(0.3, 1.0))
-            async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
-                old = stream.channels[0]
-                # Remove the channel silently (no 404 frame) and drop the socket.
-                sb.world.channel_listeners.clear()
-                sb.world.remove_channel(old, "test")
-                sb.drop_sockets()
-                await wait_for(lambda: len(col.gaps) >= 1, what="gap")
-                assert col.gaps[0] in ("channel_gone", "channel_expired")
-                assert stream.channels[0] != old
-                heads = sb.journal.find("HEAD", old)
-                assert heads and heads[0].status == 404
+    async with own_sandbox() as sb, queue_stream(sb, backoff=(0.3, 1.0)) as (q, col, client, stream, _):
+        old = stream.channels[0]
+        # Remove the channel silently (no 404 frame) and drop the socket.
+        sb.world.channel_listeners.clear()
+        sb.world.remove_channel(old, "test")
+        sb.drop_sockets()
+        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        assert col.gaps[0] in ("channel_gone", "channel_expired")
+        assert stream.channels[0] != old
+        heads = sb.journal.find("HEAD", old)
+        assert heads and heads[0].status == 404
 
 
 # ---------------------------------------------------------------- duplicates and reordering
@@ -590,25 +564,18 @@ async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> N
 
 
 async def test_401_on_head_renews_token_and_channel() -> None:
-    async with own_sandbox() as sb:
-        q = sb.world.create_queue("Sales")
-        col = Collector()
-        async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
-            async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
-                old = stream.channels[0]
-                tokens_before = len(sb.journal.find("POST", "/oauth/token"))
-                # HEAD answers 401 (even after the client's own refresh and retry).
-                sb.faults.add_burst("HEAD", "/notifications/channels/", 401, 2)
-                sb.drop_sockets()
-                await wait_for(lambda: col.gaps == ["token_expired"], what="token_expired gap")
-                assert stream.channels[0] != old
-                assert len(sb.journal.find("POST", "/oauth/token")) > tokens_before
-                stream.mark_resynced()
-                cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+    async with own_sandbox() as sb, queue_stream(sb) as (q, col, client, stream, _):
+        old = stream.channels[0]
+        tokens_before = len(sb.journal.find("POST", "/oauth/token"))
+        # HEAD answers 401 (even after the client's own refresh and retry).
+        sb.faults.add_burst("HEAD", "/notifications/channels/", 401, 2)
+        sb.drop_sockets()
+        await wait_for(lambda: col.gaps == ["token_expired"], what="token_expired gap")
+        assert stream.channels[0] != old
+        assert len(sb.journal.find("POST", "/oauth/token")) > tokens_before
+        stream.mark_resynced()
+        cid = sb.world.start_call(q.id).id
+        await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
 
 
 def test_control_peek_is_cheap_and_finds_control_frames() -> None:
