@@ -12,6 +12,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,15 @@ def write_config(out_dir: Path, *, n_rules: int = 50, sandbox_base: str | None =
 
 def load_bench_config(path: Path) -> Config:
     return load_config(path)
+
+
+def run_quietly(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+    """Entry of a benchmark's helper process (e.g. the sandbox): its logs go nowhere, so
+    they cost no terminal I/O and cannot skew the figures; then `asyncio.run(main(*args))`."""
+    import asyncio
+
+    from daemon.logs import configure_logging
+
+    with open(os.devnull, "w") as devnull:
+        configure_logging("warning", "json", stream=devnull)
+        asyncio.run(main(*args))

@@ -47,11 +47,7 @@ from removal import Remote  # noqa: E402
 
 
 def sandbox_process(conn: Connection, n_messages: int) -> None:
-    from daemon.logs import configure_logging
-
-    with open(os.devnull, "w") as devnull:
-        configure_logging("warning", "json", stream=devnull)
-        asyncio.run(_sandbox_main(conn, n_messages))
+    _common.run_quietly(_sandbox_main, conn, n_messages)
 
 
 async def _sandbox_main(conn: Connection, n_messages: int) -> None:

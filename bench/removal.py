@@ -55,11 +55,7 @@ from poller import Poller  # noqa: E402
 
 def sandbox_process(conn: Connection, seed: int) -> None:
     """Entry point of the sandbox process: serve, and run the bench scenario on command."""
-    from daemon.logs import configure_logging
-
-    with open(os.devnull, "w") as devnull:
-        configure_logging("warning", "json", stream=devnull)
-        asyncio.run(_sandbox_main(conn, seed))
+    _common.run_quietly(_sandbox_main, conn, seed)
 
 
 async def _sandbox_main(conn: Connection, seed: int) -> None:
