@@ -163,7 +163,7 @@ def run_quietly(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> N
     they cost no terminal I/O and cannot skew the figures; then `asyncio.run(main(*args))`."""
     import asyncio
 
-    from daemon.logs import configure_logging
+    from daemon.service.logs import configure_logging
 
     with open(os.devnull, "w") as devnull:
         configure_logging("warning", "json", stream=devnull)

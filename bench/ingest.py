@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import orjson  # noqa: E402
 
-from daemon.engine import Engine  # noqa: E402
-from daemon.rules import RuleEngine, compile_rules  # noqa: E402
+from daemon.core.engine import Engine  # noqa: E402
+from daemon.core.rules import RuleEngine, compile_rules  # noqa: E402
 from daemon.sandbox.server import EXTRA_PREFIX, _message  # noqa: E402
 from daemon.sandbox.world import Conversation, World  # noqa: E402
-from daemon.state import CallStore  # noqa: E402
+from daemon.core.state import CallStore  # noqa: E402
 
 T0 = 1_795_000_000.0
 

@@ -37,11 +37,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.engine import Engine, RuleEvaluator  # noqa: E402
-from daemon.events import CallEvent, parse_message  # noqa: E402
-from daemon.ids import ConversationId  # noqa: E402
-from daemon.model import Change, Decision  # noqa: E402
-from daemon.state import CallStore  # noqa: E402
+from daemon.core.engine import Engine, RuleEvaluator  # noqa: E402
+from daemon.core.events import CallEvent, parse_message  # noqa: E402
+from daemon.core.ids import ConversationId  # noqa: E402
+from daemon.core.model import Change, Decision  # noqa: E402
+from daemon.core.state import CallStore  # noqa: E402
 
 T0 = 1_795_000_000.0
 QUEUES = [str(uuid.UUID(int=i + 1)) for i in range(20)]
@@ -177,7 +177,7 @@ def make_rules(config: str | None) -> RuleEvaluator:
     if config is None:
         return NoRules()
     from daemon.config import load_config
-    from daemon.rules import RuleEngine, compile_rules
+    from daemon.core.rules import RuleEngine, compile_rules
     return RuleEngine(compile_rules(load_config(config)))
 
 

@@ -188,10 +188,10 @@ async def run_baseline(remote: Remote, info: dict[str, Any], n: int) -> float:
 
 
 async def run_confguard(remote: Remote, info: dict[str, Any], n: int) -> float:
-    from daemon.api import GenesysClient
+    from daemon.genesys.api import GenesysClient
     from daemon.config import Credentials, GenesysSettings
-    from daemon.events import parse_message
-    from daemon.stream import StreamManager
+    from daemon.core.events import parse_message
+    from daemon.genesys.stream import StreamManager
 
     settings = GenesysSettings(api_base_url=info["base"], login_base_url=info["base"])
     client = GenesysClient(settings, Credentials(info["client_id"], info["secret"]))
@@ -225,7 +225,7 @@ async def run_confguard(remote: Remote, info: dict[str, Any], n: int) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from daemon.logs import configure_logging
+    from daemon.service.logs import configure_logging
 
     configure_logging("warning", "json", stream=open(os.devnull, "w"))  # noqa: SIM115
     ctx = mp.get_context("spawn")

@@ -208,8 +208,8 @@ class Remote:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
-    from daemon.logs import configure_logging
-    from daemon.service import Daemon
+    from daemon.service.logs import configure_logging
+    from daemon.service.lifecycle import Daemon
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()

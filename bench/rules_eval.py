@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from daemon.config import parse_config
-from daemon.ids import ConversationId, ParticipantId
-from daemon.model import Call, Change, Participant
-from daemon.rules import RuleEngine, compile_rules
+from daemon.core.ids import ConversationId, ParticipantId
+from daemon.core.model import Call, Change, Participant
+from daemon.core.rules import RuleEngine, compile_rules
 
 TEMPLATES = [
     """  - name: flagged-party-{i}

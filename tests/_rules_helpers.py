@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 
 from daemon.config import parse_config
-from daemon.ids import ConversationId, ParticipantId
-from daemon.model import Call, Change, Participant
-from daemon.rules import RuleEngine, RuleSet, compile_rules
+from daemon.core.ids import ConversationId, ParticipantId
+from daemon.core.model import Call, Change, Participant
+from daemon.core.rules import RuleEngine, RuleSet, compile_rules
 
 QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
 TRUSTED = "6f1c2a9e-0b3d-4c8e-9a57-2d1e4b7c8f01"

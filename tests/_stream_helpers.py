@@ -12,13 +12,13 @@ from typing import Any
 
 import orjson
 
-from daemon.api import GenesysClient
+from daemon.genesys.api import GenesysClient
 from daemon.config import Credentials, GenesysSettings, parse_config
-from daemon.engine import Engine
-from daemon.model import Decision
-from daemon.rules import RuleEngine, compile_rules
+from daemon.core.engine import Engine
+from daemon.core.model import Decision
+from daemon.core.rules import RuleEngine, compile_rules
 from daemon.sandbox import Sandbox
-from daemon.state import CallStore
+from daemon.core.state import CallStore
 
 RULES_YAML = """
 schema_version: 1

@@ -1,5 +1,5 @@
 """`python -m daemon.sandbox`: the same as `confguard sandbox`."""
 
-from daemon.sandbox.cli import main
+from daemon.commands.sandbox import main
 
 raise SystemExit(main())

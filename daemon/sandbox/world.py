@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.timefmt import format_time
+from daemon.core.timefmt import format_time
 
 MAX_TOPICS_PER_CHANNEL = 1000
 MAX_CHANNELS_PER_CLIENT = 20

@@ -1,0 +1,1 @@
+"""The `confguard` command line: one module per subcommand."""

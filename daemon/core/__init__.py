@@ -1,0 +1,1 @@
+"""Sans-I/O core: ids, model, events, state, rules, enforcement policy, engine. Imports no asyncio, httpx, websockets or aiohttp."""

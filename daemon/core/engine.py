@@ -1,0 +1,181 @@
+"""The sans-I/O core loop: raw frame -> message -> call state change -> rule decisions.
+
+`Engine` owns a `CallStore` and drives a rule evaluator (`daemon.rules.RuleEngine`, typed
+here by the `RuleEvaluator` protocol so the core does not import rules). It does no I/O and
+reads no clock: every entry point takes `now` (epoch seconds), so the asyncio shell, the
+replay tool and the benchmarks drive it alike.
+
+Counters for the metrics layer (plain dicts, only ever incremented):
+- `messages[kind]`: kind is one of `MESSAGE_KINDS`;
+- `rejected[reason]`: `Rejected.reason` tokens (all of `events.REJECT_REASONS` present from
+  the start, so metric labels exist at zero);
+- `call_events[topic_kind]`: call events by `events.topic_kind` (queue / user);
+- `counters`: `changes`, `duplicates` (call snapshots that changed nothing, or unusable
+  ones: see `store.stats`), `decisions`, `evicted`, `rule_errors`, `state_errors` (a bug
+  in the store, logged), `gone`.
+State-level counters are in `engine.store.stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import structlog
+
+from daemon.core.events import (
+    CallEvent,
+    ChannelGone,
+    Heartbeat,
+    Message,
+    REJECT_REASONS,
+    OtherMessage,
+    Pong,
+    Rejected,
+    SocketClosing,
+    parse_message,
+    topic_kind,
+)
+from daemon.core.ids import ConversationId
+from daemon.core.model import Change, ChangeSource, Decision
+from daemon.core.state import CallStore
+
+log = structlog.get_logger(__name__)
+
+MESSAGE_KINDS: Final = (
+    "heartbeat", "pong", "socket_closing", "channel_gone", "call_event", "other", "rejected",
+)
+
+_KIND_OF: Final[dict[type, str]] = {
+    Heartbeat: "heartbeat",
+    Pong: "pong",
+    SocketClosing: "socket_closing",
+    ChannelGone: "channel_gone",
+    CallEvent: "call_event",
+    OtherMessage: "other",
+    Rejected: "rejected",
+}
+
+
+class RuleEvaluator(Protocol):
+    """What the engine needs from `daemon.rules.RuleEngine`."""
+
+    def on_change(self, change: Change, now: float, /) -> list[Decision]: ...
+
+    def due(self, now: float, /) -> list[Decision]: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    def forget_call(self, conversation_id: ConversationId, /) -> None: ...
+
+
+@dataclass(slots=True)
+class Fed:
+    """The outcome of one frame: the parsed message, the state change (None when the frame
+    was not a call event or changed nothing) and the decisions the rules took."""
+
+    message: Message
+    change: Change | None
+    decisions: list[Decision]
+
+
+def message_kind(message: Message) -> str:
+    """The `MESSAGE_KINDS` label of a message."""
+    return _KIND_OF[type(message)]
+
+
+class Engine:
+    """Glue between parsing, the call store and the rules. Never raises on bad input.
+
+    A rule evaluator that raises is logged and counted (`counters["rule_errors"]`); the
+    frame's decisions are then empty, and the engine keeps going.
+    """
+
+    def __init__(self, rules: RuleEvaluator, store: CallStore | None = None) -> None:
+        self.rules = rules
+        self.store = store if store is not None else CallStore()
+        self.messages: dict[str, int] = dict.fromkeys(MESSAGE_KINDS, 0)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.call_events: dict[str, int] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("changes", "duplicates", "decisions", "evicted", "rule_errors", "state_errors", "gone"), 0)
+
+    def feed(self, raw: bytes | str, now: float) -> Fed:
+        """Handle one WebSocket frame received at `now`."""
+        message = parse_message(raw)
+        kind = _KIND_OF[type(message)]
+        self.messages[kind] += 1
+        if isinstance(message, CallEvent):
+            tk = topic_kind(message.topic)
+            self.call_events[tk] = self.call_events.get(tk, 0) + 1
+            change = self._apply(message.body, now, "event")
+            if change is None:
+                self.counters["duplicates"] += 1
+                return Fed(message, None, [])
+            return Fed(message, change, self._judge(change, now))
+        if isinstance(message, Rejected):
+            self.rejected[message.reason] = self.rejected.get(message.reason, 0) + 1
+        return Fed(message, None, [])
+
+    def apply_conversation(self, conv: Mapping[str, Any], now: float, *,
+                           source: ChangeSource = "resync") -> list[Decision]:
+        """Fold in a conversation read from REST (or any snapshot) and judge the change."""
+        change = self._apply(conv, now, source)
+        if change is None:
+            self.counters["duplicates"] += 1
+            return []
+        return self._judge(change, now)
+
+    def mark_gone(self, conversation_id: str, now: float) -> list[Decision]:
+        """REST said 404: every party of the call is final and the call ended."""
+        change = self.store.mark_gone(conversation_id, now)
+        if change is None:
+            return []
+        self.counters["gone"] += 1
+        return self._judge(change, now)
+
+    def tick(self, now: float) -> list[Decision]:
+        """Fire due timers, then evict ended calls (the rules forget them)."""
+        try:
+            decisions = self.rules.due(now)
+        except Exception:
+            self.counters["rule_errors"] += 1
+            log.exception("rules_due_failed")
+            decisions = []
+        self.counters["decisions"] += len(decisions)
+        evicted = self.store.evict(now)
+        if evicted:
+            self.counters["evicted"] += len(evicted)
+            for cid in evicted:
+                try:
+                    self.rules.forget_call(cid)
+                except Exception:
+                    self.counters["rule_errors"] += 1
+                    log.exception("rules_forget_failed", conversation_id=cid)
+        return decisions
+
+    def next_deadline(self) -> float | None:
+        """The earliest rule timer (epoch s), or None."""
+        return self.rules.next_deadline()
+
+    def _apply(self, conv: Mapping[str, Any], now: float, source: ChangeSource) -> Change | None:
+        try:
+            return self.store.apply(conv, now, received_at=now, source=source)
+        except Exception:
+            # A store bug must not take the stream down; the next resync re-reads the call.
+            self.counters["state_errors"] += 1
+            log.exception("state_apply_failed", source=source)
+            return None
+
+    def _judge(self, change: Change, now: float) -> list[Decision]:
+        self.counters["changes"] += 1
+        try:
+            decisions = self.rules.on_change(change, now)
+        except Exception:
+            self.counters["rule_errors"] += 1
+            log.exception("rules_on_change_failed", conversation_id=change.call.id)
+            return []
+        if decisions:
+            self.counters["decisions"] += len(decisions)
+        return decisions

@@ -1,0 +1,503 @@
+"""The Genesys Cloud REST client: one shared httpx.AsyncClient, one request budget, one token.
+
+Every request:
+1. waits for a `RequestLimiter` slot at its priority (enforcement PATCHes go first);
+2. carries `Authorization: Bearer <token>` from the `TokenManager`;
+3. reports `(method, route template, status, seconds)` to `on_response` (status 0 when no
+   HTTP answer came), for metrics;
+4. is logged at debug level with route and status (never the token or the URL query).
+
+Failure handling (bounded; `settings.max_retries` retries at most):
+- 401: `tokens.invalidate(token)` and exactly one retry with a fresh token; a second 401
+  raises `UnauthorizedError` ("the credentials were refused").
+- 429: wait `Retry-After` seconds (capped at `retry_after_cap`, default 60 s) by pausing the
+  shared limiter, so every other request waits too; then retry.
+- 5xx and transport errors (connect refused, reset, timeout, TLS): jittered exponential
+  back-off, then retry.
+- 409 is not retried, except by methods that say so (`disconnect_participant` retries a
+  conflict `retry_conflict` times with a short back-off).
+- Everything else (400, 403, 404, ...) raises at once.
+Errors are `daemon.errors.ApiError` subclasses carrying the ErrorBody `message`, `code`,
+`details`/`errors` messages and the correlation id (`inin-correlation-id` header, else
+ErrorBody `contextId`). httpx exceptions are translated into `TransportError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+
+from daemon.genesys.auth import TokenManager
+from daemon.config import Credentials, GenesysSettings
+from daemon.errors import (ApiError, ConflictError, RateLimitedError, TransportError,
+                           UnauthorizedError, api_error_for_status)
+from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
+from daemon.genesys.ratelimit import Priority, RequestLimiter
+from daemon.core.timefmt import format_time, parse_time
+
+log = structlog.get_logger(__name__)
+
+OnResponse = Callable[[str, str, int, float], None]
+
+ROUTE_CALL = "/api/v2/conversations/calls/{conversationId}"
+ROUTE_PARTICIPANT = "/api/v2/conversations/calls/{conversationId}/participants/{participantId}"
+ROUTE_ATTRIBUTES = ROUTE_PARTICIPANT + "/attributes"
+ROUTE_CHANNELS = "/api/v2/notifications/channels"
+ROUTE_CHANNEL = "/api/v2/notifications/channels/{channelId}"
+ROUTE_SUBSCRIPTIONS = "/api/v2/notifications/channels/{channelId}/subscriptions"
+ROUTE_QUEUES = "/api/v2/routing/queues"
+ROUTE_ANALYTICS = "/api/v2/analytics/conversations/details/query"
+
+ANALYTICS_PAGE_SIZE = 100
+# Ids per analytics query (one segment-filter predicate each); keeps request bodies small.
+ANALYTICS_IDS_PER_QUERY = 50
+MAX_PAGES = 1000  # a bound on every paging loop, far beyond any real listing
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A notification channel. `expires` is epoch seconds."""
+
+    id: ChannelId
+    connect_uri: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """One subscription as the API reports it (SDK `ChannelTopic`)."""
+
+    id: str
+    state: str  # "Permitted" | "Rejected"
+    rejection_reason: str | None
+    missing_permissions: tuple[str, ...]
+
+
+class GenesysClient:
+    """Async Genesys Cloud REST client. Use as `async with GenesysClient(settings, creds) as c:`.
+
+    `transport` replaces the network (httpx.MockTransport in tests). `limiter` may be shared
+    with other clients of the same OAuth client; by default one is made from
+    `settings.requests_per_minute`. `retry_base_delay`/`retry_max_delay` shape the
+    jittered exponential back-off (seconds); `retry_after_cap` bounds a server's Retry-After.
+    """
+
+    def __init__(self, settings: GenesysSettings, credentials: Credentials, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 limiter: RequestLimiter | None = None,
+                 on_response: OnResponse | None = None,
+                 retry_base_delay: float = 0.5,
+                 retry_max_delay: float = 8.0,
+                 retry_after_cap: float = 60.0,
+                 token_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
+                                write=settings.read_timeout, pool=settings.connect_timeout)
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=timeout, follow_redirects=False,
+            headers={"User-Agent": "confguard/0.1", "Accept": "application/json"})
+        self.api_origin = settings.api_origin.rstrip("/")
+        self.tokens = TokenManager(self._http, settings.login_origin, credentials,
+                                   refresh_margin=settings.token_refresh_margin,
+                                   clock=token_clock)
+        self.limiter = limiter or RequestLimiter(settings.requests_per_minute)
+        self.on_response = on_response
+        self.max_retries = settings.max_retries
+        self.retry_base_delay = retry_base_delay
+        self.retry_max_delay = retry_max_delay
+        self.retry_after_cap = retry_after_cap
+
+    def __repr__(self) -> str:
+        return f"GenesysClient(api_origin={self.api_origin!r})"
+
+    async def __aenter__(self) -> GenesysClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ conversations
+
+    async def get_call(self, conversation_id: ConversationId | str, *,
+                       priority: Priority = Priority.RESYNC) -> dict[str, Any]:
+        """GET /api/v2/conversations/calls/{id} -> the CallConversation as a dict."""
+        resp = await self._request("GET", ROUTE_CALL, {"conversationId": conversation_id},
+                                   priority=priority)
+        return self._json_object(resp, "GET", ROUTE_CALL)
+
+    async def disconnect_participant(self, conversation_id: ConversationId | str,
+                                     participant_id: ParticipantId | str, *,
+                                     retry_conflict: int = 3,
+                                     priority: Priority = Priority.ENFORCE,
+                                     on_send: Callable[[], None] | None = None) -> int:
+        """PATCH .../calls/{cid}/participants/{pid} {"state": "disconnected"}: remove one
+        party, leaving the rest of the call up. Success is a 2xx with an empty body; returns
+        that status. A 409 is retried `retry_conflict` times with a short back-off.
+        `on_send` is called just before each attempt is written (after the limiter slot and
+        the token), so callers can measure event-to-request including any limiter wait."""
+        resp = await self._request("PATCH", ROUTE_PARTICIPANT,
+                                   {"conversationId": conversation_id, "participantId": participant_id},
+                                   priority=priority, json={"state": "disconnected"},
+                                   retry_conflict=retry_conflict, on_send=on_send)
+        return resp.status_code
+
+    async def set_participant_attributes(self, conversation_id: ConversationId | str,
+                                         participant_id: ParticipantId | str,
+                                         attributes: Mapping[str, str], *,
+                                         priority: Priority = Priority.NORMAL) -> None:
+        """PATCH .../participants/{pid}/attributes {"attributes": {...}} (string to string)."""
+        await self._request("PATCH", ROUTE_ATTRIBUTES,
+                            {"conversationId": conversation_id, "participantId": participant_id},
+                            priority=priority, json={"attributes": dict(attributes)})
+
+    # ------------------------------------------------------------------ notifications
+
+    async def create_channel(self) -> Channel:
+        """POST /api/v2/notifications/channels -> Channel (expires as epoch seconds)."""
+        resp = await self._request("POST", ROUTE_CHANNELS, {}, priority=Priority.NORMAL)
+        body = self._json_object(resp, "POST", ROUTE_CHANNELS)
+        cid, uri = body.get("id"), body.get("connectUri")
+        if not isinstance(cid, str) or not cid or not isinstance(uri, str) or not uri:
+            raise ApiError("channel reply lacks id or connectUri", status=resp.status_code,
+                           method="POST", path=ROUTE_CHANNELS,
+                           correlation_id=resp.headers.get("inin-correlation-id"))
+        expires = parse_time(body.get("expires"))
+        if expires is None:
+            # The service documents a 24-hour channel lifetime.
+            expires = time.time() + 86400.0
+        return Channel(id=ChannelId(cid), connect_uri=uri, expires=expires)
+
+    async def channel_exists(self, channel_id: ChannelId | str) -> bool:
+        """HEAD /api/v2/notifications/channels/{id}: True on 2xx, False on 404."""
+        try:
+            await self._request("HEAD", ROUTE_CHANNEL, {"channelId": channel_id},
+                                priority=Priority.NORMAL)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def list_channels(self) -> list[dict[str, Any]]:
+        """GET /api/v2/notifications/channels -> the `entities` list."""
+        resp = await self._request("GET", ROUTE_CHANNELS, {}, priority=Priority.NORMAL)
+        return _entities(self._json_object(resp, "GET", ROUTE_CHANNELS))
+
+    async def put_subscriptions(self, channel_id: ChannelId | str, topics: Iterable[str], *,
+                                ignore_errors: bool = False) -> list[TopicState]:
+        """PUT .../subscriptions [{"id": topic}, ...]: replace the channel's topic set."""
+        return await self._subscribe("PUT", channel_id, topics, ignore_errors)
+
+    async def add_subscriptions(self, channel_id: ChannelId | str, topics: Iterable[str], *,
+                                ignore_errors: bool = False) -> list[TopicState]:
+        """POST .../subscriptions [{"id": topic}, ...]: add topics to the channel."""
+        return await self._subscribe("POST", channel_id, topics, ignore_errors)
+
+    async def get_subscriptions(self, channel_id: ChannelId | str) -> list[TopicState]:
+        """GET .../subscriptions -> the topics and their states."""
+        resp = await self._request("GET", ROUTE_SUBSCRIPTIONS, {"channelId": channel_id},
+                                   priority=Priority.NORMAL)
+        return _topic_states(self._json_object(resp, "GET", ROUTE_SUBSCRIPTIONS))
+
+    async def delete_subscriptions(self, channel_id: ChannelId | str) -> None:
+        """DELETE .../subscriptions: remove every topic from the channel."""
+        await self._request("DELETE", ROUTE_SUBSCRIPTIONS, {"channelId": channel_id},
+                            priority=Priority.NORMAL)
+
+    async def _subscribe(self, method: str, channel_id: ChannelId | str, topics: Iterable[str],
+                         ignore_errors: bool) -> list[TopicState]:
+        body = [{"id": t} for t in topics]
+        query = {"ignoreErrors": "true"} if ignore_errors else None
+        resp = await self._request(method, ROUTE_SUBSCRIPTIONS, {"channelId": channel_id},
+                                   priority=Priority.NORMAL, json=body, query=query)
+        return _topic_states(self._json_object(resp, method, ROUTE_SUBSCRIPTIONS))
+
+    # ------------------------------------------------------------------ routing, analytics
+
+    async def find_queues_by_name(self, name: str) -> list[dict[str, Any]]:
+        """GET /api/v2/routing/queues?name=... following pageNumber/pageCount.
+
+        Genesys matches `name` loosely (leading/trailing `*` are wildcards); without a `*`,
+        only queues whose name equals `name` case-insensitively are returned."""
+        out: list[dict[str, Any]] = []
+        page = 1
+        while page <= MAX_PAGES:
+            resp = await self._request("GET", ROUTE_QUEUES, {}, priority=Priority.NORMAL,
+                                       query={"name": name, "pageSize": "100",
+                                              "pageNumber": str(page)})
+            body = self._json_object(resp, "GET", ROUTE_QUEUES)
+            out.extend(_entities(body))
+            count = body.get("pageCount")
+            if not isinstance(count, int) or isinstance(count, bool) or page >= count:
+                break
+            page += 1
+        if "*" not in name:
+            wanted = name.strip().casefold()
+            out = [q for q in out if isinstance(q.get("name"), str)
+                   and q["name"].strip().casefold() == wanted]
+        return out
+
+    async def active_conversations(self, *, queue_ids: Sequence[QueueId | str] = (),
+                                   user_ids: Sequence[UserId | str] = (),
+                                   since: float, until: float) -> list[dict[str, Any]]:
+        """Conversations not yet ended that touched any of the queues or users in
+        [since, until] (epoch seconds), from POST /api/v2/analytics/conversations/details/query.
+
+        Ids are batched (ANALYTICS_IDS_PER_QUERY per query), each batch paged with pageSize
+        100 until all pages are read. Returns the `conversations` list, de-duplicated by
+        `conversationId` (first seen kept). Analytics lags real time by seconds."""
+        ids = [("queueId", str(q)) for q in queue_ids] + [("userId", str(u)) for u in user_ids]
+        if not ids:
+            return []
+        interval = f"{format_time(since)}/{format_time(max(until, since + 1.0))}"
+        seen: set[str] = set()
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), ANALYTICS_IDS_PER_QUERY):
+            batch = ids[start:start + ANALYTICS_IDS_PER_QUERY]
+            for conv in await self._analytics_pages(interval, batch):
+                cid = conv.get("conversationId")
+                key = cid if isinstance(cid, str) else None
+                if key is not None and key in seen:
+                    continue
+                if key is not None:
+                    seen.add(key)
+                out.append(conv)
+        return out
+
+    async def _analytics_pages(self, interval: str,
+                               batch: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {
+            "interval": interval,
+            "order": "asc",
+            "orderBy": "conversationStart",
+            "conversationFilters": [{"type": "and", "predicates": [
+                {"type": "dimension", "dimension": "conversationEnd", "operator": "notExists"}]}],
+            "segmentFilters": [{"type": "or", "predicates": [
+                {"type": "dimension", "dimension": dim, "operator": "matches", "value": value}
+                for dim, value in batch]}],
+        }
+        out: list[dict[str, Any]] = []
+        page = 1
+        while page <= MAX_PAGES:
+            query["paging"] = {"pageSize": ANALYTICS_PAGE_SIZE, "pageNumber": page}
+            resp = await self._request("POST", ROUTE_ANALYTICS, {}, priority=Priority.RESYNC,
+                                       json=query)
+            body = self._json_object(resp, "POST", ROUTE_ANALYTICS)
+            convs = body.get("conversations") or []
+            if not isinstance(convs, list):
+                raise ApiError("analytics reply has a non-list 'conversations'",
+                               status=resp.status_code, method="POST", path=ROUTE_ANALYTICS)
+            out.extend(c for c in convs if isinstance(c, dict))
+            total = body.get("totalHits")
+            if len(convs) < ANALYTICS_PAGE_SIZE:
+                break
+            if isinstance(total, int) and not isinstance(total, bool) and page * ANALYTICS_PAGE_SIZE >= total:
+                break
+            page += 1
+        return out
+
+    # ------------------------------------------------------------------ the request loop
+
+    async def _request(self, method: str, route: str, path_args: Mapping[str, str], *,
+                       priority: Priority, json: Any = None,
+                       query: Mapping[str, str] | None = None,
+                       retry_conflict: int = 0,
+                       on_send: Callable[[], None] | None = None) -> httpx.Response:
+        """Send one logical request with the retry policy of the module docstring."""
+        path = route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
+        url = self.api_origin + path
+        failures = 0  # 5xx, transport and 429 retries used
+        conflicts = 0
+        reauthed = False
+        while True:
+            token = await self.tokens.token()
+            headers = {"Authorization": f"Bearer {token}"}
+            async with self.limiter.slot(priority):
+                if on_send is not None:
+                    on_send()
+                started = time.monotonic()
+                try:
+                    resp = await self._http.request(method, url, headers=headers, json=json,
+                                                    params=query)
+                except httpx.HTTPError as exc:
+                    seconds = time.monotonic() - started
+                    self._report(method, route, 0, seconds)
+                    terr = TransportError(
+                        f"no answer from the Genesys API at {self.api_origin} "
+                        f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
+                        method=method, path=path)
+                    log.debug("api_request", method=method, route=route, status=0,
+                              seconds=round(seconds, 3), error=exc.__class__.__name__)
+                    if failures >= self.max_retries:
+                        raise terr from None
+                    failures += 1
+                    await asyncio.sleep(self._backoff(failures))
+                    continue
+                seconds = time.monotonic() - started
+            status = resp.status_code
+            self._report(method, route, status, seconds)
+            log.debug("api_request", method=method, route=route, status=status,
+                      seconds=round(seconds, 3))
+            if status < 400:
+                return resp
+            err = self._error(resp, method, path)
+            if status == 401:
+                await self.tokens.invalidate(token)
+                if reauthed:
+                    raise UnauthorizedError(
+                        f"the credentials were refused: a freshly issued token was rejected "
+                        f"({err.message}); check that the OAuth client still exists and has a role",
+                        code=err.code, correlation_id=err.correlation_id, method=method,
+                        path=path, details=err.details) from None
+                reauthed = True
+                continue
+            if status == 429:
+                retry_after = err.retry_after if isinstance(err, RateLimitedError) else None
+                if failures >= self.max_retries:
+                    raise err
+                failures += 1
+                wait = self._backoff(failures) if retry_after is None else retry_after
+                log.warning("api_rate_limited", route=route, retry_after=round(wait, 2))
+                self.limiter.pause(wait)
+                continue
+            if status >= 500:
+                if failures >= self.max_retries:
+                    raise err
+                failures += 1
+                await asyncio.sleep(self._backoff(failures))
+                continue
+            if isinstance(err, ConflictError) and conflicts < retry_conflict:
+                conflicts += 1
+                await asyncio.sleep(min(2.0, 0.2 * conflicts) * random.uniform(0.5, 1.0))
+                continue
+            raise err
+
+    def _backoff(self, attempt: int) -> float:
+        """Jittered exponential back-off for the `attempt`-th retry (1-based), seconds."""
+        ceiling = min(self.retry_max_delay, self.retry_base_delay * 2.0 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _report(self, method: str, route: str, status: int, seconds: float) -> None:
+        if self.on_response is None:
+            return
+        try:
+            self.on_response(method, route, status, seconds)
+        except Exception as exc:  # a metrics hook must never break a request
+            log.warning("on_response_hook_failed", error=f"{exc.__class__.__name__}: {exc}")
+
+    def _error(self, resp: httpx.Response, method: str, path: str) -> ApiError:
+        """The ApiError for an HTTP error reply, with ErrorBody fields and correlation id."""
+        status = resp.status_code
+        try:
+            body: Any = resp.json() if resp.content else None
+        except ValueError:
+            body = None
+        message = ""
+        code: str | None = None
+        details: list[str] = []
+        correlation = resp.headers.get("inin-correlation-id")
+        if isinstance(body, dict):
+            if isinstance(body.get("message"), str):
+                message = body["message"].strip()
+            if isinstance(body.get("code"), str):
+                code = body["code"]
+            if not correlation and isinstance(body.get("contextId"), str):
+                correlation = body["contextId"]
+            for d in body.get("details") or []:
+                if isinstance(d, dict):
+                    parts = [str(d[k]) for k in ("errorCode", "fieldName", "entityName")
+                             if isinstance(d.get(k), str) and d.get(k)]
+                    if parts:
+                        details.append(" ".join(parts))
+            for e in body.get("errors") or []:
+                if isinstance(e, dict) and isinstance(e.get("message"), str) and e["message"]:
+                    details.append(e["message"].strip())
+        if not message:
+            message = f"{resp.reason_phrase or 'error'}"
+        extra = [d for d in details if d and d not in message]
+        if extra:
+            message = f"{message} [{'; '.join(extra)[:500]}]"
+        cls = api_error_for_status(status)
+        kw: dict[str, Any] = dict(status=status, code=code, correlation_id=correlation,
+                                  method=method, path=path, details=details)
+        if cls is RateLimitedError:
+            return RateLimitedError(message, retry_after=self._retry_after(resp), **kw)
+        return cls(message, **kw)
+
+    def _retry_after(self, resp: httpx.Response) -> float | None:
+        raw = resp.headers.get("retry-after")
+        if raw is None:
+            return None
+        seconds: float | None
+        try:
+            seconds = float(raw.strip())
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+                seconds = when.timestamp() - time.time()
+            except (TypeError, ValueError, IndexError):
+                seconds = None
+        if seconds is None or seconds != seconds:  # unparseable or NaN
+            return None
+        return min(self.retry_after_cap, max(0.0, seconds))
+
+    @staticmethod
+    def _json_object(resp: httpx.Response, method: str, route: str) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ApiError("the API sent a reply that is not a JSON object",
+                           status=resp.status_code, method=method, path=route,
+                           correlation_id=resp.headers.get("inin-correlation-id"))
+        return body
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _entities(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    ents = body.get("entities") or []
+    if not isinstance(ents, list):
+        return []
+    return [e for e in ents if isinstance(e, dict)]
+
+
+def _topic_states(body: Mapping[str, Any]) -> list[TopicState]:
+    out = []
+    for e in _entities(body):
+        tid = e.get("id")
+        if not isinstance(tid, str):
+            continue
+        missing = e.get("missingPermissions") or []
+        out.append(TopicState(
+            id=tid,
+            state=str(e.get("state") or "Permitted"),
+            rejection_reason=e["rejectionReason"] if isinstance(e.get("rejectionReason"), str) else None,
+            missing_permissions=tuple(str(m) for m in missing) if isinstance(missing, list) else ()))
+    return out
+
+
+def _safe_detail(exc: Exception, token: str) -> str:
+    text = str(exc).strip()
+    if not text:
+        return ""
+    if token:
+        text = text.replace(token, "***")
+    return f": {text[:200]}"

@@ -1,0 +1,414 @@
+"""Resync: re-read live calls from the REST API after the stream may have missed events.
+
+Notification delivery has no durability, so after any gap the state store must be rebuilt
+from REST. `Resyncer.resync(reason)`:
+
+1. discovers calls still active in scope with the analytics details query
+   (`client.active_conversations(queue_ids, user_ids, since=now - lookback,
+   until=now + lookahead)`; analytics lags real time by seconds, hence the look-ahead);
+2. adds every call the store tracks that has not ended (a call may have ended, or left the
+   scope, while we were deaf; analytics may also lag);
+3. orders conferences first (3+ live parties in the analytics reply, see
+   `analytics_parties`, or 3+ connected parties in the store; more parties first), then the
+   rest: conferences are what rules act on;
+4. reads each call with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
+   the client's shared limiter, `concurrency` at a time, in that order; each reply goes to
+   `engine.apply_conversation(conv, now, source="resync")` and any decisions go to
+   `on_decisions` at once (enforcement never waits for the whole resync); a 404 marks the
+   call gone (`engine.mark_gone`).
+
+Errors on single calls are logged and counted (`ResyncReport.errors`), never fatal. If the
+discovery query itself fails, the attempt is retried `attempts` times with jittered back-off;
+after that `resync` raises the `ConfguardError` and the caller retries later (the stream
+stays in its gap until a resync completes).
+
+Coalescing: a resync requested while one runs schedules exactly one more after it, shared by
+every request that arrived meanwhile; all of them await that next run's report.
+
+Metrics (if given): `resyncs` (counter), `resync_duration_seconds` (histogram),
+`resync_last_calls`, `resync_last_seconds` (gauges). Times are seconds; `clock` is epoch
+seconds (the same clock the engine is fed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from daemon.errors import ApiError, ConfguardError, NotFoundError
+from daemon.core.ids import ConversationId, QueueId, UserId
+from daemon.core.model import Call, Decision
+from daemon.genesys.ratelimit import Priority
+
+log = structlog.get_logger(__name__)
+
+
+class ResyncClient(Protocol):
+    """The part of `daemon.api.GenesysClient` resync uses."""
+
+    async def get_call(self, conversation_id: ConversationId, *,
+                       priority: Priority = Priority.RESYNC) -> dict[str, Any]: ...
+
+    async def active_conversations(self, *, queue_ids: Sequence[QueueId] = (),
+                                   user_ids: Sequence[UserId] = (),
+                                   since: float, until: float) -> list[dict[str, Any]]: ...
+
+
+class StoreLike(Protocol):
+    def tracked_ids(self) -> list[ConversationId]: ...
+    def get(self, conversation_id: ConversationId) -> Call | None: ...
+
+
+class EngineLike(Protocol):
+    """The part of `daemon.engine.Engine` resync uses."""
+
+    @property
+    def store(self) -> Any: ...
+
+    def apply_conversation(self, conv: Mapping[str, Any], now: float, *,
+                           source: Any = "resync") -> list[Decision]: ...
+
+
+@dataclass(slots=True)
+class ResyncReport:
+    """What one resync did. `seconds` is wall time from start to the last call read."""
+
+    reason: str
+    started_at: float
+    finished_at: float = 0.0
+    seconds: float = 0.0
+    discovered: int = 0  # from analytics
+    tracked: int = 0  # live calls the store already had
+    calls: int = 0  # the union that was read
+    conferences: int = 0
+    updated: int = 0  # GET answered and applied
+    gone: int = 0  # GET said 404
+    errors: int = 0  # GET failed otherwise (logged, counted)
+    decisions: int = 0
+    rejected: int = 0  # malformed analytics entries
+    reasons: list[str] = field(default_factory=list)
+
+
+class Resyncer:
+    """See the module docstring. `scope_queue_ids`/`scope_user_ids` are read at each resync
+    (the daemon may update them in place on reload)."""
+
+    def __init__(self, client: ResyncClient, engine: EngineLike,
+                 scope_queue_ids: Sequence[QueueId | str], scope_user_ids: Sequence[UserId | str], *,
+                 on_decisions: Callable[[list[Decision]], None],
+                 metrics: Any = None,
+                 clock: Callable[[], float] = time.time,
+                 lookback: float = 86400.0,
+                 lookahead: float = 60.0,
+                 concurrency: int = 8,
+                 attempts: int = 3,
+                 retry_initial: float = 1.0,
+                 retry_max: float = 30.0,
+                 on_resynced: Callable[[ResyncReport], None] | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._client = client
+        self._engine = engine
+        self.scope_queue_ids = scope_queue_ids
+        self.scope_user_ids = scope_user_ids
+        self._on_decisions = on_decisions
+        self._metrics = metrics
+        self._clock = clock
+        self.lookback = lookback
+        self.lookahead = lookahead
+        self.concurrency = concurrency
+        self.attempts = max(1, attempts)
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._on_resynced = on_resynced
+        self._rng = random.Random()
+        self._driver: asyncio.Task[None] | None = None
+        self._pending: asyncio.Future[ResyncReport] | None = None
+        self._pending_reasons: list[str] = []
+        self.running = False
+        self.last: ResyncReport | None = None
+        self.completed = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ public
+
+    def set_scope(self, queue_ids: Sequence[QueueId | str], user_ids: Sequence[UserId | str]) -> None:
+        self.scope_queue_ids = queue_ids
+        self.scope_user_ids = user_ids
+
+    async def resync(self, reason: str) -> ResyncReport:
+        """Run a resync (or join the one scheduled next) and return its report.
+
+        Raises ConfguardError when discovery failed on every attempt."""
+        return await asyncio.shield(self._schedule(reason))
+
+    def request(self, reason: str) -> asyncio.Future[ResyncReport]:
+        """Fire-and-forget form of `resync` (e.g. as the stream's `on_gap`)."""
+        return self._schedule(reason)
+
+    async def aclose(self) -> None:
+        if self._driver is not None and not self._driver.done():
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+
+    # ------------------------------------------------------------------ coalescing
+
+    def _schedule(self, reason: str) -> asyncio.Future[ResyncReport]:
+        self._pending_reasons.append(reason)
+        if self._pending is None:
+            fut: asyncio.Future[ResyncReport] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieve)
+            self._pending = fut
+        if self.running:
+            log.info("resync_coalesced", reason=reason)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(), name="resync")
+        return self._pending
+
+    async def _drive(self) -> None:
+        while self._pending is not None:
+            fut, reasons = self._pending, self._pending_reasons
+            self._pending, self._pending_reasons = None, []
+            self.running = True
+            try:
+                report = await self._run_with_retries(reasons)
+            except asyncio.CancelledError:
+                fut.cancel()
+                if self._pending is not None:
+                    self._pending.cancel()
+                    self._pending = None
+                raise
+            except BaseException as exc:  # delivered to every waiter
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(report)
+            finally:
+                self.running = False
+
+    async def _run_with_retries(self, reasons: list[str]) -> ResyncReport:
+        delay = self.retry_initial
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._run_once(reasons)
+            except ConfguardError as exc:
+                self.failed += 1
+                if attempt >= self.attempts:
+                    log.error("resync_failed", reasons=reasons, attempts=attempt, error=str(exc))
+                    raise
+                wait = self._rng.uniform(delay / 2, delay)
+                log.warning("resync_attempt_failed", reasons=reasons, attempt=attempt,
+                            error=str(exc), retry_in=round(wait, 2))
+                await asyncio.sleep(wait)
+                delay = min(self.retry_max, delay * 2)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ one resync
+
+    async def _run_once(self, reasons: list[str]) -> ResyncReport:
+        started = self._clock()
+        mono = time.monotonic()
+        report = ResyncReport(reason=reasons[0], started_at=started, reasons=list(reasons))
+        log.info("resync_start", reasons=reasons)
+        queue_ids = [QueueId(str(q)) for q in self.scope_queue_ids]
+        user_ids = [UserId(str(u)) for u in self.scope_user_ids]
+        found: list[dict[str, Any]] = []
+        if queue_ids or user_ids:
+            found = await self._client.active_conversations(
+                queue_ids=queue_ids, user_ids=user_ids,
+                since=started - self.lookback, until=started + self.lookahead)
+
+        parties: dict[ConversationId, int] = {}
+        order: dict[ConversationId, int] = {}
+        for conv in found:
+            cid = conv.get("conversationId") if isinstance(conv, dict) else None
+            if not isinstance(cid, str) or not cid:
+                report.rejected += 1
+                log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
+                continue
+            n = analytics_parties(conv)
+            key = ConversationId(cid)
+            parties[key] = max(parties.get(key, 0), n)
+            order.setdefault(key, len(order))
+        report.discovered = len(order)
+
+        store = self._engine.store
+        for cid in list(store.tracked_ids()):
+            call = store.get(cid)
+            if call is None or call.is_ended:
+                continue
+            report.tracked += 1
+            parties[cid] = max(parties.get(cid, 0), call.connected_parties)
+            order.setdefault(cid, len(order))
+
+        ids = sorted(order, key=lambda c: (0 if parties.get(c, 0) >= 3 else 1,
+                                          -parties.get(c, 0), order[c]))
+        report.calls = len(ids)
+        report.conferences = sum(1 for c in ids if parties.get(c, 0) >= 3)
+        log.info("resync_reading", calls=report.calls, discovered=report.discovered,
+                 tracked=report.tracked, conferences=report.conferences)
+
+        todo: deque[ConversationId] = deque(ids)
+        workers = [asyncio.create_task(self._worker(todo, report))
+                   for _ in range(min(self.concurrency, len(ids)))]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+
+        report.finished_at = self._clock()
+        report.seconds = time.monotonic() - mono
+        self.last = report
+        self.completed += 1
+        _inc(self._metrics, "resyncs", reason=report.reason)
+        _observe(self._metrics, "resync_duration_seconds", report.seconds)
+        _set(self._metrics, "resync_last_calls", float(report.calls))
+        _set(self._metrics, "resync_last_seconds", report.seconds)
+        log.info("resync_done", reasons=reasons, calls=report.calls, updated=report.updated,
+                 gone=report.gone, errors=report.errors, decisions=report.decisions,
+                 conferences=report.conferences, seconds=round(report.seconds, 3))
+        if self._on_resynced is not None:
+            try:
+                self._on_resynced(report)
+            except Exception:
+                log.exception("resync_on_resynced_failed")
+        return report
+
+    async def _worker(self, todo: deque[ConversationId], report: ResyncReport) -> None:
+        while todo:
+            cid = todo.popleft()
+            decisions = await self._read_one(cid, report)
+            if decisions:
+                report.decisions += len(decisions)
+                try:
+                    self._on_decisions(decisions)
+                except Exception:
+                    log.exception("resync_on_decisions_failed", conversation_id=cid)
+
+    async def _read_one(self, cid: ConversationId, report: ResyncReport) -> list[Decision]:
+        try:
+            conv = await self._client.get_call(cid, priority=Priority.RESYNC)
+        except NotFoundError:
+            report.gone += 1
+            log.info("resync_call_gone", conversation_id=cid)
+            return self._mark_gone(cid)
+        except ApiError as exc:
+            report.errors += 1
+            _inc(self._metrics, "resync_errors", status=str(exc.status))
+            log.warning("resync_call_failed", conversation_id=cid, status=exc.status, error=str(exc))
+            return []
+        if not isinstance(conv, dict):
+            report.errors += 1
+            log.warning("resync_call_rejected", conversation_id=cid, reason="reply is not an object")
+            return []
+        try:
+            decisions = self._engine.apply_conversation(conv, self._clock(), source="resync")
+        except Exception:  # the core must not crash; if it does, one call must not stop resync
+            report.errors += 1
+            log.exception("resync_apply_failed", conversation_id=cid)
+            return []
+        report.updated += 1
+        return decisions
+
+    def _mark_gone(self, cid: ConversationId) -> list[Decision]:
+        now = self._clock()
+        try:
+            mark = getattr(self._engine, "mark_gone", None)
+            if mark is not None:
+                out = mark(cid, now)
+                return list(out) if isinstance(out, list) else []
+            self._engine.store.mark_gone(cid, now)
+        except Exception:
+            log.exception("resync_mark_gone_failed", conversation_id=cid)
+        return []
+
+
+_SYSTEM_PURPOSES = frozenset({"acd", "ivr", "workflow", "voicemail"})
+
+
+def analytics_parties(conv: Mapping[str, Any]) -> int:
+    """How many parties of an analytics conversation are still on the call.
+
+    A participant counts when one of its sessions' last segment has no `segmentEnd`, and its
+    purpose is not a system one (acd, ivr, workflow, voicemail: a queue is not a party to a
+    conversation). A routed call (customer, ended acd, agent) gives 2; a conference 3+.
+    Without any segment data (a sparse reply) every non-system participant counts.
+    """
+    ps = conv.get("participants")
+    if not isinstance(ps, list):
+        return 0
+    live = 0
+    any_segments = False
+    listed = 0
+    for p in ps:
+        if not isinstance(p, dict) or p.get("purpose") in _SYSTEM_PURPOSES:
+            continue
+        listed += 1
+        sessions = p.get("sessions")
+        if not isinstance(sessions, list):
+            continue
+        for sess in sessions:
+            segs = sess.get("segments") if isinstance(sess, dict) else None
+            if isinstance(segs, list) and segs:
+                any_segments = True
+                last = segs[-1]
+                if isinstance(last, dict) and not last.get("segmentEnd"):
+                    live += 1
+                    break
+    return live if any_segments else listed
+
+
+def _retrieve(fut: asyncio.Future[ResyncReport]) -> None:
+    """Mark a failed future's exception as seen (fire-and-forget requests)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _metric(metrics: Any, name: str, labels: dict[str, str]) -> Any:
+    if metrics is None:
+        return None
+    metric = getattr(metrics, name, None)
+    if metric is None:
+        return None
+    names = tuple(getattr(metric, "_labelnames", ()) or ())
+    if names:
+        metric = metric.labels(**{n: labels.get(n, "") for n in names})
+    return metric
+
+
+def _inc(metrics: Any, name: str, **labels: str) -> None:
+    try:
+        m = _metric(metrics, name, labels)
+        if m is not None:
+            m.inc()
+    except Exception:
+        log.debug("metric_update_failed", metric=name, exc_info=True)
+
+
+def _set(metrics: Any, name: str, value: float) -> None:
+    try:
+        m = _metric(metrics, name, {})
+        if m is not None:
+            m.set(value)
+    except Exception:
+        log.debug("metric_update_failed", metric=name, exc_info=True)
+
+
+def _observe(metrics: Any, name: str, value: float) -> None:
+    try:
+        m = _metric(metrics, name, {})
+        if m is not None:
+            m.observe(value)
+    except Exception:
+        log.debug("metric_update_failed", metric=name, exc_info=True)

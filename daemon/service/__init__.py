@@ -1,0 +1,1 @@
+"""The running daemon: lifecycle, the enforcer's I/O shell, audit trail, metrics, ops endpoints, systemd, logs."""

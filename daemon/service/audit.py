@@ -1,0 +1,546 @@
+"""The tamper-evident audit trail: JSON Lines with a SHA-256 hash chain, rotation and fsync.
+
+Every line is one record, serialised canonically (orjson, sorted keys, compact, no trailing
+spaces) and ending in `\\n`. `AuditLog.write` adds four fields:
+
+- `seq`: 1, 2, 3, ... across rotations (never restarts);
+- `time`: when the record was written, ISO-8601 UTC with milliseconds (`...T12:00:00.123Z`);
+- `prev_hash`: the `hash` of the previous record (64 zeros for the very first record);
+- `hash`: hex SHA-256 of the canonical serialisation of the record WITHOUT `hash`.
+
+Because `hash` covers `prev_hash`, changing, inserting or deleting any record breaks the
+chain at that point, and `verify` names the first `file:line` where it breaks. (Deleting the
+last records of the newest file cannot be told from "they were never written"; ship the
+trail to a separate store, or compare `seq` with the `confguard_audit_records_total`
+metric, if that matters.)
+
+Durability: `write` hands the line to the OS before it returns (so a crash of the process
+loses nothing; the caller writes the decision record BEFORE sending the disconnect).
+`fsync` (surviving a power loss) happens within `fsync_interval` seconds, from
+`run_syncer` in a worker thread so the event loop never waits on the disk, and on `close`.
+
+Rotation: when the next line would take the live file past `max_bytes`, the live file is
+renamed to `<stem>.<YYYYmmddTHHMMSSZ>.<last seq, 12 digits>.jsonl` in the same folder and
+a new live file is started; the chain simply continues.
+
+This module is not part of the sans-I/O core; it may use asyncio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from daemon.errors import AuditError
+from daemon.core.model import Decision
+from daemon.core.timefmt import format_time
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "AuditLog",
+    "Outcome",
+    "OUTCOMES",
+    "VerifyReport",
+    "decision_record",
+    "outcome_record",
+    "verify",
+    "register",
+    "main",
+]
+
+ZERO_HASH = "0" * 64
+RESERVED = ("seq", "time", "prev_hash", "hash")
+_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed"]
+OUTCOMES: frozenset[str] = frozenset(
+    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed"})
+
+
+# ---------------------------------------------------------------- canonical form and hashing
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=_OPTS)
+
+
+def _record_hash(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+def _normalise(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON-shaped copy of `record` (tuples -> lists, odd values -> str), so that what is
+    hashed is exactly what a reader parses back."""
+    try:
+        out = orjson.loads(orjson.dumps(record, option=_OPTS, default=str))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise AuditError(f"audit record cannot be serialised: {exc}") from None
+    if not isinstance(out, dict):
+        raise AuditError("audit record must be a JSON object")
+    return out
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+
+
+_ROTATED = re.compile(r"^(?P<stem>.+)\.(?P<ts>\d{8}T\d{6}Z)\.(?P<seq>\d+)\.jsonl$")
+
+
+def _rotated_files(folder: Path, stem: str | None = None) -> list[Path]:
+    """Rotated audit files in `folder` (of `stem`, or of any stem), oldest first (by seq)."""
+    found: list[tuple[int, str, Path]] = []
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    for p in entries:
+        m = _ROTATED.match(p.name)
+        if m and (stem is None or m["stem"] == stem) and p.is_file():
+            found.append((int(m["seq"]), p.name, p))
+    return [p for _, _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------- the writer
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON Lines audit trail.
+
+    `path` is the live file; `max_bytes` the size at which it rotates; `fsync_interval`
+    (seconds) the longest a written record may wait for fsync when `run_syncer` runs;
+    `clock` gives epoch seconds for the `time` field and `last_sync`. `on_record`, if
+    given, is called with each written record's `type` (e.g. to count it in metrics).
+
+    Use from one thread (the event loop); `sync` may run in a worker thread meanwhile.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, fsync_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time,
+                 on_record: Callable[[str], None] | None = None) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if fsync_interval <= 0:
+            raise ValueError("fsync_interval must be positive")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.fsync_interval = fsync_interval
+        self._clock = clock
+        self._on_record = on_record
+        self._fd: int | None = None
+        self._size = 0
+        self._seq = 0
+        self._last_hash = ZERO_HASH
+        self._lock = threading.Lock()  # guards the fd against close/rotate during a sync
+        self._written_gen = 0  # bumped per write; compared with _synced_gen
+        self._synced_gen = 0
+        self.last_sync: float | None = None  # clock() of the last completed fsync
+        self.rotations = 0
+
+    # -- properties
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last record written (0 before the first)."""
+        return self._seq
+
+    @property
+    def last_hash(self) -> str:
+        return self._last_hash
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def needs_sync(self) -> bool:
+        """True when records were written since the last fsync."""
+        return self._written_gen != self._synced_gen
+
+    # -- lifecycle
+
+    def open(self) -> None:
+        """Create the folder (0o750) and live file (0o640) as needed, and resume the chain
+        from the last record of the live file, or of the newest rotated file.
+
+        Raises AuditError (naming file and line) when that last record is truncated or
+        corrupt: appending after it would hide the damage, so an operator must look first.
+        """
+        if self._fd is not None:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuditError(f"cannot create audit folder {self.path.parent}: "
+                             f"{exc.strerror or exc}") from None
+        seq, last_hash = 0, ZERO_HASH
+        size = 0
+        try:
+            if self.path.exists():
+                size = self.path.stat().st_size
+            source = self.path if size > 0 else None
+            if source is None:
+                rotated = _rotated_files(self.path.parent, _stem(self.path))
+                source = rotated[-1] if rotated else None
+            if source is not None:
+                seq, last_hash = _last_record(source)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit trail {self.path}: {exc.strerror or exc}") from None
+        self._fd, self._size, self._seq, self._last_hash = fd, size, seq, last_hash
+        self._written_gen = self._synced_gen = 0
+        log.info("audit_opened", path=str(self.path), seq=seq, size=size)
+
+    def close(self) -> None:
+        """fsync and close. Idempotent."""
+        if self._fd is None:
+            return
+        self.sync()
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def __enter__(self) -> AuditLog:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one record and hand it to the OS before returning.
+
+        Returns the record as written (with `seq`, `time`, `prev_hash`, `hash`). Fields with
+        those names in `record` are replaced. Raises AuditError when the trail is closed or
+        the write fails (the file is then cut back to its previous length, best effort).
+        """
+        if self._fd is None:
+            raise AuditError(f"audit trail {self.path} is not open")
+        rec = _normalise({k: v for k, v in record.items() if k not in RESERVED})
+        rec["seq"] = self._seq + 1
+        rec["time"] = format_time(self._clock())
+        rec["prev_hash"] = self._last_hash
+        rec["hash"] = _record_hash(rec)
+        line = _canonical(rec) + b"\n"
+        if self._size > 0 and self._size + len(line) > self.max_bytes:
+            self._rotate()
+        self._append(line)
+        self._seq = rec["seq"]
+        self._last_hash = rec["hash"]
+        self._written_gen += 1
+        if self._on_record is not None:
+            self._on_record(str(rec.get("type", "")))
+        return rec
+
+    def _append(self, line: bytes) -> None:
+        fd = self._fd
+        assert fd is not None
+        view = memoryview(line)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, self._size)
+            except OSError:
+                pass
+            raise AuditError(f"cannot write audit trail {self.path}: {exc.strerror or exc}") from None
+        self._size += len(line)
+
+    def _rotate(self) -> None:
+        """Rename the live file aside (fsynced first) and start a new one. Blocks briefly:
+        rotation happens once per `max_bytes`."""
+        stamp = datetime.fromtimestamp(self._clock(), UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{_stem(self.path)}.{stamp}.{self._seq:012d}.jsonl")
+        try:
+            with self._lock:
+                old = self._fd
+                assert old is not None
+                os.fsync(old)
+                os.rename(self.path, target)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o640)
+                self._fd = fd
+                os.close(old)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise AuditError(f"cannot rotate audit trail {self.path} to {target}: "
+                             f"{exc.strerror or exc}") from None
+        self._size = 0
+        self._synced_gen = self._written_gen  # the old file was fsynced
+        self.last_sync = self._clock()
+        self.rotations += 1
+        log.info("audit_rotated", path=str(self.path), rotated_to=str(target), seq=self._seq)
+
+    # -- durability
+
+    def sync(self) -> None:
+        """fsync what was written so far. Safe to call from a worker thread while the loop
+        keeps writing (the fd is duplicated so a rotation cannot pull it away)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            gen = self._written_gen
+            fd = os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise AuditError(f"cannot fsync audit trail {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        self._synced_gen = max(self._synced_gen, gen)
+        self.last_sync = self._clock()
+
+    async def run_syncer(self, stop_event: asyncio.Event) -> None:
+        """fsync (in a worker thread) at most `fsync_interval` seconds after any write,
+        until `stop_event` is set; then one last sync. Errors are logged and retried at the
+        next interval (the caller's metrics/health see `needs_sync` staying True)."""
+        while not stop_event.is_set():
+            try:
+                await asyncio.wait_for(stop_event.wait(), timeout=self.fsync_interval)
+            except TimeoutError:
+                pass
+            if self.needs_sync:
+                try:
+                    await asyncio.to_thread(self.sync)
+                except AuditError as exc:
+                    log.error("audit_fsync_failed", error=str(exc))
+        if self.needs_sync:
+            await asyncio.to_thread(self.sync)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort; not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _last_record(path: Path) -> tuple[int, str]:
+    """(seq, hash) of the last record of `path`; AuditError naming file:line when it is
+    truncated or corrupt."""
+    with open(path, "rb") as f:
+        data_end = f.seek(0, os.SEEK_END)
+        if data_end == 0:
+            return 0, ZERO_HASH
+        # Read backwards until we hold the whole last line.
+        block = 64 * 1024
+        pos = data_end
+        tail = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            if tail.find(b"\n", 0, len(tail) - 1) != -1:
+                break
+        f.seek(0)
+        newlines = 0
+        while chunk := f.read(1 << 20):
+            newlines += chunk.count(b"\n")
+    complete = tail.endswith(b"\n")
+    last = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
+    line_no = newlines if complete else newlines + 1
+    where = f"{path}:{line_no}"
+    if not complete:
+        raise AuditError(f"{where}: last audit record is incomplete (a truncated write?); "
+                         f"inspect the file and run `confguard audit verify` before restarting")
+    problem, rec = _check_line(last)
+    if problem is not None or rec is None:
+        raise AuditError(f"{where}: last audit record is unusable ({problem}); "
+                         f"inspect the file and run `confguard audit verify` before restarting")
+    return int(rec["seq"]), str(rec["hash"])
+
+
+def _check_line(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """(problem, record): the record's own integrity (parse, fields, hash, canonical form)."""
+    if not raw.endswith(b"\n"):
+        return "record is incomplete (no end of line): a truncated write", None
+    body = raw[:-1]
+    if not body.strip():
+        return "empty line", None
+    try:
+        rec = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON ({exc}); the record was changed or damaged", None
+    if not isinstance(rec, dict):
+        return "not a JSON object; the record was changed or damaged", None
+    seq = rec.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        return "missing or invalid seq; the record was changed or damaged", None
+    for key in ("hash", "prev_hash"):
+        v = rec.get(key)
+        if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+            return f"record seq {seq} has a missing or invalid {key}", None
+    expected = _record_hash(rec)
+    if expected != rec["hash"]:
+        return (f"record seq {seq} has hash {rec['hash']} but its content hashes to "
+                f"{expected}; the record was changed"), None
+    if _canonical(rec) != body:
+        return (f"record seq {seq} is not in canonical form (bytes were changed without "
+                f"changing the parsed content)"), None
+    return None, rec
+
+
+# ---------------------------------------------------------------- record builders
+
+
+def decision_record(decision: Decision, *, mode: str) -> dict[str, Any]:
+    """The `type: decision` record for a rule match. `mode` is `enforce` or `observe`;
+    `action` is what the rule asks for (`disconnect`/`observe`). Times are epoch seconds."""
+    return {
+        "type": "decision",
+        "rule": decision.rule,
+        "conversation_id": decision.conversation_id,
+        "participant_id": decision.participant_id,
+        "purpose": decision.purpose,
+        "matched": dict(decision.matched),
+        "mode": mode,
+        "action": decision.action,
+        "severity": decision.severity,
+        "tags": list(decision.tags),
+        "message": decision.message,
+        "decided_at": decision.decided_at,
+        "received_at": decision.received_at,
+    }
+
+
+def outcome_record(decision: Decision, *, outcome: str, http_status: int | None, attempts: int,
+                   event_to_request_ms: float | None, error: str | None) -> dict[str, Any]:
+    """The `type: outcome` record: what enforcement did about `decision`.
+
+    `outcome` is one of OUTCOMES: `disconnected` (PATCH accepted and the party is gone),
+    `already_gone` (404 / final before we acted), `failed` (gave up), `unconfirmed`
+    (PATCH accepted, removal not yet seen), `observed` (observe mode/action: nothing sent),
+    `suppressed` (the safety valve held it back). `event_to_request_ms` is from the
+    triggering message's receipt to the PATCH being sent.
+    """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; expected one of {sorted(OUTCOMES)}")
+    return {
+        "type": "outcome",
+        "rule": decision.rule,
+        "conversation_id": decision.conversation_id,
+        "participant_id": decision.participant_id,
+        "action": decision.action,
+        "outcome": outcome,
+        "http_status": http_status,
+        "attempts": attempts,
+        "event_to_request_ms": event_to_request_ms,
+        "error": error,
+    }
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """`ok` when every record is intact and linked; `problem` is the first break as
+    `file:line: what`. `records`/`files` count what was read up to the break."""
+
+    ok: bool
+    records: int
+    files: int
+    problem: str | None = None
+
+
+def audit_files(paths: Sequence[Path]) -> list[Path]:
+    """Expand `paths` into the ordered file list: a folder means its rotated files (by
+    seq) then its live `*.jsonl` files (by name). Raises AuditError when a path is missing
+    or a folder holds no audit files."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            rotated = _rotated_files(p)
+            try:
+                live = sorted(q for q in p.iterdir()
+                              if q.is_file() and q.name.endswith(".jsonl") and not _ROTATED.match(q.name))
+            except OSError as exc:
+                raise AuditError(f"cannot read folder {p}: {exc.strerror or exc}") from None
+            if not rotated and not live:
+                raise AuditError(f"{p}: no audit files (*.jsonl) in this folder")
+            out.extend(rotated)
+            out.extend(live)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise AuditError(f"{p}: no such file or folder")
+    return out
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        yield from f
+
+
+def verify(paths: Sequence[Path]) -> VerifyReport:
+    """Check the chain over `paths` (files, or folders of audit files) in order.
+
+    Each line must parse, be in canonical form, hash to its `hash`; `seq` must go up by
+    exactly 1 from 1, and `prev_hash` must equal the previous record's hash (64 zeros for
+    seq 1). The first break is reported as `file:line: what`. Raises AuditError when input
+    cannot be read at all (missing file, permission), so callers can tell "unreadable"
+    from "broken".
+    """
+    files = audit_files(paths)
+    records = 0
+    prev_seq = 0
+    prev_hash = ZERO_HASH
+    for n_file, path in enumerate(files, start=1):
+        try:
+            for line_no, raw in enumerate(_lines(path), start=1):
+                where = f"{path}:{line_no}"
+                problem, rec = _check_line(raw)
+                if problem is not None or rec is None:
+                    return VerifyReport(False, records, n_file, f"{where}: {problem}")
+                seq = rec["seq"]
+                if seq != prev_seq + 1 or rec["prev_hash"] != prev_hash:
+                    if prev_seq == 0:
+                        what = (f"record seq {seq} has prev_hash {rec['prev_hash']} but the "
+                                f"chain must start at seq 1 with prev_hash {ZERO_HASH}; "
+                                f"earlier records or files are missing")
+                    else:
+                        gap = ""
+                        if seq > prev_seq + 1:
+                            gap = f" ({seq - prev_seq - 1} record(s) missing)"
+                        elif seq <= prev_seq:
+                            gap = " (seq went backwards or repeated)"
+                        what = (f"record seq {seq} follows seq {prev_seq}{gap} and has "
+                                f"prev_hash {rec['prev_hash']} but the previous record's hash "
+                                f"is {prev_hash}; a record was deleted or changed")
+                    return VerifyReport(False, records, n_file, f"{where}: {what}")
+                records += 1
+                prev_seq = seq
+                prev_hash = rec["hash"]
+        except OSError as exc:
+            raise AuditError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return VerifyReport(True, records, len(files), None)

@@ -1,0 +1,498 @@
+"""The daemon: lifecycle, signals, reload and the hot path from socket to decision.
+
+Lifecycle (each transition is logged, exported as `confguard_daemon_state` and shown by
+`/healthz`; modelled on uvicorn's `Server`):
+
+    STARTING -> SUBSCRIBING -> RESYNCING -> RUNNING <-> DEGRADED (a gap: resync under way)
+                                              |  ^
+                                              v  |
+                                           RELOADING
+    any -> DRAINING -> STOPPED
+
+- SIGTERM/SIGINT: stop taking decisions, let in-flight disconnects finish (bounded by
+  `drain_timeout` seconds), close the stream, flush and fsync the audit, exit 0. A second
+  signal forces an immediate exit (code 1).
+- SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
+  line and the old rules stay in force; changed subscriptions are applied without dropping
+  the unchanged ones. A SIGHUP during a reload is queued: the files are read once more after it.
+- SIGUSR1: resume enforcement after the safety valve tripped.
+
+The hot path (`_on_message`) runs synchronously in the WebSocket reader's turn of the event
+loop: parse, apply, evaluate, then `Enforcer.submit`, which audits and starts the PATCH at
+once. Nothing on it awaits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import structlog
+
+from daemon.service import systemd
+from daemon.genesys.api import GenesysClient
+from daemon.service.audit import AuditLog
+from daemon.config import Config, load_config, resolve_credentials
+from daemon.core.engine import Engine
+from daemon.service.enforcer import Enforcer
+from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
+from daemon.service.metrics import Metrics
+from daemon.core.model import Change, Decision
+from daemon.service.ops import HealthStatus, OpsServer
+from daemon.genesys.resync import Resyncer
+from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
+from daemon.genesys.scope import resolve_scope
+from daemon.core.state import CallStore
+from daemon.genesys.stream import StreamManager
+
+log = structlog.get_logger("confguard.service")
+event_log = structlog.get_logger("confguard.event")
+
+
+def _debug_enabled() -> bool:
+    """Whether debug lines are emitted, so the hot path builds its per-event line only then."""
+    bound = structlog.get_logger("confguard.event").bind()
+    check = getattr(bound, "is_enabled_for", None)
+    return bool(check(logging.DEBUG)) if callable(check) else True
+
+
+class State(enum.Enum):
+    """Where the daemon is in its life. Values are the metric and health labels."""
+
+    STARTING = "starting"
+    SUBSCRIBING = "subscribing"
+    RESYNCING = "resyncing"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    RELOADING = "reloading"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Daemon:
+    """One confguard process: stream in, decisions out.
+
+    `start()` returns once subscribed and resynced (READY); `stop()` drains and closes.
+    `run()` does both around signal handling and is what `confguard run` calls.
+    """
+
+    def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
+                 observe: bool = False, record_path: str | os.PathLike[str] | None = None,
+                 drain_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._startup_config = config  # what the client, audit, ops and stream were built from
+        self.config_path = Path(config_path) if config_path else None
+        self.observe_flag = observe
+        self.drain_timeout = drain_timeout
+        self.clock = clock
+        self.metrics = Metrics()
+        self.state = State.STARTING
+        self.metrics.daemon_state.state(self.state.value)
+        ruleset = compile_rules(config)
+        self.rules = RuleEngine(ruleset)
+        self.engine = Engine(self.rules, CallStore())
+        self.safety = SafetyValve(config.safety.max_disconnects_per_minute)
+        self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
+                              fsync_interval=config.audit.fsync_interval,
+                              on_record=lambda kind: self.metrics.audit_records.labels(type=kind).inc())
+        self.client: GenesysClient | None = None
+        self.enforcer: Enforcer | None = None
+        self.stream: StreamManager | None = None
+        self.resyncer: Resyncer | None = None
+        self.ops: OpsServer | None = None
+        self.ops_port: int | None = None
+        try:
+            self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot open the --record file {record_path}: {exc.strerror or exc}") from None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._timer_wake = asyncio.Event()
+        self._gap_flag = asyncio.Event()
+        self._scheduled_deadline: float | None = None
+        self._gap_reason: str | None = "startup"
+        self._signals = 0
+        self._trace_events = _debug_enabled()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._stop_requested = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._queue_ids: list[str] = []
+        self._user_ids: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def mode(self) -> str:
+        return "observe" if self.observe_flag else self.config.mode
+
+    def _set_state(self, new: State, **why: Any) -> None:
+        if new is self.state:
+            return
+        log.info("daemon_state", old=self.state.value, new=new.value, **why)
+        self.state = new
+        self.metrics.daemon_state.state(new.value)
+        systemd.status(f"{new.value}" + (f": {why.get('reason')}" if why.get("reason") else ""))
+
+    def health(self) -> HealthStatus:
+        ready = (self.state in (State.RUNNING, State.RELOADING) and self.stream is not None
+                 and self.stream.ready and self._gap_reason is None)
+        reason = None if ready else (self._gap_reason or self.state.value)
+        details: dict[str, Any] = {
+            "mode": self.mode,
+            "tracked_calls": len(self.engine.store),
+            "safety_valve_tripped": self.safety.tripped,
+            "in_flight": self.enforcer.in_flight if self.enforcer else 0,
+        }
+        return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details)
+
+    async def start(self) -> None:
+        """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
+        cfg = self.config
+        log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
+        if cfg.ops.enabled:
+            self.ops = OpsServer(self.metrics, self.health)
+            try:
+                self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
+            except OSError as exc:  # port taken, address not local: an operator error, not a crash
+                self.ops = None
+                message = (f"ops.listen {cfg.ops.listen}: cannot listen: {exc.strerror or exc} "
+                           f"(another process on that port? choose another, or set ops.enabled: false)")
+                raise (cfg.source.error(("ops", "listen"), message) if cfg.source
+                       else ConfigError(message)) from None
+        self.audit.open()
+        credentials = resolve_credentials(cfg.genesys)
+        self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
+        self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
+                                 safety=self.safety, metrics=self.metrics, clock=self.clock,
+                                 store=self.engine.store)
+        self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
+        self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
+        self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
+
+        self._set_state(State.SUBSCRIBING)
+        scope = await resolve_scope(self.client, cfg.subscriptions)
+        self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
+        self.stream = StreamManager(self.client, list(scope.topics), on_message=self._on_message,
+                                    on_gap=self._on_gap, metrics=self.metrics,
+                                    heartbeat_timeout_factor=cfg.subscriptions.heartbeat_timeout_factor,
+                                    channel_refresh_before=cfg.subscriptions.channel_refresh_before)
+        self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
+                                 metrics=self.metrics, on_decisions=self._submit, clock=self.clock)
+        await self.stream.start()
+        stream_task = asyncio.create_task(self.stream.run(), name="stream")
+        stream_task.add_done_callback(self._stream_ended)
+        self._tasks.append(stream_task)
+
+        self._set_state(State.RESYNCING)
+        if cfg.subscriptions.resync_on_start:
+            await self.resyncer.resync("startup")
+        self._gap_reason = None
+        self.stream.mark_resynced()
+        self._tasks.append(asyncio.create_task(self._gap_watch(), name="gap-watch"))
+        if cfg.subscriptions.reconcile_interval > 0:
+            self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
+        self._set_state(State.RUNNING)
+        systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
+
+    async def stop(self) -> None:
+        """Drain in-flight disconnects (bounded), close the stream, fsync the audit."""
+        if self.state is State.STOPPED:
+            return
+        self._set_state(State.DRAINING)
+        systemd.stopping()
+        if self._reload_task is not None and not self._reload_task.done():
+            # A reload must not finish during the drain and report the daemon RUNNING/READY.
+            self._reload_task.cancel()
+            await asyncio.wait({self._reload_task}, timeout=5.0)  # its roll-back is bounded too
+        abandoned = 0
+        if self.enforcer is not None:
+            self.enforcer.stop_accepting()
+            abandoned = await self.enforcer.drain(self.drain_timeout)
+        self._stop.set()
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.stream.stop(), timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.audit.close()
+        if self._record is not None:
+            self._record.close()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.ops is not None:
+            await self.ops.stop()
+        self._set_state(State.STOPPED, abandoned=abandoned)
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        stop_requested = self._stop_requested
+
+        def on_stop(signame: str) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                log.warning("second_signal_exit_now", signal=signame)
+                os._exit(1)
+            log.info("stop_requested", signal=signame)
+            stop_requested.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR1, self.resume_enforcement)
+        try:
+            start = asyncio.create_task(self.start())
+            waiter = asyncio.create_task(stop_requested.wait())
+            done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if start in done:
+                start.result()  # raise start-up errors (rejected topics, bad credentials...)
+                await waiter
+            else:
+                start.cancel()
+                await asyncio.gather(start, return_exceptions=True)
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+        if self._fatal is not None:
+            raise self._fatal
+        return 0
+
+    def _stream_ended(self, task: asyncio.Task[Any]) -> None:
+        """The stream task should only end when we stop it. If it fails, stop the daemon
+        with an error so systemd (Restart=on-failure) starts a fresh one."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        log.critical("stream_failed", error=str(exc) if exc else "stream ended unexpectedly",
+                     error_type=type(exc).__name__ if exc else None)
+        self._fatal = exc if isinstance(exc, ConfguardError) else StreamError(
+            f"the notification stream stopped unexpectedly: {exc!r}")
+        self._stop_requested.set()
+
+    def resume_enforcement(self) -> None:
+        """SIGUSR1: reset a tripped safety valve. Through the enforcer, so the rules of the
+        parties it suppressed are re-armed and their next event acts on them."""
+        if self.safety.tripped:
+            if self.enforcer is not None:
+                self.enforcer.resume_enforcement()
+            else:
+                self.safety.resume()
+            self.metrics.safety_valve_tripped.set(0)
+            log.warning("safety_valve_reset", detail="enforcement resumed")
+
+    def _on_sighup(self) -> None:
+        """A SIGHUP during a reload is not dropped: the file is read once more afterwards
+        (an operator or a config tool may have changed it again in the meantime)."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            log.info("reload_queued", detail="a reload is under way; the files are read again when it ends")
+            return
+        self._reload_task = asyncio.create_task(self._reload_until_settled(), name="reload")
+
+    async def _reload_until_settled(self) -> None:
+        for _ in range(100):  # bounded: each round needs another SIGHUP during the previous one
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
+
+    async def reload(self) -> bool:
+        """Re-read config.yaml and lists; keep the old rules if the new file is invalid."""
+        if self.config_path is None or self.state not in (State.RUNNING, State.DEGRADED):
+            log.warning("reload_ignored", state=self.state.value)
+            return False
+        self._set_state(State.RELOADING)
+        systemd.reloading()
+        try:
+            new = load_config(self.config_path)
+            ruleset = compile_rules(new)
+            if self.stream is not None and self.client is not None:
+                scope = await resolve_scope(self.client, new.subscriptions)
+                if not scope.topics:  # as at start-up: never drop every subscription silently
+                    raise SubscriptionError(
+                        "nothing to subscribe: subscriptions.queues and subscriptions.users are "
+                        "both empty in the new configuration")
+                await self.stream.update_topics(list(scope.topics))
+                self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave us stuck in RELOADING
+            log.error("reload_rejected", error=str(exc), error_type=type(exc).__name__,
+                      detail="the previous configuration stays in force")
+            self.metrics.config_reloads.labels(result="rejected").inc()
+            # Not `previous`: a gap may have opened or closed while the reload awaited.
+            self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+            systemd.ready(f"{self.state.value}: reload rejected")
+            return False
+        self.rules.swap(ruleset)
+        self.safety.max_per_minute = new.safety.max_disconnects_per_minute
+        unapplied = _restart_only_changes(self._startup_config, new)
+        if unapplied:  # say so, rather than let the operator believe they are live
+            log.warning("reload_needs_restart", settings=unapplied,
+                        detail="these settings keep their old values until confguard restarts")
+        self.config = new
+        if self.enforcer is not None:
+            self.enforcer.mode = self.mode  # type: ignore[assignment]
+        self.metrics.config_reloads.labels(result="ok").inc()
+        log.info("reloaded", rules=len(new.rules), mode=self.mode, config=str(self.config_path))
+        # New or changed rules judge the live calls now, not at each call's next event.
+        decisions = self.rules.reevaluate(self.clock())
+        if decisions:
+            self._submit(decisions)
+        self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+        systemd.ready(f"{self.state.value}: reloaded")
+        return True
+
+    # ------------------------------------------------------------------ hot path
+
+    def _on_message(self, raw: bytes | str, received_at: float) -> None:
+        """Called by the stream for every frame, synchronously: parse, apply, decide, act."""
+        if self._record is not None:
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            self._record.write(orjson.dumps({"ts": received_at, "raw": text}) + b"\n")
+            # Now, not when a buffer fills: a recording matters most when the process dies.
+            self._record.flush()
+        fed = self.engine.feed(raw, received_at)
+        self._account(fed.message, received_at)
+        if fed.change is not None:
+            self._observe(fed.change)
+        if fed.decisions:
+            self._submit(fed.decisions)
+        self._maybe_reschedule()
+        if self._trace_events:  # the canonical line per processed event (at debug level)
+            change = fed.change
+            event_log.debug("event", kind=type(fed.message).__name__,
+                            topic=getattr(fed.message, "topic", None),
+                            conversation_id=change.call.id if change else None,
+                            changed=[p.id for p in change.changed] if change else [],
+                            decisions=[d.rule for d in fed.decisions],
+                            processing_us=round((self.clock() - received_at) * 1e6, 1))
+
+    def _account(self, message: Any, received_at: float) -> None:
+        topic = getattr(message, "topic", None)
+        reason = getattr(message, "reason", None)
+        if reason is not None:
+            self.metrics.events_rejected.labels(reason=reason).inc()
+            log.warning("event_rejected", reason=reason, excerpt=getattr(message, "excerpt", ""))
+        elif topic is not None:
+            self.metrics.events_received.labels(topic=topic).inc()
+
+    def _observe(self, change: Change) -> None:
+        if self.enforcer is not None:
+            self.enforcer.observe_change(change)
+        self.metrics.tracked_calls.set(len(self.engine.store))
+
+    def _submit(self, decisions: list[Decision]) -> None:
+        now = self.clock()
+        for d in decisions:
+            if d.received_at is not None:
+                self.metrics.event_to_decision_seconds.observe(max(0.0, now - d.received_at))
+        if self.enforcer is not None:
+            self.enforcer.submit(decisions)
+        self._maybe_reschedule()
+
+    def _on_response(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.metrics.api_requests.labels(method=method, route=route, status=str(status)).inc()
+        if status >= 400 or status == 0:
+            self.metrics.api_errors.labels(status=str(status)).inc()
+
+    # ------------------------------------------------------------------ gaps and timers
+
+    def _on_gap(self, reason: str) -> None:
+        """The stream may have missed events: resync (coalesced) and report not-ready."""
+        self._gap_reason = reason
+        if self.state is State.RUNNING:
+            self._set_state(State.DEGRADED, reason=reason)
+        self._gap_flag.set()
+
+    async def _gap_watch(self) -> None:
+        """Resync after each gap; retry with backoff until one succeeds."""
+        flag = self._gap_flag
+        if self._gap_reason:
+            flag.set()
+        delay = 1.0
+        while not self._stop.is_set():
+            await flag.wait()
+            flag.clear()
+            reason = self._gap_reason or "gap"
+            assert self.resyncer is not None
+            started = self.clock()
+            try:
+                await self.resyncer.resync(reason)
+            except ConfguardError as exc:
+                log.error("resync_failed", reason=reason, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                flag.set()
+                continue
+            delay = 1.0
+            self.metrics.tracked_calls.set(len(self.engine.store))
+            if not flag.is_set():  # no newer gap arrived while resyncing
+                self._gap_reason = None
+                if self.stream is not None:
+                    self.stream.mark_resynced(started_at=started)
+                if self.state is State.DEGRADED:
+                    self._set_state(State.RUNNING, reason="resynced")
+
+    async def _reconcile(self) -> None:
+        """Anti-entropy: Genesys never reports a lost event, so every `reconcile_interval`
+        seconds the in-scope calls are re-read (a resync: conferences first, Priority.RESYNC
+        through the shared limiter, coalesced with gap resyncs). Failures wait for the next
+        interval; the stream's gap state is left alone."""
+        interval = self.config.subscriptions.reconcile_interval
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            if self._stop.is_set() or self.resyncer is None:
+                return
+            try:
+                await self.resyncer.resync("reconcile")
+            except ConfguardError as exc:
+                log.warning("reconcile_failed", error=str(exc))
+
+    def _maybe_reschedule(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is not None and (self._scheduled_deadline is None or deadline < self._scheduled_deadline):
+            self._timer_wake.set()
+
+    async def _timers(self) -> None:
+        """hold_for and time-based rules fire here, at their deadline, with no event needed.
+        Also evicts ended calls. Wakes at least once a second."""
+        while not self._stop.is_set():
+            now = self.clock()
+            deadline = self.engine.next_deadline()
+            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            self._scheduled_deadline = now + wait
+            self._timer_wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
+            decisions = self.engine.tick(self.clock())
+            if decisions:
+                self._submit(decisions)
+            self.metrics.tracked_calls.set(len(self.engine.store))
+            if self.client is not None and self.client.tokens.age is not None:
+                self.metrics.token_age_seconds.set(self.client.tokens.age)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Changed settings that a reload does not apply (the client, audit file, ops listener,
+    logging and stream timings are built once at start-up), as dotted names."""
+    changed = [name for name in ("genesys", "audit", "ops", "logging")
+               if getattr(old, name) != getattr(new, name)]
+    for name in type(old.subscriptions).model_fields:
+        if name not in ("queues", "users") and \
+                getattr(old.subscriptions, name) != getattr(new.subscriptions, name):
+            changed.append(f"subscriptions.{name}")
+    return changed

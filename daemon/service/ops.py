@@ -1,0 +1,140 @@
+"""The operations HTTP endpoint (aiohttp): `/metrics`, `/healthz`, `/readyz`.
+
+- `GET /metrics`: Prometheus text format from `Metrics.render()`.
+- `GET /healthz`: liveness. 200 `{"status": "ok", "state": ...}` whenever the process and
+  its event loop answer (a wedged loop does not answer, which is the point).
+- `GET /readyz`: readiness. 200 `{"status": "ready", ...}` when `health().ready` (all
+  topics subscribed, not in a gap/resync), else 503 `{"status": "not_ready", "reason": ...}`.
+
+It binds exactly the host given (the config default is 127.0.0.1:9464, loopback only):
+nothing here is authenticated, so exposing it wider is an explicit operator choice.
+Access logging is off; scrapes every few seconds would drown the real log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from daemon.service.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["HealthStatus", "OpsServer"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """What `/healthz` and `/readyz` report. `state` is the daemon State name
+    (`starting`, `running`, ...); `reason` says why not ready; `details` is free-form
+    JSON-able data (e.g. subscribed topic count, tracked calls)."""
+
+    state: str
+    ready: bool
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _json(data: dict[str, Any], status: int) -> web.Response:
+    body = orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str)
+    return web.Response(body=body, status=status, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+class OpsServer:
+    """Serves metrics and health. `health` is called per request and must be cheap and
+    non-blocking (it runs on the event loop)."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], HealthStatus]) -> None:
+        self._metrics = metrics
+        self._health = health
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.host: str | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._get_metrics)
+        app.router.add_get("/healthz", self._get_healthz)
+        app.router.add_get("/readyz", self._get_readyz)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 9464) -> int:
+        """Listen on exactly `host`:`port` (port 0 picks a free one). Returns the bound
+        port. Raises OSError when the address is taken or not local."""
+        if self._runner is not None:
+            raise RuntimeError("OpsServer already started")
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = self._bound_port(runner)
+        self.host, self.port = host, bound
+        log.info("ops_listening", host=host, port=bound)
+        return bound
+
+    @staticmethod
+    def _bound_port(runner: web.AppRunner) -> int:
+        for addr in runner.addresses:
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                return int(addr[1])
+        raise RuntimeError("ops server has no listening socket")
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every listening socket; empty when stopped."""
+        if self._runner is None:
+            return []
+        return [(str(a[0]), int(a[1])) for a in self._runner.addresses
+                if isinstance(a, tuple) and len(a) >= 2]
+
+    async def stop(self) -> None:
+        """Stop listening and close connections. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("ops_stopped")
+
+    # -- handlers
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        body = self._metrics.render()
+        resp = web.Response(body=body, status=200)
+        # Set the raw header: aiohttp's content_type= would split off the parameters.
+        resp.headers["Content-Type"] = self._metrics.content_type
+        return resp
+
+    def _status(self) -> HealthStatus | None:
+        try:
+            return self._health()
+        except Exception as exc:  # a broken health callback must not take the endpoint down
+            log.error("health_callback_failed", error=repr(exc))
+            return None
+
+    async def _get_healthz(self, request: web.Request) -> web.Response:
+        st = self._status()
+        if st is None:
+            return _json({"status": "error", "reason": "health check failed"}, 500)
+        return _json({"status": "ok", "state": st.state}, 200)
+
+    async def _get_readyz(self, request: web.Request) -> web.Response:
+        st = self._status()
+        if st is None:
+            return _json({"status": "not_ready", "reason": "health check failed"}, 503)
+        body: dict[str, Any] = {"state": st.state, "details": st.details}
+        if st.ready:
+            body["status"] = "ready"
+            return _json(body, 200)
+        body["status"] = "not_ready"
+        body["reason"] = st.reason or f"state is {st.state}"
+        return _json(body, 503)

@@ -1,0 +1,413 @@
+"""`confguard eject`: target resolution (pure) and the command end to end as a subprocess
+against the aiohttp stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from daemon.commands.cli import exit_code_for, main
+from daemon.commands.eject import Selector, party_table, resolve_target
+from daemon.errors import (AuthError, ConfigError, CredentialsError, ForbiddenError,
+                           NotFoundError, ServerError, TargetError, TransportError)
+try:  # tests/ is a plain directory today; also work if it becomes a package
+    from _standin import Failure, StandIn, call_conversation, participant
+except ImportError:  # pragma: no cover
+    from tests._standin import Failure, StandIn, call_conversation, participant  # type: ignore[no-redef]
+
+CID = "9a7b6c5d-1111-4222-8333-444455556666"
+CUSTOMER = "c0000000-0000-4000-8000-000000000001"
+AGENT = "a0000000-0000-4000-8000-000000000002"
+EXTERNAL = "e0000000-0000-4000-8000-000000000003"
+ACD = "d0000000-0000-4000-8000-000000000004"
+AGENT_USER = "u0000000-0000-4000-8000-00000000aaaa"
+CONTACT = "x0000000-0000-4000-8000-00000000bbbb"
+
+
+def conference() -> dict[str, Any]:
+    """A three-party conference (customer, agent, external party) plus an ended ACD leg."""
+    return call_conversation(CID, [
+        participant(CUSTOMER, purpose="customer", name="Pat Customer",
+                    address="tel:+44 20 7946 0000", ani="tel:+44 20 7946 0000",
+                    dnis="tel:+18005550100", external_contact=CONTACT),
+        participant(ACD, purpose="acd", name="Sales", address="sip:acd@example",
+                    state="disconnected"),
+        participant(AGENT, purpose="agent", name="Alex Agent", user=(AGENT_USER, "Alex Agent"),
+                    address="sip:alex@example.mypurecloud.ie", direction="outbound"),
+        participant(EXTERNAL, purpose="external", name="Third Party",
+                    address="sip:+442079460999@carrier.example;user=phone",
+                    dnis="tel:+442079460999", direction="outbound"),
+    ])
+
+
+# ---------------------------------------------------------------- resolution (pure)
+
+
+@pytest.mark.parametrize("selector, expected", [
+    (Selector("participant", EXTERNAL), EXTERNAL),
+    (Selector("user", AGENT_USER), AGENT),
+    (Selector("external_contact", CONTACT), CUSTOMER),
+    (Selector("address", "+442079460000"), CUSTOMER),
+    (Selector("address", "tel:+44 20 7946 0000"), CUSTOMER),
+    (Selector("address", "+44 (20) 7946-0999"), EXTERNAL),   # sip: address with ;user=phone
+    (Selector("address", "+18005550100"), CUSTOMER),         # dnis
+    (Selector("name", "third PARTY"), EXTERNAL),
+    (Selector("name", "  Alex Agent "), AGENT),
+])
+def test_resolves_exactly_one_live_target(selector: Selector, expected: str) -> None:
+    res = resolve_target(conference(), selector)
+    assert res.outcome == "target"
+    assert res.target is not None and res.target["id"] == expected
+
+
+def test_no_match_ambiguous_and_gone() -> None:
+    call = conference()
+    assert resolve_target(call, Selector("address", "+15550000000")).outcome == "none"
+    assert resolve_target(call, Selector("name", "Third")).outcome == "none"  # exact only
+    gone = resolve_target(call, Selector("participant", ACD))
+    assert gone.outcome == "gone" and gone.matches[0]["id"] == ACD
+    call["participants"].append(participant("e2", purpose="external", name="Third Party"))
+    amb = resolve_target(call, Selector("name", "Third Party"))
+    assert amb.outcome == "ambiguous"
+    assert {p["id"] for p in amb.live} == {EXTERNAL, "e2"}
+
+
+def test_a_live_leg_wins_over_an_ended_leg_of_the_same_person() -> None:
+    call = conference()
+    call["participants"].append(participant("old", purpose="external", name="Third Party",
+                                            state="terminated"))
+    res = resolve_target(call, Selector("name", "Third Party"))
+    assert res.outcome == "target" and res.target is not None and res.target["id"] == EXTERNAL
+
+
+def test_malformed_participants_are_skipped() -> None:
+    call = {"id": CID, "participants": [None, "x", {"name": "no id"},
+                                        participant("p1", purpose="agent", name="Ok")]}
+    assert resolve_target(call, Selector("name", "ok")).outcome == "target"
+    assert resolve_target({"id": CID}, Selector("name", "ok")).outcome == "none"
+    assert resolve_target({"id": CID, "participants": "nope"}, Selector("name", "ok")).outcome == "none"
+
+
+def test_party_table_is_aligned() -> None:
+    lines = party_table(conference()["participants"]).splitlines()
+    assert lines[0].split() == ["PARTICIPANT", "PURPOSE", "NAME", "ADDRESS", "USER", "STATE"]
+    assert len(lines) == 5
+    col = lines[0].index("PURPOSE")
+    assert all(line[col - 2:col] == "  " for line in lines)
+    assert "Alex Agent" in lines[3] and lines[3].rstrip().endswith("connected")
+
+
+def test_exit_code_mapping() -> None:
+    assert exit_code_for(ConfigError("x")) == 2
+    assert exit_code_for(CredentialsError("x")) == 2
+    assert exit_code_for(TargetError("x")) == 3
+    assert exit_code_for(NotFoundError("x")) == 3
+    assert exit_code_for(ForbiddenError("x")) == 4
+    assert exit_code_for(AuthError("x", status=401)) == 4
+    assert exit_code_for(AuthError("x", status=503)) == 5
+    assert exit_code_for(ServerError("x")) == 5
+    assert exit_code_for(TransportError("x")) == 5
+
+
+@pytest.fixture
+def restore_structlog() -> Iterator[None]:
+    # cli.main configures structlog and the root logger; keep other tests' logging untouched.
+    before = list(logging.getLogger().handlers)
+    level = logging.getLogger().level
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_bad_arguments_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eject", "--conversation", CID]) == 2
+    assert main(["eject", "--conversation", CID, "--name", "a", "--user", "b"]) == 2
+    assert main(["eject", "--conversation", CID, "--name", " ", "--config", "/nonexistent.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "confguard: --name must not be empty" in err
+
+
+# ---------------------------------------------------------------- subprocess, end to end
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[StandIn]:
+    server = StandIn()
+    server.calls[CID] = conference()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def write_config(tmp_path: Path, origin: str) -> Path:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "genesys:\n"
+        f"  api_base_url: {origin}\n"
+        f"  login_base_url: {origin}\n"
+        "  max_retries: 2\n", encoding="utf-8")
+    return cfg
+
+
+async def eject(tmp_path: Path, server: StandIn, *args: str, secret: str | None = None,
+                config: bool = True, log_level: str | None = None) -> Run:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GENESYS", "CREDENTIALS_DIRECTORY"))}
+    env["GENESYSCLOUD_OAUTHCLIENT_ID"] = server.client_id
+    env["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = secret or server.client_secret
+    argv = [sys.executable, "-m", "daemon"]
+    if log_level:
+        argv += ["--log-level", log_level]
+    argv.append("eject")
+    if config:
+        argv += ["--config", str(write_config(tmp_path, server.origin))]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, *args, cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def test_subprocess_removes_one_party_with_the_exact_patch(
+        tmp_path: Path, standin: StandIn) -> None:
+    run = await eject(tmp_path, standin, "--conversation", CID, "--address", "+442079460999",
+                      log_level="debug")
+    assert run.code == 0, run.err
+    assert "api_request" in run.err  # debug logs went to stderr ...
+    (patch,) = standin.patches()
+    assert patch.method == "PATCH"
+    assert patch.path == f"/api/v2/conversations/calls/{CID}/participants/{EXTERNAL}"
+    assert patch.body == {"state": "disconnected"}
+    assert patch.content_type == "application/json"
+    assert patch.authorization == f"Bearer {standin.tokens[0]}"
+    assert len(standin.tokens) == 1
+    # The table, then the confirmation naming who is still connected.
+    assert "PARTICIPANT" in run.out and "Third Party" in run.out
+    assert f"removed {EXTERNAL}" in run.out
+    still = run.out.split("still on the call:", 1)[1]
+    assert CUSTOMER in still and AGENT in still and EXTERNAL not in still
+    assert standin.client_secret not in run.out + run.err
+    assert standin.tokens[0] not in run.out + run.err  # ... without the token
+
+
+async def test_subprocess_ambiguous_target_sends_nothing(tmp_path: Path, standin: StandIn) -> None:
+    standin.calls[CID]["participants"].append(
+        participant("e2-live", purpose="external", name="Third Party"))
+    run = await eject(tmp_path, standin, "--conversation", CID, "--name", "third party")
+    assert run.code == 1
+    assert standin.patches() == []
+    assert EXTERNAL in run.out and "e2-live" in run.out
+    assert "--participant" in run.err
+
+
+async def test_subprocess_403_names_the_missing_permission(tmp_path: Path, standin: StandIn) -> None:
+    standin.sticky_fail[("PATCH", "participant")] = Failure(
+        403, "missing.any.permissions",
+        "Unable to perform the requested action. You are missing the following permission(s): "
+        "[conversation:communication:disconnect]")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", AGENT)
+    assert run.code == 4
+    assert len(standin.patches()) == 1  # a 403 is not retried
+    lines = [line for line in run.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("confguard: ")
+    assert "conversation:communication:disconnect" in lines[0]
+    assert "Traceback" not in run.err
+
+
+async def test_subprocess_no_such_party_or_call_exits_3(tmp_path: Path, standin: StandIn) -> None:
+    run = await eject(tmp_path, standin, "--conversation", CID, "--user", "nobody")
+    assert run.code == 3
+    assert "no party" in run.err and "user 'nobody'" in run.err
+    run = await eject(tmp_path, standin, "--conversation", "0000-gone", "--user", "nobody")
+    assert run.code == 3
+    assert "was not found" in run.err
+    assert standin.patches() == []
+
+
+async def test_subprocess_already_gone_and_dry_run(tmp_path: Path, standin: StandIn) -> None:
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", ACD)
+    assert run.code == 0
+    assert "already left" in run.out
+    run = await eject(tmp_path, standin, "--conversation", CID, "--name", "Pat Customer",
+                      "--dry-run")
+    assert run.code == 0
+    assert (f"PATCH {standin.origin}/api/v2/conversations/calls/{CID}/participants/{CUSTOMER}"
+            in run.out)
+    assert '{"state": "disconnected"}' in run.out
+    assert standin.patches() == []
+
+
+async def test_subprocess_409_is_retried_then_succeeds(tmp_path: Path, standin: StandIn) -> None:
+    standin.fail[("PATCH", "participant")] = [
+        Failure(409, "conflict", "A conflicting operation is in progress."),
+        Failure(409, "conflict", "A conflicting operation is in progress.")]
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL)
+    assert run.code == 0, run.err
+    assert len(standin.patches()) == 3
+
+
+async def test_subprocess_429_waits_for_retry_after(tmp_path: Path, standin: StandIn) -> None:
+    standin.fail[("PATCH", "participant")] = [
+        Failure(429, "too.many.requests", "Rate limit exceeded", headers={"Retry-After": "1"})]
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL)
+    assert run.code == 0, run.err
+    assert len(standin.patches()) == 2
+
+
+async def test_subprocess_refused_credentials(tmp_path: Path, standin: StandIn) -> None:
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL,
+                      secret="wrong-secret-value")
+    assert run.code == 4
+    assert "refused (invalid_client)" in run.err
+    assert "wrong-secret-value" not in run.err + run.out
+    assert standin.patches() == []
+
+
+async def test_subprocess_server_errors_exit_5(tmp_path: Path, standin: StandIn) -> None:
+    standin.sticky_fail[("PATCH", "participant")] = Failure(503, "service.unavailable",
+                                                           "Service Unavailable")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL)
+    assert run.code == 5
+    assert len(standin.patches()) == 3  # max_retries: 2 in the config
+    assert "HTTP 503" in run.err
+
+
+async def test_subprocess_unconfirmed_removal_exits_6(tmp_path: Path) -> None:
+    server = StandIn(apply_patch=False)  # accepts the PATCH, the party stays connected
+    server.calls[CID] = conference()
+    await server.start()
+    try:
+        run = await eject(tmp_path, server, "--conversation", CID, "--participant", EXTERNAL)
+    finally:
+        await server.stop()
+    assert run.code == 6
+    assert "not confirmed" in run.err
+
+
+async def test_subprocess_bad_config_exits_2(tmp_path: Path, standin: StandIn) -> None:
+    (tmp_path / "config.yaml").write_text("genesys:\n  regoin: eu-west-1\n", encoding="utf-8")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL,
+                      config=False)  # picks ./config.yaml by default
+    assert run.code == 2
+    assert "config.yaml:2:3" in run.err and "regoin" in run.err
+    assert "Traceback" not in run.err
+
+
+async def test_subprocess_401_after_refresh_says_credentials_refused(
+        tmp_path: Path, standin: StandIn) -> None:
+    standin.sticky_fail[("GET", "call")] = Failure(401, "bad.credentials",
+                                                   "Invalid login credentials.")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--participant", EXTERNAL)
+    assert run.code == 4
+    assert "credentials were refused" in run.err
+    assert len(standin.tokens) == 2  # one refresh, then one retry, then give up
+    assert len([r for r in standin.requests if r.method == "GET"]) == 2
+    assert standin.patches() == []
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eject", "--help"]) == 0
+    out = capsys.readouterr().out
+    for line in ("0  done", "1  ambiguous", "2  bad configuration", "3  no such call",
+                 "4  permission denied", "5  API or network failure", "6  removal accepted"):
+        assert line in out
+    assert main(["--help"]) == 0
+    assert "eject" in capsys.readouterr().out
+
+
+async def test_subprocess_ctrl_c_exits_130_without_traceback(
+        tmp_path: Path, standin: StandIn) -> None:
+    standin.hold_gets = True  # the GET hangs until we interrupt
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENESYS")}
+    env["GENESYSCLOUD_OAUTHCLIENT_ID"] = standin.client_id
+    env["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = standin.client_secret
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "eject", "--config",
+        str(write_config(tmp_path, standin.origin)), "--conversation", CID,
+        "--participant", EXTERNAL, cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(400):  # up to ~20 s for the interpreter to start and send the GET
+            if any(r.method == "GET" for r in standin.requests):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the GET never arrived")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err.decode()
+    assert "interrupted" in err.decode()
+    assert standin.patches() == []
+
+
+def test_every_listed_command_module_imports_and_registers() -> None:
+    import argparse
+    import importlib
+
+    from daemon.commands.cli import COMMAND_MODULES
+
+    missing = []
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            missing.append(name)
+            continue
+        sub = argparse.ArgumentParser().add_subparsers()
+        module.register(sub)
+        assert sub.choices, f"{name}.register added no subcommand"
+    assert not missing, f"cli.COMMAND_MODULES lists modules that do not exist: {missing}"
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_unreachable_service_exits_5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        origin = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"genesys:\n  api_base_url: {origin}\n  login_base_url: {origin}\n"
+                   "  max_retries: 0\n", encoding="utf-8")
+    for name in ("GENESYS_CLOUD_CLIENT_ID", "GENESYS_CLOUD_CLIENT_SECRET", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", "id")
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "very-secret-value")
+    code = main(["eject", "--config", str(cfg), "--conversation", CID, "--participant", "p"])
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "cannot reach the Genesys login service" in err
+    assert "very-secret-value" not in err
+    assert "Traceback" not in err
