@@ -27,7 +27,13 @@ checks failed, else 400 naming the topics. A socket `subscribe` message is answe
 {"result": "200", "correlationId", "message"} (+ "rejectedTopics"). The analytics details
 query matches conversations that started within `interval` and omits `conversations` when
 nothing matches. Events carry one extra unknown key `sandboxExtra<n>` (and a participant
-key `sandboxExtraFlag`) unless `faults.extra_field` is False.
+key `sandboxExtraFlag`) unless `faults.extra_field` is False. Request budget (when on:
+`request_budget`, `--budget`, the `configure {budget}` op or the `budgetPerMinute` fault):
+a 60 s window per access token from its first /api/v2 request; every /api/v2 answer to a
+valid token (errors included) carries `inin-ratelimit-count` (accepted requests in the
+window), `inin-ratelimit-allowed` and `inin-ratelimit-reset` (whole seconds to the reset,
+rounded up); past the allowance, 429 with `Retry-After` (seconds to the reset) and code
+`too.many.requests.retry.after`, not counted. Injected bursts are not counted either.
 """
 
 from daemon.sandbox.server import Sandbox

@@ -88,6 +88,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
     client_id: str | None = None
+    counted: str | None = None  # the token whose budget window this request was counted in
     resp: web.StreamResponse
     try:
         if path.startswith("/api/v2/"):
@@ -105,6 +106,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             client_id = tok.client_id
             request[TOKEN] = tok
             retry = sb.faults.spend(tok.value)
+            counted = tok.value
             if retry is not None:
                 raise _Reply(error_response(
                     429, "Rate limit exceeded the maximum. Retry the request in "
@@ -124,6 +126,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception:  # a sandbox bug must still answer like Genesys, and be visible
         log.exception("sandbox.handler_failed", method=request.method, path=path)
         resp = error_response(500, "The sandbox failed to handle this request")
+    if counted is not None:
+        # Genesys puts the budget on every answer, errors included.
+        resp.headers.update(sb.faults.budget_headers(counted))
     if path == "/oauth/token":
         # never journal credentials a client may put in the form body
         body = {"grant_type": request[FORM_GRANT]} if FORM_GRANT in request else None

@@ -3,8 +3,10 @@ the server asks `Faults` what to do with each request and each event delivery.
 
 REST faults: `latency` seconds added to every /api/v2 request; `bursts` answer the next N
 requests matching a method and a path regex with a chosen status (429 with Retry-After, 5xx);
-`budget_per_minute` is a per-token request budget like Genesys' (sliding 60 s window,
-429 + Retry-After when spent).
+`budget_per_minute` is a per-token request budget counted as Genesys does (see `Window`):
+a fixed 60 s window that starts with the token's first request, `inin-ratelimit-count`,
+`-allowed` and `-reset` headers on every /api/v2 answer, and 429 + Retry-After (seconds to
+the reset) + code `too.many.requests.retry.after` once the window's allowance is spent.
 
 Event faults (decided per delivery to one socket): duplicate, lose (drop silently),
 reorder (hold an event back and send it after the next), malformed (an extra broken frame
@@ -14,10 +16,10 @@ before each frame is written; `drop_every` seconds closes every socket periodica
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,25 @@ class Burst:
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "path": self.pattern.pattern, "status": self.status,
                 "remaining": self.remaining, "retryAfter": self.retry_after}
+
+
+WINDOW_SECONDS = 60.0
+"""Length of one per-token budget window (Genesys: per minute, from the token's first request)."""
+
+
+@dataclass(slots=True)
+class Window:
+    """One token's current budget window: `count` requests accepted since `started`
+    (monotonic seconds); it ends at `started + WINDOW_SECONDS`, and the token's next request
+    after that starts a new one. Requests refused with 429 are not counted."""
+
+    started: float
+    count: int = 0
+
+    def reset_in(self, now: float) -> int:
+        """Whole seconds until the window resets, rounded up (at least 1), as Genesys'
+        `inin-ratelimit-reset` and `Retry-After`."""
+        return max(1, math.ceil(self.started + WINDOW_SECONDS - now))
 
 
 @dataclass(slots=True)
@@ -75,7 +96,7 @@ class Faults:
     reorder: EventFault = field(default_factory=EventFault)
     malformed: EventFault = field(default_factory=EventFault)
     seed: int | None = None
-    _windows: dict[str, deque[float]] = field(default_factory=dict)
+    _windows: dict[str, Window] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -110,17 +131,39 @@ class Faults:
 
     def spend(self, token: str, now: float | None = None) -> float | None:
         """Count one request against the token's budget. None if allowed, else the
-        Retry-After seconds."""
+        Retry-After seconds (whole seconds to the window's reset)."""
         if self.budget_per_minute is None:
             return None
         now = time.monotonic() if now is None else now
-        win = self._windows.setdefault(token, deque())
-        while win and win[0] <= now - 60.0:
-            win.popleft()
-        if len(win) >= self.budget_per_minute:
-            return max(1.0, 60.0 - (now - win[0]))
-        win.append(now)
+        win = self._windows.get(token)
+        if win is None or now >= win.started + WINDOW_SECONDS:
+            win = self._windows[token] = Window(started=now)
+        if win.count >= self.budget_per_minute:
+            return float(win.reset_in(now))
+        win.count += 1
         return None
+
+    def budget_headers(self, token: str | None, now: float | None = None) -> dict[str, str]:
+        """The `inin-ratelimit-*` headers for an answer to `token` (after `spend`); empty
+        when the budget is off or the token has made no counted request yet."""
+        if self.budget_per_minute is None or token is None:
+            return {}
+        now = time.monotonic() if now is None else now
+        win = self._windows.get(token)
+        if win is None or now >= win.started + WINDOW_SECONDS:
+            # The window is over (or never started): nothing is counted until the next request.
+            return {"inin-ratelimit-count": "0",
+                    "inin-ratelimit-allowed": str(self.budget_per_minute),
+                    "inin-ratelimit-reset": str(int(WINDOW_SECONDS))}
+        return {"inin-ratelimit-count": str(win.count),
+                "inin-ratelimit-allowed": str(self.budget_per_minute),
+                "inin-ratelimit-reset": str(win.reset_in(now))}
+
+    def set_budget(self, per_minute: int | None) -> None:
+        """Change the allowance (None: off). Windows under way keep their count and end."""
+        if per_minute is not None and per_minute < 1:
+            raise ValueError("budgetPerMinute must be at least 1 (or null for off)")
+        self.budget_per_minute = per_minute
 
     def delivery(self) -> Delivery:
         return Delivery(lose=self.lose.fire(self.rng), duplicate=self.duplicate.fire(self.rng),
@@ -145,8 +188,7 @@ class Faults:
             elif k == "eventLatency":
                 self.event_latency = float(v)
             elif k == "budgetPerMinute":
-                self.budget_per_minute = None if v is None else int(v)
-                self._windows.clear()
+                self.set_budget(None if v is None else int(v))
             elif k == "dropEvery":
                 self.drop_every = None if v is None else float(v)
             elif k == "extraField":

@@ -22,7 +22,8 @@ set_recording {conversationId, state}, hangup {conversationId, participantId,
 disconnectType?}, end_call {conversationId}, touch {conversationId} (republish unchanged),
 forget_call {conversationId} (gone: REST answers 404),
 set_permissions {grant?, revoke?, clientId?}, configure {heartbeatInterval?, closingGrace?,
-patchFinalStatus?, channelLifetime?, tokenLifetime? (+ clientId?)}, add_client {clientId?, secret?, tokenLifetime?},
+patchFinalStatus?, channelLifetime?, tokenLifetime? (+ clientId?), budget? (requests per
+token per 60 s window, null = off)}, add_client {clientId?, secret?, tokenLifetime?},
 conference {queueId?, userId?, address?}: a ready three-party call.
 """
 
@@ -106,9 +107,14 @@ def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
             if c is None:
                 raise WorldError(404, "not.found", "no such client")
             c.token_lifetime = float(a["tokenLifetime"])
+        if "budget" in a:
+            b = a["budget"]
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+                raise WorldError(400, "bad.request", "budget must be a whole number >= 1 or null")
+            sb.faults.set_budget(b)
         return {"heartbeatInterval": sb.heartbeat_interval, "closingGrace": sb.closing_grace,
                 "patchFinalStatus": sb.patch_final_status,
-                "channelLifetime": w.channel_lifetime}
+                "channelLifetime": w.channel_lifetime, "budget": sb.faults.budget_per_minute}
 
     def add_client(a: dict[str, Any]) -> Any:
         c = w.add_client(a.get("clientId"), a.get("secret"),

@@ -94,7 +94,9 @@ class Sandbox:
     `channel_lifetime` seconds (24 h); `closing_grace` seconds between
     v2.system.socket_closing and the close; `patch_final_status` what PATCH on an
     already-disconnected party answers (202: idempotent no-op, the default; or e.g. 400);
-    `request_budget` per-token requests per minute (None: unlimited; Genesys' default is 300);
+    `request_budget` requests per token per fixed 60 s window from the token's first request,
+    advertised in `inin-ratelimit-*` headers on every /api/v2 answer (None: unlimited and no
+    headers; Genesys' default is 300);
     `reap_interval` seconds between checks for expired channels and tokens.
     """
 
