@@ -26,7 +26,9 @@ Coalescing: a resync requested while one runs schedules exactly one more after i
 every request that arrived meanwhile; all of them await that next run's report.
 
 Metrics (if given): `resyncs` (counter), `resync_duration_seconds` (histogram),
-`resync_last_calls`, `resync_last_seconds` (gauges). Times are seconds; `clock` is epoch
+`resync_last_calls`, `resync_last_seconds` (gauges), `resync_errors{kind}` (REST reads that
+failed during a pass: a call's GET other than 404, or a failed discovery attempt; `kind` is
+`reconcile` for the periodic pass, `resync` for every other reason). Times are seconds; `clock` is epoch
 seconds (the same clock the engine is fed).
 """
 
@@ -38,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 import structlog
 
@@ -46,6 +48,9 @@ from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.model import Call, Decision
 from daemon.genesys.ratelimit import Priority
+
+if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
+    from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +108,7 @@ class Resyncer:
     def __init__(self, client: ResyncClient, engine: EngineLike,
                  scope_queue_ids: Sequence[QueueId | str], scope_user_ids: Sequence[UserId | str], *,
                  on_decisions: Callable[[list[Decision]], None],
-                 metrics: Any = None,
+                 metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  lookback: float = 86400.0,
                  lookahead: float = 60.0,
@@ -201,6 +206,8 @@ class Resyncer:
                 return await self._run_once(reasons)
             except ConfguardError as exc:
                 self.failed += 1
+                if self._metrics is not None:
+                    self._metrics.resync_errors.labels(kind=_error_kind(reasons)).inc()
                 if attempt >= self.attempts:
                     log.error("resync_failed", reasons=reasons, attempts=attempt, error=str(exc))
                     raise
@@ -271,10 +278,11 @@ class Resyncer:
         report.seconds = time.monotonic() - mono
         self.last = report
         self.completed += 1
-        _inc(self._metrics, "resyncs", reason=report.reason)
-        _observe(self._metrics, "resync_duration_seconds", report.seconds)
-        _set(self._metrics, "resync_last_calls", float(report.calls))
-        _set(self._metrics, "resync_last_seconds", report.seconds)
+        if self._metrics is not None:
+            self._metrics.resyncs.labels(reason=report.reason).inc()
+            self._metrics.resync_duration_seconds.observe(report.seconds)
+            self._metrics.resync_last_calls.set(report.calls)
+            self._metrics.resync_last_seconds.set(report.seconds)
         log.info("resync_done", reasons=reasons, calls=report.calls, updated=report.updated,
                  gone=report.gone, errors=report.errors, decisions=report.decisions,
                  conferences=report.conferences, seconds=round(report.seconds, 3))
@@ -305,7 +313,8 @@ class Resyncer:
             return self._mark_gone(cid)
         except ApiError as exc:
             report.errors += 1
-            _inc(self._metrics, "resync_errors", status=str(exc.status))
+            if self._metrics is not None:
+                self._metrics.resync_errors.labels(kind=_error_kind(report.reasons)).inc()
             log.warning("resync_call_failed", conversation_id=cid, status=exc.status, error=str(exc))
             return []
         if not isinstance(conv, dict):
@@ -375,40 +384,7 @@ def _retrieve(fut: asyncio.Future[ResyncReport]) -> None:
         fut.exception()
 
 
-def _metric(metrics: Any, name: str, labels: dict[str, str]) -> Any:
-    if metrics is None:
-        return None
-    metric = getattr(metrics, name, None)
-    if metric is None:
-        return None
-    names = tuple(getattr(metric, "_labelnames", ()) or ())
-    if names:
-        metric = metric.labels(**{n: labels.get(n, "") for n in names})
-    return metric
-
-
-def _inc(metrics: Any, name: str, **labels: str) -> None:
-    try:
-        m = _metric(metrics, name, labels)
-        if m is not None:
-            m.inc()
-    except Exception:
-        log.debug("metric_update_failed", metric=name, exc_info=True)
-
-
-def _set(metrics: Any, name: str, value: float) -> None:
-    try:
-        m = _metric(metrics, name, {})
-        if m is not None:
-            m.set(value)
-    except Exception:
-        log.debug("metric_update_failed", metric=name, exc_info=True)
-
-
-def _observe(metrics: Any, name: str, value: float) -> None:
-    try:
-        m = _metric(metrics, name, {})
-        if m is not None:
-            m.observe(value)
-    except Exception:
-        log.debug("metric_update_failed", metric=name, exc_info=True)
+def _error_kind(reasons: Sequence[str]) -> str:
+    """The `kind` label of `resync_errors`: `reconcile` when the pass was only the periodic
+    anti-entropy one, else `resync` (start-up, gaps, or those coalesced with a reconcile)."""
+    return "reconcile" if reasons and all(r == "reconcile" for r in reasons) else "resync"

@@ -151,6 +151,9 @@ class AuditLog:
         self._written_gen = 0  # bumped per write; compared with _synced_gen
         self._synced_gen = 0
         self.last_sync: float | None = None  # clock() of the last completed fsync
+        # clock() of the oldest record not yet fsynced (an upper bound after a sync that
+        # raced with writes), None when all are synced. Guarded by `_lock`.
+        self._unsynced_since: float | None = None
         self.rotations = 0
 
     # -- properties
@@ -172,6 +175,12 @@ class AuditLog:
     def needs_sync(self) -> bool:
         """True when records were written since the last fsync."""
         return self._written_gen != self._synced_gen
+
+    def unsynced_seconds(self) -> float:
+        """Age in seconds (by `clock`) of the oldest record written but not yet fsynced;
+        0.0 when every record is synced. Cheap; meant for a gauge read at scrape time."""
+        since = self._unsynced_since
+        return 0.0 if since is None else max(0.0, self._clock() - since)
 
     # -- lifecycle
 
@@ -237,7 +246,8 @@ class AuditLog:
             raise AuditError(f"audit trail {self.path} is not open")
         rec = _normalise({k: v for k, v in record.items() if k not in RESERVED})
         rec["seq"] = self._seq + 1
-        rec["time"] = format_time(self._clock())
+        now = self._clock()
+        rec["time"] = format_time(now)
         rec["prev_hash"] = self._last_hash
         rec["hash"] = _record_hash(rec)
         line = _canonical(rec) + b"\n"
@@ -246,7 +256,10 @@ class AuditLog:
         self._append(line)
         self._seq = rec["seq"]
         self._last_hash = rec["hash"]
-        self._written_gen += 1
+        with self._lock:  # a sync in a worker thread reads both
+            self._written_gen += 1
+            if self._unsynced_since is None:
+                self._unsynced_since = now
         if self._on_record is not None:
             self._on_record(str(rec.get("type", "")))
         return rec
@@ -288,6 +301,7 @@ class AuditLog:
                              f"{exc.strerror or exc}") from None
         self._size = 0
         self._synced_gen = self._written_gen  # the old file was fsynced
+        self._unsynced_since = None
         self.last_sync = self._clock()
         self.rotations += 1
         log.info("audit_rotated", path=str(self.path), rotated_to=str(target), seq=self._seq)
@@ -301,6 +315,7 @@ class AuditLog:
             if self._fd is None:
                 return
             gen = self._written_gen
+            captured_at = self._clock()
             fd = os.dup(self._fd)
         try:
             os.fsync(fd)
@@ -308,7 +323,11 @@ class AuditLog:
             raise AuditError(f"cannot fsync audit trail {self.path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
-        self._synced_gen = max(self._synced_gen, gen)
+        with self._lock:
+            self._synced_gen = max(self._synced_gen, gen)
+            # Records written during the fsync are not covered; they are no older than
+            # `captured_at`, so the age reported stays an upper bound.
+            self._unsynced_since = None if self._written_gen == self._synced_gen else captured_at
         self.last_sync = self._clock()
 
     async def run_syncer(self, stop_event: asyncio.Event) -> None:

@@ -80,6 +80,7 @@ from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import FINAL_STATES, Call, Change, Decision
 from daemon.genesys.ratelimit import Priority
+from daemon.service.metrics import Metrics
 
 Mode = Literal["enforce", "observe"]
 PartyKey = tuple[ConversationId, ParticipantId]
@@ -171,7 +172,7 @@ class Enforcer:
 
     `client`: the GenesysClient. `audit`: the AuditLog (opened). `rules_engine`: for `rearm`.
     `mode`: `enforce` or `observe` (a plain attribute; a reload may change it). `safety`: the
-    SafetyValve. `metrics`: a `daemon.metrics.Metrics` or None. `clock`: epoch seconds, the
+    SafetyValve. `metrics`: the `daemon.service.metrics.Metrics` or None. `clock`: epoch seconds, the
     clock of `Decision.received_at`. `confirm_timeout`: seconds to wait for an event showing
     the party gone before asking the API. `max_attempts`: PATCHes per action through 409
     conflicts. `store`: the CallStore, to skip parties already final (optional; applied changes
@@ -182,7 +183,7 @@ class Enforcer:
     """
 
     def __init__(self, client: DisconnectClient, audit: AuditSink, rules_engine: Rearmable, *,
-                 mode: Mode, safety: Valve, metrics: Any = None,
+                 mode: Mode, safety: Valve, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, confirm_timeout: float = 5.0,
                  max_attempts: int = 3, log: Any = None, store: CallLookup | None = None,
                  conflict_backoff: float = 0.25) -> None:

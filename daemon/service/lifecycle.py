@@ -105,6 +105,7 @@ class Daemon:
         self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
                               fsync_interval=config.audit.fsync_interval,
                               on_record=lambda kind: self.metrics.audit_records.labels(type=kind).inc())
+        self.metrics.audit_unsynced_seconds.set_function(self.audit.unsynced_seconds)
         self.client: GenesysClient | None = None
         self.enforcer: Enforcer | None = None
         self.stream: StreamManager | None = None

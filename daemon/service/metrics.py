@@ -62,84 +62,100 @@ def _version() -> str:
 
 
 class Metrics:
-    """All confguard metrics on a private registry. See the module docstring for units."""
+    """All confguard metrics on a private registry. See the module docstring for units.
+
+    Modules take this object (or `Metrics | None`) and call its typed attributes directly;
+    there is no lookup by name, so a misspelt metric is a mypy error, not a dropped sample.
+    `tests/service/test_metrics_registry.py` checks that every attribute the code touches is
+    registered and exported.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "confguard_"
 
         # -- events and decisions
-        self.events_received = Counter(
+        self.events_received: Counter = Counter(
             p + "events_received", "Notification messages received, by topic.", ["topic"],
             registry=r)
-        self.events_rejected = Counter(
+        self.events_rejected: Counter = Counter(
             p + "events_rejected", "Malformed or unusable messages, by reason.", ["reason"],
             registry=r)
-        self.event_to_decision_seconds = Histogram(
+        self.event_to_decision_seconds: Histogram = Histogram(
             p + "event_to_decision_seconds",
             "Seconds from a message's receipt to the rule decision it caused.",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.event_to_request_seconds = Histogram(
+        self.event_to_request_seconds: Histogram = Histogram(
             p + "event_to_request_seconds",
             "Seconds from a message's receipt to the disconnect request being sent.",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.decisions = Counter(
+        self.decisions: Counter = Counter(
             p + "decisions", "Rule matches, by rule, action and mode.", ["rule", "action", "mode"],
             registry=r)
-        self.outcomes = Counter(
+        self.outcomes: Counter = Counter(
             p + "outcomes", "Enforcement outcomes (disconnected, already_gone, failed, "
             "unconfirmed, observed, suppressed), by rule.", ["rule", "outcome"], registry=r)
 
         # -- stream and resync
-        self.reconnects = Counter(
+        self.reconnects: Counter = Counter(
             p + "reconnects", "Notification WebSocket reconnects, by reason.", ["reason"],
             registry=r)
-        self.stream_gaps = Counter(
+        self.stream_gaps: Counter = Counter(
             p + "stream_gaps", "Times events may have been missed (gap), by reason.", ["reason"],
             registry=r)
-        self.resyncs = Counter(
+        self.resyncs: Counter = Counter(
             p + "resyncs", "Resyncs of call state over REST, by reason.", ["reason"], registry=r)
-        self.resync_duration_seconds = Histogram(
+        self.resync_duration_seconds: Histogram = Histogram(
             p + "resync_duration_seconds", "Seconds a resync took.", buckets=RESYNC_BUCKETS,
             registry=r)
-        self.resync_last_calls = Gauge(
+        self.resync_errors: Counter = Counter(
+            p + "resync_errors", "REST reads that failed during a resync pass (a call's GET "
+            "other than 404, or a failed discovery attempt), by kind (reconcile: the periodic "
+            "anti-entropy pass; resync: start-up and gaps).", ["kind"], registry=r)
+        self.resync_last_calls: Gauge = Gauge(
             p + "resync_last_calls", "Calls read by the last resync.", registry=r)
-        self.resync_last_seconds = Gauge(
+        self.resync_last_seconds: Gauge = Gauge(
             p + "resync_last_seconds", "Seconds the last resync took.", registry=r)
-        self.tracked_calls = Gauge(
+        self.tracked_calls: Gauge = Gauge(
             p + "tracked_calls", "Calls currently held in memory.", registry=r)
-        self.channels = Gauge(
+        self.stream_connections: Counter = Counter(
+            p + "stream_connections", "Notification WebSocket connections opened (first "
+            "connects, reconnects and channel handovers).", registry=r)
+        self.channels: Gauge = Gauge(
             p + "channels", "Notification channels open.", registry=r)
-        self.channel_age_seconds = Gauge(
+        self.channel_age_seconds: Gauge = Gauge(
             p + "channel_age_seconds", "Seconds since each channel was created.", ["channel"],
             registry=r)
-        self.subscribed_topics = Gauge(
+        self.subscribed_topics: Gauge = Gauge(
             p + "subscribed_topics", "Topics currently subscribed across channels.", registry=r)
-        self.token_age_seconds = Gauge(
+        self.token_age_seconds: Gauge = Gauge(
             p + "token_age_seconds", "Seconds since the OAuth token in use was issued.",
             registry=r)
 
         # -- API
-        self.api_requests = Counter(
+        self.api_requests: Counter = Counter(
             p + "api_requests", "Genesys REST requests, by method, route template and status "
             "(0 = no HTTP answer).", ["method", "route", "status"], registry=r)
-        self.api_errors = Counter(
+        self.api_errors: Counter = Counter(
             p + "api_errors", "Genesys REST requests that failed, by status.", ["status"],
             registry=r)
 
         # -- safety, lifecycle, audit, config
-        self.safety_valve_tripped = Gauge(
+        self.safety_valve_tripped: Gauge = Gauge(
             p + "safety_valve_tripped", "1 while the safety valve holds disconnects back.",
             registry=r)
-        self.daemon_state = Enum(
+        self.daemon_state: Enum = Enum(
             p + "daemon_state", "Lifecycle state of the daemon.", states=list(DAEMON_STATES),
             registry=r)
-        self.audit_records = Counter(
+        self.audit_records: Counter = Counter(
             p + "audit_records", "Audit records written, by type.", ["type"], registry=r)
-        self.config_reloads = Counter(
+        self.audit_unsynced_seconds: Gauge = Gauge(
+            p + "audit_unsynced_seconds", "Age in seconds of the oldest audit record written "
+            "but not yet fsynced; 0 when every record is synced.", registry=r)
+        self.config_reloads: Counter = Counter(
             p + "config_reloads", "Configuration reloads, by result (ok, rejected).", ["result"],
             registry=r)
-        self.build_info = Info(
+        self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})
 

@@ -180,9 +180,10 @@ async def test_discovery_failure_retries_then_raises_then_recovers() -> None:
         cid = sb.world.start_call(q.id).id
         engine = make_engine()
         col = Collector()
+        metrics = Metrics()
         async with client_for(sb, max_retries=1) as client:
             resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions,
-                                attempts=2, retry_initial=0.05)
+                                attempts=2, retry_initial=0.05, metrics=metrics)
             sb.faults.add_burst("POST", "analytics", 503, 100)
             with pytest.raises(ConfguardError) as err:
                 await asyncio.wait_for(resyncer.resync("gap"), 10)
@@ -190,6 +191,7 @@ async def test_discovery_failure_retries_then_raises_then_recovers() -> None:
             # 2 attempts x (1 try + 1 client retry)
             assert len(sb.journal.find("POST", ANALYTICS, 503)) == 4
             assert resyncer.failed == 2 and resyncer.completed == 0
+            assert metrics.resync_errors.labels(kind="resync")._value.get() == 2
             sb.faults.bursts.clear()
             report = await asyncio.wait_for(resyncer.resync("gap"), 10)
         assert report.calls == 1 and engine.store.get(cid) is not None
@@ -202,11 +204,17 @@ async def test_single_call_errors_are_counted_not_fatal() -> None:
         bad = sb.world.start_call(q.id).id
         engine = make_engine()
         col = Collector()
+        metrics = Metrics()
         async with client_for(sb, max_retries=0) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions)
+            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions,
+                                metrics=metrics)
             sb.faults.add_burst("GET", f"/calls/{bad}$", 500, 10)
             report = await asyncio.wait_for(resyncer.resync("gap"), 10)
-        assert report.errors == 1 and report.updated == 3
+            assert report.errors == 1 and report.updated == 3
+            assert metrics.resync_errors.labels(kind="resync")._value.get() == 1
+            sb.faults.add_burst("GET", f"/calls/{bad}$", 500, 10)
+            await asyncio.wait_for(resyncer.resync("reconcile"), 10)
+            assert metrics.resync_errors.labels(kind="reconcile")._value.get() == 1
         assert all(engine.store.get(c) is not None for c in ok)
         assert engine.store.get(bad) is None
 

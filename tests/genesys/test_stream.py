@@ -102,6 +102,7 @@ async def test_2500_queues_across_3_channels(sandbox: Sandbox) -> None:
             await wait_for(lambda: stream.ready, what="stream ready")
             assert metrics.subscribed_topics._value.get() == 2500
             assert metrics.channels._value.get() == 3
+            assert metrics.stream_connections._value.get() == 3
             # Events on a queue in each shard arrive.
             calls = [sandbox.world.start_call(queues[i].id).id for i in (0, 1500, 2499)]
             await wait_for(lambda: set(calls) <= col.conversation_ids, what="events from all 3 shards")

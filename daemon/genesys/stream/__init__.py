@@ -73,7 +73,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TYPE_CHECKING
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -90,6 +90,9 @@ from daemon.errors import (
 from daemon.core.events import ChannelGone, Heartbeat, SocketClosing, parse_message
 from daemon.core.ids import ChannelId, Topic
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
+
+if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
+    from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -145,33 +148,6 @@ class StreamClient(Protocol):
                                 ignore_errors: bool = False) -> Sequence[TopicStateLike]: ...
     async def get_subscriptions(self, channel_id: ChannelId) -> Sequence[TopicStateLike]: ...
     async def delete_subscriptions(self, channel_id: ChannelId) -> None: ...
-
-
-# ---------------------------------------------------------------- metrics (optional)
-
-
-def _inc(metrics: Any, name: str, amount: float = 1.0, **labels: str) -> None:
-    """Increment counter `name` on `metrics` if it exists; labels only if it has them."""
-    _metric_call(metrics, name, "inc", amount, labels)
-
-
-def _set(metrics: Any, name: str, value: float, **labels: str) -> None:
-    _metric_call(metrics, name, "set", value, labels)
-
-
-def _metric_call(metrics: Any, name: str, op: str, value: float, labels: dict[str, str]) -> None:
-    if metrics is None:
-        return
-    metric = getattr(metrics, name, None)
-    if metric is None:
-        return
-    try:
-        names = tuple(getattr(metric, "_labelnames", ()) or ())
-        if names:
-            metric = metric.labels(**{n: labels.get(n, "") for n in names})
-        getattr(metric, op)(value)
-    except Exception:  # metrics must never break the stream
-        log.debug("metric_update_failed", metric=name, exc_info=True)
 
 
 # ---------------------------------------------------------------- back-off
@@ -254,7 +230,7 @@ class StreamManager:
                  heartbeat_interval: float = 30.0,
                  heartbeat_timeout_factor: float = 2.0,
                  ping_timeout: float | None = None,
-                 metrics: Any = None,
+                 metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  channel_refresh_before: float = 3600.0,
                  backoff: tuple[float, float] = (0.5, 30.0),
@@ -587,10 +563,9 @@ class StreamManager:
 
     def _forget_channel(self, channel_id: str) -> None:
         self._created.pop(channel_id, None)
-        metric = getattr(self._metrics, "channel_age_seconds", None) if self._metrics is not None else None
-        if metric is not None:
-            with contextlib.suppress(Exception):
-                metric.remove(channel_id)
+        if self._metrics is not None:
+            with contextlib.suppress(KeyError):  # never had a sample
+                self._metrics.channel_age_seconds.remove(channel_id)
 
     async def _cleanup_channels(self, channels: Sequence[ChannelLike]) -> None:
         for ch in channels:
@@ -623,7 +598,8 @@ class StreamManager:
         conn.tasks = [asyncio.create_task(self._pump(conn), name=f"stream-pump-{s.index}"),
                       asyncio.create_task(self._watch(conn), name=f"stream-watch-{s.index}")]
         self.connections_opened += 1
-        _inc(self._metrics, "connections")
+        if self._metrics is not None:
+            self._metrics.stream_connections.inc()
         log.info("stream_connected", shard=s.index, channel=ch.id, topics=len(s.topics))
         return conn
 
@@ -899,7 +875,8 @@ class StreamManager:
         self._in_gap = True
         self._last_gap_at = self._clock()
         self.gap_count += 1
-        _inc(self._metrics, "stream_gaps", reason=reason)
+        if self._metrics is not None:
+            self._metrics.stream_gaps.labels(reason=reason).inc()
         log.warning("stream_gap", reason=reason)
         try:
             self._on_gap(reason)
@@ -908,13 +885,14 @@ class StreamManager:
 
     def _count_reconnect(self, reason: str) -> None:
         self.reconnects[reason] = self.reconnects.get(reason, 0) + 1
-        _inc(self._metrics, "reconnects", reason=reason)
+        if self._metrics is not None:
+            self._metrics.reconnects.labels(reason=reason).inc()
 
     def _update_gauges(self) -> None:
         if self._metrics is None:
             return
-        _set(self._metrics, "subscribed_topics", float(len(self.topics)))
-        _set(self._metrics, "channels", float(sum(1 for s in self._shards if s.channel is not None)))
+        self._metrics.subscribed_topics.set(len(self.topics))
+        self._metrics.channels.set(sum(1 for s in self._shards if s.channel is not None))
         for s in self._shards:
             if s.channel is not None:
                 self._set_age(s.channel)
@@ -922,8 +900,8 @@ class StreamManager:
     def _set_age(self, ch: ChannelLike) -> None:
         created = self._created.get(ch.id)
         if created is not None and self._metrics is not None:
-            _set(self._metrics, "channel_age_seconds", max(0.0, self._clock() - created),
-                 channel=str(ch.id))
+            self._metrics.channel_age_seconds.labels(channel=str(ch.id)).set(
+                max(0.0, self._clock() - created))
 
     def _background(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
