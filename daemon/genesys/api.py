@@ -7,15 +7,18 @@ Every request:
    HTTP answer came), for metrics;
 4. is logged at debug level with route and status (never the token or the URL query).
 
-Failure handling (bounded; `settings.max_retries` retries at most):
+Failure handling (bounded; `settings.max_retries` retries at most), decided by the one
+retry policy of `daemon.genesys.retry` (`process_exception`, `RetryPolicy.backoff()`):
 - 401: `tokens.invalidate(token)` and exactly one retry with a fresh token; a second 401
   raises `UnauthorizedError` ("the credentials were refused").
 - 429: wait `Retry-After` seconds (capped at `retry_after_cap`, default 60 s) by pausing the
-  shared limiter, so every other request waits too; then retry.
-- 5xx and transport errors (connect refused, reset, timeout, TLS): jittered exponential
-  back-off, then retry.
+  shared limiter, so every other request waits too; then retry. Without a Retry-After, the
+  wait is the next back-off delay.
+- 5xx and transport errors (connect refused, reset, timeout, TLS): `self.retry`'s jittered
+  exponential back-off (default 0.5 s doubling, capped at 8 s), then retry.
 - 409 is not retried, except by methods that say so (`disconnect_participant` retries a
-  conflict `retry_conflict` times with a short back-off).
+  conflict `retry_conflict` times with `self.conflict_retry`'s short back-off: 0.2 s
+  doubling, capped at 2 s).
 - Everything else (400, 403, 404, ...) raises at once.
 Errors are `daemon.errors.ApiError` subclasses carrying the ErrorBody `message`, `code`,
 `details`/`errors` messages and the correlation id (`inin-correlation-id` header, else
@@ -44,6 +47,7 @@ from daemon.errors import (ApiError, ConflictError, RateLimitedError, TransportE
                            UnauthorizedError, api_error_for_status)
 from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
 from daemon.genesys.ratelimit import Priority, RequestLimiter
+from daemon.genesys.retry import RetryPolicy, process_exception
 from daemon.core.timefmt import format_time, parse_time
 
 log = structlog.get_logger(__name__)
@@ -63,6 +67,10 @@ ANALYTICS_PAGE_SIZE = 100
 # Ids per analytics query (one segment-filter predicate each); keeps request bodies small.
 ANALYTICS_IDS_PER_QUERY = 50
 MAX_PAGES = 1000  # a bound on every paging loop, far beyond any real listing
+
+CONFLICT_RETRY = RetryPolicy(initial=0.2, factor=2.0, cap=2.0, jitter=0.5)
+"""The 409 back-off: a conflicting operation (a transfer, another removal) is usually over
+within a second. `max_attempts` is set per call from `retry_conflict`."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,11 @@ class GenesysClient:
     `transport` replaces the network (httpx.MockTransport in tests). `limiter` may be shared
     with other clients of the same OAuth client; by default one is made from
     `settings.requests_per_minute`. `retry_base_delay`/`retry_max_delay` shape the
-    jittered exponential back-off (seconds); `retry_after_cap` bounds a server's Retry-After.
+    jittered exponential back-off (seconds) of `self.retry` (a `RetryPolicy` with
+    `settings.max_retries + 1` attempts); `retry`, when given, replaces it whole.
+    `conflict_retry` is the 409 back-off (its attempts are set per call from
+    `retry_conflict`). `retry_after_cap` bounds a server's Retry-After. `rng` draws the
+    jitter (tests pass a seeded `random.Random`).
     """
 
     def __init__(self, settings: GenesysSettings, credentials: Credentials, *,
@@ -100,6 +112,9 @@ class GenesysClient:
                  retry_base_delay: float = 0.5,
                  retry_max_delay: float = 8.0,
                  retry_after_cap: float = 60.0,
+                 retry: RetryPolicy | None = None,
+                 conflict_retry: RetryPolicy | None = None,
+                 rng: random.Random | None = None,
                  token_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
@@ -113,10 +128,12 @@ class GenesysClient:
                                    clock=token_clock)
         self.limiter = limiter or RequestLimiter(settings.requests_per_minute)
         self.on_response = on_response
-        self.max_retries = settings.max_retries
-        self.retry_base_delay = retry_base_delay
-        self.retry_max_delay = retry_max_delay
+        self.retry = retry or RetryPolicy(initial=retry_base_delay, factor=2.0,
+                                          cap=retry_max_delay, jitter=0.5,
+                                          max_attempts=settings.max_retries + 1)
+        self.conflict_retry = conflict_retry or CONFLICT_RETRY
         self.retry_after_cap = retry_after_cap
+        self._rng = rng
 
     def __repr__(self) -> str:
         return f"GenesysClient(api_origin={self.api_origin!r})"
@@ -321,12 +338,17 @@ class GenesysClient:
         """Send one logical request with the retry policy of the module docstring."""
         path = route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
         url = self.api_origin + path
-        failures = 0  # 5xx, transport and 429 retries used
-        conflicts = 0
+        # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
+        delays = self.retry.backoff(self._rng)
+        conflict_delays = self.conflict_retry.replace(
+            max_attempts=retry_conflict + 1).backoff(self._rng)
         reauthed = False
         while True:
             token = await self.tokens.token()
             headers = {"Authorization": f"Bearer {token}"}
+            err: ApiError
+            resp: httpx.Response | None
+            seconds = 0.0
             async with self.limiter.slot(priority):
                 if on_send is not None:
                     on_send()
@@ -337,60 +359,51 @@ class GenesysClient:
                 except httpx.HTTPError as exc:
                     seconds = time.monotonic() - started
                     self._report(method, route, 0, seconds)
-                    terr = TransportError(
+                    log.debug("api_request", method=method, route=route, status=0,
+                              seconds=round(seconds, 3), error=exc.__class__.__name__)
+                    err = TransportError(
                         f"no answer from the Genesys API at {self.api_origin} "
                         f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
                         method=method, path=path)
-                    log.debug("api_request", method=method, route=route, status=0,
-                              seconds=round(seconds, 3), error=exc.__class__.__name__)
-                    if failures >= self.max_retries:
-                        raise terr from None
-                    failures += 1
-                    await asyncio.sleep(self._backoff(failures))
+                    resp = None
+                else:
+                    seconds = time.monotonic() - started
+            if resp is not None:
+                status = resp.status_code
+                self._report(method, route, status, seconds)
+                log.debug("api_request", method=method, route=route, status=status,
+                          seconds=round(seconds, 3))
+                if status < 400:
+                    return resp
+                err = self._error(resp, method, path)
+                if status == 401:
+                    await self.tokens.invalidate(token)
+                    if reauthed:
+                        raise UnauthorizedError(
+                            f"the credentials were refused: a freshly issued token was rejected "
+                            f"({err.message}); check that the OAuth client still exists and has a role",
+                            code=err.code, correlation_id=err.correlation_id, method=method,
+                            path=path, details=err.details) from None
+                    reauthed = True
                     continue
-                seconds = time.monotonic() - started
-            status = resp.status_code
-            self._report(method, route, status, seconds)
-            log.debug("api_request", method=method, route=route, status=status,
-                      seconds=round(seconds, 3))
-            if status < 400:
-                return resp
-            err = self._error(resp, method, path)
-            if status == 401:
-                await self.tokens.invalidate(token)
-                if reauthed:
-                    raise UnauthorizedError(
-                        f"the credentials were refused: a freshly issued token was rejected "
-                        f"({err.message}); check that the OAuth client still exists and has a role",
-                        code=err.code, correlation_id=err.correlation_id, method=method,
-                        path=path, details=err.details) from None
-                reauthed = True
-                continue
-            if status == 429:
-                retry_after = err.retry_after if isinstance(err, RateLimitedError) else None
-                if failures >= self.max_retries:
+            if process_exception(err, conflicts=True) is not None:
+                raise err from None
+            if isinstance(err, ConflictError):
+                wait = next(conflict_delays, None)
+                if wait is None:
                     raise err
-                failures += 1
-                wait = self._backoff(failures) if retry_after is None else retry_after
+                await asyncio.sleep(wait)
+                continue
+            wait = next(delays, None)
+            if wait is None:
+                raise err from None
+            if isinstance(err, RateLimitedError):
+                if err.retry_after is not None:
+                    wait = err.retry_after
                 log.warning("api_rate_limited", route=route, retry_after=round(wait, 2))
                 self.limiter.pause(wait)
                 continue
-            if status >= 500:
-                if failures >= self.max_retries:
-                    raise err
-                failures += 1
-                await asyncio.sleep(self._backoff(failures))
-                continue
-            if isinstance(err, ConflictError) and conflicts < retry_conflict:
-                conflicts += 1
-                await asyncio.sleep(min(2.0, 0.2 * conflicts) * random.uniform(0.5, 1.0))
-                continue
-            raise err
-
-    def _backoff(self, attempt: int) -> float:
-        """Jittered exponential back-off for the `attempt`-th retry (1-based), seconds."""
-        ceiling = min(self.retry_max_delay, self.retry_base_delay * 2.0 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)
+            await asyncio.sleep(wait)
 
     def _report(self, method: str, route: str, status: int, seconds: float) -> None:
         if self.on_response is None:

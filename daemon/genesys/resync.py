@@ -18,7 +18,9 @@ from REST. `Resyncer.resync(reason)`:
    call gone (`engine.mark_gone`).
 
 Errors on single calls are logged and counted (`ResyncReport.errors`), never fatal. If the
-discovery query itself fails, the attempt is retried `attempts` times with jittered back-off;
+discovery query itself fails, the attempt is retried with the `RetryPolicy` back-off
+(`retry`, default 3 attempts, 1 s doubling, capped at 30 s, jittered; every ConfguardError
+counts, since the stream stays in its gap until a resync succeeds);
 after that `resync` raises the `ConfguardError` and the caller retries later (the stream
 stays in its gap until a resync completes).
 
@@ -48,6 +50,7 @@ from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.model import Call, Decision
 from daemon.genesys.ratelimit import Priority
+from daemon.genesys.retry import RetryPolicy
 
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
     from daemon.service.metrics import Metrics
@@ -116,6 +119,8 @@ class Resyncer:
                  attempts: int = 3,
                  retry_initial: float = 1.0,
                  retry_max: float = 30.0,
+                 retry: RetryPolicy | None = None,
+                 rng: random.Random | None = None,
                  on_resynced: Callable[[ResyncReport], None] | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -129,11 +134,10 @@ class Resyncer:
         self.lookback = lookback
         self.lookahead = lookahead
         self.concurrency = concurrency
-        self.attempts = max(1, attempts)
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        self.retry = retry or RetryPolicy(initial=retry_initial, factor=2.0, cap=retry_max,
+                                          jitter=0.5, max_attempts=max(1, attempts))
         self._on_resynced = on_resynced
-        self._rng = random.Random()
+        self._rng = rng or random.Random()
         self._driver: asyncio.Task[None] | None = None
         self._pending: asyncio.Future[ResyncReport] | None = None
         self._pending_reasons: list[str] = []
@@ -200,23 +204,23 @@ class Resyncer:
                 self.running = False
 
     async def _run_with_retries(self, reasons: list[str]) -> ResyncReport:
-        delay = self.retry_initial
-        for attempt in range(1, self.attempts + 1):
+        delays = self.retry.backoff(self._rng)
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await self._run_once(reasons)
             except ConfguardError as exc:
                 self.failed += 1
                 if self._metrics is not None:
                     self._metrics.resync_errors.labels(kind=_error_kind(reasons)).inc()
-                if attempt >= self.attempts:
+                wait = next(delays, None)
+                if wait is None:
                     log.error("resync_failed", reasons=reasons, attempts=attempt, error=str(exc))
                     raise
-                wait = self._rng.uniform(delay / 2, delay)
                 log.warning("resync_attempt_failed", reasons=reasons, attempt=attempt,
                             error=str(exc), retry_in=round(wait, 2))
                 await asyncio.sleep(wait)
-                delay = min(self.retry_max, delay * 2)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ one resync
 

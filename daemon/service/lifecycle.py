@@ -50,6 +50,7 @@ from daemon.service.metrics import Metrics
 from daemon.core.model import Change, Decision
 from daemon.service.ops import HealthStatus, OpsServer
 from daemon.genesys.resync import Resyncer
+from daemon.genesys.retry import RetryPolicy
 from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
@@ -57,6 +58,9 @@ from daemon.genesys.stream import StreamManager
 
 log = structlog.get_logger("confguard.service")
 event_log = structlog.get_logger("confguard.event")
+
+GAP_RESYNC_RETRY = RetryPolicy(initial=1.0, factor=2.0, cap=60.0, jitter=0.0)
+"""Between failed resyncs after a gap: 1 s doubling to 60 s, unbounded (the gap stays open)."""
 
 
 def _debug_enabled() -> bool:
@@ -419,11 +423,11 @@ class Daemon:
         self._gap_flag.set()
 
     async def _gap_watch(self) -> None:
-        """Resync after each gap; retry with backoff until one succeeds."""
+        """Resync after each gap; retry with `GAP_RESYNC_RETRY`'s back-off until one succeeds."""
         flag = self._gap_flag
         if self._gap_reason:
             flag.set()
-        delay = 1.0
+        delays = GAP_RESYNC_RETRY.backoff()
         while not self._stop.is_set():
             await flag.wait()
             flag.clear()
@@ -433,12 +437,12 @@ class Daemon:
             try:
                 await self.resyncer.resync(reason)
             except ConfguardError as exc:
+                delay = next(delays)
                 log.error("resync_failed", reason=reason, error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
                 flag.set()
                 continue
-            delay = 1.0
+            delays = GAP_RESYNC_RETRY.backoff()
             self.metrics.tracked_calls.set(len(self.engine.store))
             if not flag.is_set():  # no newer gap arrived while resyncing
                 self._gap_reason = None

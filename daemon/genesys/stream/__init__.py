@@ -89,6 +89,7 @@ from daemon.errors import (
 )
 from daemon.core.events import ChannelGone, Heartbeat, SocketClosing, parse_message
 from daemon.core.ids import ChannelId, Topic
+from daemon.genesys.retry import RetryPolicy
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
 
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
@@ -153,16 +154,29 @@ class StreamClient(Protocol):
 # ---------------------------------------------------------------- back-off
 
 
+RECONNECT_RETRY = RetryPolicy(initial=0.5, factor=2.0, cap=30.0, jitter=0.5)
+"""The reconnect back-off (unbounded attempts); `backoff=(initial, cap)` overrides the times."""
+
+
 class Backoff:
-    """Jittered, capped exponential delays. `next()` after `reset()` is 0 (retry at once);
-    then `initial * 2**k`, capped at `maximum`, each drawn uniformly from [d/2, d]."""
+    """A shard's reconnect back-off: `RetryPolicy` delays counted from the last healthy
+    connection. `next()` after `reset()` is 0 (retry at once); the k-th after that is
+    `policy.delay(k)` (`initial * 2**(k-1)`, capped, drawn uniformly from [d/2, d])."""
 
     def __init__(self, initial: float = 0.5, maximum: float = 30.0,
-                 rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.maximum = maximum
+                 rng: random.Random | None = None, *,
+                 policy: RetryPolicy | None = None) -> None:
+        self.policy = policy or RECONNECT_RETRY.replace(initial=initial, cap=maximum)
         self.failures = 0
         self._rng = rng or random.Random()
+
+    @property
+    def initial(self) -> float:
+        return self.policy.initial
+
+    @property
+    def maximum(self) -> float:
+        return self.policy.cap
 
     def reset(self) -> None:
         self.failures = 0
@@ -172,8 +186,7 @@ class Backoff:
         self.failures += 1
         if n == 0:
             return 0.0
-        d = min(self.maximum, self.initial * (2 ** min(n - 1, 30)))
-        return self._rng.uniform(d / 2, d)
+        return self.policy.delay(n, self._rng)
 
 
 # ---------------------------------------------------------------- per shard / connection
