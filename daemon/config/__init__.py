@@ -16,6 +16,8 @@ Contract:
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +297,50 @@ class LoggingSettings(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+_HA_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+class HaSettings(_Strict):
+    """`ha:`: a hot standby with a PostgreSQL lease (README "High availability").
+    `backend: none` (the default) is one host, as before: no database is used."""
+
+    backend: Literal["none", "postgres"] = "none"
+    dsn: str | None = Field(default=None, description="postgresql://user@host:5432/db; or dsn_file, or the systemd credential ha_dsn.")
+    dsn_file: str | None = None
+    lease: str = Field(default="confguard", min_length=1, max_length=200)
+    takeover_after: float = Field(default=5.0, ge=1.0, le=300.0,
+                                  description="Seconds a lost leader may be silent before the standby takes over.")
+    node: str | None = Field(default=None, min_length=1, max_length=200,
+                             description="This host's name in the lease and the audit; default: the host name.")
+
+    @field_validator("takeover_after", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = _HA_DURATION.match(v)
+            if not m:
+                raise ValueError(f"expected a duration such as 5s, 2500ms or a number of seconds, got {v!r}")
+            return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+        return v
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if urlsplit(v).scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected a URL such as postgresql://confguard@db.example:5432/confguard")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+
 class Config(_Strict):
     """The whole of config.yaml. `source` is attached after validation (positions)."""
 
@@ -310,6 +356,7 @@ class Config(_Strict):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    ha: HaSettings = Field(default_factory=HaSettings)
 
     source: ConfigSource | None = Field(default=None, exclude=True)
 
@@ -375,6 +422,8 @@ def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = N
     for name, spec in cfg.lists.items():
         if (spec.file is None) == (spec.values is None):
             raise src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'")
+    if cfg.ha.dsn is not None and cfg.ha.dsn_file is not None:
+        raise src.error(("ha", "dsn_file"), "ha: give one of 'dsn' or 'dsn_file', not both")
     return cfg.model_copy(update={"source": src})
 
 
@@ -481,3 +530,31 @@ def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None
             f"(or {CLIENT_ID_ENVS[1]}/{CLIENT_SECRET_ENVS[1]}), or genesys.client_id_file and "
             f"genesys.client_secret_file, or systemd credentials genesys_client_id/genesys_client_secret")
     return Credentials(cid, secret)
+
+
+# ---------------------------------------------------------------- HA database
+
+
+def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None) -> str:
+    """The PostgreSQL DSN for `ha.backend: postgres`: `ha.dsn`, else `ha.dsn_file`, else the
+    systemd credential `ha_dsn` (`$CREDENTIALS_DIRECTORY/ha_dsn`). Raises ConfigError naming
+    where it looked (never the DSN itself: it may carry a password)."""
+    env = os.environ if env is None else env
+    if settings.dsn:
+        return settings.dsn
+    if settings.dsn_file:
+        path = Path(settings.dsn_file)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"ha.dsn_file: cannot read {path}: {exc.strerror or exc}") from None
+        if not value:
+            raise ConfigError(f"ha.dsn_file: {path} is empty")
+        return value
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / "ha_dsn").is_file():
+        value = (Path(cred_dir) / "ha_dsn").read_text(encoding="utf-8").strip()
+        if value:
+            return value
+    raise ConfigError("ha.backend is postgres but no database is named: set ha.dsn or "
+                      "ha.dsn_file, or the systemd credential ha_dsn")

@@ -155,6 +155,20 @@ class Metrics:
         self.config_reloads: Counter = Counter(
             p + "config_reloads", "Configuration reloads, by result (ok, rejected).", ["result"],
             registry=r)
+
+        # -- high availability (daemon.service.ha; zero/absent with ha.backend: none)
+        self.ha_role: Gauge = Gauge(
+            p + "ha_role", "1 for this node's current HA role (leader, standby, no-lease), 0 for "
+            "the others.", ["role"], registry=r)
+        self.ha_epoch: Gauge = Gauge(
+            p + "ha_epoch", "The lease epoch (fencing token) this node holds or last saw.",
+            registry=r)
+        self.ha_lease_age_seconds: Gauge = Gauge(
+            p + "ha_lease_age_seconds", "Seconds since this node's last successful lease "
+            "renewal was sent (0 when it never held the lease).", registry=r)
+        self.ha_renewals: Counter = Counter(
+            p + "ha_renewals", "Lease renewals by a leader, by result (ok, failed, lost).",
+            ["result"], registry=r)
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})

@@ -1,0 +1,499 @@
+"""High availability: the PostgreSQL lease and the shared decisions table (asyncpg).
+
+`HaNode` runs the lease loop for one host. The policy (who may send, when to renew) lives
+in the sans-I/O `daemon.core.lease.LeasePolicy`; this module only talks to the database:
+
+- Table `confguard_lease` (one row per lease name): `holder` (node), `epoch` (the fencing
+  token, +1 at every change of holder), `expires_at` and `renewed_at` (by the DATABASE's
+  clock, `clock_timestamp()`), `holder_pid` (the holder's backend pid).
+- Renewal (leader, every `takeover_after / 3`): ONE statement,
+  `UPDATE ... SET expires_at = clock_timestamp() + takeover_after WHERE name AND holder = me
+  AND epoch = mine`. No row updated: the lease was taken (epoch moved) -> standby at once.
+- Take-over (standby, every `poll_interval`): in one transaction, `SELECT ... FOR UPDATE`
+  the row; take it (epoch + 1) when it has no holder, has expired by the database clock, or
+  its holder's database session is gone (`holder_pid`, written by every renewal, is no
+  longer in `pg_stat_activity`: the common case of a killed process, whose socket the
+  kernel closed, is taken over at once instead of after `takeover_after`; this plays the
+  part of a session advisory lock, without the lock's hand-over races). When an expired
+  holder's session is still there (a frozen process keeps its socket open), it is ended
+  with `pg_terminate_backend`, so the frozen process finds its connection gone when it
+  wakes.
+- Any database error or timeout: the connection is dropped and the node fails closed
+  (`LeasePolicy.failed`); it reconnects at the next attempt. A connection that closes under
+  us (database restart, `pg_terminate_backend`) fails closed at once (termination listener).
+- SIGTERM: `release()` sets the row's holder to NULL so the standby takes over at its next
+  poll (well under a second).
+- Database unreachable at start-up: the node WAITS as `no-lease` (deciding, auditing
+  `standby`, never sending) and retries every poll interval, logging `ha_db_unreachable`
+  (at most every 10 s) with the reason. It never enforces without a lease.
+
+Table `confguard_decisions`: a leader writes one row per removal it is about to send (node,
+epoch, call, party, rule) and sets its `outcome` when the action ends. The rows are written
+by a background writer started in the same turn as the PATCH (never awaited on the hot
+path). A new leader reads, on take-over, the rows of the last `2 * takeover_after` and the
+ones never closed: their calls are re-read before it sends anything, and rows of another
+node with no outcome are closed (an outcome record in the new leader's audit, and the
+row's `outcome`). Rows older than a day with an outcome are deleted by the leader.
+
+Passwords in the DSN never reach a log line: errors are reported by type and message
+only (asyncpg does not echo the DSN), and the DSN is logged with its password masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
+
+log = structlog.get_logger("confguard.ha")
+
+__all__ = ["HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS confguard_lease (
+    name        text PRIMARY KEY,
+    holder      text,
+    epoch       bigint NOT NULL DEFAULT 0,
+    expires_at  timestamptz NOT NULL DEFAULT '-infinity',
+    renewed_at  timestamptz,
+    holder_pid  integer
+);
+CREATE TABLE IF NOT EXISTS confguard_decisions (
+    id              bigserial PRIMARY KEY,
+    lease           text NOT NULL,
+    node            text NOT NULL,
+    epoch           bigint NOT NULL,
+    conversation_id text NOT NULL,
+    participant_id  text NOT NULL,
+    rule            text NOT NULL,
+    decided_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    outcome         text,
+    closed_at       timestamptz
+);
+CREATE INDEX IF NOT EXISTS confguard_decisions_lease_time ON confguard_decisions (lease, decided_at);
+"""
+
+MAX_PENDING_WRITES = 10_000
+UNREACHABLE_LOG_EVERY = 10.0  # seconds between repeated ha_db_unreachable lines
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by `***` (for log lines)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparsable dsn>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedDecision:
+    """A row of `confguard_decisions` seen at take-over."""
+
+    id: int
+    node: str
+    epoch: int
+    conversation_id: str
+    participant_id: str
+    rule: str
+    outcome: str | None
+    age: float  # seconds since it was decided, by the database clock
+
+
+class HaNode:
+    """One host's part in the lease. See the module docstring.
+
+    `dsn`: the PostgreSQL DSN. `lease`: the lease name. `node`: this host's name.
+    `policy`: the LeasePolicy (its `takeover_after` is the lease lifetime). `metrics`: a
+    `daemon.service.metrics.Metrics` or None. `on_term(epoch)`: called (synchronously, on
+    the loop) when this node becomes leader for a new term; `on_lost()` when it stops
+    being leader. `clock`: monotonic seconds.
+    """
+
+    def __init__(self, dsn: str, *, lease: str, node: str, policy: LeasePolicy,
+                 metrics: Any = None, on_term: Callable[[int], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 connect_timeout: float | None = None) -> None:
+        self.dsn = dsn
+        self.lease = lease
+        self.node = node
+        self.policy = policy
+        self.metrics = metrics
+        self.on_term = on_term
+        self.on_lost = on_lost
+        self._clock = clock
+        self._timeout = connect_timeout or max(0.5, policy.renew_interval)
+        self._conn: Any = None  # asyncpg.Connection for the lease row
+        self._data: Any = None  # asyncpg.Connection for the decisions table
+        self._schema_ready = False
+        self._wake = asyncio.Event()
+        self._writes: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._writes_wake = asyncio.Event()
+        self._dropped_writes = 0
+        self._last_unreachable_log = -1e18
+        self._stopping = False
+        self._last_role: Role | None = None
+        self.renewals = {"ok": 0, "failed": 0, "lost": 0}
+        self.last_renew_seconds: float | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def may_send(self) -> bool:
+        return self.policy.may_send(self._clock())
+
+    @property
+    def role(self) -> Role:
+        return self.policy.role(self._clock())
+
+    @property
+    def epoch(self) -> int:
+        return self.policy.epoch
+
+    def lease_age(self) -> float | None:
+        return self.policy.lease_age(self._clock())
+
+    def health(self) -> dict[str, Any]:
+        """The `/healthz` keys: role, epoch, node, lease_age (seconds, None if never held)."""
+        age = self.lease_age()
+        return {"role": self.role.value, "epoch": self.epoch, "node": self.node,
+                "lease_age": None if age is None else round(age, 3)}
+
+    def update_metrics(self) -> None:
+        m = self.metrics
+        role = self.role
+        if m is not None:
+            for r in ROLES:
+                m.ha_role.labels(role=r).set(1 if r == role.value else 0)
+            m.ha_epoch.set(self.epoch)
+            age = self.lease_age()
+            m.ha_lease_age_seconds.set(age if age is not None else 0)
+        if role is not self._last_role:
+            old, self._last_role = self._last_role, role
+            log.info("ha_role", old=old.value if old else None, new=role.value,
+                     epoch=self.epoch, node=self.node, holder=self.policy.holder)
+
+    def _count(self, result: str) -> None:
+        self.renewals[result] += 1
+        if self.metrics is not None:
+            self.metrics.ha_renewals.labels(result=result).inc()
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect(self) -> Any:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._conn = None
+        conn = await asyncpg.connect(self.dsn, timeout=self._timeout,
+                                     server_settings={"application_name": f"confguard:{self.node}"})
+        conn.add_termination_listener(self._terminated)
+        if not self._schema_ready:
+            try:
+                async with conn.transaction():
+                    # Two hosts creating the tables at once would race in the catalog.
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('confguard-schema', 0))")
+                    await conn.execute(SCHEMA)
+                    await conn.execute("INSERT INTO confguard_lease (name) VALUES ($1) "
+                                       "ON CONFLICT (name) DO NOTHING", self.lease)
+            except BaseException:
+                await _close(conn)
+                raise
+            self._schema_ready = True
+        self._conn = conn
+        log.info("ha_db_connected", dsn=mask_dsn(self.dsn), lease=self.lease, node=self.node)
+        return conn
+
+    def _terminated(self, conn: Any) -> None:
+        """The lease connection closed under us: fail closed now, not at the next renewal."""
+        if conn is not self._conn or self._stopping:
+            return
+        self._conn = None
+        was_leader = self.policy.is_leader
+        self.policy.failed()
+        log.warning("ha_db_connection_lost", node=self.node, was_leader=was_leader,
+                    detail="sending stops until the lease is renewed")
+        if was_leader:
+            self._count("failed")
+            self._lost("database connection lost")
+        self.update_metrics()
+        self._wake.set()
+
+    def _lost(self, why: str) -> None:
+        if self.on_lost is not None:
+            try:
+                self.on_lost(why)
+            except Exception:
+                log.exception("ha_on_lost_failed")
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close(conn)
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def attempt(self) -> bool:
+        """One renewal (leader) or take-over attempt. Returns True when it started a new
+        leader term. Never raises for database trouble: it fails closed instead."""
+        sent_at = self._clock()
+        self.policy.attempt_started(sent_at)
+        was_leader = self.policy.is_leader
+        try:
+            conn = await self._connect()
+            if was_leader:
+                view = await self._renew(conn)
+            else:
+                view = await self._take(conn)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            self.policy.failed()
+            if was_leader:
+                self._count("failed")
+                self._lost(f"renewal failed: {type(exc).__name__}")
+            self._unreachable(exc)
+            await self._drop()
+            self.update_metrics()
+            return False
+        self.last_renew_seconds = self._clock() - sent_at
+        became = self.policy.succeeded(sent_at, view)
+        if was_leader:
+            if view.ours:
+                self._count("ok")
+            else:
+                self._count("lost")
+                log.warning("ha_lease_lost", node=self.node, holder=view.holder, epoch=view.epoch,
+                            detail="another node holds the lease; sending stops, deciding goes on")
+                self._lost(f"lease taken by {view.holder} (epoch {view.epoch})")
+        if became:
+            log.warning("ha_became_leader", node=self.node, epoch=view.epoch, lease=self.lease)
+            if self.on_term is not None:
+                try:
+                    self.on_term(view.epoch)
+                except Exception:
+                    log.exception("ha_on_term_failed")
+        self.update_metrics()
+        return became
+
+    def _unreachable(self, exc: BaseException) -> None:
+        now = self._clock()
+        if now - self._last_unreachable_log >= UNREACHABLE_LOG_EVERY:
+            self._last_unreachable_log = now
+            log.error("ha_db_unreachable", node=self.node, lease=self.lease,
+                      error_type=type(exc).__name__, error=str(exc)[:300] or type(exc).__name__,
+                      detail="no lease: deciding as standby, sending nothing; retrying")
+
+    async def _renew(self, conn: Any) -> LeaseView:
+        row = await conn.fetchrow(
+            "UPDATE confguard_lease SET expires_at = clock_timestamp() + make_interval(secs => $4), "
+            "renewed_at = clock_timestamp(), holder_pid = pg_backend_pid() "
+            "WHERE name = $1 AND holder = $2 AND epoch = $3 RETURNING epoch",
+            self.lease, self.node, self.policy.epoch, self.policy.takeover_after,
+            timeout=self._timeout)
+        if row is not None:
+            return LeaseView(self.node, int(row["epoch"]), True)
+        current = await conn.fetchrow("SELECT holder, epoch FROM confguard_lease WHERE name = $1",
+                                      self.lease, timeout=self._timeout)
+        if current is None:
+            return LeaseView(None, self.policy.epoch, False)
+        return LeaseView(current["holder"], int(current["epoch"]), False)
+
+    async def _take(self, conn: Any) -> LeaseView:
+        terminate: int | None = None
+        select = ("SELECT holder, epoch, holder_pid, expires_at <= clock_timestamp() AS expired, "
+                  "(holder_pid IS NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+                  "WHERE a.pid = holder_pid)) AS session_gone "
+                  "FROM confguard_lease WHERE name = $1 FOR UPDATE")
+        async with conn.transaction():
+            row = await conn.fetchrow(select, self.lease, timeout=self._timeout)
+            if row is None:  # deleted by hand: create it again
+                await conn.execute("INSERT INTO confguard_lease (name) VALUES ($1) "
+                                   "ON CONFLICT (name) DO NOTHING", self.lease, timeout=self._timeout)
+                row = await conn.fetchrow(select, self.lease, timeout=self._timeout)
+            assert row is not None
+            holder, epoch = row["holder"], int(row["epoch"])
+            free = holder is None or bool(row["expired"])
+            if not free and row["session_gone"]:
+                # The holder renews through its own session and records that session's pid;
+                # when that session is gone (a killed process, whose socket the kernel
+                # closed), its holder cannot send either: no need to wait for the expiry.
+                # (A live holder whose session dropped has already stopped sending: it
+                # fails closed the moment its connection closes.)
+                log.info("ha_holder_session_gone", node=self.node, holder=holder, epoch=epoch)
+                free = True
+            if not free:
+                return LeaseView(holder, epoch, False)
+            if holder is not None and row["holder_pid"] is not None and not row["session_gone"]:
+                terminate = int(row["holder_pid"])
+            new = await conn.fetchval(
+                "UPDATE confguard_lease SET holder = $2, epoch = epoch + 1, "
+                "expires_at = clock_timestamp() + make_interval(secs => $3), "
+                "renewed_at = clock_timestamp(), holder_pid = pg_backend_pid() "
+                "WHERE name = $1 RETURNING epoch", self.lease, self.node,
+                self.policy.takeover_after, timeout=self._timeout)
+        if terminate is not None:
+            # A frozen holder keeps its session open; end it, so that the frozen process
+            # finds its connection gone (and fails closed) the moment it wakes. Best effort.
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, OSError):
+                ended = await conn.fetchval(
+                    "SELECT pg_terminate_backend($1) FROM pg_stat_activity "
+                    "WHERE pid = $1 AND pid <> pg_backend_pid()", terminate, timeout=self._timeout)
+                if ended:
+                    log.info("ha_old_holder_session_ended", holder=holder, pid=terminate)
+        return LeaseView(self.node, int(new), True)
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew or try to take the lease until `stop` is set; then release it."""
+        writer = asyncio.create_task(self._writer(stop), name="ha-writer")
+        try:
+            while not stop.is_set():
+                now = self._clock()
+                due = self.policy.next_attempt(now)
+                if due > now:
+                    self._wake.clear()
+                    # Wake at the due time, at a stop, or when the connection closed under us.
+                    waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+                    _, pending = await asyncio.wait(waits, timeout=due - now,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                    for w in waits:
+                        w.cancel()
+                    self.update_metrics()  # a lease running out locally shows at once
+                    continue
+                await self.attempt()
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def release(self) -> None:
+        """Hand the lease back (shutdown), so the standby takes over at its next poll; then
+        close the connections. Bounded by the attempt timeout."""
+        self._stopping = True
+        was = self.policy.is_leader
+        epoch = self.policy.epoch
+        self.policy.released()
+        if was and self._conn is not None and not self._conn.is_closed():
+            try:
+                await self._conn.execute(
+                    "UPDATE confguard_lease SET holder = NULL, expires_at = '-infinity', holder_pid = NULL "
+                    "WHERE name = $1 AND holder = $2 AND epoch = $3", self.lease, self.node, epoch,
+                    timeout=self._timeout)
+                log.info("ha_lease_released", node=self.node, epoch=epoch)
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("ha_lease_release_failed", error_type=type(exc).__name__,
+                            detail="the standby takes over when the lease expires")
+        await self._flush_writes()
+        await self._drop()
+        data, self._data = self._data, None
+        if data is not None:
+            await _close(data)
+        self.update_metrics()
+
+    # ------------------------------------------------------------------ decisions table
+
+    def record_intent(self, conversation_id: str, participant_id: str, rule: str) -> None:
+        """A removal is about to be sent by this leader (call it right before the PATCH).
+        Queued for the background writer: the hot path never waits on the database."""
+        self._queue("INSERT INTO confguard_decisions (lease, node, epoch, conversation_id, "
+                    "participant_id, rule) VALUES ($1, $2, $3, $4, $5, $6)",
+                    (self.lease, self.node, self.policy.epoch, conversation_id, participant_id, rule))
+
+    def record_outcome(self, conversation_id: str, participant_id: str, rule: str, outcome: str) -> None:
+        """Close this node's open row(s) for the party and rule with `outcome`."""
+        self._queue("UPDATE confguard_decisions SET outcome = $6, closed_at = clock_timestamp() "
+                    "WHERE lease = $1 AND node = $2 AND conversation_id = $3 AND participant_id = $4 "
+                    "AND rule = $5 AND outcome IS NULL",
+                    (self.lease, self.node, conversation_id, participant_id, rule, outcome))
+
+    def _queue(self, sql: str, args: tuple[Any, ...]) -> None:
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            self._dropped_writes += 1
+            if self._dropped_writes in (1, 10, 100) or self._dropped_writes % 1000 == 0:
+                log.error("ha_decision_rows_dropped", dropped=self._dropped_writes,
+                          detail="the database is not keeping up; the audit trail still has them")
+            return
+        self._writes.append((sql, args))
+        self._writes_wake.set()
+
+    async def _data_conn(self) -> Any:
+        if self._data is None or self._data.is_closed():
+            self._data = await asyncpg.connect(
+                self.dsn, timeout=self._timeout,
+                server_settings={"application_name": f"confguard:{self.node}:decisions"})
+        return self._data
+
+    async def _flush_writes(self) -> bool:
+        """Write what is queued, in order. False (rows kept) when the database fails."""
+        while self._writes:
+            sql, args = self._writes[0]
+            try:
+                conn = await self._data_conn()
+                await conn.execute(sql, *args, timeout=self._timeout)
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("ha_decision_row_failed", error_type=type(exc).__name__, queued=len(self._writes))
+                data, self._data = self._data, None
+                if data is not None:
+                    await _close(data)
+                return False
+            self._writes.popleft()
+        return True
+
+    async def _writer(self, stop: asyncio.Event) -> None:
+        last_prune = self._clock()
+        while not stop.is_set():
+            self._writes_wake.clear()
+            if not self._writes:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._writes_wake.wait(), timeout=5.0)
+            if not await self._flush_writes():
+                await asyncio.sleep(self.policy.poll_interval)
+            if self.policy.is_leader and self._clock() - last_prune > 3600:
+                last_prune = self._clock()
+                with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    conn = await self._data_conn()
+                    await conn.execute("DELETE FROM confguard_decisions WHERE lease = $1 AND outcome IS NOT NULL "
+                                       "AND decided_at < clock_timestamp() - interval '1 day'", self.lease,
+                                       timeout=self._timeout)
+
+    async def recent_decisions(self, window: float) -> list[UnfinishedDecision]:
+        """Rows of this lease decided in the last `window` seconds, or never closed (up to a
+        day back), oldest first. Raises the database error (the caller decides)."""
+        conn = await self._data_conn()
+        rows = await conn.fetch(
+            "SELECT id, node, epoch, conversation_id, participant_id, rule, outcome, "
+            "extract(epoch FROM clock_timestamp() - decided_at)::float8 AS age "
+            "FROM confguard_decisions WHERE lease = $1 AND (decided_at > clock_timestamp() - "
+            "make_interval(secs => $2) OR (outcome IS NULL AND decided_at > clock_timestamp() - interval '1 day')) "
+            "ORDER BY id LIMIT 10000", self.lease, window, timeout=max(self._timeout, 2.0))
+        return [UnfinishedDecision(int(r["id"]), r["node"], int(r["epoch"]), r["conversation_id"],
+                                   r["participant_id"], r["rule"], r["outcome"], float(r["age"]))
+                for r in rows]
+
+    async def close_decision(self, row_id: int, outcome: str) -> None:
+        conn = await self._data_conn()
+        await conn.execute("UPDATE confguard_decisions SET outcome = $2, closed_at = clock_timestamp() "
+                           "WHERE id = $1 AND outcome IS NULL", row_id, outcome, timeout=self._timeout)
+
+
+async def _close(conn: Any) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), timeout=1.0)
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+        conn.terminate()
