@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Runtime dependencies only: what `confguard demo` needs.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test typecheck soak bench clean
 
@@ -12,7 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo needs only the runtime dependencies (no mypy, SDK, hypothesis or pytest).
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/confguard demo
 
 test: $(STAMP)

@@ -9,6 +9,12 @@ queue names, creates a notification channel, subscribes every topic with
 then removes the subscriptions again (a channel cannot be deleted; unconnected, it
 expires by itself and is the first one Genesys retires).
 
+`--schema` prints the JSON Schema of config.yaml (draft 2020-12) and exits 0: generated
+from the pydantic models of `daemon.config`, with the rules' `when`/`call` conditions
+spelt out from the rule compiler's field and operator tables, so an editor (the YAML
+language server) can complete and check field names, operators and value types. The
+committed copy is docs/config.schema.json (tests/commands/test_schema.py keeps it current).
+
 Exit codes: 0 ok, 1 online check found problems (rejected topics), 2 invalid configuration,
 4 credentials refused or permission missing, 5 API or network failure.
 """
@@ -16,13 +22,17 @@ Exit codes: 0 ok, 1 online check found problems (rejected topics), 2 invalid con
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from typing import Any, TextIO
+
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticOmit, core_schema
 
 from daemon.genesys.api import GenesysClient
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.errors import ConfigError
-from daemon.core.rules import compile_rules
+from daemon.core.rules import CALL_FIELDS, COMBINATORS, OPERATORS, PARTY_FIELDS, compile_rules
 from daemon.genesys.scope import resolve_scope, shard
 
 
@@ -77,6 +87,146 @@ async def online_check(config: Config, out: TextIO) -> int:
         return 0
 
 
+# ---------------------------------------------------------------------- JSON Schema
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_PATH = "docs/config.schema.json"
+
+_NUMERIC_OPS = ("gt", "gte", "lt", "lte")
+_TEXT_OPS = ("matches", "contains", "starts_with")
+_LIST_OPS = ("in_list", "not_in_list")
+_OP_HELP = {
+    "equals": "equal to this value (a bare value means equals)",
+    "not_equals": "not equal to this value (an absent field is not equal)",
+    "in": "one of these values",
+    "not_in": "none of these values (an absent field is none of them)",
+    "in_list": "in the named list under 'lists:'",
+    "not_in_list": "not in the named list under 'lists:'",
+    "matches": "matches this regular expression in full",
+    "contains": "contains this text",
+    "starts_with": "starts with this text",
+    "exists": "true: the field is present; false: it is absent",
+    "gt": "greater than this number", "gte": "greater than or equal to this number",
+    "lt": "less than this number", "lte": "less than or equal to this number",
+}
+# JSON types a comparison value may have, per field kind of the rule compiler.
+_VALUE_TYPES: dict[str, list[str]] = {
+    "str": ["string", "integer"], "phone": ["string", "integer"], "set": ["string", "integer"],
+    "bool": ["boolean"], "num": ["number"], "attr": ["string", "number", "boolean"],
+}
+
+
+class _OmitUnrepresentable(GenerateJsonSchema):
+    """Leaves out what JSON cannot hold (Config.source, attached after loading)."""
+
+    def handle_invalid_for_json_schema(self, schema: core_schema.CoreSchema,
+                                       error_info: str) -> dict[str, Any]:
+        raise PydanticOmit
+
+
+def _operators_for(kind: str) -> dict[str, Any]:
+    value: dict[str, Any] = {"type": _VALUE_TYPES[kind]}
+    out: dict[str, Any] = {}
+    for op in OPERATORS:
+        if op in ("equals", "not_equals"):
+            schema: dict[str, Any] = dict(value)
+        elif op in ("in", "not_in"):
+            schema = {"type": "array", "items": value, "minItems": 1}
+        elif op == "exists":
+            schema = {"type": "boolean"}
+        elif op in _NUMERIC_OPS:
+            if kind not in ("num", "attr"):
+                continue
+            schema = {"type": "number"}
+        elif op in _TEXT_OPS:
+            if kind in ("bool", "num"):
+                continue
+            schema = {"type": "string"}
+            if op == "matches":
+                schema["format"] = "regex"
+        elif op in _LIST_OPS:
+            if kind in ("bool", "num"):
+                continue
+            schema = {"type": "string", "description": "the name of a list under 'lists:'"}
+        else:  # pragma: no cover - a new operator must be described here
+            raise AssertionError(f"operator {op!r} has no schema")
+        schema.setdefault("description", _OP_HELP.get(op, op))
+        out[op] = schema
+    return out
+
+
+def _condition(kind: str, label: str) -> dict[str, Any]:
+    """A field's condition: a bare value (equals) or a mapping of operators."""
+    return {
+        "description": f"{label} ({kind}): a value (equals) or a mapping of operators",
+        "anyOf": [
+            {"type": _VALUE_TYPES[kind]},
+            {"type": "object", "properties": _operators_for(kind), "additionalProperties": False,
+             "minProperties": 1},
+        ],
+    }
+
+
+def _rule_conditions() -> dict[str, Any]:
+    """$defs for the rules' `when` (party) and `call` condition mappings."""
+    party_props: dict[str, Any] = {name: {"$ref": f"#/$defs/Field_{f.kind}", "description": name}
+                                   for name, f in PARTY_FIELDS.items()}
+    call_props: dict[str, Any] = {name: {"$ref": f"#/$defs/Field_{f.kind}", "description": f.label}
+                                  for name, f in CALL_FIELDS.items()}
+    call_props["has_party"] = {"$ref": "#/$defs/PartyConditions",
+                               "description": "another party of the call matches these party conditions"}
+
+    def combinators(ref: str) -> dict[str, Any]:
+        assert set(COMBINATORS) == {"any", "all", "not"}
+        group = {"$ref": ref}
+        return {"any": {"type": "array", "items": group, "minItems": 1,
+                        "description": "at least one of these condition mappings holds"},
+                "all": {"type": "array", "items": group, "minItems": 1,
+                        "description": "every one of these condition mappings holds"},
+                "not": {**group, "description": "this condition mapping does not hold"}}
+
+    call_prefixed = "^call\\.(" + "|".join([*CALL_FIELDS, "has_party"]) + ")$"
+    defs: dict[str, Any] = {f"Field_{kind}": _condition(kind, kind) for kind in _VALUE_TYPES}
+    defs["PartyConditions"] = {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "description": "Conditions on the party being judged; every one must hold.",
+        "properties": {**party_props, **combinators("#/$defs/PartyConditions")},
+        "patternProperties": {"^attributes\\..+$": {"$ref": "#/$defs/Field_attr"},
+                              call_prefixed: {}},
+    }
+    defs["CallConditions"] = {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "description": "Conditions on the call as a whole; every one must hold.",
+        "properties": {**call_props, **combinators("#/$defs/CallConditions")},
+    }
+    return defs
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of config.yaml: the pydantic models, plus the rule conditions."""
+    schema: dict[str, Any] = Config.model_json_schema(schema_generator=_OmitUnrepresentable)
+    schema["properties"].pop("source", None)
+    defs: dict[str, Any] = schema.setdefault("$defs", {})
+    defs.pop("ConfigSource", None)
+    defs.update(_rule_conditions())
+    rule = defs["RuleSpec"]["properties"]
+    rule["when"] = {"$ref": "#/$defs/PartyConditions"}
+    rule["call"] = {"$ref": "#/$defs/CallConditions"}
+    rule["hold_for"] = {
+        "description": "how long the conditions must hold before the rule fires",
+        "anyOf": [{"type": "string", "pattern": "^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$"},
+                  {"type": "number", "minimum": 0}, {"type": "null"}]}
+    rule["when"]["description"] = "conditions on the party being judged"
+    rule["call"]["description"] = "conditions on the call as a whole"
+    schema.pop("title", None)
+    return {"$schema": SCHEMA_DIALECT, "title": "confguard config.yaml", **schema}
+
+
+def schema_text() -> str:
+    """`config_schema()` as committed in docs/config.schema.json."""
+    return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "check", help="validate config.yaml (and with --online, against Genesys Cloud)",
@@ -84,10 +234,15 @@ def register(subparsers: Any) -> None:
         epilog="exit codes: 0 ok, 1 topics rejected, 2 invalid config, 4 credentials or permission refused, 5 API/network failure")
     p.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
     p.add_argument("--online", action="store_true", help="also check against Genesys Cloud, then clean up")
+    p.add_argument("--schema", action="store_true",
+                   help=f"print the JSON Schema of config.yaml (committed as {SCHEMA_PATH}) and exit")
     p.set_defaults(func=check_command)
 
 
 def check_command(args: Any, out: TextIO = sys.stdout) -> int:
+    if getattr(args, "schema", False):
+        out.write(schema_text())
+        return 0
     # A ConfigError reaches daemon.cli.main, which prints it as bare FILE:LINE:COL: message.
     config = load_config(args.config)
     print(summary(config), file=out)
