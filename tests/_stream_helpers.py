@@ -15,6 +15,7 @@ import orjson
 from daemon.genesys.api import GenesysClient
 from daemon.config import Credentials, GenesysSettings, parse_config
 from daemon.core.engine import Engine
+from daemon.core.topics import queue_topic as queue_topic
 from daemon.core.model import Decision
 from daemon.core.rules import RuleEngine, compile_rules
 from daemon.sandbox import Sandbox
@@ -63,10 +64,6 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def queue_topic(qid: str) -> str:
-    return f"v2.routing.queues.{qid}.conversations.calls"
 
 
 @dataclass

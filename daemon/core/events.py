@@ -12,7 +12,8 @@ Shapes recognised (see /work/shared/genesys-api.md, "Notification service"):
 - `{"message": "pong"}`, or `channel.metadata` with eventBody `{"message": "pong"}` -> `Pong`
 - topicName `v2.system.socket_closing` -> `SocketClosing`
 - `{"result": "404", "message": "..."}` (channel gone) -> `ChannelGone(message)`
-- `v2.routing.queues.{id}.conversations.calls` / `v2.users.{id}.conversations.calls` with a
+- a call topic (`daemon.core.topics`: `v2.routing.queues.{id}.conversations.calls` /
+  `v2.users.{id}.conversations.calls`) with a
   dict eventBody carrying a non-empty string `id` and a list `participants`
   -> `CallEvent(topic, body)`; `body` is the decoded eventBody, not copied
 - any other JSON object with a string topicName -> `OtherMessage(topic)`
@@ -23,20 +24,20 @@ Rejection reasons (stable): `not_json`, `not_object`, `no_topic`, `bad_topic`,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
+# The one topic grammar lives in daemon.core.topics; these names are re-exported.
+from daemon.core.topics import CALL_TOPIC_RE as CALL_TOPIC_RE
+from daemon.core.topics import METADATA_TOPIC as METADATA_TOPIC
+from daemon.core.topics import SOCKET_CLOSING_TOPIC as SOCKET_CLOSING_TOPIC
+from daemon.core.topics import topic_kind as topic_kind
+
 EXCERPT_LEN: Final = 120
 
-CALL_TOPIC_RE: Final = re.compile(r"v2\.(?:routing\.queues|users)\.([^.\s]+)\.conversations\.calls")
-"""Matches (with `fullmatch`) the two call topics; group 1 is the queue or user id."""
-
 HEARTBEAT_TEXT: Final = "WebSocket Heartbeat"
-METADATA_TOPIC: Final = "channel.metadata"
-SOCKET_CLOSING_TOPIC: Final = "v2.system.socket_closing"
 
 REJECT_REASONS: Final = (
     "not_json", "not_object", "no_topic", "bad_topic", "bad_event_body", "missing_id",
@@ -108,19 +109,6 @@ def excerpt(raw: bytes | str | object, limit: int = EXCERPT_LEN) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def topic_kind(topic: str) -> str:
-    """Coarse topic class for metric labels: queue, user, metadata, system or other."""
-    if topic.startswith("v2.routing.queues."):
-        return "queue"
-    if topic.startswith("v2.users."):
-        return "user"
-    if topic == METADATA_TOPIC:
-        return "metadata"
-    if topic.startswith("v2.system."):
-        return "system"
-    return "other"
 
 
 def parse_message(raw: bytes | str) -> Message:

@@ -6,8 +6,9 @@ Contract:
   *name*, looked up with `client.find_queues_by_name` and matched exactly, ignoring case.
   Zero or several matches raise `SubscriptionError` naming the queue (a compliance scope
   must never silently shrink or widen). User entries are ids.
-- Topics: `v2.routing.queues.{id}.conversations.calls` per queue and
-  `v2.users.{id}.conversations.calls` per user, de-duplicated, in configuration order.
+- Topics (grammar in `daemon.core.topics`): `v2.routing.queues.{id}.conversations.calls`
+  per queue and `v2.users.{id}.conversations.calls` per user, de-duplicated, in
+  configuration order.
 - `shard(topics, per_channel=1000, max_channels=20)` splits topics into channel-sized lists
   (Genesys: at most 1000 topics per channel, 20 channels per OAuth client). Needing more
   than `max_channels` raises `SubscriptionError` saying how many topics there are, the limit
@@ -26,6 +27,7 @@ import structlog
 from daemon.config import SubscriptionSettings
 from daemon.errors import ApiError, SubscriptionError
 from daemon.core.ids import QueueId, Topic, UserId
+from daemon.core.topics import QueueCalls, UserCalls, parse_call_topic, queue_topic, user_topic
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +35,6 @@ MAX_TOPICS_PER_CHANNEL = 1000
 MAX_CHANNELS = 20
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_QUEUE_TOPIC = re.compile(r"^v2\.routing\.queues\.([^.]+)\.conversations\.calls$")
-_USER_TOPIC = re.compile(r"^v2\.users\.([^.]+)\.conversations\.calls$")
 
 
 class QueueFinder(Protocol):
@@ -47,23 +47,16 @@ def looks_like_uuid(value: str) -> bool:
     return bool(_UUID.match(value.strip()))
 
 
-def queue_topic(queue_id: str) -> Topic:
-    return Topic(f"v2.routing.queues.{queue_id}.conversations.calls")
-
-
-def user_topic(user_id: str) -> Topic:
-    return Topic(f"v2.users.{user_id}.conversations.calls")
-
-
 def ids_from_topics(topics: Iterable[str]) -> tuple[list[QueueId], list[UserId]]:
     """The queue ids and user ids that a list of call topics covers (other topics ignored)."""
     queues: list[QueueId] = []
     users: list[UserId] = []
     for t in topics:
-        if m := _QUEUE_TOPIC.match(t):
-            queues.append(QueueId(m.group(1)))
-        elif m := _USER_TOPIC.match(t):
-            users.append(UserId(m.group(1)))
+        parsed = parse_call_topic(t)
+        if isinstance(parsed, QueueCalls):
+            queues.append(parsed.queue_id)
+        elif isinstance(parsed, UserCalls):
+            users.append(parsed.user_id)
     return queues, users
 
 

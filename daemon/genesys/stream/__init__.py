@@ -89,6 +89,7 @@ from daemon.errors import (
 )
 from daemon.core.events import ChannelGone, Heartbeat, SocketClosing, parse_message
 from daemon.core.ids import ChannelId, Topic
+from daemon.core.topics import CALL_FRAME_PREFIXES, CALL_FRAME_PREFIXES_BYTES
 from daemon.genesys.retry import RetryPolicy
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
 
@@ -101,8 +102,8 @@ CONTROL_PEEK_MAX: Final = 4096
 """Frames longer than this are never control messages (those are a few hundred bytes)."""
 _MARKERS_STR: Final = ("channel.metadata", "v2.system.", '"result"', "pong")
 _MARKERS_BYTES: Final = tuple(m.encode() for m in _MARKERS_STR)
-_CALL_PREFIXES_STR: Final = ('{"topicName":"v2.routing.queues.', '{"topicName":"v2.users.')
-_CALL_PREFIXES_BYTES: Final = tuple(p.encode() for p in _CALL_PREFIXES_STR)
+_CALL_PREFIXES_STR: Final = CALL_FRAME_PREFIXES
+_CALL_PREFIXES_BYTES: Final = CALL_FRAME_PREFIXES_BYTES
 _PING: Final = '{"message":"ping"}'
 
 
