@@ -179,7 +179,13 @@ class GenesysSettings(_Strict):
     login_base_url: str | None = Field(default=None, description="Origin; /oauth/token is appended.")
     client_id_file: str | None = None
     client_secret_file: str | None = None
-    requests_per_minute: int = Field(default=300, ge=1, le=100_000)
+    requests_per_minute: int = Field(
+        default=300, ge=1, le=100_000,
+        description="Requests per 60 s window assumed until Genesys' inin-ratelimit-* headers say otherwise.")
+    enforce_reserve: float = Field(
+        default=0.2, ge=0.0, lt=1.0,
+        description="Fraction of every budget window kept for removals (PATCHes); resync, "
+                    "reconciliation and scope lookups together may spend the rest.")
     connect_timeout: float = Field(default=5.0, gt=0, le=120)
     read_timeout: float = Field(default=10.0, gt=0, le=300)
     max_retries: int = Field(default=4, ge=0, le=20)
@@ -236,6 +242,9 @@ class SubscriptionSettings(_Strict):
         default=300.0, ge=0,
         description="Seconds between periodic re-reads of the in-scope calls (0: never). Genesys "
                     "never says it lost an event; this bounds how long a lost one can hide a breaker.")
+    reconcile_share: float = Field(
+        default=0.25, gt=0.0, le=1.0,
+        description="Fraction of every budget window that reconciliation may spend at most.")
 
 
 class SafetySettings(_Strict):

@@ -1,7 +1,9 @@
 """The Genesys Cloud REST client: one shared httpx.AsyncClient, one request budget, one token.
 
 Every request:
-1. waits for a `RequestLimiter` slot at its priority (enforcement PATCHes go first);
+1. waits for a `RequestLimiter` slot at its priority (enforcement PATCHes go first; see
+   `daemon.genesys.ratelimit` for the budget model) and, once answered, hands the answer's
+   `inin-ratelimit-*` headers to the limiter (errors included);
 2. carries `Authorization: Bearer <token>` from the `TokenManager`;
 3. reports `(method, route template, status, seconds)` to `on_response` (status 0 when no
    HTTP answer came), for metrics;
@@ -12,8 +14,9 @@ retry policy of `daemon.genesys.retry` (`process_exception`, `RetryPolicy.backof
 - 401: `tokens.invalidate(token)` and exactly one retry with a fresh token; a second 401
   raises `UnauthorizedError` ("the credentials were refused").
 - 429: wait `Retry-After` seconds (capped at `retry_after_cap`, default 60 s) by pausing the
-  shared limiter, so every other request waits too; then retry. Without a Retry-After, the
-  wait is the next back-off delay.
+  shared limiter for this request's priority and every lower one (a 429 earned by resync
+  pauses resync; removals go on as far as the window allows); then retry. Without a
+  Retry-After, the wait is the next back-off delay.
 - 5xx and transport errors (connect refused, reset, timeout, TLS): `self.retry`'s jittered
   exponential back-off (default 0.5 s doubling, capped at 8 s), then retry.
 - 409 is not retried, except by methods that say so (`disconnect_participant` retries a
@@ -126,7 +129,8 @@ class GenesysClient:
         self.tokens = TokenManager(self._http, settings.login_origin, credentials,
                                    refresh_margin=settings.token_refresh_margin,
                                    clock=token_clock)
-        self.limiter = limiter or RequestLimiter(settings.requests_per_minute)
+        self.limiter = limiter or RequestLimiter(settings.requests_per_minute,
+                                                 enforce_reserve=settings.enforce_reserve)
         self.on_response = on_response
         self.retry = retry or RetryPolicy(initial=retry_base_delay, factor=2.0,
                                           cap=retry_max_delay, jitter=0.5,
@@ -346,6 +350,7 @@ class GenesysClient:
         while True:
             token = await self.tokens.token()
             headers = {"Authorization": f"Bearer {token}"}
+            self.limiter.note_token(hash(token))  # a new token has a new budget window
             err: ApiError
             resp: httpx.Response | None
             seconds = 0.0
@@ -356,6 +361,7 @@ class GenesysClient:
                 try:
                     resp = await self._http.request(method, url, headers=headers, json=json,
                                                     params=query)
+                    self.limiter.observe(resp.headers)
                 except httpx.HTTPError as exc:
                     seconds = time.monotonic() - started
                     self._report(method, route, 0, seconds)
@@ -401,7 +407,7 @@ class GenesysClient:
                 if err.retry_after is not None:
                     wait = err.retry_after
                 log.warning("api_rate_limited", route=route, retry_after=round(wait, 2))
-                self.limiter.pause(wait)
+                self.limiter.rate_limited(priority, wait)
                 continue
             await asyncio.sleep(wait)
 

@@ -1,161 +1,406 @@
-"""One request budget per process, shared by every Genesys REST call.
+"""One request budget per process, spent the way Genesys counts it.
 
-Genesys gives each client-credentials token about 300 requests a minute, shared by every
-call the daemon makes. `RequestLimiter` is a token bucket refilled at `per_minute / 60`
-tokens a second, holding at most `burst` tokens.
+Genesys counts requests per access token in a fixed window (about 60 s, starting with the
+token's first request) and says where the client stands on every REST answer, errors
+included: `inin-ratelimit-allowed` (the window's allowance), `inin-ratelimit-count`
+(requests counted in the window) and `inin-ratelimit-reset` (whole seconds until it
+resets). `RequestLimiter` keeps the same books:
 
-Ordering contract:
-- Waiters are served strictly by `Priority` (ENFORCE before NORMAL before RESYNC), FIFO
-  within one priority. A queued ENFORCE waiter always goes before any queued RESYNC waiter,
-  however long the RESYNC one has waited.
-- Reserve: the last `reserve` tokens of the bucket may only be spent by ENFORCE. A resync
-  storm (one GET per live call) therefore drains the bucket down to the reserve and no
-  further, and an enforcement PATCH finds a token at once instead of queueing behind the
-  refill. Defaults: `burst = max(1, per_minute // 10)` (6 s of budget: 30 at 300/min) and
-  `reserve = max(1, burst // 5)` (6 at 300/min) when `burst >= 2`, else 0.
-- `pause(seconds)` (after a 429): nobody, not even ENFORCE, gets a slot until then.
-  Pauses only ever extend, never shorten, the current pause.
+- Before the first answer, and while answers carry no such headers, it assumes
+  `per_minute` requests per `window` seconds (60), the window starting with the first
+  request it grants. Every answer that carries the headers replaces the assumption:
+  `allowed` is taken as said (a raised or lowered org limit is followed with no config
+  change), `count` plus the requests still in flight becomes the window's use (never less
+  than what this process granted itself in the window), and `reset` moves the window's end.
+  `note_token(key)` with a key that differs from the last one starts a new window (a new
+  token has its own budget).
+- No pacing of its own: while the window has room a request goes at once, so a burst of
+  removals goes out as fast as the window allows.
+- Reserve: the last `reserve` = floor(`enforce_reserve` x allowed) requests of every window
+  are for `Priority.ENFORCE` only; NORMAL and RESYNC together may spend the rest.
+- Shares: `slot(priority, tag=..., share=f)` also caps the requests of that tag at
+  max(1, floor(f x allowed)) a window (reconciliation uses it for `reconcile_share`).
+- Waiters are served by `Priority` (ENFORCE before NORMAL before RESYNC), FIFO within one
+  priority. A waiter held back only by its own tag's share does not hold back the others.
+- `pause(seconds, priority)` (after a 429): that priority and every lower one get no slot
+  until then; a 429 earned by resync traffic therefore pauses resync, and removals go on as
+  far as the window allows (the 429's own headers, if any, say how far). Pauses only extend.
 
-A slot is consumed when it is granted; leaving the `async with` block returns nothing.
+A slot is taken when granted and counted as in flight until its `async with` block ends.
 A waiter cancelled before it is granted leaves the queue; one cancelled in the instant after
-being granted gives its token back.
+being granted gives its slot back. Must be used from a single event loop. Times are seconds;
+`clock` is monotonic (injectable for tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
+import contextvars
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+WINDOW_SECONDS = 60.0
+"""Genesys' budget window (per minute per token)."""
+ASSUMED_WINDOW_MARGIN = 1.0 / 60.0
+"""Fraction of `window` added to an assumed window's end (1 s a minute): Genesys starts
+counting when our first request arrives, a little after we sent it, so its window ends a
+little after ours would."""
+SAME_WINDOW_SLACK = 2.0
+"""Two reset estimates within this many seconds describe the same window (`reset` is whole
+seconds, rounded)."""
+
+budget_share: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVar(
+    "budget_share", default=None)
+"""(tag, share) applied to every `slot()` taken in this context without an explicit tag:
+the reconciliation task sets it once, so every request it makes, through any client
+method, counts against its share."""
+
+HEADER_COUNT = "inin-ratelimit-count"
+HEADER_ALLOWED = "inin-ratelimit-allowed"
+HEADER_RESET = "inin-ratelimit-reset"
 
 
 class Priority(IntEnum):
-    """Lower value is served first."""
+    """Lower value is served first. `label` is the metric label."""
 
     ENFORCE = 0
     NORMAL = 1
     RESYNC = 2
 
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
-class RequestLimiter:
-    """Token bucket with strict-priority waiters. See the module docstring for the contract.
 
-    `per_minute`: sustained requests a minute. `burst`: bucket size (tokens). `reserve`:
-    tokens only ENFORCE may spend. `clock`: monotonic seconds (injectable for tests).
-    Must be used from a single event loop.
+@dataclass(frozen=True, slots=True)
+class BudgetSnapshot:
+    """Where the budget stands now (what metrics and `/healthz` show).
+
+    `allowed`: requests allowed in the current window; `used`: counted in it (ours and, as
+    Genesys reports, any other user of the token); `remaining`: allowed - used (>= 0);
+    `reset_seconds`: until the window resets (0 when no window is under way); `learnt`:
+    whether `allowed` came from Genesys' headers (else it is `per_minute`, assumed);
+    `reserve`: the part of every window kept for removals; `in_flight`: granted, not yet
+    answered; `paused_seconds`: pause left per priority label; `rate_limited`: 429s seen
+    per priority label; `headers_rejected`: answers whose budget headers were unusable.
     """
 
-    def __init__(self, per_minute: int, *, burst: int | None = None,
-                 reserve: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    allowed: int
+    used: int
+    remaining: int
+    reset_seconds: float
+    learnt: bool
+    reserve: int
+    in_flight: int
+    paused_seconds: dict[str, float] = field(default_factory=dict)
+    rate_limited: dict[str, int] = field(default_factory=dict)
+    headers_rejected: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "used": self.used, "remaining": self.remaining,
+                "reset_seconds": round(self.reset_seconds, 1), "learnt": self.learnt,
+                "reserve": self.reserve, "in_flight": self.in_flight,
+                "paused_seconds": {k: round(v, 1) for k, v in self.paused_seconds.items()},
+                "rate_limited": dict(self.rate_limited),
+                "headers_rejected": self.headers_rejected}
+
+
+@dataclass(slots=True)
+class _Waiter:
+    priority: Priority
+    seq: int
+    fut: asyncio.Future[None]
+    tag: str | None
+    share: float | None
+
+    def key(self) -> tuple[int, int]:
+        return (int(self.priority), self.seq)
+
+
+class RequestLimiter:
+    """The request budget. See the module docstring for the contract.
+
+    `per_minute`: the allowance assumed per window until Genesys says otherwise.
+    `enforce_reserve`: fraction (0..1) of every window only ENFORCE may spend.
+    `window`: seconds of an assumed window (60; tests shorten it).
+    `on_rate_limited(priority)`: called for each 429 reported with `rate_limited`.
+    """
+
+    def __init__(self, per_minute: int, *, enforce_reserve: float = 0.2,
+                 window: float = WINDOW_SECONDS,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_rate_limited: Callable[[Priority], None] | None = None) -> None:
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
+        if not 0.0 <= enforce_reserve < 1.0:
+            raise ValueError("enforce_reserve must be at least 0 and below 1")
+        if window <= 0:
+            raise ValueError("window must be positive")
         self.per_minute = per_minute
-        self.rate = per_minute / 60.0  # tokens a second
-        self.burst = burst if burst is not None else max(1, per_minute // 10)
-        if self.burst < 1:
-            raise ValueError("burst must be at least 1")
-        if reserve is None:
-            reserve = max(1, self.burst // 5) if self.burst >= 2 else 0
-        if not 0 <= reserve < self.burst:
-            raise ValueError("reserve must be at least 0 and below burst")
-        self.reserve = reserve
+        self.enforce_reserve = enforce_reserve
+        self.window = window
+        self.on_rate_limited = on_rate_limited
         self._clock = clock
-        self._tokens = float(self.burst)
-        self._updated = clock()
-        self._paused_until = 0.0
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._allowed = per_minute
+        self._learnt = False
+        self._used = 0
+        self._window_end: float | None = None  # None: no window under way
+        self._in_flight = 0
+        self._tag_used: Counter[str] = Counter()
+        self._token_key: object = None
+        self._paused_until = {p: 0.0 for p in Priority}
+        self._queue: list[_Waiter] = []  # sorted by (priority, seq)
         self._seq = itertools.count()
         self._waiting = {p: 0 for p in Priority}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self.granted: Counter[str] = Counter()  # slots granted since start, by priority label and tag
+        self.rate_limited_count: Counter[str] = Counter()  # 429s by priority label
+        self.headers_rejected = 0
+        self.windows = 0  # windows begun (assumed or learnt)
 
     # ------------------------------------------------------------------ public
 
-    def slot(self, priority: Priority) -> AbstractAsyncContextManager[None]:
-        """`async with limiter.slot(Priority.ENFORCE): ...` waits until one request may go."""
-        return self._slot(priority)
+    def slot(self, priority: Priority, *, tag: str | None = None,
+             share: float | None = None) -> AbstractAsyncContextManager[None]:
+        """`async with limiter.slot(Priority.ENFORCE): ...` waits until one request may go.
 
-    def pause(self, seconds: float) -> None:
-        """Nobody gets a slot for `seconds` from now (extends, never shortens a pause)."""
+        With `tag` and `share` (or, when `tag` is None, the context's `budget_share`),
+        requests of that tag are also capped at max(1, floor(share x allowed)) per window."""
+        if tag is None:
+            ctx = budget_share.get()
+            if ctx is not None:
+                tag, share = ctx
+        if share is not None and not 0.0 < share <= 1.0:
+            raise ValueError("share must be within (0, 1]")
+        return self._slot(Priority(priority), tag, share)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from one answer's headers (call it while still holding the slot, so the
+        answer's own request counts as in flight). Answers without budget headers change
+        nothing; unusable values are logged and counted (`headers_rejected`), never raised."""
+        raw = {h: headers.get(h) for h in (HEADER_COUNT, HEADER_ALLOWED, HEADER_RESET)}
+        if all(v is None for v in raw.values()):
+            return
+        vals: dict[str, int] = {}
+        for h, v in raw.items():
+            if v is None:
+                continue
+            try:
+                n = int(str(v).strip())
+            except ValueError:
+                n = -1
+            if n < 0 or (h == HEADER_ALLOWED and n < 1):
+                self.headers_rejected += 1
+                log.warning("budget_header_rejected", header=h, value=str(v)[:40])
+                continue
+            vals[h] = n
+        now = self._clock()
+        self._roll(now)
+        others = max(0, self._in_flight - 1)  # requests sent, not answered: maybe counted
+        if HEADER_ALLOWED in vals:
+            if vals[HEADER_ALLOWED] != self._allowed:
+                log.info("budget_allowance_learnt", allowed=vals[HEADER_ALLOWED],
+                         previous=self._allowed, assumed=not self._learnt)
+            self._allowed = vals[HEADER_ALLOWED]
+            self._learnt = True
+        count = vals.get(HEADER_COUNT)
+        if HEADER_RESET in vals:
+            end = now + vals[HEADER_RESET]
+            if self._window_end is None or abs(end - self._window_end) > SAME_WINDOW_SLACK:
+                # Genesys is in a window other than the one we assumed: take its books.
+                if self._window_end is None or end > self._window_end:
+                    self._tag_used.clear()
+                    self.windows += 1
+                self._window_end = end
+                if count is not None:
+                    self._used = count + others
+            else:
+                self._window_end = min(self._window_end, end)  # both round up: the lower is closer
+                if count is not None:
+                    self._used = max(self._used, count + others)
+        elif count is not None:
+            self._used = max(self._used, count + others)
+            if self._window_end is None:  # a count with no reset: assume a whole window left
+                self._window_end = now + self.window * (1.0 + ASSUMED_WINDOW_MARGIN)
+                self.windows += 1
+        self._dispatch()
+
+    def note_token(self, key: object) -> None:
+        """The token about to be used (an opaque key, never the token itself). A token other
+        than the last one starts a new window: Genesys counts per token."""
+        if key == self._token_key:
+            return
+        first = self._token_key is None
+        self._token_key = key
+        if first:
+            return
+        self._window_end = None
+        self._used = 0
+        self._tag_used.clear()
+        log.info("budget_new_token_window")
+        self._dispatch()
+
+    def rate_limited(self, priority: Priority, seconds: float) -> None:
+        """A request at `priority` got a 429: count it and pause that priority and every
+        lower one for `seconds` (higher priorities go on as far as the window allows)."""
+        p = Priority(priority)
+        self.rate_limited_count[p.label] += 1
+        if self.on_rate_limited is not None:
+            try:
+                self.on_rate_limited(p)
+            except Exception as exc:  # a metrics hook must never break a request
+                log.warning("budget_hook_failed", error=f"{exc.__class__.__name__}: {exc}")
+        self.pause(seconds, p)
+
+    def pause(self, seconds: float, priority: Priority = Priority.ENFORCE) -> None:
+        """`priority` and every lower one get no slot for `seconds` from now (extends, never
+        shortens a pause). The default, ENFORCE, pauses everybody."""
         if seconds <= 0:
             return
         until = self._clock() + seconds
-        if until > self._paused_until:
-            self._paused_until = until
+        for p in Priority:
+            if p >= priority and until > self._paused_until[p]:
+                self._paused_until[p] = until
         self._dispatch()
 
     def waiting(self, priority: Priority) -> int:
         """How many callers of this priority are queued for a slot."""
         return self._waiting[priority]
 
-    @property
-    def paused_for(self) -> float:
-        """Seconds left of the current pause (0 when not paused)."""
-        return max(0.0, self._paused_until - self._clock())
+    def tag_used(self, tag: str) -> int:
+        """Slots granted to `tag` in the current window."""
+        self._roll(self._clock())
+        return self._tag_used[tag]
+
+    def tag_cap(self, share: float) -> int:
+        """Slots a tag with this share may take per window at the current allowance."""
+        return max(1, math.floor(share * self._allowed))
 
     @property
-    def available(self) -> float:
-        """Tokens in the bucket now (fractional)."""
-        self._refill()
-        return self._tokens
+    def paused_for(self) -> float:
+        """Seconds left of the longest current pause (0 when not paused)."""
+        return max(0.0, max(self._paused_until.values()) - self._clock())
+
+    @property
+    def allowed(self) -> int:
+        return self._allowed
+
+    @property
+    def reserve(self) -> int:
+        """Requests of every window kept for ENFORCE."""
+        return math.floor(self.enforce_reserve * self._allowed)
+
+    @property
+    def available(self) -> int:
+        """Requests left in the current window (any priority)."""
+        self._roll(self._clock())
+        return max(0, self._allowed - self._used)
+
+    def snapshot(self) -> BudgetSnapshot:
+        now = self._clock()
+        self._roll(now)
+        reset = 0.0 if self._window_end is None else max(0.0, self._window_end - now)
+        return BudgetSnapshot(
+            allowed=self._allowed, used=self._used, remaining=max(0, self._allowed - self._used),
+            reset_seconds=reset, learnt=self._learnt, reserve=self.reserve,
+            in_flight=self._in_flight,
+            paused_seconds={p.label: max(0.0, self._paused_until[p] - now) for p in Priority
+                            if self._paused_until[p] > now},
+            rate_limited=dict(self.rate_limited_count), headers_rejected=self.headers_rejected)
 
     # ------------------------------------------------------------------ internals
 
     @asynccontextmanager
-    async def _slot(self, priority: Priority) -> AsyncIterator[None]:
-        await self._acquire(Priority(priority))
-        yield
+    async def _slot(self, priority: Priority, tag: str | None,
+                    share: float | None) -> AsyncIterator[None]:
+        await self._acquire(priority, tag, share)
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
 
-    async def _acquire(self, priority: Priority) -> None:
+    async def _acquire(self, priority: Priority, tag: str | None, share: float | None) -> None:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        heapq.heappush(self._heap, (int(priority), next(self._seq), fut))
+        w = _Waiter(priority, next(self._seq), loop.create_future(), tag, share)
+        bisect.insort(self._queue, w, key=_Waiter.key)
         self._waiting[priority] += 1
         self._dispatch()
         try:
-            await fut
+            await w.fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                # Granted in the same instant we were cancelled: give the token back.
-                self._tokens = min(float(self.burst), self._tokens + 1.0)
+            if w.fut.done() and not w.fut.cancelled():
+                # Granted in the same instant we were cancelled: give the slot back.
+                self._in_flight -= 1
+                self._used = max(0, self._used - 1)
+                if tag is not None:
+                    self._tag_used[tag] = max(0, self._tag_used[tag] - 1)
             else:
-                # Still queued (awaiting a future cancels it along with the task).
-                fut.cancel()
+                w.fut.cancel()
                 self._waiting[priority] -= 1
             self._dispatch()
             raise
 
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed = now - self._updated
-        if elapsed > 0:
-            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        self._updated = now
+    def _roll(self, now: float) -> None:
+        """End the window once its reset time has passed; the next grant begins a new one."""
+        if self._window_end is not None and now >= self._window_end:
+            self._window_end = None
+            self._used = 0
+            self._tag_used.clear()
+
+    def _blocked_until(self, w: _Waiter, now: float) -> float | None:
+        """None if `w` may go now, else when to look again (monotonic; inf: on an answer)."""
+        if now < self._paused_until[w.priority]:
+            return self._paused_until[w.priority]
+        left = self._allowed - self._used
+        if w.priority != Priority.ENFORCE:
+            left -= self.reserve
+        if w.tag is not None and w.share is not None:
+            left = min(left, self.tag_cap(w.share) - self._tag_used[w.tag])
+        if left >= 1:
+            return None
+        return self._window_end if self._window_end is not None else math.inf
 
     def _dispatch(self) -> None:
-        """Grant tokens to the queue head while it can take one; otherwise arm a timer."""
-        self._refill()
+        """Grant every queued waiter that may go, in priority order; arm a timer for the rest."""
         now = self._clock()
-        while self._heap:
-            prio, _, fut = self._heap[0]
-            if fut.done():  # cancelled while queued; its count was already dropped
-                heapq.heappop(self._heap)
+        self._roll(now)
+        wake = math.inf
+        keep: list[_Waiter] = []
+        for w in self._queue:
+            if w.fut.done():  # cancelled while queued; its count was already dropped
                 continue
-            if now < self._paused_until:
-                self._arm(self._paused_until - now)
-                return
-            need = 1.0 if prio == Priority.ENFORCE else 1.0 + self.reserve
-            if self._tokens + 1e-9 < need:
-                self._arm((need - self._tokens) / self.rate)
-                return
-            heapq.heappop(self._heap)
-            self._tokens -= 1.0
-            self._waiting[Priority(prio)] -= 1
-            fut.set_result(None)
+            until = self._blocked_until(w, now)
+            if until is not None:
+                keep.append(w)
+                wake = min(wake, until)
+                continue
+            if self._window_end is None:
+                self._window_end = now + self.window * (1.0 + ASSUMED_WINDOW_MARGIN)
+                self.windows += 1
+            self._used += 1
+            self._in_flight += 1
+            if w.tag is not None:
+                self._tag_used[w.tag] += 1
+                self.granted["tag:" + w.tag] += 1
+            self.granted[w.priority.label] += 1
+            self._waiting[w.priority] -= 1
+            w.fut.set_result(None)
+        self._queue = keep
+        if keep and wake < math.inf:
+            self._arm(wake - now)
 
     def _arm(self, delay: float) -> None:
         loop = asyncio.get_running_loop()

@@ -159,6 +159,8 @@ class Daemon:
             "safety_valve_tripped": self.safety.tripped,
             "in_flight": self.enforcer.in_flight if self.enforcer else 0,
         }
+        if self.client is not None:
+            details["budget"] = self.client.limiter.snapshot().as_dict()
         return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details)
 
     async def start(self) -> None:
@@ -178,6 +180,9 @@ class Daemon:
         self.audit.open()
         credentials = resolve_credentials(cfg.genesys)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
+        self.client.limiter.on_rate_limited = \
+            lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
+        self.metrics.track_budget(self.client.limiter.snapshot)
         self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
                                  safety=self.safety, metrics=self.metrics, clock=self.clock,
                                  store=self.engine.store)

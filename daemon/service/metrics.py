@@ -18,7 +18,9 @@ milliseconds of an event, so resolution is concentrated there.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from importlib import metadata
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -52,6 +54,19 @@ DAEMON_STATES: tuple[str, ...] = (
 #: Prometheus version parses. (prometheus_client >= 0.22 calls its default "1.0.0", but the
 #: bytes for our legacy-valid names are the same, and older scrapers reject "1.0.0".)
 CONTENT_TYPE: str = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class BudgetView(Protocol):
+    """What `track_budget` reads (`daemon.genesys.ratelimit.BudgetSnapshot` has it)."""
+
+    @property
+    def allowed(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_seconds(self) -> float: ...
 
 
 def _version() -> str:
@@ -140,6 +155,24 @@ class Metrics:
             p + "api_errors", "Genesys REST requests that failed, by status.", ["status"],
             registry=r)
 
+        # -- request budget (daemon.genesys.ratelimit; the gauges read the limiter at scrape)
+        self.budget_allowed = Gauge(
+            p + "budget_allowed", "Requests allowed in the current budget window (learnt from "
+            "Genesys' inin-ratelimit-allowed, else genesys.requests_per_minute).", registry=r)
+        self.budget_used = Gauge(
+            p + "budget_used", "Requests counted in the current budget window.", registry=r)
+        self.budget_remaining = Gauge(
+            p + "budget_remaining", "Requests left in the current budget window.", registry=r)
+        self.budget_reset_seconds = Gauge(
+            p + "budget_reset_seconds", "Seconds until the budget window resets (0: none under way).",
+            registry=r)
+        self.rate_limited = Counter(
+            p + "rate_limited", "HTTP 429 answers, by the request's priority (enforce, normal, "
+            "resync).", ["priority"], registry=r)
+        self.reconcile_budget_share = Gauge(
+            p + "reconcile_budget_share", "Fraction (0..1) of the window's allowance that "
+            "reconciliation used over its last interval.", registry=r)
+
         # -- safety, lifecycle, audit, config
         self.safety_valve_tripped: Gauge = Gauge(
             p + "safety_valve_tripped", "1 while the safety valve holds disconnects back.",
@@ -172,6 +205,14 @@ class Metrics:
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})
+
+    def track_budget(self, snapshot: Callable[[], BudgetView]) -> None:
+        """Read the budget gauges from `snapshot()` (e.g. `RequestLimiter.snapshot`) at each
+        scrape, so they are never stale and the request path does no metric work."""
+        self.budget_allowed.set_function(lambda: float(snapshot().allowed))
+        self.budget_used.set_function(lambda: float(snapshot().used))
+        self.budget_remaining.set_function(lambda: float(snapshot().remaining))
+        self.budget_reset_seconds.set_function(lambda: float(snapshot().reset_seconds))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

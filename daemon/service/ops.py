@@ -2,7 +2,9 @@
 
 - `GET /metrics`: Prometheus text format from `Metrics.render()`.
 - `GET /healthz`: liveness. 200 `{"status": "ok", "state": ...}` whenever the process and
-  its event loop answer (a wedged loop does not answer, which is the point).
+  its event loop answer (a wedged loop does not answer, which is the point); plus
+  `"budget": {allowed, used, remaining, reset_seconds, learnt, reserve, in_flight,
+  paused_seconds, rate_limited, headers_rejected}` once the API client exists.
 - `GET /readyz`: readiness. 200 `{"status": "ready", ...}` when `health().ready` (all
   topics subscribed, not in a gap/resync), else 503 `{"status": "not_ready", "reason": ...}`.
 
@@ -125,7 +127,10 @@ class OpsServer:
         st = self._status()
         if st is None:
             return _json({"status": "error", "reason": "health check failed"}, 500)
-        return _json({"status": "ok", "state": st.state}, 200)
+        body: dict[str, Any] = {"status": "ok", "state": st.state}
+        if "budget" in st.details:  # the request budget (daemon.genesys.ratelimit.BudgetSnapshot)
+            body["budget"] = st.details["budget"]
+        return _json(body, 200)
 
     async def _get_readyz(self, request: web.Request) -> web.Response:
         st = self._status()

@@ -71,7 +71,7 @@ class Genesys:
 def client(g: Genesys, **kw: Any) -> GenesysClient:
     s = settings(max_retries=kw.pop("max_retries", 3))
     kw.setdefault("retry_base_delay", 0.01)
-    kw.setdefault("limiter", RequestLimiter(60000, burst=1000))
+    kw.setdefault("limiter", RequestLimiter(60000))
     return GenesysClient(s, CREDS, transport=httpx.MockTransport(g), **kw)
 
 
@@ -404,11 +404,11 @@ async def test_active_conversations_query_batches_and_pages() -> None:
 
 
 async def test_requests_use_their_priority_slot() -> None:
-    lim = RequestLimiter(600, burst=1, reserve=0)
+    lim = RequestLimiter(1, enforce_reserve=0.0, window=0.3)  # one request a 0.3 s window
     g = Genesys(lambda r: httpx.Response(202) if r.method == "PATCH" else httpx.Response(200, json=CALL))
     async with client(g, limiter=lim) as c:
         await c.tokens.token()
-        await c.get_call("warm")  # empties the bucket
+        await c.get_call("warm")  # spends the window
         lim.pause(0.2)
         resync = asyncio.create_task(c.get_call("c-resync"))
         for _ in range(200):

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import structlog.testing
 
@@ -297,7 +298,11 @@ async def test_ops_endpoints_from_the_running_daemon(sandbox: Sandbox, tmp_path:
         assert body["status"] == "ready" and body["state"] == "running"
         assert body["details"]["mode"] == "enforce" and body["details"]["safety_valve_tripped"] is False
         st, raw = await d.get("/healthz")
-        assert st == 200 and raw == b'{"state":"running","status":"ok"}'
+        health = orjson.loads(raw)
+        assert st == 200 and (health["state"], health["status"]) == ("running", "ok")
+        # the request budget block (this sandbox sends no budget headers: 300 is assumed)
+        assert health["budget"]["allowed"] == 300 and health["budget"]["learnt"] is False
+        assert 0 < health["budget"]["used"] <= 300
 
         # traffic: one removal, one near miss
         conv, ext = flagged_call(sandbox)
