@@ -402,6 +402,8 @@ class GenesysClient:
                 continue
             wait = next(delays, None)
             if wait is None:
+                if isinstance(err, RateLimitedError):  # counted even when not retried
+                    self.limiter.rate_limited(priority, err.retry_after or 0.0)
                 raise err from None
             if isinstance(err, RateLimitedError):
                 if err.retry_after is not None:
