@@ -301,6 +301,56 @@ class OpsSettings(_Strict):
         return int(self.listen.rpartition(":")[2])
 
 
+CALLER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ControlCaller(_Strict):
+    """One control-API caller. `token_file` (relative to config.yaml) holds its bearer token;
+    without it the systemd credential `control_token_<name>` is used."""
+
+    token_file: str | None = None
+
+
+class ControlSettings(_Strict):
+    """The control API (`daemon.service.control`): off unless `listen` is set."""
+
+    listen: str | None = Field(default=None, description="HOST:PORT of the control API; absent: no API.")
+    callers: dict[str, ControlCaller] = Field(default_factory=dict)
+    max_requests_per_minute: int = Field(default=120, ge=1, le=1_000_000,
+                                         description="Requests a minute per caller; more: 429.")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9465, got {v!r}")
+        return v
+
+    @field_validator("callers")
+    @classmethod
+    def _caller_names(cls, v: dict[str, ControlCaller]) -> dict[str, ControlCaller]:
+        for name in v:
+            if not re.match(CALLER_NAME_PATTERN, name):
+                raise ValueError(f"caller name {name!r}: use 1-64 letters, digits, '_', '.' or '-' "
+                                 f"(it names a metric label and a systemd credential)")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+    @property
+    def host(self) -> str:
+        return (self.listen or "").rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int((self.listen or ":0").rpartition(":")[2])
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -366,6 +416,7 @@ class Config(_Strict):
     ops: OpsSettings = Field(default_factory=OpsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     ha: HaSettings = Field(default_factory=HaSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
 
     source: ConfigSource | None = Field(default=None, exclude=True)
 
@@ -433,6 +484,10 @@ def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = N
             raise src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'")
     if cfg.ha.dsn is not None and cfg.ha.dsn_file is not None:
         raise src.error(("ha", "dsn_file"), "ha: give one of 'dsn' or 'dsn_file', not both")
+    if cfg.control.listen is not None and not cfg.control.callers:
+        raise src.error(("control", "listen"),
+                        "control.listen is set but control.callers names no caller: nobody could "
+                        "use the API (add e.g. callers: {orchestrator: {token_file: orchestrator.token}})")
     return cfg.model_copy(update={"source": src})
 
 

@@ -34,7 +34,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -55,6 +55,9 @@ from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
 from daemon.genesys.stream import StreamManager
+
+if TYPE_CHECKING:
+    from daemon.service.control import ControlServer
 
 log = structlog.get_logger("confguard.service")
 event_log = structlog.get_logger("confguard.event")
@@ -116,6 +119,10 @@ class Daemon:
         self.resyncer: Resyncer | None = None
         self.ops: OpsServer | None = None
         self.ops_port: int | None = None
+        self.control: ControlServer | None = None  # when control.listen is set
+        # Set by HA: () -> (role: leader | standby | no-lease, leader node or None); the control
+        # API answers 503 unless leader. None: no HA, this daemon always acts.
+        self.ha_role: Callable[[], tuple[str, str | None]] | None = None
         try:
             self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
         except OSError as exc:
@@ -186,6 +193,9 @@ class Daemon:
         self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
                                  safety=self.safety, metrics=self.metrics, clock=self.clock,
                                  store=self.engine.store)
+        if cfg.control.enabled:
+            from daemon.service.control import start_control
+            self.control = await start_control(self)
         self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
         self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
         self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
@@ -237,6 +247,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.control is not None:  # after the drain: until then POSTs get 503 draining
+            await self.control.stop()
         self.audit.close()
         if self._record is not None:
             self._record.close()
@@ -499,7 +511,7 @@ class Daemon:
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Changed settings that a reload does not apply (the client, audit file, ops listener,
     logging and stream timings are built once at start-up), as dotted names."""
-    changed = [name for name in ("genesys", "audit", "ops", "logging")
+    changed = [name for name in ("genesys", "audit", "ops", "logging", "control")
                if getattr(old, name) != getattr(new, name)]
     for name in type(old.subscriptions).model_fields:
         if name not in ("queues", "users") and \

@@ -202,6 +202,17 @@ class Metrics:
         self.ha_renewals: Counter = Counter(
             p + "ha_renewals", "Lease renewals by a leader, by result (ok, failed, lost).",
             ["result"], registry=r)
+
+        # -- control API (daemon.service.control)
+        self.control_requests: Counter = Counter(
+            p + "control_requests", "Control API requests, by caller (unauthenticated: '-'), "
+            "route template and HTTP status.", ["caller", "route", "status"], registry=r)
+        self.control_auth_failures: Counter = Counter(
+            p + "control_auth_failures", "Control API requests refused 401, by reason "
+            "(missing, unknown_token).", ["reason"], registry=r)
+        self.control_rate_limited: Counter = Counter(
+            p + "control_rate_limited", "Control API requests refused 429 by the per-caller "
+            "limit, by caller.", ["caller"], registry=r)
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})

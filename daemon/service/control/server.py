@@ -1,0 +1,202 @@
+"""The control API's HTTP listener (aiohttp, the server stack the ops port and the sandbox
+already use), on its own host:port, never the unauthenticated ops port.
+
+Every request, unknown paths included, is authenticated first (`Authorization: Bearer
+<token>`, 401 otherwise), then limited per caller (429 with `Retry-After`), then routed.
+Every answer that is not a 2xx has the body `{"status", "code", "message"}` (409 adds
+`candidates`, 503 adds `leader`). Bodies are capped at 64 KiB (413). Each request is counted
+in `confguard_control_requests{caller,route,status}` and logged as `control_request` (INFO
+for POST, DEBUG for GET) with the caller's name, never its token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from daemon.service.control.auth import Authenticator, CallerLimiter
+from daemon.service.control.models import EjectionRequest, ErrorBody
+from daemon.service.control.openapi import document_bytes
+from daemon.service.control.service import Answer, ControlService, error
+
+log = structlog.get_logger("confguard.control")
+
+MAX_BODY = 64 * 1024  # bytes
+ANONYMOUS = "-"  # the caller label of requests that did not authenticate
+CALLER = web.RequestKey("caller", str)  # the authenticated caller's name, on the request
+
+_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+          413: "body_too_large", 415: "unsupported_media_type", 429: "rate_limited",
+          500: "internal_error", 503: "unavailable"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _response(answer: Answer) -> web.Response:
+    body = orjson.dumps(answer.body.model_dump(mode="json"))
+    resp = web.Response(body=body, status=answer.status, content_type="application/json")
+    resp.headers["Cache-Control"] = "no-store"
+    for k, v in answer.headers.items():
+        resp.headers[k] = v
+    return resp
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str]:
+    """(code, message) for a refused body; input values are never echoed."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    kind = str(first.get("type", ""))
+    loc = ".".join(str(x) for x in first.get("loc", ()))[:80]
+    if kind == "json_invalid":
+        return "bad_json", f"the body is not valid JSON: {first.get('msg', '')}"[:300]
+    if kind == "extra_forbidden":
+        return "unknown_field", f"unknown field {loc!r}; allowed: conversationId, participantId, " \
+                                f"userId, externalContactId, address, name, reason"
+    if kind == "missing":
+        return "invalid_request", f"missing required field {loc!r}"
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return "invalid_request", f"{loc}: {msg}" if loc else msg
+
+
+class ControlServer:
+    """Serves the control API. `metrics`: a `Metrics` (or None)."""
+
+    def __init__(self, service: ControlService, auth: Authenticator, limiter: CallerLimiter,
+                 *, metrics: Any = None) -> None:
+        self.service = service
+        self.auth = auth
+        self.limiter = limiter
+        self.metrics = metrics
+        self._runner: web.AppRunner | None = None
+        self.host: str | None = None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        app.router.add_post("/v1/ejections", self._post_ejection)
+        app.router.add_get("/v1/ejections/{id}", self._get_ejection, allow_head=False)
+        app.router.add_get("/v1/calls/{conversationId}", self._get_call, allow_head=False)
+        app.router.add_get("/v1/openapi.json", self._get_openapi, allow_head=False)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on exactly `host`:`port` (0: a free port). Returns the bound port; raises
+        OSError when the address is taken or not local."""
+        if self._runner is not None:
+            raise RuntimeError("ControlServer already started")
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = next(int(a[1]) for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2)
+        self.host, self.port = host, bound
+        log.info("control_listening", host=host, port=bound)
+        return bound
+
+    async def stop(self) -> None:
+        """Stop listening and close connections. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("control_stopped")
+
+    # ------------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        caller, reason = self.auth.identify(request.headers.get("Authorization"))
+        resp: web.StreamResponse
+        if caller is None:
+            assert reason is not None
+            if self.metrics is not None:
+                self.metrics.control_auth_failures.labels(reason=reason).inc()
+            log.warning("control_auth_failed", reason=reason, method=request.method,
+                        route=route, remote=request.remote)
+            resp = _response(error(401, "unauthorized",
+                                   "send Authorization: Bearer <token> with a configured caller's token"
+                                   if reason == "missing" else "unknown token",
+                                   **{"WWW-Authenticate": 'Bearer realm="confguard"'}))
+        else:
+            request[CALLER] = caller
+            wait = self.limiter.check(caller)
+            if wait > 0:
+                if self.metrics is not None:
+                    self.metrics.control_rate_limited.labels(caller=caller).inc()
+                log.warning("control_rate_limited", caller=caller, route=route,
+                            retry_after=round(wait, 3))
+                resp = _response(error(
+                    429, "rate_limited", f"more than {int(self.limiter.capacity)} requests a "
+                    f"minute from caller {caller}", **{"Retry-After": self.limiter.retry_after(wait)}))
+            else:
+                resp = await self._handle(request, handler, caller, route)
+        self._account(request, caller, route, resp.status, started)
+        return resp
+
+    async def _handle(self, request: web.Request, handler: Handler, caller: str,
+                      route: str) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # routing (404/405) and body-size (413) answers
+            status = exc.status
+            message = exc.reason or "error"
+            if status == 413:
+                message = f"the body is larger than {MAX_BODY} bytes"
+            elif status == 404:
+                message = f"no route {request.method} {request.path[:200]!r}"
+            resp = _response(error(status, _CODES.get(status, "http_error"), message))
+            allow = exc.headers.get("Allow")
+            if allow:
+                resp.headers["Allow"] = allow
+            return resp
+        except Exception:  # a bug: one clear line, a JSON 500, and the daemon carries on
+            log.exception("control_request_crashed", caller=caller, route=route)
+            return _response(error(500, "internal_error", "internal error; see the daemon log"))
+
+    def _account(self, request: web.Request, caller: str | None, route: str, status: int,
+                 started: float) -> None:
+        who = caller or ANONYMOUS
+        if self.metrics is not None:
+            self.metrics.control_requests.labels(caller=who, route=route, status=str(status)).inc()
+        level = "debug" if request.method == "GET" and status < 400 else "info"
+        getattr(log, level)("control_request", caller=who, method=request.method, route=route,
+                            status=status, ms=round((time.perf_counter() - started) * 1000, 3))
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _post_ejection(self, request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+        raw = await request.read()  # raises 413 past client_max_size (chunked bodies too)
+        try:
+            body = EjectionRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            code, message = _validation_message(exc)
+            return _response(error(400, code, message))
+        answer = await self.service.eject(request[CALLER], body,
+                                          request.headers.get("Idempotency-Key"))
+        return _response(answer)
+
+    async def _get_ejection(self, request: web.Request) -> web.StreamResponse:
+        return _response(self.service.ejection(request[CALLER], request.match_info["id"]))
+
+    async def _get_call(self, request: web.Request) -> web.StreamResponse:
+        return _response(self.service.call(request.match_info["conversationId"]))
+
+    async def _get_openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document_bytes(), content_type="application/json")
+
+
+__all__ = ["ControlServer", "MAX_BODY", "ErrorBody"]
