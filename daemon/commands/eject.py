@@ -3,6 +3,10 @@
     confguard eject [--config config.yaml] --conversation ID
                     (--participant ID | --user ID | --external-contact ID |
                      --address NUMBER | --name TEXT) [--dry-run]
+                    [--control URL --token-file FILE [--reason TEXT]]
+
+With `--control`, the removal goes through a running daemon's control API instead (see
+`daemon.commands.eject_control`); the exit codes are the same.
 
 Flow: GET the call, print its parties, resolve exactly one live target, then
 `PATCH /api/v2/conversations/calls/{conversationId}/participants/{participantId}` with
@@ -206,6 +210,13 @@ def register(subparsers: Any) -> None:
     target.add_argument("--name", metavar="TEXT", help="party name (case-insensitive, exact)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the request that would be sent and stop")
+    p.add_argument("--control", metavar="URL",
+                   help="send the removal through a running daemon's control API (e.g. "
+                        "http://127.0.0.1:9465) instead of to Genesys; needs --token-file")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the control API bearer token (with --control)")
+    p.add_argument("--reason", metavar="TEXT",
+                   help="why (with --control: written to the daemon's audit trail)")
     p.set_defaults(func=run)
 
 
@@ -236,6 +247,13 @@ def run(args: argparse.Namespace) -> int:
     if not conversation:
         raise ConfigError("--conversation must not be empty")
     selector = selector_from_args(args)
+    if args.control or args.token_file:
+        from daemon.commands import eject_control as ec
+        if not (args.control and args.token_file):
+            raise ConfigError("--control and --token-file go together")
+        body = ec.request_body(conversation, selector.kind, selector.value, args.reason)
+        return asyncio.run(ec.eject_via_control(args.control, ec.read_token(args.token_file),
+                                                body, dry_run=bool(args.dry_run)))
     cfg = load_settings(args.config)
     creds = resolve_credentials(cfg.genesys)
     return asyncio.run(eject(cfg, creds, conversation, selector, dry_run=bool(args.dry_run)))
