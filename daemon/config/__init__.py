@@ -21,11 +21,11 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator)
 
 from daemon.errors import ConfigError, CredentialsError
@@ -280,9 +280,33 @@ class AuditSettings(_Strict):
     fsync_interval: float = Field(default=1.0, gt=0, le=1.0)
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _seconds(value: object) -> object:
+    """"15s", "500ms", "2m", "1h" or a number -> seconds; numbers are left to pydantic's
+    float check (and its bounds), anything else is rejected here with the accepted forms."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a duration such as 15s, 500ms, 2m or a number of seconds, got {value!r}")
+
+
+#: A duration key: seconds as a number, or a string such as "15s", "500ms", "2m".
+Duration = Annotated[float, BeforeValidator(_seconds)]
+
+
 class OpsSettings(_Strict):
     listen: str = "127.0.0.1:9464"
     enabled: bool = True
+    shutdown_timeout: Duration = Field(
+        default=15.0, gt=0, le=3600,
+        description="Seconds from SIGTERM to exit: drain in-flight removals, close the stream, "
+                    "fsync the audit. Keep it below the unit's TimeoutStopSec (20 s).")
 
     @field_validator("listen")
     @classmethod

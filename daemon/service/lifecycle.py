@@ -9,9 +9,10 @@ Lifecycle (each transition is logged, exported as `confguard_daemon_state` and s
                                            RELOADING
     any -> DRAINING -> STOPPED
 
-- SIGTERM/SIGINT: stop taking decisions, let in-flight disconnects finish (bounded by
-  `drain_timeout` seconds), close the stream, flush and fsync the audit, exit 0. A second
-  signal forces an immediate exit (code 1).
+- SIGTERM/SIGINT: within one deadline (`ops.shutdown_timeout`, default 15 s, under the
+  unit's TimeoutStopSec=20): stop taking decisions, let in-flight disconnects finish, close
+  the stream, flush and fsync the audit, exit 0. A second signal cuts the waits short;
+  the audit is still fsynced, and the exit code is 1. See `Daemon.stop`.
 - SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
   line and the old rules stay in force; changed subscriptions are applied without dropping
   the unchanged ones. A SIGHUP during a reload is queued: the files are read once more after it.
@@ -32,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class Daemon:
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
                  observe: bool = False, record_path: str | os.PathLike[str] | None = None,
-                 drain_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 drain_timeout: float | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._startup_config = config  # what the client, audit, ops and stream were built from
         self.config_path = Path(config_path) if config_path else None
@@ -134,6 +135,8 @@ class Daemon:
         self._scheduled_deadline: float | None = None
         self._gap_reason: str | None = "startup"
         self._signals = 0
+        self._force = asyncio.Event()
+        self.forced = False  # force_exit() was called: stop() cut short, run() returns 1
         self._trace_events = _debug_enabled()
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -226,48 +229,132 @@ class Daemon:
         systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
 
     async def stop(self) -> None:
-        """Drain in-flight disconnects (bounded), close the stream, fsync the audit."""
+        """Shut down within one deadline, `ops.shutdown_timeout` seconds from the call
+        (modelled on uvicorn's graceful shutdown):
+
+        1. stop taking decisions (later ones are audited `suppressed`) and cancel a reload;
+        2. let in-flight removals finish, for at most the deadline less `_close_reserve`
+           (and less `drain_timeout` when given); the rest are cancelled, each with its
+           outcome record;
+        3. close the stream (unsubscribe), stop the background tasks;
+        4. fsync and close the audit trail: always, also when the deadline has passed or a
+           second signal asked for a forced exit;
+        5. close the API client and the ops endpoint.
+
+        A forced exit (`force_exit()`, the second SIGTERM/SIGINT) cuts every remaining wait
+        short; step 4 still runs. Idempotent."""
         if self.state is State.STOPPED:
             return
+        loop = asyncio.get_running_loop()
+        timeout = self._startup_config.ops.shutdown_timeout
+        started = loop.time()
+        deadline = started + timeout
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.0, deadline - reserve - loop.time())
+
         self._set_state(State.DRAINING)
         systemd.stopping()
+        log.info("shutdown_started", timeout=timeout, in_flight=self.enforcer.in_flight if self.enforcer else 0)
+        if self.enforcer is not None:
+            self.enforcer.stop_accepting()
         if self._reload_task is not None and not self._reload_task.done():
             # A reload must not finish during the drain and report the daemon RUNNING/READY.
             self._reload_task.cancel()
-            await asyncio.wait({self._reload_task}, timeout=5.0)  # its roll-back is bounded too
+            await self._bounded(self._reload_task, min(5.0, left()), "reload")  # its roll-back is bounded too
         abandoned = 0
         if self.enforcer is not None:
-            self.enforcer.stop_accepting()
-            abandoned = await self.enforcer.drain(self.drain_timeout)
+            drain_for = left(_close_reserve(timeout))
+            if self.drain_timeout is not None:
+                drain_for = min(drain_for, self.drain_timeout)
+            drain = asyncio.ensure_future(self.enforcer.drain(drain_for))
+            # At `drain_for` the drain cancels what is still in flight and waits (bounded by
+            # the enforcer) for those outcome records; a forced exit cuts that to now.
+            if await self._bounded(drain, drain_for + 5.0, "drain", cancel=False):
+                abandoned = drain.result() if not drain.cancelled() and drain.exception() is None else 0
+            else:
+                drain.cancel()
+                abandoned = self.enforcer.in_flight
+                # Cancel the actions themselves: each still writes its outcome record.
+                await self._bounded(self.enforcer.drain(0.0), _FORCED_GRACE, "drain_cancel")
         self._stop.set()
         if self.stream is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.stream.stop(), timeout=5.0)
+            await self._bounded(self.stream.stop(), left(_final_reserve(timeout)), "stream_close")
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(0.1, left(_final_reserve(timeout))))
         self._tasks.clear()
         if self.control is not None:  # after the drain: until then POSTs get 503 draining
-            await self.control.stop()
-        self.audit.close()
+            await self._bounded(self.control.stop(), max(0.2, left()), "control_close")
+        try:
+            self.audit.close()  # fsync: never skipped, whatever the deadline or the signals
+            log.info("audit_closed", seq=self.audit.seq, synced=not self.audit.needs_sync)
+        except Exception as exc:  # noqa: BLE001 - the rest of the shutdown still runs
+            log.critical("audit_close_failed", error=str(exc), error_type=type(exc).__name__)
         if self._record is not None:
             self._record.close()
         if self.client is not None:
-            await self.client.aclose()
+            await self._bounded(self.client.aclose(), max(0.2, left()), "client_close")
         if self.ops is not None:
-            await self.ops.stop()
-        self._set_state(State.STOPPED, abandoned=abandoned)
+            await self._bounded(self.ops.stop(), max(0.2, left()), "ops_close")
+        took = round(loop.time() - started, 3)
+        if self.forced:
+            # Not a graceful stop, so no `daemon_state ... stopped` line: this one ends the log.
+            self.state = State.STOPPED
+            self.metrics.daemon_state.state(State.STOPPED.value)
+            log.warning("shutdown_forced_exit", abandoned=abandoned, seconds=took, exit_code=1)
+            return
+        if took > timeout:
+            log.warning("shutdown_deadline_exceeded", timeout=timeout, seconds=took)
+        self._set_state(State.STOPPED, abandoned=abandoned, seconds=took)
+
+    def force_exit(self) -> None:
+        """Cut the shutdown short (the second SIGTERM/SIGINT): every remaining wait of
+        `stop()` ends now; the audit is still fsynced; `run()` then returns 1."""
+        self.forced = True
+        self._force.set()
+
+    async def _bounded(self, aw: Awaitable[Any], seconds: float, step: str, *,
+                       cancel: bool = True) -> bool:
+        """Await `aw` for at most `seconds`; after `force_exit()`, for at most
+        `_FORCED_GRACE` more. True when it finished (an exception it raised is logged, not
+        raised). When cut short it is cancelled (unless `cancel` is False) and given
+        `_FORCED_GRACE` to unwind."""
+        task = asyncio.ensure_future(aw)
+        if not self._force.is_set():
+            forced = asyncio.ensure_future(self._force.wait())
+            try:
+                await asyncio.wait({task, forced}, timeout=max(0.0, seconds),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                forced.cancel()
+        if not task.done() and self._force.is_set():
+            await asyncio.wait({task}, timeout=min(max(0.0, seconds), _FORCED_GRACE))
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                log.warning("shutdown_step_failed", step=step, error=str(exc), error_type=type(exc).__name__)
+            return True
+        log.warning("shutdown_step_cut_short", step=step, forced=self.forced)
+        if cancel:
+            task.cancel()
+            await asyncio.wait({task}, timeout=_FORCED_GRACE)
+        return False
 
     async def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code: 0, or 1
+        after a forced exit (a second SIGTERM/SIGINT during the shutdown)."""
         loop = asyncio.get_running_loop()
         stop_requested = self._stop_requested
 
         def on_stop(signame: str) -> None:
             self._signals += 1
             if self._signals > 1:
-                log.warning("second_signal_exit_now", signal=signame)
-                os._exit(1)
+                log.warning("second_signal_exit_now", signal=signame,
+                            detail="waits cut short; the audit is still fsynced; exit code 1")
+                self.force_exit()
+                return
             log.info("stop_requested", signal=signame)
             stop_requested.set()
 
@@ -291,7 +378,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
         if self._fatal is not None:
             raise self._fatal
-        return 0
+        return 1 if self.forced else 0
 
     def _stream_ended(self, task: asyncio.Task[Any]) -> None:
         """The stream task should only end when we stop it. If it fails, stop the daemon
@@ -506,6 +593,22 @@ class Daemon:
             self.metrics.tracked_calls.set(len(self.engine.store))
             if self.client is not None and self.client.tokens.age is not None:
                 self.metrics.token_age_seconds.set(self.client.tokens.age)
+
+
+#: Seconds a step still gets after a forced exit (`Daemon.force_exit`) cut its wait short.
+_FORCED_GRACE = 0.2
+
+
+def _final_reserve(timeout: float) -> float:
+    """Seconds of the shutdown deadline kept for the last steps (audit fsync, closing the
+    client and the ops endpoint) after the stream close: a tenth of it, at most 1 s."""
+    return min(1.0, timeout / 10)
+
+
+def _close_reserve(timeout: float) -> float:
+    """Seconds of the shutdown deadline kept, after the drain, for closing the stream
+    (its unsubscribe request) and the last steps: a third of it, at most 5 s."""
+    return min(5.0, timeout / 3)
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:

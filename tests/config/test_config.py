@@ -113,3 +113,16 @@ def test_secret_never_in_repr() -> None:
     c = Credentials("the-id", "the-secret-value")
     assert "the-secret-value" not in repr(c)
     assert "the-secret-value" not in str(c)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("15s", 15.0), ("500ms", 0.5), ("2m", 120.0),
+                                                ("3", 3.0), ("1.5", 1.5)])
+def test_ops_shutdown_timeout_is_a_duration(value: str, seconds: float) -> None:
+    assert parse_config(f"ops:\n  shutdown_timeout: {value}\n").ops.shutdown_timeout == seconds
+    assert parse_config("").ops.shutdown_timeout == 15.0
+
+
+@pytest.mark.parametrize("value", ["soon", "true", "0", "-1s", "[1]"])
+def test_ops_shutdown_timeout_rejects_non_durations(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^config\.yaml:2:21: ops\.shutdown_timeout: "):
+        parse_config(f"ops:\n  shutdown_timeout: {value}\n")

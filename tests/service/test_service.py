@@ -38,11 +38,14 @@ AGENT = "a11ce000-0000-4000-8000-00000000000a"
 
 @contextlib.asynccontextmanager
 async def daemon_process(sb: Sandbox, folder: Path, *, env_extra: dict[str, str] | None = None,
-                         **cfg: Any) -> AsyncIterator[DaemonProcess]:
+                         ops_extra: str = "", **cfg: Any) -> AsyncIterator[DaemonProcess]:
+    """`ops_extra`: more `ops:` keys, as YAML lines indented two spaces."""
     sandbox_queue(sb)
     if AGENT not in sb.world.users:
         sb.world.create_user("Alice Agent", AGENT)
     config = write_config(folder, sb.base_url, **cfg)
+    if ops_extra:
+        config.write_text(config.read_text().replace("\nops:\n", f"\nops:\n{ops_extra}", 1))
     d = DaemonProcess(config, credentials_env(sb, **(env_extra or {})), folder)
     await d.start()
     try:
@@ -205,18 +208,60 @@ async def test_sighup_bad_config_keeps_old_rules(sandbox: Sandbox, tmp_path: Pat
 
 
 async def test_second_sigint_forces_exit(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The second signal cuts the drain short, but the audit is still fsynced and the
+    abandoned removal still gets its outcome record; exit code 1."""
     async with daemon_process(sandbox, tmp_path) as d:
         await d.wait_ready()
         sandbox.faults.latency = 30.0  # the PATCH hangs: the drain would wait its full bound
-        flagged_call(sandbox)
+        conv, ext = flagged_call(sandbox)
         await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
                          10, "the decision record")
         d.send(signal.SIGINT)
         await d.wait_event("daemon_state", new="draining")
+        sent_at = time.monotonic()
         d.send(signal.SIGINT)
         assert await d.wait_exit(10) == 1
+        assert time.monotonic() - sent_at < 8.0, "the second signal did not cut the wait short"
         assert d.events("second_signal_exit_now", signal="SIGINT")
-        assert not d.events("daemon_state", new="stopped")
+        assert not d.events("daemon_state", new="stopped")  # not a graceful stop
+        (closed,) = d.events("audit_closed")
+        assert closed["synced"] is True  # fsynced before exiting
+        (forced,) = d.events("shutdown_forced_exit")
+        assert forced["exit_code"] == 1 and forced["abandoned"] == 1
+        records = audit_records(tmp_path)
+        assert closed["seq"] == records[-1]["seq"]
+        outcomes = [r for r in records if r["type"] == "outcome"]
+        assert [(o["participant_id"], o["outcome"]) for o in outcomes] == [(ext.id, "unconfirmed")]
+        report = verify([tmp_path / "audit"])
+        assert report.ok, report.problem
+
+
+async def test_shutdown_has_one_deadline(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`ops.shutdown_timeout` bounds the whole shutdown, even when every request to Genesys
+    hangs (the PATCH in flight and the unsubscribe on close): exit 0 at the deadline, the
+    removal audited `unconfirmed`, the audit fsynced."""
+    timeout = 3.0
+    async with daemon_process(sandbox, tmp_path, ops_extra=f"  shutdown_timeout: {timeout:g}s\n") as d:
+        await d.wait_ready()
+        sandbox.faults.latency = 30.0  # everything hangs from now on
+        conv, ext = flagged_call(sandbox)
+        await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"
+                                  and r["participant_id"] == ext.id], 10, "the decision record")
+        sent_at = time.monotonic()
+        d.send(signal.SIGTERM)
+        assert await d.wait_exit(20) == 0
+        took = time.monotonic() - sent_at
+        assert took < timeout + 7.0, f"shutdown took {took:.1f} s against a {timeout} s deadline"
+        (started,) = d.events("shutdown_started")
+        assert started["timeout"] == timeout
+        (stopped,) = d.events("daemon_state", new="stopped")
+        assert stopped["abandoned"] == 1
+        assert stopped["seconds"] <= timeout + 2.0, stopped  # measured inside the daemon
+        assert d.events("audit_closed", synced=True)
+        outcomes = [r for r in audit_records(tmp_path) if r["type"] == "outcome"
+                    and r["participant_id"] == ext.id]
+        assert [o["outcome"] for o in outcomes] == ["unconfirmed"]
+        assert verify([tmp_path / "audit"]).ok
 
 
 async def test_startup_failure_exits_with_clear_message(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -167,3 +167,15 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "confguard.service" in line]
     assert proc.returncode == 0 or not ours, proc.stdout + proc.stderr
     assert not ours, "\n".join(ours)
+
+
+def test_shutdown_deadline_is_below_the_units_stop_timeout() -> None:
+    """The daemon's own bound (`ops.shutdown_timeout`) must end before systemd's SIGKILL at
+    `TimeoutStopSec`, or a slow shutdown could lose the final audit fsync."""
+    from daemon.config import OpsSettings
+
+    stop = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+            if line.startswith("TimeoutStopSec=")]
+    assert stop == ["20"]
+    assert OpsSettings().shutdown_timeout == 15.0
+    assert OpsSettings().shutdown_timeout < float(stop[0])
