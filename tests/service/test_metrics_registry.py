@@ -21,7 +21,8 @@ from daemon.service.ops import HealthStatus, OpsServer
 DAEMON = Path(__file__).resolve().parents[2] / "daemon"
 #: Names that hold the one Metrics object in daemon/ (`metrics`, `self.metrics`, `self._metrics`).
 HOLDERS = {"metrics", "_metrics"}
-NOT_METRICS = {"registry", "render", "content_type"}
+#: Attributes of Metrics that are not metrics: the registry and the methods/properties.
+NOT_METRICS = {"registry"} | {n for n in dir(Metrics) if not n.startswith("__")}
 
 
 def _touched() -> dict[str, list[str]]:
