@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Runtime dependencies only: what `confguard demo` needs.
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test typecheck soak bench clean
+.PHONY: demo test typecheck lint soak bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,14 +24,18 @@ demo: $(DEMO_STAMP)
 	$(BIN)/confguard demo
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check daemon tests bench
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
+lint: $(STAMP)
+	$(BIN)/python -m ruff check daemon tests bench
+
 soak: $(STAMP)
-	CONFGUARD_SOAK_SECONDS=600 $(BIN)/python -m pytest -q -s tests/test_soak.py
+	CONFGUARD_SOAK_SECONDS=600 $(BIN)/python -m pytest -q -s tests/e2e/test_soak.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'

@@ -42,6 +42,7 @@ from daemon.core.events import CallEvent, parse_message  # noqa: E402
 from daemon.core.ids import ConversationId  # noqa: E402
 from daemon.core.model import Change, Decision  # noqa: E402
 from daemon.core.state import CallStore  # noqa: E402
+from daemon.core.timefmt import format_time  # noqa: E402
 
 T0 = 1_795_000_000.0
 QUEUES = [str(uuid.UUID(int=i + 1)) for i in range(20)]

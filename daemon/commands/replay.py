@@ -41,7 +41,7 @@ import orjson
 
 from daemon.config import Config, compose_with_positions, load_config
 from daemon.core.engine import Engine
-from daemon.errors import ConfigError, ReplayError
+from daemon.errors import ReplayError
 from daemon.core.model import Decision
 from daemon.core.rules import RuleEngine, compile_rules, parse_duration
 from daemon.core.state import CallStore

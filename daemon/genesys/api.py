@@ -36,7 +36,6 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote

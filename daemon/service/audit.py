@@ -28,12 +28,10 @@ This module is not part of the sans-I/O core; it may use asyncio.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,8 +57,6 @@ __all__ = [
     "decision_record",
     "outcome_record",
     "verify",
-    "register",
-    "main",
 ]
 
 ZERO_HASH = "0" * 64

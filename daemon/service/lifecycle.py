@@ -25,7 +25,6 @@ once. Nothing on it awaits.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum

@@ -56,7 +56,7 @@ class Pair:
         return [k for k, n in self.nodes.items() if n.may_send()]
 
     async def close(self) -> None:
-        for name, stop in self.stops.items():
+        for stop in self.stops.values():
             stop.set()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         for n in self.nodes.values():
