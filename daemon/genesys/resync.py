@@ -24,6 +24,10 @@ counts, since the stream stays in its gap until a resync succeeds);
 after that `resync` raises the `ConfguardError` and the caller retries later (the stream
 stays in its gap until a resync completes).
 
+Reconciliation (`Reconciler`, the periodic anti-entropy pass) re-reads only the calls that
+had neither an event nor a read for `reconcile_interval`, riskiest first, within
+`subscriptions.reconcile_share` of every budget window; see its docstring.
+
 Coalescing: a resync requested while one runs schedules exactly one more after it, shared by
 every request that arrived meanwhile; all of them await that next run's report.
 
@@ -37,6 +41,8 @@ seconds (the same clock the engine is fed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import time
 from collections import deque
@@ -49,7 +55,7 @@ import structlog
 from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.model import Call, Decision
-from daemon.genesys.ratelimit import Priority
+from daemon.genesys.ratelimit import Priority, budget_share
 from daemon.genesys.retry import RetryPolicy
 
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
@@ -138,6 +144,9 @@ class Resyncer:
                                           jitter=0.5, max_attempts=max(1, attempts))
         self._on_resynced = on_resynced
         self._rng = rng or random.Random()
+        # Epoch seconds of each call's last successful REST read (resync or reconciliation),
+        # so reconciliation can skip what is fresh. Pruned by `Reconciler`.
+        self.last_read: dict[ConversationId, float] = {}
         self._driver: asyncio.Task[None] | None = None
         self._pending: asyncio.Future[ResyncReport] | None = None
         self._pending_reasons: list[str] = []
@@ -313,6 +322,7 @@ class Resyncer:
             conv = await self._client.get_call(cid, priority=Priority.RESYNC)
         except NotFoundError:
             report.gone += 1
+            self.last_read.pop(cid, None)
             log.info("resync_call_gone", conversation_id=cid)
             return self._mark_gone(cid)
         except ApiError as exc:
@@ -332,6 +342,7 @@ class Resyncer:
             log.exception("resync_apply_failed", conversation_id=cid)
             return []
         report.updated += 1
+        self.last_read[cid] = self._clock()
         return decisions
 
     def _mark_gone(self, cid: ConversationId) -> list[Decision]:
@@ -392,3 +403,220 @@ def _error_kind(reasons: Sequence[str]) -> str:
     """The `kind` label of `resync_errors`: `reconcile` when the pass was only the periodic
     anti-entropy one, else `resync` (start-up, gaps, or those coalesced with a reconcile)."""
     return "reconcile" if reasons and all(r == "reconcile" for r in reasons) else "resync"
+
+
+# ---------------------------------------------------------------------- reconciliation
+
+RECONCILE_TAG = "reconcile"
+"""The limiter tag of every request reconciliation makes (see `ratelimit.budget_share`)."""
+_OUTSIDE_PURPOSES = frozenset({"customer", "external"})
+
+
+def reconcile_class(call: Call) -> int:
+    """How likely a call is to break a rule, as a sort key (lower first): 0 a conference
+    (3+ connected parties), 1 a call with a live customer or external party, 2 the rest."""
+    if call.connected_parties >= 3:
+        return 0
+    if any(p.is_live and p.purpose in _OUTSIDE_PURPOSES for p in call.participants.values()):
+        return 1
+    return 2
+
+
+@dataclass(slots=True)
+class ReconcileStats:
+    """What reconciliation did since start (counters) and at its last scan (gauges).
+
+    `share_used`: fraction of the allowance reconciliation used over its last full
+    interval (the `confguard_reconcile_budget_share` gauge)."""
+
+    reads: int = 0  # GETs answered and applied
+    gone: int = 0
+    errors: int = 0
+    decisions: int = 0
+    discoveries: int = 0  # analytics passes
+    discovered_unknown: int = 0  # live in-scope calls analytics knew and the store did not
+    scans: int = 0
+    last_due: int = 0  # calls due at the last scan
+    last_fresh: int = 0  # calls skipped at the last scan: an event or read within the interval
+    share_used: float = 0.0
+
+
+class Reconciler:
+    """Anti-entropy that scales: Genesys never reports a lost event, so calls are re-read
+    over REST, within a share of the request budget, riskiest first.
+
+    - A live tracked call is due once it has had neither an event that changed it nor a
+      REST read for `interval` seconds (a call that had an event since its last read is
+      fresh, and skipped).
+    - Due calls are read in order: conferences (3+ connected parties), then calls with a
+      live customer or external party, then the rest (`reconcile_class`); within a class,
+      the one longest without an event or read first. Calls analytics reports live in
+      scope that the store does not know (their events were all lost) go first of all.
+    - Every request it makes is tagged `reconcile` with `share` in the shared limiter
+      (`ratelimit.budget_share`), so per budget window it spends at most
+      max(1, floor(share x allowed)) requests, at `Priority.RESYNC`, never the removals'
+      reserve. When the share is spent it waits for the next window; nothing else waits.
+    - Every `interval` it runs the analytics discovery (`discover`), and sets
+      `confguard_reconcile_budget_share` to the fraction of the allowance it used over the
+      interval just ended.
+
+    Replies go through `resyncer`'s read path (`engine.apply_conversation`, decisions to its
+    `on_decisions` at once; 404 marks the call gone; other errors are logged and counted as
+    `resync_errors{kind="reconcile"}`). `clock` is epoch seconds (the engine's); `idle`
+    bounds how long it sleeps between scans when nothing is due (seconds).
+    """
+
+    def __init__(self, resyncer: Resyncer, *, interval: float, share: float,
+                 limiter: Any = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] | None = None, concurrency: int = 4,
+                 discover: bool = True, idle: float = 5.0, batch: int = 32) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        if not 0.0 < share <= 1.0:
+            raise ValueError("share must be within (0, 1]")
+        self.resyncer = resyncer
+        self.interval = interval
+        self.share = share
+        self.limiter = limiter
+        self._metrics = metrics
+        self._clock = clock or resyncer._clock
+        self.concurrency = max(1, concurrency)
+        self.discover = discover
+        self.idle = idle
+        self.batch = max(1, batch)
+        self.stats = ReconcileStats()
+        self._unknown: dict[ConversationId, int] = {}  # discovered, not tracked: parties
+        self.next_due = math.inf  # when the freshest skipped call falls due (engine clock)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def due(self, now: float) -> list[ConversationId]:
+        """The calls to re-read now, in order (see the class docstring)."""
+        store = self.resyncer._engine.store
+        last_read = self.resyncer.last_read
+        ranked: list[tuple[int, float, ConversationId]] = []
+        fresh = 0
+        next_due = math.inf
+        live: set[ConversationId] = set()
+        for cid in list(store.tracked_ids()):
+            call = store.get(cid)
+            if call is None or call.is_ended:
+                continue
+            live.add(cid)
+            seen = max(call.last_update, last_read.get(cid, 0.0))
+            if seen > now - self.interval:
+                fresh += 1
+                next_due = min(next_due, seen + self.interval)
+                continue
+            ranked.append((reconcile_class(call), seen, cid))
+        for cid in [c for c in self._unknown if c in live]:
+            del self._unknown[cid]  # an event brought it in meanwhile
+        for cid, parties in self._unknown.items():
+            ranked.append((-2 if parties >= 3 else -1, 0.0, cid))
+        for cid in [c for c in last_read if c not in live]:
+            del last_read[cid]  # ended or evicted: forget it
+        ranked.sort()
+        self.stats.last_due = len(ranked)
+        self.stats.last_fresh = fresh
+        self.stats.scans += 1
+        self.next_due = next_due
+        return [cid for _, _, cid in ranked]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile until `stop` is set (or the task is cancelled)."""
+        budget_share.set((RECONCILE_TAG, self.share))  # this task and the workers it starts
+        start = self._clock()
+        next_discovery = start + self.interval  # start-up resync has just discovered
+        period_start, granted0 = start, self._granted()
+        while not stop.is_set():
+            now = self._clock()
+            if now - period_start >= self.interval:
+                self._report_share(now - period_start, self._granted() - granted0)
+                period_start, granted0 = now, self._granted()
+            if self.discover and now >= next_discovery:
+                next_discovery = now + self.interval
+                await self._discover(now)
+            todo = self.due(now)[:self.batch]
+            if not todo:
+                wake = min(self.next_due, period_start + self.interval,
+                           next_discovery if self.discover else math.inf)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(),
+                                           timeout=max(0.01, min(self.idle, wake - now)))
+                continue
+            queue: deque[ConversationId] = deque(todo)
+            workers = [asyncio.create_task(self._worker(queue))
+                       for _ in range(min(self.concurrency, len(todo)))]
+            try:
+                await asyncio.gather(*workers)
+            except BaseException:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                raise
+
+    # ------------------------------------------------------------------ internals
+
+    async def _worker(self, queue: deque[ConversationId]) -> None:
+        while queue:
+            cid = queue.popleft()
+            report = ResyncReport(reason=RECONCILE_TAG, started_at=self._clock(),
+                                  reasons=[RECONCILE_TAG])
+            decisions = await self.resyncer._read_one(cid, report)
+            self._unknown.pop(cid, None)
+            self.stats.reads += report.updated
+            self.stats.gone += report.gone
+            self.stats.errors += report.errors
+            if decisions:
+                self.stats.decisions += len(decisions)
+                try:
+                    self.resyncer._on_decisions(decisions)
+                except Exception:
+                    log.exception("reconcile_on_decisions_failed", conversation_id=cid)
+
+    async def _discover(self, now: float) -> None:
+        rs = self.resyncer
+        queue_ids = [QueueId(str(q)) for q in rs.scope_queue_ids]
+        user_ids = [UserId(str(u)) for u in rs.scope_user_ids]
+        if not queue_ids and not user_ids:
+            return
+        try:
+            found = await rs._client.active_conversations(
+                queue_ids=queue_ids, user_ids=user_ids,
+                since=now - rs.lookback, until=now + rs.lookahead)
+        except ConfguardError as exc:
+            if self._metrics is not None:
+                self._metrics.resync_errors.labels(kind=RECONCILE_TAG).inc()
+            log.warning("reconcile_discovery_failed", error=str(exc))
+            return
+        self.stats.discoveries += 1
+        store = rs._engine.store
+        new = 0
+        for conv in found:
+            cid = conv.get("conversationId") if isinstance(conv, dict) else None
+            if not isinstance(cid, str) or not cid:
+                log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
+                continue
+            key = ConversationId(cid)
+            if store.get(key) is None and key not in self._unknown:
+                self._unknown[key] = analytics_parties(conv)
+                new += 1
+        self.stats.discovered_unknown += new
+        if new:
+            log.info("reconcile_discovered", calls=new)
+
+    def _granted(self) -> int:
+        granted = getattr(self.limiter, "granted", None)
+        return int(granted["tag:" + RECONCILE_TAG]) if granted is not None else 0
+
+    def _report_share(self, seconds: float, requests: int) -> None:
+        allowed = getattr(self.limiter, "allowed", None)
+        window = getattr(self.limiter, "window", 60.0)
+        if not allowed or seconds <= 0:
+            return
+        share = min(1.0, requests / (allowed * seconds / window))
+        self.stats.share_used = share
+        if self._metrics is not None:
+            self._metrics.reconcile_budget_share.set(share)
+        log.info("reconcile_share", share=round(share, 3), requests=requests,
+                 seconds=round(seconds, 1), due=self.stats.last_due, fresh=self.stats.last_fresh)

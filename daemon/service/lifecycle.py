@@ -49,7 +49,7 @@ from daemon.errors import ConfigError, ConfguardError, StreamError, Subscription
 from daemon.service.metrics import Metrics
 from daemon.core.model import Change, Decision
 from daemon.service.ops import HealthStatus, OpsServer
-from daemon.genesys.resync import Resyncer
+from daemon.genesys.resync import Reconciler, Resyncer
 from daemon.genesys.retry import RetryPolicy
 from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
 from daemon.genesys.scope import resolve_scope
@@ -117,6 +117,7 @@ class Daemon:
         self.enforcer: Enforcer | None = None
         self.stream: StreamManager | None = None
         self.resyncer: Resyncer | None = None
+        self.reconciler: Reconciler | None = None
         self.ops: OpsServer | None = None
         self.ops_port: int | None = None
         self.control: ControlServer | None = None  # when control.listen is set
@@ -555,20 +556,16 @@ class Daemon:
                     self._set_state(State.RUNNING, reason="resynced")
 
     async def _reconcile(self) -> None:
-        """Anti-entropy: Genesys never reports a lost event, so every `reconcile_interval`
-        seconds the in-scope calls are re-read (a resync: conferences first, Priority.RESYNC
-        through the shared limiter, coalesced with gap resyncs). Failures wait for the next
-        interval; the stream's gap state is left alone."""
-        interval = self.config.subscriptions.reconcile_interval
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
-            if self._stop.is_set() or self.resyncer is None:
-                return
-            try:
-                await self.resyncer.resync("reconcile")
-            except ConfguardError as exc:
-                log.warning("reconcile_failed", error=str(exc))
+        """Anti-entropy: Genesys never reports a lost event, so calls without an event or a
+        read for `reconcile_interval` seconds are re-read, riskiest first, within
+        `reconcile_share` of the budget (`daemon.genesys.resync.Reconciler`). The stream's
+        gap state is left alone."""
+        assert self.resyncer is not None and self.client is not None
+        subs = self.config.subscriptions
+        self.reconciler = Reconciler(self.resyncer, interval=subs.reconcile_interval,
+                                     share=subs.reconcile_share, limiter=self.client.limiter,
+                                     metrics=self.metrics, clock=self.clock)
+        await self.reconciler.run(self._stop)
 
     def _maybe_reschedule(self) -> None:
         deadline = self.engine.next_deadline()
