@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ext = w.add_external(conv.id, f"tel:+1212555{i:04d}")
                     targets.append((conv.id, ext.id))
                 for cid, pid in targets:
-                    await _wait(lambda: held(cid, pid), 30, f"call {cid} in the daemon's memory")
+                    await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in the daemon's memory")
                 post_to_patch: list[float] = []
                 round_trip: list[float] = []
                 result["load_phase1_before"] = _common.load()
@@ -156,8 +156,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 last_pid = w.get_call(last).participants[-1].id
                 await _wait(lambda: held(last, last_pid), 60, "the last call in memory")
                 for cid in live:
-                    await _wait(lambda: held(cid, w.get_call(cid).participants[-1].id), 30,
-                                f"call {cid} in memory")
+                    pid = w.get_call(cid).participants[-1].id
+                    await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in memory")
                 rng = random.Random(3)
                 before = len(sb.journal.requests)
                 stop_at = time.perf_counter() + args.seconds
