@@ -123,6 +123,10 @@ class AuditLog:
     (seconds) the longest a written record may wait for fsync when `run_syncer` runs;
     `clock` gives epoch seconds for the `time` field and `last_sync`. `on_record`, if
     given, is called with each written record's `type` (e.g. to count it in metrics).
+    `stamp` (attribute, default None): when set, its fields (HA: `node` and `epoch`) are
+    added to every record not already carrying them. `observers` (attribute): callables
+    given each record as written, after it is written (HA: the shared decisions table);
+    an observer that raises is logged, never propagated.
 
     Use from one thread (the event loop); `sync` may run in a worker thread meanwhile.
     """
@@ -139,6 +143,8 @@ class AuditLog:
         self.fsync_interval = fsync_interval
         self._clock = clock
         self._on_record = on_record
+        self.stamp: Callable[[], dict[str, Any]] | None = None
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
         self._fd: int | None = None
         self._size = 0
         self._seq = 0
@@ -241,6 +247,9 @@ class AuditLog:
         if self._fd is None:
             raise AuditError(f"audit trail {self.path} is not open")
         rec = _normalise({k: v for k, v in record.items() if k not in RESERVED})
+        if self.stamp is not None:
+            for key, value in self.stamp().items():
+                rec.setdefault(key, value)
         rec["seq"] = self._seq + 1
         now = self._clock()
         rec["time"] = format_time(now)
@@ -258,6 +267,11 @@ class AuditLog:
                 self._unsynced_since = now
         if self._on_record is not None:
             self._on_record(str(rec.get("type", "")))
+        for observer in self.observers:
+            try:
+                observer(rec)
+            except Exception:  # the record is written; an observer's bug must not undo that
+                log.exception("audit_observer_failed")
         return rec
 
     def _append(self, line: bytes) -> None:

@@ -54,10 +54,11 @@ import asyncpg
 import structlog
 
 from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
+from daemon.service.recovery import Unfinished, close_unfinished
 
 log = structlog.get_logger("confguard.ha")
 
-__all__ = ["HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn"]
+__all__ = ["Failover", "HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS confguard_lease (
@@ -487,6 +488,147 @@ class HaNode:
         conn = await self._data_conn()
         await conn.execute("UPDATE confguard_decisions SET outcome = $2, closed_at = clock_timestamp() "
                            "WHERE id = $1 AND outcome IS NULL", row_id, outcome, timeout=self._timeout)
+
+
+class Failover:
+    """Wires an `HaNode` into a daemon: the send gate, the audit stamp and observer, and the
+    take-over procedure.
+
+    - `may_send()` (the enforcer's send gate): the lease is valid on our clock AND the
+      take-over of the current term is complete (see below). Closed -> decisions are
+      audited `standby`, nothing is sent.
+    - Every audit record gets `node` and `epoch` (`stamp`). A disconnect decision written
+      while we may send gets a row in the decisions table; its outcome closes the row. A
+      `standby` outcome is remembered (monotonic time) for the next take-over.
+    - Take-over (a new term): once the daemon is ready (`mark_ready`), re-read over REST,
+      at ENFORCE priority, every call with a decision the old leader may have acted on in
+      the last `2 * takeover_after` (its rows in the table, and the calls we ourselves
+      decided `standby`), so the state in memory shows what the old leader removed; close
+      the old leader's rows that have no outcome (`recovery.close_unfinished`); then open
+      the gate and call `on_open("became_leader")`, which acts on every live party that
+      still matches a disconnect rule. A party the old leader removed is final by then:
+      nothing is sent for it. The re-read is bounded by `takeover_after` seconds; past
+      that the gate opens anyway (a stuck API must not keep enforcement off).
+
+    `read_call(cid)`: GET the call at ENFORCE priority and fold it into the state (None for
+    404). `write(record)`: the audit sink. `on_open(reason)`: the enforcer's act-now.
+    """
+
+    def __init__(self, node: HaNode, *, read_call: Callable[[str], Any],
+                 write: Callable[[dict[str, Any]], Any], on_open: Callable[[str], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node = node
+        self._read_call = read_call
+        self._write = write
+        self._on_open = on_open
+        self._clock = clock
+        self._open_epoch: int | None = None
+        self._ready = asyncio.Event()
+        self._intents: set[tuple[str, str, str]] = set()
+        self._recent: dict[str, float] = {}  # conversation id -> monotonic time of a standby outcome
+        self._task: asyncio.Task[None] | None = None
+        self.last_takeover: dict[str, Any] | None = None
+        node.on_term = self._on_term
+        node.on_lost = self._on_lost
+
+    def may_send(self) -> bool:
+        return self._open_epoch is not None and self._open_epoch == self.node.epoch and self.node.may_send()
+
+    def stamp(self) -> dict[str, Any]:
+        return {"node": self.node.node, "epoch": self.node.epoch}
+
+    def observe(self, rec: dict[str, Any]) -> None:
+        """Audit observer (see the class docstring)."""
+        kind = rec.get("type")
+        if kind not in ("decision", "outcome") or rec.get("action") != "disconnect":
+            return
+        key = (str(rec.get("conversation_id")), str(rec.get("participant_id")), str(rec.get("rule")))
+        if kind == "decision":
+            if rec.get("mode") == "enforce" and self.may_send():
+                self.node.record_intent(*key)
+                self._intents.add(key)
+            return
+        if key in self._intents:
+            self._intents.discard(key)
+            self.node.record_outcome(*key, str(rec.get("outcome")))
+        if rec.get("outcome") == "standby":
+            now = self._clock()
+            self._recent[key[0]] = now
+            if len(self._recent) > 10_000:
+                horizon = now - 2 * self.node.policy.takeover_after
+                for cid in [c for c, t in self._recent.items() if t < horizon]:
+                    del self._recent[cid]
+
+    def mark_ready(self) -> None:
+        """The daemon finished its start-up resync: a take-over may proceed."""
+        self._ready.set()
+
+    def _on_term(self, epoch: int) -> None:
+        self._open_epoch = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = asyncio.get_running_loop().create_task(self._takeover(epoch), name="ha-takeover")
+
+    def _on_lost(self, why: str) -> None:
+        self._open_epoch = None
+
+    async def _takeover(self, epoch: int) -> None:
+        started = self._clock()
+        await self._ready.wait()
+        window = 2 * self.node.policy.takeover_after
+        budget = self.node.policy.takeover_after
+        rows: list[UnfinishedDecision] = []
+        try:
+            rows = await asyncio.wait_for(self.node.recent_decisions(window), timeout=budget)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("ha_takeover_rows_unreadable", error_type=type(exc).__name__,
+                      detail="re-reading only the calls this node decided as standby")
+        horizon = self._clock() - window
+        calls = {cid for cid, t in self._recent.items() if t >= horizon}
+        calls |= {r.conversation_id for r in rows}
+        mine = self.node.node
+        unfinished = [Unfinished(r.rule, r.conversation_id, r.participant_id, node=r.node,
+                                 epoch=r.epoch, row_id=r.id)
+                      for r in rows if r.outcome is None and not (r.node == mine and r.epoch == epoch)]
+        reread = 0
+        closed = 0
+
+        async def reread_all() -> None:
+            nonlocal reread, closed
+            for cid in sorted(calls):
+                try:
+                    await self._read_call(cid)
+                except Exception as exc:  # noqa: BLE001 - one call must not stop the take-over
+                    log.warning("ha_takeover_reread_failed", conversation_id=cid,
+                                error=f"{type(exc).__name__}: {exc}")
+                reread += 1
+            closed = await close_unfinished(unfinished, read_call=self._read_call, write=self._write,
+                                            closed_on="takeover", on_closed=self._close_row)
+
+        try:
+            await asyncio.wait_for(reread_all(), timeout=budget)
+        except asyncio.TimeoutError:
+            log.error("ha_takeover_reread_timeout", calls=len(calls), reread=reread, timeout=budget,
+                      detail="opening the send gate anyway")
+        if self.node.epoch != epoch or not self.node.policy.is_leader:
+            return  # lost again meanwhile
+        self._open_epoch = epoch
+        self.last_takeover = {"epoch": epoch, "calls": len(calls), "reread": reread,
+                              "closed": closed, "seconds": round(self._clock() - started, 3)}
+        log.warning("ha_takeover_done", **self.last_takeover)
+        try:
+            self._on_open("became_leader")
+        except Exception:
+            log.exception("ha_on_open_failed")
+
+    async def _close_row(self, item: Unfinished, outcome: str) -> None:
+        if item.row_id is not None:
+            await self.node.close_decision(item.row_id, outcome)
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def _close(conn: Any) -> None:

@@ -4,7 +4,8 @@
 - `GET /healthz`: liveness. 200 `{"status": "ok", "state": ...}` whenever the process and
   its event loop answer (a wedged loop does not answer, which is the point); plus
   `"budget": {allowed, used, remaining, reset_seconds, learnt, reserve, in_flight,
-  paused_seconds, rate_limited, headers_rejected}` once the API client exists.
+  paused_seconds, rate_limited, headers_rejected}` once the API client exists. With HA,
+  also `role` (leader | standby | no-lease), `epoch`, `node` and `lease_age` (seconds).
 - `GET /readyz`: readiness. 200 `{"status": "ready", ...}` when `health().ready` (all
   topics subscribed, not in a gap/resync), else 503 `{"status": "not_ready", "reason": ...}`.
 
@@ -34,12 +35,15 @@ __all__ = ["HealthStatus", "OpsServer"]
 class HealthStatus:
     """What `/healthz` and `/readyz` report. `state` is the daemon State name
     (`starting`, `running`, ...); `reason` says why not ready; `details` is free-form
-    JSON-able data (e.g. subscribed topic count, tracked calls)."""
+    JSON-able data (e.g. subscribed topic count, tracked calls). `ha`: with
+    `ha.backend: postgres`, the top-level `/healthz` keys `role`, `epoch`, `node` and
+    `lease_age` (seconds); None on a single host."""
 
     state: str
     ready: bool
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    ha: dict[str, Any] | None = None
 
 
 def _json(data: dict[str, Any], status: int) -> web.Response:
@@ -127,7 +131,7 @@ class OpsServer:
         st = self._status()
         if st is None:
             return _json({"status": "error", "reason": "health check failed"}, 500)
-        body: dict[str, Any] = {"status": "ok", "state": st.state}
+        body: dict[str, Any] = {**(st.ha or {}), "status": "ok", "state": st.state}
         if "budget" in st.details:  # the request budget (daemon.genesys.ratelimit.BudgetSnapshot)
             body["budget"] = st.details["budget"]
         return _json(body, 200)
