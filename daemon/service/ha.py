@@ -534,6 +534,14 @@ class Failover:
     def may_send(self) -> bool:
         return self._open_epoch is not None and self._open_epoch == self.node.epoch and self.node.may_send()
 
+    def role_and_leader(self) -> tuple[str, str | None]:
+        """(role, the leader's node when known) for the control API. `leader` only while
+        the gate is open: during a take-over this node answers as standby."""
+        role = self.node.role
+        if role.value == "leader" and not self.may_send():
+            return "standby", None
+        return role.value, self.node.policy.holder
+
     def stamp(self) -> dict[str, Any]:
         return {"node": self.node.node, "epoch": self.node.epoch}
 

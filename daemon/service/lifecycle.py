@@ -55,6 +55,12 @@ from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
 from daemon.genesys.stream import StreamManager
+from daemon.config import resolve_ha_dsn
+from daemon.core.lease import LeasePolicy
+from daemon.errors import NotFoundError
+from daemon.genesys.ratelimit import Priority
+from daemon.service.ha import Failover, HaNode
+from daemon.service.recovery import Unfinished, close_unfinished, unfinished_in_audit
 
 if TYPE_CHECKING:
     from daemon.service.control import ControlServer
@@ -144,6 +150,11 @@ class Daemon:
         self._fatal: BaseException | None = None
         self._queue_ids: list[str] = []
         self._user_ids: list[str] = []
+        # HA (ha.backend: postgres): the lease, the send gate, take-over; None on one host.
+        self.failover: Failover | None = None
+        self._ha_stop = asyncio.Event()
+        self._ha_task: asyncio.Task[None] | None = None
+        self._unfinished: list[Unfinished] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,7 +182,8 @@ class Daemon:
         }
         if self.client is not None:
             details["budget"] = self.client.limiter.snapshot().as_dict()
-        return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details)
+        return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details,
+                            ha=self.failover.node.health() if self.failover is not None else None)
 
     async def start(self) -> None:
         """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
@@ -188,6 +200,8 @@ class Daemon:
                 raise (cfg.source.error(("ops", "listen"), message) if cfg.source
                        else ConfigError(message)) from None
         self.audit.open()
+        # Before any new record: decisions of an earlier run with no outcome (closed below).
+        self._unfinished = unfinished_in_audit(self.audit.path)
         credentials = resolve_credentials(cfg.genesys)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
         self.client.limiter.on_rate_limited = \
@@ -196,6 +210,8 @@ class Daemon:
         self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
                                  safety=self.safety, metrics=self.metrics, clock=self.clock,
                                  store=self.engine.store)
+        if cfg.ha.enabled:
+            self._start_ha()
         if cfg.control.enabled:
             from daemon.service.control import start_control
             self.control = await start_control(self)
@@ -203,6 +219,10 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
         self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
 
+        if self._unfinished:
+            # Before the stream and the start-up resync: what a call shows now must be read
+            # before any removal of this run could change it.
+            await self._close_unfinished()
         self._set_state(State.SUBSCRIBING)
         scope = await resolve_scope(self.client, cfg.subscriptions)
         self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
@@ -226,6 +246,8 @@ class Daemon:
         if cfg.subscriptions.reconcile_interval > 0:
             self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
         self._set_state(State.RUNNING)
+        if self.failover is not None:
+            self.failover.mark_ready()
         systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
 
     async def stop(self) -> None:
@@ -277,6 +299,8 @@ class Daemon:
                 abandoned = self.enforcer.in_flight
                 # Cancel the actions themselves: each still writes its outcome record.
                 await self._bounded(self.enforcer.drain(0.0), _FORCED_GRACE, "drain_cancel")
+        if self.failover is not None:  # after the drain: in-flight removals finish under the lease
+            await self._bounded(self._stop_ha(), max(0.2, left(_final_reserve(timeout))), "ha_release")
         self._stop.set()
         if self.stream is not None:
             await self._bounded(self.stream.stop(), left(_final_reserve(timeout)), "stream_close")
@@ -464,6 +488,70 @@ class Daemon:
         systemd.ready(f"{self.state.value}: reloaded")
         return True
 
+    # ------------------------------------------------------------------ HA
+
+    def _start_ha(self) -> None:
+        """ha.backend: postgres: contend for the lease (README "High availability"). The
+        lease loop runs until `_stop_ha`; until this node holds the lease and finished its
+        take-over, the send gate is closed and decisions are audited `standby`."""
+        ha = self.config.ha
+        node = HaNode(resolve_ha_dsn(ha), lease=ha.lease, node=ha.node_name,
+                      policy=LeasePolicy(ha.takeover_after), metrics=self.metrics)
+        self.failover = Failover(node, read_call=self._read_call_now, write=self.audit.write,
+                                 on_open=self._enforcement_possible)
+        self.audit.stamp = self.failover.stamp
+        self.audit.observers.append(self.failover.observe)
+        self.ha_role = self.failover.role_and_leader
+        node.update_metrics()
+        log.info("ha_starting", node=node.node, lease=ha.lease, takeover_after=ha.takeover_after)
+        self._ha_task = asyncio.create_task(node.run(self._ha_stop), name="ha-lease")
+
+    async def _stop_ha(self) -> None:
+        """Hand the lease back (so the standby takes over at once) and stop the loop."""
+        if self.failover is None or self._ha_task is None:
+            return
+        self._ha_stop.set()
+        await asyncio.wait({self._ha_task}, timeout=5.0)
+        await self.failover.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.failover.node.release(), timeout=5.0)
+        self._ha_task = None
+
+    def _enforcement_possible(self, reason: str) -> None:
+        """Removals became possible again: act on every live matching party at once."""
+        act_now = getattr(self.enforcer, "act_now", None)
+        if callable(act_now):
+            act_now(reason)
+
+    async def _read_call_now(self, conversation_id: str) -> dict[str, Any] | None:
+        """GET one call at ENFORCE priority and fold it into the state (None: 404)."""
+        assert self.client is not None
+        try:
+            conv = await self.client.get_call(conversation_id, priority=Priority.ENFORCE)
+        except NotFoundError:
+            decisions = self.engine.mark_gone(conversation_id, self.clock())
+            if decisions:
+                self._submit(decisions)
+            return None
+        if not isinstance(conv, dict):
+            raise ValueError("the call reply is not a JSON object")
+        decisions = self.engine.apply_conversation(conv, self.clock(), source="resync")
+        if decisions:
+            self._submit(decisions)
+        return conv
+
+    async def _close_unfinished(self) -> None:
+        """Close this host's decisions of an earlier run that have no outcome record."""
+        items, self._unfinished = self._unfinished, []
+        log.warning("unfinished_decisions_found", count=len(items), audit=str(self.audit.path))
+        try:
+            await asyncio.wait_for(close_unfinished(items, read_call=self._read_call_now,
+                                                    write=self.audit.write, closed_on="startup"),
+                                   timeout=30.0)
+        except asyncio.TimeoutError:  # a stuck API must not keep the daemon from starting
+            log.error("unfinished_decisions_timeout", count=len(items),
+                      detail="the rest are closed at the next start")
+
     # ------------------------------------------------------------------ hot path
 
     def _on_message(self, raw: bytes | str, received_at: float) -> None:
@@ -610,7 +698,7 @@ def _close_reserve(timeout: float) -> float:
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Changed settings that a reload does not apply (the client, audit file, ops listener,
     logging and stream timings are built once at start-up), as dotted names."""
-    changed = [name for name in ("genesys", "audit", "ops", "logging", "control")
+    changed = [name for name in ("genesys", "audit", "ops", "logging", "control", "ha")
                if getattr(old, name) != getattr(new, name)]
     for name in type(old.subscriptions).model_fields:
         if name not in ("queues", "users") and \
