@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.eject",     # eject
     "daemon.commands.audit",     # audit verify
     "daemon.commands.sandbox",   # sandbox
+    "daemon.commands.ruletest",  # test
 )
 
 EXIT_OK = 0
