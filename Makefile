@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Runtime dependencies only: what `confguard demo` needs.
 DEMO_STAMP := $(VENV)/.installed-demo
+# The bench extras too, for the benchmarks' smoke run in `make test` (tests/bench).
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test typecheck lint soak bench clean
 
@@ -20,10 +22,16 @@ $(DEMO_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $(DEMO_STAMP)
 
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 demo: $(DEMO_STAMP)
 	$(BIN)/confguard demo
 
-test: $(STAMP)
+# Lint, types, then the suite (which includes the soak, 60 s, and every benchmark at
+# smoke sizes, tests/bench).
+test: $(BENCH_STAMP)
 	$(BIN)/python -m ruff check daemon tests bench
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q

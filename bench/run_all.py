@@ -1,12 +1,21 @@
-"""Run benchmarks 1-5 and rewrite bench/RESULTS.md (`make bench` calls this).
+"""Run the benchmarks and rewrite bench/RESULTS.md (`make bench` calls this).
 
     .venv/bin/python bench/run_all.py [--quick] [--only ingest,memory,receive,removal]
+    .venv/bin/python bench/run_all.py --smoke [--only NAME,...]
 
-Each benchmark runs as its own process (`bench/<name>.py --json`), one after the other, so
-they never compete with each other for the machine's cores; the load average (which other
-users of the machine cause) is recorded next to every figure. A section of the existing
-RESULTS.md that starts with "## Chaos soak" (figures written by hand after `make soak`) is
-kept as it is. `--quick` runs smaller sizes (a smoke test of the scripts, not figures).
+Each benchmark runs as its own process (`bench/<name>.py ... --json`), one after the other,
+so they never compete with each other for the machine's cores; the load average (which
+other users of the machine cause) is recorded next to every figure. A section of the
+existing RESULTS.md that starts with "## Chaos soak" (figures written by hand after
+`make soak`) is kept as it is. `--quick` runs smaller sizes (a check of the scripts, not
+figures). `--smoke` runs every registered benchmark at tiny sizes (seconds each), checks
+that each exits 0 (and prints its JSON line, for those with `--json`), and writes nothing:
+`make test` runs it through tests/bench/test_bench_smoke.py so that bench/ cannot rot.
+
+To add a benchmark: write `bench/<name>.py` (argparse sizes, every loop bounded, exit 0 on
+success; `--json` printing one JSON object as the last line if it reports figures), then
+add one `Bench` to `BENCHMARKS` below with its smoke sizes. Give it `full` sizes, and a
+section in `render()`, only if its figures belong in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +38,75 @@ import _common  # noqa: E402
 RESULTS = HERE / "RESULTS.md"
 PY = ".venv/bin/python"
 
-FULL: dict[str, list[str]] = {
-    "ingest": ["--calls", "1000", "--frames", "40000", "--rounds", "5"],
-    "memory": ["--calls", "10000"],
-    "receive": ["--messages", "20000", "--rounds", "3"],
-    "removal": ["--calls", "1000", "--background", "500", "--breakers", "200", "--rate", "4"],
-}
-QUICK: dict[str, list[str]] = {
-    "ingest": ["--calls", "200", "--frames", "5000", "--rounds", "1"],
-    "memory": ["--calls", "1000"],
-    "receive": ["--messages", "2000", "--rounds", "1"],
-    "removal": ["--calls", "150", "--background", "50", "--breakers", "10", "--rate", "5"],
-}
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark script, `bench/<name>.py`, and the arguments of each mode.
+
+    `full`/`quick`: the sizes for RESULTS.md figures (None: not part of RESULTS.md);
+    `smoke`: tiny sizes for `--smoke` (`make test`), a few seconds at most; `json`: the
+    script takes `--json` and prints one JSON object as its last line."""
+
+    name: str
+    smoke: tuple[str, ...]
+    full: tuple[str, ...] | None = None
+    quick: tuple[str, ...] | None = None
+    json: bool = True
 
 
-def run_one(name: str, args: list[str]) -> tuple[dict[str, Any], str, float]:
+BENCHMARKS: tuple[Bench, ...] = (
+    Bench("ingest", smoke=("--calls", "20", "--frames", "500", "--rounds", "1"),
+          full=("--calls", "1000", "--frames", "40000", "--rounds", "5"),
+          quick=("--calls", "200", "--frames", "5000", "--rounds", "1")),
+    Bench("memory", smoke=("--calls", "100"),
+          full=("--calls", "10000"), quick=("--calls", "1000")),
+    Bench("receive", smoke=("--messages", "200", "--rounds", "1"),
+          full=("--messages", "20000", "--rounds", "3"), quick=("--messages", "2000", "--rounds", "1")),
+    Bench("removal", smoke=("--calls", "10", "--background", "5", "--breakers", "3", "--rate", "5"),
+          full=("--calls", "1000", "--background", "500", "--breakers", "200", "--rate", "4"),
+          quick=("--calls", "150", "--background", "50", "--breakers", "10", "--rate", "5")),
+    # Older micro-benchmarks (human summary only, no --json; not in RESULTS.md).
+    Bench("ingest_state", smoke=("--frames", "200", "--calls", "10", "--mem-calls", "20", "--repeat", "1"),
+          json=False),
+    Bench("rules_eval", smoke=("--rules", "5", "--changes", "200"), json=False),
+    Bench("sandbox_capacity", smoke=("--calls", "10", "--rate", "50", "--seconds", "1"), json=False),
+)
+BY_NAME: dict[str, Bench] = {b.name: b for b in BENCHMARKS}
+FIGURES = ",".join(b.name for b in BENCHMARKS if b.full is not None)
+#: Seconds one benchmark may take in `--smoke` before it counts as failed (hung).
+SMOKE_TIMEOUT = 180.0
+
+
+def smoke_command(b: Bench) -> list[str]:
+    """The argv of `b` at smoke sizes, run from the repository root."""
+    return [sys.executable, str(HERE / f"{b.name}.py"), *b.smoke, *(("--json",) if b.json else ())]
+
+
+def run_smoke(b: Bench) -> tuple[dict[str, Any] | None, float]:
+    """Run `b` at smoke sizes; its JSON line (None without `--json`) and seconds taken.
+    Raises SystemExit naming the benchmark when it fails, hangs or prints no JSON."""
+    t = time.monotonic()
+    try:
+        out = subprocess.run(smoke_command(b), capture_output=True, text=True,
+                             timeout=SMOKE_TIMEOUT, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench {b.name}: no result within {SMOKE_TIMEOUT:g} s at smoke sizes") from None
+    took = time.monotonic() - t
+    if out.returncode != 0:
+        raise SystemExit(f"bench {b.name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    if not b.json:
+        return None, took
+    lines = out.stdout.strip().splitlines()
+    try:
+        data = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise SystemExit(f"bench {b.name}: the last line of its output is not a JSON object:\n"
+                         f"{out.stdout[-1000:]}")
+    return data, took
+
+
+def run_one(name: str, args: Sequence[str]) -> tuple[dict[str, Any], str, float]:
     cmd = [sys.executable, str(HERE / f"{name}.py"), *args, "--json"]
     shown = " ".join([PY, f"bench/{name}.py", *args, "--json"])
     print(f"running: {shown}", flush=True)
@@ -166,13 +231,30 @@ def render(results: dict[str, tuple[dict[str, Any], str, float]], keep: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: check the scripts run")
-    ap.add_argument("--only", default="ingest,memory,receive,removal")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every registered benchmark at tiny sizes; checks they run, writes nothing")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated names (default: {FIGURES}; with --smoke, all of "
+                         f"{','.join(BY_NAME)})")
     ap.add_argument("--out", default=str(RESULTS), help="where to write (default bench/RESULTS.md)")
     args = ap.parse_args()
-    sizes = QUICK if args.quick else FULL
+    names = args.only.split(",") if args.only else None
+    unknown = [n for n in names or () if n not in BY_NAME]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    if args.smoke:
+        for b in (BY_NAME[n] for n in names) if names else BENCHMARKS:
+            data, took = run_smoke(b)
+            print(f"smoke {b.name}: ok in {took:.1f} s" + (f" {json.dumps(data)[:200]}" if data else ""),
+                  flush=True)
+        return
     results = {}
-    for name in args.only.split(","):
-        results[name] = run_one(name, sizes[name])
+    for name in names or FIGURES.split(","):
+        b = BY_NAME[name]
+        sizes = b.quick if args.quick else b.full
+        if sizes is None:
+            raise SystemExit(f"{name} has no figures for RESULTS.md; run it alone or with --smoke")
+        results[name] = run_one(name, sizes)
         print(json.dumps({k: v for k, v in results[name][0].items()
                           if k not in ("confguard", "poller_unlimited", "poller_budget_300")}), flush=True)
     out = Path(args.out)
