@@ -64,6 +64,7 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("removal", smoke=("--calls", "10", "--background", "5", "--breakers", "3", "--rate", "5"),
           full=("--calls", "1000", "--background", "500", "--breakers", "200", "--rate", "4"),
           quick=("--calls", "150", "--background", "50", "--breakers", "10", "--rate", "5")),
+    Bench("control", smoke=("--removals", "3", "--calls", "10", "--seconds", "1", "--concurrency", "2")),
     # Older micro-benchmarks (human summary only, no --json; not in RESULTS.md).
     Bench("ingest_state", smoke=("--frames", "200", "--calls", "10", "--mem-calls", "20", "--repeat", "1"),
           json=False),
