@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.audit",     # audit verify
     "daemon.commands.sandbox",   # sandbox
     "daemon.commands.ruletest",  # test
+    "daemon.commands.explain",   # explain
 )
 
 EXIT_OK = 0

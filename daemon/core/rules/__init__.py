@@ -674,6 +674,7 @@ class CompiledRule:
     fingerprint: str
     conditions: tuple[tuple[str, Pred], ...]  # top-level conditions, for explain
     description: str | None = None
+    condition_fields: tuple[tuple[_Field, ...], ...] = ()  # per condition: the fields it reads
     test_expr: str = "True"  # the generated expression behind `test` (for fused plans)
 
     @property
@@ -849,6 +850,7 @@ def _compile_one(spec: RuleSpec, i: int, ctx: _Ctx) -> CompiledRule:
         flip=allnodes.flip, static=ctx.make(static.expr, base) if allnodes.flip else _always,
         fields=allnodes.fields, render=render, fingerprint=fingerprint,
         conditions=tuple((nd.text, pr) for nd, pr in zip(top, top_preds)),
+        condition_fields=tuple(nd.fields for nd in top),
         description=spec.description)
 
 
@@ -894,6 +896,18 @@ class _CallState:
 
 
 @dataclass(frozen=True, slots=True)
+class ConditionVerdict:
+    """One top-level condition of a rule judged for a party: `text` as written, `scope`
+    "call" when it reads only call fields, the value of each field it read, and whether
+    it holds."""
+
+    text: str
+    scope: Literal["party", "call"]
+    holds: bool
+    values: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """Why a rule does or does not hold for a party (for `explain` and replay)."""
 
@@ -901,6 +915,7 @@ class Verdict:
     holds: bool
     failed: tuple[str, ...]  # the top-level conditions that are false, as written
     values: dict[str, object]
+    conditions: tuple[ConditionVerdict, ...] = ()  # every top-level condition, in written order
 
 
 class RuleEngine:
@@ -1178,12 +1193,40 @@ class RuleEngine:
                 for r in self.ruleset.rules if r.check(call, party, now)]
 
     def explain(self, call: Call, party: Participant, now: float) -> list[Verdict]:
-        """Per rule: does it hold, and which top-level conditions fail."""
+        """Per rule: does it hold, which top-level conditions fail, and every condition
+        with the values it saw (ignoring hold_for and edge state; nothing is recorded)."""
         out: list[Verdict] = []
         for r in self.ruleset.rules:
-            failed = tuple(text for text, pred in r.conditions if not pred(call, party, now))
-            out.append(Verdict(r.name, not failed, failed, r.matched(call, party, now)))
+            conds: list[ConditionVerdict] = []
+            for i, (text, pred) in enumerate(r.conditions):
+                try:
+                    ok = bool(pred(call, party, now))
+                except Exception as exc:  # bad data: judged false, as on_change does
+                    self._failed(r, call, party, exc)
+                    ok = False
+                fields = r.condition_fields[i] if i < len(r.condition_fields) else ()
+                scope: Literal["party", "call"] = (
+                    "call" if fields and all(f.label.startswith("call.") for f in fields) else "party")
+                conds.append(ConditionVerdict(text, scope, ok, _seen(fields, call, party, now)))
+            failed = tuple(c.text for c in conds if not c.holds)
+            out.append(Verdict(r.name, not failed, failed, r.matched(call, party, now), tuple(conds)))
         return out
+
+
+def _seen(fields: Sequence[_Field], call: Call, party: Participant, now: float) -> dict[str, object]:
+    """The value of each field as a rule sees it (sets sorted, floats to 3 places)."""
+    out: dict[str, object] = {}
+    for f in fields:
+        try:
+            v = f.get(call, party, now)
+        except Exception:  # pragma: no cover - getters read plain data
+            v = None
+        if isinstance(v, (set, frozenset)):
+            v = sorted(v)
+        elif isinstance(v, float):
+            v = round(v, 3)
+        out[f.label] = v
+    return out
 
 
 # ---------------------------------------------------------------- safety valve
