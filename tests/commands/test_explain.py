@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _logging_state import preserved_logging
 from daemon.commands.cli import main
 from daemon.sandbox import Sandbox
 
@@ -23,6 +25,13 @@ EXTERNAL = "e0000000-0000-4000-8000-000000000003"
 SUPERVISOR = "50000000-0000-4000-8000-000000000005"
 ACD = "d0000000-0000-4000-8000-000000000004"
 CUSTOMER = "c0000000-0000-4000-8000-000000000001"
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main` configures logging on the captured stderr; later tests must not log there."""
+    with preserved_logging():
+        yield
+
 
 
 def _json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:

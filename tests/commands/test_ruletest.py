@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from _logging_state import preserved_logging
 from daemon.commands.cli import main
 from daemon.commands.ruletest import EPOCH, frames, load_test_file
 from daemon.core.events import CallEvent, parse_message
@@ -15,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "tests" / "rules" / "config.test.yaml"
 FAILING = ROOT / "tests" / "fixtures" / "ruletest" / "failing.test.yaml"
 CONFIG = ROOT / "config.yaml"
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main` configures logging on the captured stderr; later tests must not log there."""
+    with preserved_logging():
+        yield
+
 
 
 def test_shipped_rule_tests_pass(capsys: pytest.CaptureFixture[str]) -> None:
