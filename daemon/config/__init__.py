@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      field_validator)
+                      WithJsonSchema, field_validator)
 
 from daemon.errors import ConfigError, CredentialsError
 
@@ -296,8 +296,11 @@ def _seconds(value: object) -> object:
     raise ValueError(f"expected a duration such as 15s, 500ms, 2m or a number of seconds, got {value!r}")
 
 
-#: A duration key: seconds as a number, or a string such as "15s", "500ms", "2m".
-Duration = Annotated[float, BeforeValidator(_seconds)]
+#: A duration key: seconds as a number, or a string such as "15s", "500ms", "2m". (The
+#: JSON schema says both forms, so editors accept "15s"; the bounds are checked on load.)
+Duration = Annotated[float, BeforeValidator(_seconds), WithJsonSchema({"anyOf": [
+    {"type": "number", "exclusiveMinimum": 0},
+    {"type": "string", "pattern": _DURATION_RE.pattern}]})]
 
 
 class OpsSettings(_Strict):

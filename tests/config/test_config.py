@@ -126,3 +126,16 @@ def test_ops_shutdown_timeout_is_a_duration(value: str, seconds: float) -> None:
 def test_ops_shutdown_timeout_rejects_non_durations(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^config\.yaml:2:21: ops\.shutdown_timeout: "):
         parse_config(f"ops:\n  shutdown_timeout: {value}\n")
+
+
+def test_ops_shutdown_timeout_schema_accepts_both_forms() -> None:
+    """Editors validating config.yaml against docs/config.schema.json accept "15s" and 15."""
+    import jsonschema
+
+    from daemon.commands.check import config_schema
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    for value in ("15s", "500ms", 15, 2.5):
+        assert not list(validator.iter_errors({"ops": {"shutdown_timeout": value}})), value
+    for value in ("soon", 0, True):
+        assert list(validator.iter_errors({"ops": {"shutdown_timeout": value}})), value
