@@ -46,6 +46,38 @@ def registry_metric_names() -> frozenset[str]:
     return frozenset(out)
 
 
+# Labels Prometheus adds (target labels) or the exposition adds (histogram buckets).
+_EXTRA_LABELS = frozenset({"instance", "job", "le", "quantile"})
+
+
+def metric_labels() -> dict[str, frozenset[str]]:
+    """Sample name -> the label names it carries (its own, plus instance/job/le)."""
+    out: dict[str, frozenset[str]] = {"up": _EXTRA_LABELS}
+    m = Metrics()
+    for value in vars(m).values():
+        name = getattr(value, "_name", None)
+        labels = getattr(value, "_labelnames", None)
+        kind = getattr(value, "_type", None)
+        if not isinstance(name, str) or labels is None:
+            continue
+        own = frozenset(labels) | _EXTRA_LABELS
+        if kind == "stateset":  # Enum: the state is a label named like the metric
+            own |= {name}
+        for suffix in _SUFFIXES.get(str(kind), ("",)):
+            out[name + suffix] = own
+    return out
+
+
+_SELECTOR = re.compile(r"(?<![\w:])([a-zA-Z_:][\w:]*)\s*\{([^{}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
+
+
+def selectors_in(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names matched) for each `name{...}` selector in `expr`."""
+    text = _STRING.sub('""', expr)
+    return [(m.group(1), set(_MATCHER.findall(m.group(2)))) for m in _SELECTOR.finditer(text)]
+
+
 def exported_metric_names() -> frozenset[str]:
     return registry_metric_names() | AGREED | PROMETHEUS_OWN
 

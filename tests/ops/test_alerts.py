@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from _metric_names import exported_metric_names, metric_names_in
+from _metric_names import exported_metric_names, metric_labels, metric_names_in, selectors_in
 from _promtool import promtool
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
@@ -71,3 +71,11 @@ def test_alerts_name_only_exported_metrics() -> None:
     for rule in _rules():
         unknown = metric_names_in(str(rule["expr"])) - known
         assert not unknown, f"{rule['alert']}: not exported by confguard: {sorted(unknown)}"
+
+
+def test_alerts_match_only_labels_the_metric_has() -> None:
+    labels = metric_labels()
+    for rule in _rules():
+        for name, used in selectors_in(str(rule["expr"])):
+            assert name in labels, f"{rule['alert']}: {name} not in the Metrics registry"
+            assert used <= labels[name], f"{rule['alert']}: {name} has no label {sorted(used - labels[name])}"
