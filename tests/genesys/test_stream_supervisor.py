@@ -227,7 +227,7 @@ def test_a_heartbeat_proves_health_and_resets_the_back_off() -> None:
 
 def test_staying_up_long_enough_proves_health() -> None:
     h = Harness(silence_limit=100.0)
-    conn = h.start(healthy=False)
+    h.start(healthy=False)
     assert h.sup.failures == 1
     h.advance(9.0)
     assert h.sup.failures == 1
