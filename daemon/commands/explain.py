@@ -257,16 +257,20 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=explain_command)
 
 
+_LAST_EPOCH = 253_402_300_799.0  # 9999-12-31T23:59:59Z
+
+
 def _instant(text: str | None) -> float:
+    """--at as epoch seconds (now when absent); a ConfigError for anything else."""
     if text is None:
         return time.time()
     try:
-        return float(text)
+        t: float | None = float(text)
     except ValueError:
-        pass
-    t = parse_time(text)
-    if t is None:
-        raise ConfigError(f"--at: expected an ISO-8601 time (2026-11-21T09:15:02Z) or epoch seconds, got {text!r}")
+        t = parse_time(text)
+    if t is None or not 0.0 <= t <= _LAST_EPOCH:  # also NaN and infinities
+        raise ConfigError(f"--at: expected an ISO-8601 time (2026-11-21T09:15:02Z) or epoch "
+                          f"seconds, got {text!r}")
     return t
 
 

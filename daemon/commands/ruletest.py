@@ -73,6 +73,8 @@ EPOCH = 1_767_225_600.0
 DEFAULT_TOLERANCE = 1.0
 DEFAULT_RUN_AFTER = 3600.0
 DEFAULT_QUEUE = "00000000-0000-4000-8000-00000000c0fe"
+#: The longest time a test may describe (30 days, in seconds): keeps every instant a real date.
+MAX_SECONDS = 30 * 86_400.0
 
 # Rule-format party field -> (notification JSON key, kind). Kinds: text, bool, ref ({id}).
 PARTY_WIRE: dict[str, tuple[str, str]] = {
@@ -189,6 +191,9 @@ class _Reader:
         if seconds is None:
             raise self.err(path, f"{what}: expected a duration such as 0s, 10s, 500ms, 2m "
                                  f"or a number of seconds, got {value!r}")
+        if seconds > MAX_SECONDS:
+            raise self.err(path, f"{what}: {value!r} is longer than a test can describe "
+                                 f"(at most 30 days)")
         return seconds
 
     def text(self, value: Any, path: tuple[str | int, ...], what: str) -> str:
@@ -259,7 +264,7 @@ def _case(r: _Reader, raw: Any, path: tuple[str | int, ...], tolerance: float) -
               for k, e in enumerate(expect_raw)]
     last_step = max(s.at for s in steps)
     until = (r.duration(t["until"], path + ("until",), "until") if "until" in t
-             else last_step + DEFAULT_RUN_AFTER)
+             else min(MAX_SECONDS, last_step + DEFAULT_RUN_AFTER))
     if until < last_step:
         raise r.err(path + ("until",), f"until ({fmt_seconds(until)}) is before the last step "
                                        f"({fmt_seconds(last_step)})")
