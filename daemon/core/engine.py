@@ -1,9 +1,16 @@
 """The sans-I/O core loop: raw frame -> message -> call state change -> rule decisions.
 
-`Engine` owns a `CallStore` and drives a rule evaluator (`daemon.rules.RuleEngine`, typed
-here by the `RuleEvaluator` protocol so the core does not import rules). It does no I/O and
-reads no clock: every entry point takes `now` (epoch seconds), so the asyncio shell, the
-replay tool and the benchmarks drive it alike.
+`Engine` owns a `CallStore` and drives a rule evaluator (`daemon.core.rules.RuleEngine`,
+typed here by the `RuleEvaluator` protocol) and its `Enforcement` (the one owner of
+enforcement state). It does no I/O and reads no clock: every entry point takes `now`
+(epoch seconds), so the asyncio shell, the replay tool and the benchmarks drive it alike.
+
+Every way state changes takes one path and gives one result type, `Step`: a frame
+(`feed`), a conversation read over REST (`apply_conversation`: resync, reconciliation,
+the enforcer's own confirming reads) and a 404 (`mark_gone`). Each applied change is shown
+to the `Enforcement` (in-flight parties now final are `Step.settled`) and judged by the
+rules. The store is the one eviction owner: `tick` evicts ended calls and the rules and
+the enforcement forget them.
 
 Counters for the metrics layer (plain dicts, only ever incremented):
 - `messages[kind]`: kind is one of `MESSAGE_KINDS`;
@@ -18,9 +25,9 @@ State-level counters are in `engine.store.stats`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import structlog
 
@@ -37,7 +44,8 @@ from daemon.core.events import (
     parse_message,
     topic_kind,
 )
-from daemon.core.ids import ConversationId
+from daemon.core.enforcement import Enforcement, PartyKey
+from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Change, ChangeSource, Decision
 from daemon.core.state import CallStore
 
@@ -59,9 +67,15 @@ _KIND_OF: Final[dict[type, str]] = {
 
 
 class RuleEvaluator(Protocol):
-    """What the engine needs from `daemon.rules.RuleEngine`."""
+    """What the engine needs from `daemon.core.rules.RuleEngine`."""
+
+    @property
+    def enforcement(self) -> Enforcement: ...
 
     def on_change(self, change: Change, now: float, /) -> list[Decision]: ...
+
+    def rejudge(self, released: Sequence[tuple[RuleName, ConversationId, ParticipantId]],
+                now: float, /) -> list[Decision]: ...
 
     def due(self, now: float, /) -> list[Decision]: ...
 
@@ -71,13 +85,19 @@ class RuleEvaluator(Protocol):
 
 
 @dataclass(slots=True)
-class Fed:
-    """The outcome of one frame: the parsed message, the state change (None when the frame
-    was not a call event or changed nothing) and the decisions the rules took."""
+class Step:
+    """What one input did: the parsed message (None for REST input), the state change (None
+    when nothing changed or the input was unusable), the decisions the rules took, and
+    `settled`: parties with an action in flight that the change shows final (the enforcer
+    resolves their confirmations)."""
 
-    message: Message
+    message: Message | None
     change: Change | None
     decisions: list[Decision]
+    settled: tuple[PartyKey, ...] = ()
+
+
+Fed = Step  # the name of `feed`'s result before resync changes took the same path
 
 
 def message_kind(message: Message) -> str:
@@ -94,6 +114,7 @@ class Engine:
 
     def __init__(self, rules: RuleEvaluator, store: CallStore | None = None) -> None:
         self.rules = rules
+        self.enforcement: Enforcement = rules.enforcement
         self.store = store if store is not None else CallStore()
         self.messages: dict[str, int] = dict.fromkeys(MESSAGE_KINDS, 0)
         self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
@@ -101,7 +122,7 @@ class Engine:
         self.counters: dict[str, int] = dict.fromkeys(
             ("changes", "duplicates", "decisions", "evicted", "rule_errors", "state_errors", "gone"), 0)
 
-    def feed(self, raw: bytes | str, now: float) -> Fed:
+    def feed(self, raw: bytes | str, now: float) -> Step:
         """Handle one WebSocket frame received at `now`."""
         message = parse_message(raw)
         kind = _KIND_OF[type(message)]
@@ -112,28 +133,46 @@ class Engine:
             change = self._apply(message.body, now, "event")
             if change is None:
                 self.counters["duplicates"] += 1
-                return Fed(message, None, [])
-            return Fed(message, change, self._judge(change, now))
+                return Step(message, None, [])
+            return self._judge(message, change, now)
         if isinstance(message, Rejected):
             self.rejected[message.reason] = self.rejected.get(message.reason, 0) + 1
-        return Fed(message, None, [])
+        return Step(message, None, [])
 
-    def apply_conversation(self, conv: Mapping[str, Any], now: float, *,
-                           source: ChangeSource = "resync") -> list[Decision]:
-        """Fold in a conversation read from REST (or any snapshot) and judge the change."""
+    def apply_conversation(self, conv: Mapping[str, object], now: float, *,
+                           source: ChangeSource = "resync") -> Step:
+        """Fold in a conversation read from REST (or any snapshot) and judge the change,
+        exactly as a frame's."""
         change = self._apply(conv, now, source)
         if change is None:
             self.counters["duplicates"] += 1
-            return []
-        return self._judge(change, now)
+            return Step(None, None, [])
+        return self._judge(None, change, now)
 
-    def mark_gone(self, conversation_id: str, now: float) -> list[Decision]:
+    def mark_gone(self, conversation_id: str, now: float) -> Step:
         """REST said 404: every party of the call is final and the call ended."""
         change = self.store.mark_gone(conversation_id, now)
         if change is None:
-            return []
+            return Step(None, None, [])
         self.counters["gone"] += 1
-        return self._judge(change, now)
+        return self._judge(None, change, now)
+
+    def enforce_now(self, now: float) -> list[Decision]:
+        """Removals became possible again (valve resumed, send gate opened): release every
+        held decision and judge every live party from the state in memory; the decisions
+        for parties that match a rule and have not been acted on are returned at once."""
+        try:
+            return self.rules.rejudge(self.enforcement.release_held(), now)
+        except Exception:
+            self.counters["rule_errors"] += 1
+            log.exception("rules_rejudge_failed")
+            return []
+
+    def party_final(self, conversation_id: ConversationId, participant_id: ParticipantId) -> bool:
+        """The state in memory shows the party final (unknown parties: False)."""
+        call = self.store.get(conversation_id)
+        p = call.participants.get(participant_id) if call is not None else None
+        return p is not None and p.is_final
 
     def tick(self, now: float) -> list[Decision]:
         """Fire due timers, then evict ended calls (the rules forget them)."""
@@ -148,6 +187,7 @@ class Engine:
         if evicted:
             self.counters["evicted"] += len(evicted)
             for cid in evicted:
+                self.enforcement.forget_call(cid)
                 try:
                     self.rules.forget_call(cid)
                 except Exception:
@@ -159,7 +199,7 @@ class Engine:
         """The earliest rule timer (epoch s), or None."""
         return self.rules.next_deadline()
 
-    def _apply(self, conv: Mapping[str, Any], now: float, source: ChangeSource) -> Change | None:
+    def _apply(self, conv: Mapping[str, object], now: float, source: ChangeSource) -> Change | None:
         try:
             return self.store.apply(conv, now, received_at=now, source=source)
         except Exception:
@@ -168,14 +208,15 @@ class Engine:
             log.exception("state_apply_failed", source=source)
             return None
 
-    def _judge(self, change: Change, now: float) -> list[Decision]:
+    def _judge(self, message: Message | None, change: Change, now: float) -> Step:
         self.counters["changes"] += 1
+        settled = self.enforcement.observe(change)
         try:
             decisions = self.rules.on_change(change, now)
         except Exception:
             self.counters["rule_errors"] += 1
             log.exception("rules_on_change_failed", conversation_id=change.call.id)
-            return []
+            return Step(message, change, [], settled)
         if decisions:
             self.counters["decisions"] += len(decisions)
-        return decisions
+        return Step(message, change, decisions, settled)

@@ -9,11 +9,23 @@ can run it on a virtual clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 
+if TYPE_CHECKING:
+    from daemon.core.enforcement import Origin
+
 FINAL_STATES = frozenset({"disconnected", "terminated"})
+
+
+def is_final_state(state: object) -> bool:
+    """The one final-state predicate: a participant in this state has left for good
+    (disconnected, terminated; any letter case, as REST, events and operators may spell
+    it) and is never revived. Not a string (None, missing, malformed): not final."""
+    if not isinstance(state, str):
+        return False
+    return state in FINAL_STATES or state.lower() in FINAL_STATES
 
 
 @dataclass(slots=True)
@@ -50,7 +62,7 @@ class Participant:
     @property
     def is_final(self) -> bool:
         """Disconnected or terminated: final for this participant id, never revived."""
-        return self.state in FINAL_STATES
+        return is_final_state(self.state)
 
     @property
     def is_live(self) -> bool:
@@ -116,7 +128,8 @@ class Decision:
 
     `matched` maps each rule field that took part to the value it had, e.g.
     `{"purpose": "external", "address": "+4420..."}`. `decided_at` and `received_at`
-    are epoch seconds.
+    are epoch seconds. `origin` is None for a rule's decision; a manual removal (see
+    `daemon.core.enforcement.manual_decision`) names its caller and reason.
     """
 
     rule: RuleName
@@ -130,3 +143,4 @@ class Decision:
     message: str
     decided_at: float
     received_at: float | None
+    origin: Origin | None = None  # who asked, for a decision no rule took (control API)

@@ -13,9 +13,11 @@ from REST. `Resyncer.resync(reason)`:
    rest: conferences are what rules act on;
 4. reads each call with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
    the client's shared limiter, `concurrency` at a time, in that order; each reply goes to
-   `engine.apply_conversation(conv, now, source="resync")` and any decisions go to
-   `on_decisions` at once (enforcement never waits for the whole resync); a 404 marks the
-   call gone (`engine.mark_gone`).
+   `engine.apply_conversation(conv, now, source="resync")` and the resulting `Step` goes to
+   `on_step` at once (enforcement never waits for the whole resync; the step takes the same
+   path as a frame's: its change settles in-flight parties, its decisions are acted on); a
+   404 marks the call gone (`engine.mark_gone`, a `Step` too). Without `on_step`, only the
+   decisions go to `on_decisions`.
 
 Errors on single calls are logged and counted (`ResyncReport.errors`), never fatal. If the
 discovery query itself fails, the attempt is retried with the `RetryPolicy` back-off
@@ -54,6 +56,7 @@ import structlog
 
 from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
+from daemon.core.engine import Step
 from daemon.core.model import Call, Decision
 from daemon.genesys.ratelimit import Priority, budget_share
 from daemon.genesys.retry import RetryPolicy
@@ -87,7 +90,9 @@ class EngineLike(Protocol):
     def store(self) -> Any: ...
 
     def apply_conversation(self, conv: Mapping[str, Any], now: float, *,
-                           source: Any = "resync") -> list[Decision]: ...
+                           source: Any = "resync") -> Step: ...
+
+    def mark_gone(self, conversation_id: str, now: float, /) -> Step: ...
 
 
 @dataclass(slots=True)
@@ -116,7 +121,8 @@ class Resyncer:
 
     def __init__(self, client: ResyncClient, engine: EngineLike,
                  scope_queue_ids: Sequence[QueueId | str], scope_user_ids: Sequence[UserId | str], *,
-                 on_decisions: Callable[[list[Decision]], None],
+                 on_decisions: Callable[[list[Decision]], None] | None = None,
+                 on_step: Callable[[Step], None] | None = None,
                  metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  lookback: float = 86400.0,
@@ -135,6 +141,7 @@ class Resyncer:
         self.scope_queue_ids = scope_queue_ids
         self.scope_user_ids = scope_user_ids
         self._on_decisions = on_decisions
+        self._on_step = on_step
         self._metrics = metrics
         self._clock = clock
         self.lookback = lookback
@@ -309,15 +316,23 @@ class Resyncer:
     async def _worker(self, todo: deque[ConversationId], report: ResyncReport) -> None:
         while todo:
             cid = todo.popleft()
-            decisions = await self._read_one(cid, report)
-            if decisions:
-                report.decisions += len(decisions)
-                try:
-                    self._on_decisions(decisions)
-                except Exception:
-                    log.exception("resync_on_decisions_failed", conversation_id=cid)
+            step = await self._read_one(cid, report)
+            if step is None:
+                continue
+            report.decisions += len(step.decisions)
+            self._deliver(step, cid)
 
-    async def _read_one(self, cid: ConversationId, report: ResyncReport) -> list[Decision]:
+    def _deliver(self, step: Step, cid: ConversationId) -> None:
+        """Hand one read's `Step` on (the same path as a frame's); never raises."""
+        try:
+            if self._on_step is not None:
+                self._on_step(step)
+            elif step.decisions and self._on_decisions is not None:
+                self._on_decisions(step.decisions)
+        except Exception:
+            log.exception("resync_on_decisions_failed", conversation_id=cid)
+
+    async def _read_one(self, cid: ConversationId, report: ResyncReport) -> Step | None:
         try:
             conv = await self._client.get_call(cid, priority=Priority.RESYNC)
         except NotFoundError:
@@ -330,32 +345,27 @@ class Resyncer:
             if self._metrics is not None:
                 self._metrics.resync_errors.labels(kind=_error_kind(report.reasons)).inc()
             log.warning("resync_call_failed", conversation_id=cid, status=exc.status, error=str(exc))
-            return []
+            return None
         if not isinstance(conv, dict):
             report.errors += 1
             log.warning("resync_call_rejected", conversation_id=cid, reason="reply is not an object")
-            return []
+            return None
         try:
-            decisions = self._engine.apply_conversation(conv, self._clock(), source="resync")
+            step = self._engine.apply_conversation(conv, self._clock(), source="resync")
         except Exception:  # the core must not crash; if it does, one call must not stop resync
             report.errors += 1
             log.exception("resync_apply_failed", conversation_id=cid)
-            return []
+            return None
         report.updated += 1
         self.last_read[cid] = self._clock()
-        return decisions
+        return step
 
-    def _mark_gone(self, cid: ConversationId) -> list[Decision]:
-        now = self._clock()
+    def _mark_gone(self, cid: ConversationId) -> Step | None:
         try:
-            mark = getattr(self._engine, "mark_gone", None)
-            if mark is not None:
-                out = mark(cid, now)
-                return list(out) if isinstance(out, list) else []
-            self._engine.store.mark_gone(cid, now)
+            return self._engine.mark_gone(cid, self._clock())
         except Exception:
             log.exception("resync_mark_gone_failed", conversation_id=cid)
-        return []
+        return None
 
 
 _SYSTEM_PURPOSES = frozenset({"acd", "ivr", "workflow", "voicemail"})
@@ -460,8 +470,8 @@ class Reconciler:
       `confguard_reconcile_budget_share` to the fraction of the allowance it used over the
       interval just ended.
 
-    Replies go through `resyncer`'s read path (`engine.apply_conversation`, decisions to its
-    `on_decisions` at once; 404 marks the call gone; other errors are logged and counted as
+    Replies go through `resyncer`'s read path (`engine.apply_conversation`, the `Step` to its
+    `on_step` at once; 404 marks the call gone; other errors are logged and counted as
     `resync_errors{kind="reconcile"}`). `clock` is epoch seconds (the engine's); `idle`
     bounds how long it sleeps between scans when nothing is due (seconds).
     """
@@ -562,17 +572,14 @@ class Reconciler:
             cid = queue.popleft()
             report = ResyncReport(reason=RECONCILE_TAG, started_at=self._clock(),
                                   reasons=[RECONCILE_TAG])
-            decisions = await self.resyncer._read_one(cid, report)
+            step = await self.resyncer._read_one(cid, report)
             self._unknown.pop(cid, None)
             self.stats.reads += report.updated
             self.stats.gone += report.gone
             self.stats.errors += report.errors
-            if decisions:
-                self.stats.decisions += len(decisions)
-                try:
-                    self.resyncer._on_decisions(decisions)
-                except Exception:
-                    log.exception("reconcile_on_decisions_failed", conversation_id=cid)
+            if step is not None:
+                self.stats.decisions += len(step.decisions)
+                self.resyncer._deliver(step, cid)
 
     async def _discover(self, now: float) -> None:
         rs = self.resyncer

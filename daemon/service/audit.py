@@ -65,7 +65,8 @@ _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed"]
 OUTCOMES: frozenset[str] = frozenset(
-    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed"})
+    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
+     "standby", "unknown"})  # the same set as daemon.core.enforcement.OUTCOMES
 
 
 # ---------------------------------------------------------------- canonical form and hashing
@@ -443,8 +444,9 @@ def _check_line(raw: bytes) -> tuple[str | None, dict[str, Any] | None]:
 
 def decision_record(decision: Decision, *, mode: str) -> dict[str, Any]:
     """The `type: decision` record for a rule match. `mode` is `enforce` or `observe`;
-    `action` is what the rule asks for (`disconnect`/`observe`). Times are epoch seconds."""
-    return {
+    `action` is what the rule asks for (`disconnect`/`observe`). Times are epoch seconds.
+    A manual decision (control API) also has `origin`: `{"caller", "reason"}`."""
+    record: dict[str, Any] = {
         "type": "decision",
         "rule": decision.rule,
         "conversation_id": decision.conversation_id,
@@ -459,6 +461,9 @@ def decision_record(decision: Decision, *, mode: str) -> dict[str, Any]:
         "decided_at": decision.decided_at,
         "received_at": decision.received_at,
     }
+    if decision.origin is not None:
+        record["origin"] = {"caller": decision.origin.caller, "reason": decision.origin.reason}
+    return record
 
 
 def outcome_record(decision: Decision, *, outcome: str, http_status: int | None, attempts: int,
@@ -468,7 +473,9 @@ def outcome_record(decision: Decision, *, outcome: str, http_status: int | None,
     `outcome` is one of OUTCOMES: `disconnected` (PATCH accepted and the party is gone),
     `already_gone` (404 / final before we acted), `failed` (gave up), `unconfirmed`
     (PATCH accepted, removal not yet seen), `observed` (observe mode/action: nothing sent),
-    `suppressed` (the safety valve held it back). `event_to_request_ms` is from the
+    `suppressed` (the safety valve held it back, or draining, or already acted on),
+    `standby` (HA: decided but not sent, not the leader), `unknown` (a decision whose PATCH
+    outcome was never written, closed on start-up/takeover). `event_to_request_ms` is from the
     triggering message's receipt to the PATCH being sent.
     """
     if outcome not in OUTCOMES:

@@ -1,101 +1,111 @@
-"""Enforcement: turn `Decision`s into exactly one PATCH per party, confirmed, audited.
+"""Enforcement's I/O shell: turn `Decision`s into exactly one PATCH per party, confirmed, audited.
 
-Contract (docs/architecture.md, enforce.py):
+The state (who was acted on, what is in flight, what was suppressed or held, what the
+safety valve allows, what each outcome means) is `daemon.core.enforcement.Enforcement`,
+shared with the rules through the core `Engine`; this module only does the I/O.
 
-- `Enforcer.submit(decisions)` is SYNCHRONOUS and is called from the WebSocket receive
-  callback. For each decision, in order: count it (`metrics.decisions`), log one structlog
-  line `decision` carrying every decision field (level INFO for rules of severity info,
-  else WARNING; the severity is a field), write the audit `decision` record (`AuditLog.write`
-  hands the line to the OS before it returns, so the record is in the page cache BEFORE any
-  PATCH for it exists), then act:
-    * rule action `observe`, or the enforcer in `observe` mode: an `observed` outcome
-      record; nothing is sent;
-    * `disconnect` in `enforce` mode: if the safety valve allows, the PATCH task is created
-      with `loop.create_task` in this same turn of the event loop; it starts running on the
-      loop's next iteration (no polling, no batching, no queue between the decision and the
-      request). When the valve refuses: a `suppressed` outcome record, and one CRITICAL log
-      line when the valve trips.
+Contract:
+
+- `Enforcer.handle(step)` is the one way state changes reach enforcement: every `Step` the
+  `Engine` returns (a frame, a resync or reconciliation read, a 404) goes here. Parties in
+  flight that the step shows final (`step.settled`) have their confirmations resolved; the
+  step's decisions are submitted. The enforcer's own confirming reads (`GET` of the call)
+  are folded into the engine the same way (`engine.apply_conversation` / `mark_gone`).
+- `submit(decision) -> Removal` (and `submit_all`) is SYNCHRONOUS and called from the
+  WebSocket receive callback, the resync, the timers, or the control API (a manual decision:
+  `daemon.core.enforcement.manual_decision`, carrying an `Origin` that the audit records).
+  For each decision: count it (`metrics.decisions`), log one line `decision` carrying every
+  decision field (INFO for rules of severity info, else WARNING), write the audit `decision`
+  record (in the page cache BEFORE any PATCH for it exists), then act as
+  `Enforcement.admit` says:
+    * rule action `observe`, or `observe` mode: an `observed` outcome; nothing is sent;
+    * draining (`stop_accepting`): `suppressed`, "daemon stopping";
+    * the party has an action in flight: the decision JOINS it (nothing sent twice; its
+      outcome record, written when the action ends, has the same outcome, `attempts` 0 and
+      an error naming the rule it joined);
+    * the rule already acted on the party (and did not fail): `suppressed`;
+    * the party already final in the state: `already_gone`, nothing sent;
+    * the send gate closed (`gate.may_send()` False: an HA standby): `standby`, nothing
+      sent; the decision is held and acted on when the gate opens (`act_now`);
+    * the safety valve refuses: `suppressed`, one CRITICAL `safety_valve_tripped` line when
+      it trips, the gauge `confguard_safety_valve_tripped` set to 1; the decision is held
+      and acted on when the valve is resumed (`resume_valve`);
+    * else the PATCH task is created with `loop.create_task` in this same turn of the event
+      loop (no polling, no queue between the decision and the request).
   `submit` never raises: a failure with one decision is logged and the next one is handled.
-- One action in flight per party `(conversation_id, participant_id)`. A decision for a party
-  that already has an action in flight (another rule, the same event) is audited and JOINS
-  that action: nothing is sent twice, and when the action ends the joined decision gets an
-  outcome record with the same outcome (`attempts` 0, the error names the rule it joined).
-- A party is acted on once per rule: a repeat decision of the same rule for the same party
-  (after a reload, say) gets a `suppressed` outcome with the reason, unless the earlier action
-  failed. On failure the rule is re-armed (`rules_engine.rearm`) so a later event can fire
-  it again.
+- `Removal` (the handle `submit` returns): `state` moves from `pending` to a final outcome
+  (disconnected, already_gone, failed, suppressed, observed, unconfirmed, standby), with
+  `http_status`, `attempts`, `requested_at` / `sent_at` / `confirmed_at` (epoch s, the
+  enforcer's clock) and `error`; `await removal.wait()` returns the final state.
 - Per action (`attempts` counts PATCHes this module sent; the client's own retries of
-  429/5xx/transport errors inside one call are not counted):
-    * the party already final (seen in the store or an applied change) before a PATCH is
-      sent -> `already_gone`, nothing (more) sent;
-    * 2xx -> CONFIRM: the party must show final within `confirm_timeout` seconds, either via
-      `observe_change` (the daemon calls it for every applied Change) or, when no event shows
-      it in time, one `GET` of the call (404, or the participant final or absent -> confirmed).
-      Confirmed -> `disconnected`. Not confirmed -> an `unconfirmed` record and the PATCH is
-      retried ONCE; still not confirmed -> final `unconfirmed` and the rule is re-armed;
-    * 404 -> `already_gone` (a party that left meanwhile is not an error); but when an
-      earlier PATCH of the same action was accepted (the confirm retry), the party left
-      because of it -> `disconnected`, as when it is seen final after an accepted PATCH;
-    * 409 -> retried with jittered back-off until `max_attempts` PATCHes, then `failed`;
-    * 403 -> `failed`, the error names the missing permission, CRITICAL log;
+  429/5xx/transport errors inside one call are not counted). Immediately before each PATCH
+  the send gate is asked (`gate.may_send()`); closed -> `standby`, nothing (more) sent.
+    * the party seen final (a settled step) before a PATCH is sent -> `already_gone`;
+    * 2xx -> CONFIRM: the party must show final within `confirm_timeout` seconds (a settled
+      step) or, when none comes in time, one `GET` of the call, folded into the engine
+      (404, or the participant final or absent -> confirmed). Confirmed -> `disconnected`.
+      Not confirmed -> an `unconfirmed` record and the PATCH is retried ONCE; still not
+      confirmed -> final `unconfirmed` and the rule is re-armed;
+    * 404 -> `already_gone`; but when an earlier PATCH of the same action was accepted,
+      `disconnected`;
+    * 409 -> retried after the `conflict_retry` delays (`daemon.genesys.retry.RetryPolicy`,
+      default 0.25 s doubling to 2 s, jittered) until its `max_attempts` PATCHes, then
+      `failed`;
+    * 403 -> `failed`, the error names the missing permission, CRITICAL `enforce_forbidden`;
     * any other API error (the client already retried 429/5xx/transport) -> `failed`,
-      unless the party is by then seen final (an event, the store, or for a 400 one GET of
-      the call: Genesys may refuse a PATCH for a party that just left) -> `already_gone`.
-  Every outcome record carries `http_status` (of the last PATCH; None when nothing was
-  sent), `attempts`, `event_to_request_ms` and `error`. `event_to_request_ms` runs from
-  `decision.received_at` (or `decided_at` when the decision came from a timer) to the
-  moment the client is about to write the first PATCH (its `on_send` hook, after the shared
-  request limiter granted a slot and a token is at hand, so a wait for budget is included),
-  measured with the same `clock`; it is also observed as `metrics.event_to_request_seconds`.
-- Draining: `stop_accepting()` makes later `submit` calls still audit every decision they see
-  (a `decision` record, then a `suppressed` outcome whose error says the daemon was stopping)
-  but send nothing new. `await drain(timeout)` waits for in-flight actions, at most `timeout`
-  seconds, then cancels the rest; each abandoned action gets an outcome record (`unconfirmed`
-  when a PATCH had been sent, else `failed`). It returns how many were abandoned.
-- Safety valve: `safety.allow(now)` is asked once per new party action (joined decisions,
-  retries and confirmations do not count). When it refuses, parties are `suppressed` and
-  remembered (bounded); `resume_enforcement()` resets the valve and re-arms their rules so
-  that their next event can act on them. A valve reset done elsewhere (e.g. the daemon's
-  SIGUSR1 handler calling `safety.resume()`) is noticed at the next `submit` and does the same.
+      unless the party is by then seen final (a settled step, or for a 400 one GET of the
+      call folded into the engine) -> `already_gone`.
+  `failed` and a final `unconfirmed` re-arm the rule (`Enforcement.MEANING`): a later change
+  may act on the party again. Every outcome record carries `http_status` (of the last PATCH;
+  None when nothing was sent), `attempts`, `event_to_request_ms` and `error`.
+  `event_to_request_ms` runs from `decision.received_at` (or `decided_at` for timer and
+  manual decisions) to the moment the client is about to write the first PATCH (its
+  `on_send` hook, after the shared request limiter granted a slot), measured with `clock`,
+  and is observed as `metrics.event_to_request_seconds`.
+- Removals possible again: `resume_valve()` (SIGUSR1) resets a tripped valve (gauge set to
+  0 once, one `safety_valve_reset` line) and calls `act_now`; the HA engineer's gate calls
+  `act_now` when it opens. `act_now(reason)` releases every held decision and judges every
+  live party from the state in memory (`Engine.enforce_now`): each party that matches a
+  disconnect rule and has not been removed is acted on at once, with no event needed.
+- Draining: `stop_accepting()`, then `await drain(timeout)` waits for in-flight actions at
+  most `timeout` seconds and cancels the rest; each abandoned action gets an outcome record
+  (`unconfirmed` when a PATCH had been sent, else `failed`). It returns how many.
 
 Failure of the audit trail: when the decision record cannot be written the PATCH is NOT
-sent (no disconnect without its audit record), a CRITICAL line is logged and the rule is
-re-armed, so the party is acted on at a later change once the trail can be written again.
+sent (no disconnect without its audit record), a CRITICAL `audit_write_failed` line is
+logged and the rule is re-armed, so the party is acted on at a later change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import structlog
 
-from daemon.service.audit import decision_record, outcome_record
-from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError
+from daemon.core.engine import Engine, Step
+from daemon.core.enforcement import Enforcement, InFlight, Mode, Outcome, PartyKey
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
-from daemon.core.model import FINAL_STATES, Call, Change, Decision
+from daemon.core.model import Decision, is_final_state
+from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError
 from daemon.genesys.ratelimit import Priority
+from daemon.genesys.retry import RetryPolicy
+from daemon.service.audit import decision_record, outcome_record
 from daemon.service.metrics import Metrics
 
-Mode = Literal["enforce", "observe"]
-PartyKey = tuple[ConversationId, ParticipantId]
-
-# Bounds on bookkeeping, so a long run cannot grow memory without limit.
-MAX_ACTED_CONVERSATIONS = 100_000  # conversations remembered for "once per rule"
-MAX_SUPPRESSED = 10_000  # parties remembered for re-arming on resume
 DISCONNECT_PERMISSION = "conversation:communication:disconnect"
+
+RemovalState = Literal["pending"] | Outcome
 
 
 # ---------------------------------------------------------------- collaborators (structural)
 
 
 class DisconnectClient(Protocol):
-    """What the enforcer needs from `daemon.api.GenesysClient`."""
+    """What the enforcer needs from `daemon.genesys.api.GenesysClient`."""
 
     async def disconnect_participant(self, conversation_id: ConversationId | str,
                                      participant_id: ParticipantId | str, *,
@@ -108,33 +118,94 @@ class DisconnectClient(Protocol):
 
 
 class AuditSink(Protocol):
-    """What the enforcer needs from `daemon.audit.AuditLog`."""
+    """What the enforcer needs from `daemon.service.audit.AuditLog`."""
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]: ...
 
 
-class Rearmable(Protocol):
-    """What the enforcer needs from `daemon.rules.RuleEngine`."""
+class SendGate(Protocol):
+    """Asked immediately before each PATCH: may this process send removals now? (HA: only
+    while it holds a valid lease.) False: the decision is audited `standby`, nothing sent."""
 
-    def rearm(self, rule: RuleName, conversation_id: ConversationId,
-              participant_id: ParticipantId) -> None: ...
-
-
-class Valve(Protocol):
-    """What the enforcer needs from `daemon.rules.SafetyValve`."""
-
-    def allow(self, now: float) -> bool: ...
-
-    @property
-    def tripped(self) -> bool: ...
-
-    def resume(self) -> None: ...
+    def may_send(self) -> bool: ...
 
 
-class CallLookup(Protocol):
-    """What the enforcer needs from `daemon.state.CallStore` (optional)."""
+class OpenGate:
+    """The gate of a single host: always open."""
 
-    def get(self, conversation_id: ConversationId) -> Call | None: ...
+    def may_send(self) -> bool:
+        return True
+
+
+def conflict_policy(*, initial: float = 0.25, max_attempts: int = 3) -> RetryPolicy:
+    """The default 409 policy (the one `RetryPolicy`): `initial` seconds, doubling, capped
+    at 2 s, half jitter; `max_attempts` PATCHes per action, the first included."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    return RetryPolicy(initial=initial, factor=2.0, cap=2.0, jitter=0.5, max_attempts=max_attempts)
+
+
+class Logger(Protocol):
+    """A structlog-style logger: `log.<level>(event, **fields)`."""
+
+    def debug(self, event: str, **kw: Any) -> Any: ...
+    def info(self, event: str, **kw: Any) -> Any: ...
+    def warning(self, event: str, **kw: Any) -> Any: ...
+    def error(self, event: str, **kw: Any) -> Any: ...
+    def critical(self, event: str, **kw: Any) -> Any: ...
+    def exception(self, event: str, **kw: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------- the handle
+
+
+class Removal:
+    """The handle of one submitted decision. `state` is `pending` until the decision has
+    its final outcome; then `http_status` (of the last PATCH, None when nothing was sent),
+    `attempts` (PATCHes sent for it; 0 when it joined another action), `error`, and the
+    times (epoch s, the enforcer's clock): `requested_at` (submitted), `sent_at` (the first
+    PATCH about to be written), `confirmed_at` (the party seen gone), `finished_at`.
+    `joined` names the rule whose in-flight action this decision joined."""
+
+    __slots__ = ("decision", "state", "http_status", "attempts", "error", "requested_at",
+                 "sent_at", "confirmed_at", "finished_at", "joined", "_done")
+
+    def __init__(self, decision: Decision, requested_at: float) -> None:
+        self.decision = decision
+        self.state: RemovalState = "pending"
+        self.http_status: int | None = None
+        self.attempts = 0
+        self.error: str | None = None
+        self.requested_at = requested_at
+        self.sent_at: float | None = None
+        self.confirmed_at: float | None = None
+        self.finished_at: float | None = None
+        self.joined: RuleName | None = None
+        self._done = asyncio.Event()
+
+    def done(self) -> bool:
+        return self.state != "pending"
+
+    async def wait(self, timeout: float | None = None) -> str:
+        """Wait until the outcome is final (at most `timeout` seconds; then it may still be
+        `pending`). Returns `state`."""
+        if not self._done.is_set():
+            try:
+                await asyncio.wait_for(self._done.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.state
+
+    def _settle(self, outcome: Outcome, http_status: int | None, attempts: int,
+                error: str | None, now: float) -> None:
+        self.state = outcome
+        self.http_status = http_status
+        self.attempts = attempts
+        self.error = error
+        self.finished_at = now
+        if outcome in ("disconnected", "already_gone") and self.confirmed_at is None:
+            self.confirmed_at = now
+        self._done.set()
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -142,78 +213,84 @@ class CallLookup(Protocol):
 
 @dataclass(eq=False)
 class _Action:
-    """One party's disconnect in flight: the leading decision and those that joined it."""
+    """One party's disconnect in flight: the I/O side of an `InFlight`."""
 
-    decision: Decision
-    key: PartyKey
-    started_at: float
-    followers: list[Decision] = field(default_factory=list)
+    flight: InFlight
+    removal: Removal
+    followers: list[Removal] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     attempts: int = 0
     last_status: int | None = None
     event_to_request_ms: float | None = None
-    gone: bool = False  # an applied change showed the party final
     accepted: bool = False  # a PATCH of this action got a 2xx
     sending: bool = False  # a PATCH is with the client, its answer not yet read
     confirm: asyncio.Future[bool] | None = None
     finished: bool = False
 
+    @property
+    def decision(self) -> Decision:
+        return self.flight.decision
+
+    @property
+    def key(self) -> PartyKey:
+        return self.flight.key
+
+    @property
+    def gone(self) -> bool:
+        return self.flight.gone
+
 
 @dataclass(frozen=True, slots=True)
 class _Result:
-    outcome: str
+    outcome: Outcome
     http_status: int | None
     error: str | None
-    rearm: bool = False
 
 
 class Enforcer:
     """Acts on decisions: audit first, then at most one PATCH per party, then confirmation.
 
-    `client`: the GenesysClient. `audit`: the AuditLog (opened). `rules_engine`: for `rearm`.
-    `mode`: `enforce` or `observe` (a plain attribute; a reload may change it). `safety`: the
-    SafetyValve. `metrics`: the `daemon.service.metrics.Metrics` or None. `clock`: epoch seconds, the
-    clock of `Decision.received_at`. `confirm_timeout`: seconds to wait for an event showing
-    the party gone before asking the API. `max_attempts`: PATCHes per action through 409
-    conflicts. `store`: the CallStore, to skip parties already final (optional; applied changes
-    seen by `observe_change` are used as well). `conflict_backoff`: base seconds of the 409
-    back-off (doubles per attempt, jittered, capped at 2 s).
+    `client`: the GenesysClient. `audit`: the AuditLog (opened). `engine`: the core
+    `Engine` (its `enforcement` is the state; its `store` the calls; GET replies are
+    folded into it). `mode`: `enforce` or `observe` (a plain attribute; a reload may change
+    it). `metrics`: the `Metrics` or None. `clock`: epoch seconds, the clock of
+    `Decision.received_at`. `confirm_timeout`: seconds to wait for a change showing the
+    party gone before asking the API. `conflict_retry`: the 409 policy (`max_attempts`
+    PATCHes per action). `gate`: the `SendGate` (HA; default always open; a plain
+    attribute, may be replaced at any time).
 
     Must be used from one event loop. See the module docstring for the full contract.
     """
 
-    def __init__(self, client: DisconnectClient, audit: AuditSink, rules_engine: Rearmable, *,
-                 mode: Mode, safety: Valve, metrics: Metrics | None = None,
+    def __init__(self, client: DisconnectClient, audit: AuditSink, engine: Engine, *,
+                 mode: Mode, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, confirm_timeout: float = 5.0,
-                 max_attempts: int = 3, log: Any = None, store: CallLookup | None = None,
-                 conflict_backoff: float = 0.25) -> None:
+                 conflict_retry: RetryPolicy | None = None, log: Logger | None = None,
+                 gate: SendGate | None = None) -> None:
         if mode not in ("enforce", "observe"):
             raise ValueError(f"mode must be 'enforce' or 'observe', got {mode!r}")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         if confirm_timeout < 0:
             raise ValueError("confirm_timeout must not be negative")
         self.client = client
         self.audit = audit
-        self.rules_engine = rules_engine
+        self.engine = engine
         self.mode: Mode = mode
-        self.safety = safety
         self.metrics = metrics
-        self.store = store
         self.confirm_timeout = confirm_timeout
-        self.max_attempts = max_attempts
-        self.conflict_backoff = conflict_backoff
+        self.conflict_retry: RetryPolicy = conflict_retry if conflict_retry is not None \
+            else conflict_policy()
+        self.gate: SendGate = gate if gate is not None else OpenGate()
         self._clock = clock
-        self._log: Any = log if log is not None else structlog.get_logger(__name__)
+        self._log: Logger = log if log is not None else structlog.get_logger(__name__)
         self._accepting = True
         self._actions: dict[PartyKey, _Action] = {}
-        self._by_conv: dict[ConversationId, dict[ParticipantId, _Action]] = {}
-        # (conversation) -> {(rule, participant)} acted on and not failed; oldest first.
-        self._acted: OrderedDict[ConversationId, set[tuple[RuleName, ParticipantId]]] = OrderedDict()
-        self._suppressed: OrderedDict[tuple[RuleName, ConversationId, ParticipantId], None] = OrderedDict()
-        self._trip_logged = False
 
     # ------------------------------------------------------------------ public
+
+    @property
+    def enforcement(self) -> Enforcement:
+        """The one owner of enforcement state (the engine's)."""
+        return self.engine.enforcement
 
     @property
     def in_flight(self) -> int:
@@ -224,39 +301,61 @@ class Enforcer:
     def accepting(self) -> bool:
         return self._accepting
 
-    def submit(self, decisions: list[Decision]) -> None:
-        """Audit and act on each decision at once. Synchronous; never raises."""
-        for decision in decisions:
-            try:
-                self._submit_one(decision)
-            except Exception as exc:  # one bad decision must not cost the others
-                self._log.error("enforce_submit_failed", rule=decision.rule,
-                                conversation_id=decision.conversation_id,
-                                participant_id=decision.participant_id,
-                                error=f"{exc.__class__.__name__}: {exc}")
+    @property
+    def max_attempts(self) -> int:
+        """PATCHes per action through 409 conflicts (the first included)."""
+        n = self.conflict_retry.max_attempts
+        return n if n is not None else 1_000_000
 
-    def observe_change(self, change: Change) -> None:
-        """Called for every applied Change: resolves confirmations of parties now final and
-        forgets per-call bookkeeping when a call ends. O(actions in flight on that call)."""
-        call = change.call
-        pending = self._by_conv.get(call.id)
-        if pending:
-            for pid, action in pending.items():
-                p = call.participants.get(pid)
-                if p is not None and p.is_final:
-                    action.gone = True
-                    if action.confirm is not None and not action.confirm.done():
-                        action.confirm.set_result(True)
-        if call.is_ended and call.id not in self._by_conv:
-            self._acted.pop(call.id, None)
+    def handle(self, step: Step) -> list[Removal]:
+        """The one entry for state changes: settle in-flight parties the step shows final,
+        then submit its decisions. Synchronous; never raises."""
+        for key in step.settled:
+            action = self._actions.get(key)
+            if action is not None and action.confirm is not None and not action.confirm.done():
+                action.confirm.set_result(True)
+        return self.submit_all(step.decisions) if step.decisions else []
 
-    def resume_enforcement(self) -> None:
-        """Reset a tripped safety valve and re-arm the rules of suppressed parties."""
-        was = self.safety.tripped
-        self.safety.resume()
-        self._on_resumed()
-        if was:
-            self._log.warning("safety valve reset: enforcement resumed")
+    def submit(self, decision: Decision) -> Removal:
+        """Audit and act on one decision at once (a rule's or a manual one). Synchronous;
+        never raises. The returned handle says what became of it."""
+        removal = Removal(decision, self._clock())
+        try:
+            self._submit_one(decision, removal)
+        except Exception as exc:  # one bad decision must not cost the others
+            self._log.error("enforce_submit_failed", rule=decision.rule,
+                            conversation_id=decision.conversation_id,
+                            participant_id=decision.participant_id,
+                            error=f"{exc.__class__.__name__}: {exc}")
+            if not removal.done():
+                removal._settle("failed", None, 0, f"internal error: {exc.__class__.__name__}",
+                                self._clock())
+        return removal
+
+    def submit_all(self, decisions: Iterable[Decision]) -> list[Removal]:
+        """`submit` each decision, in order."""
+        return [self.submit(d) for d in decisions]
+
+    def act_now(self, reason: str) -> list[Removal]:
+        """Removals became possible again (`reason`: e.g. `valve_resumed`, `leader`): judge
+        every live party from the state in memory and act at once on each that matches a
+        disconnect rule and has not been removed (held decisions included)."""
+        decisions = self.engine.enforce_now(self._clock())
+        self._log.info("enforce_act_now", reason=reason, decisions=len(decisions))
+        return self.submit_all(decisions)
+
+    def resume_valve(self) -> bool:
+        """SIGUSR1: reset a tripped safety valve and act at once on the parties it held
+        back. False (and nothing done) when the valve was not tripped."""
+        valve = self.enforcement.valve
+        if not valve.tripped:
+            return False
+        valve.resume()
+        if self.metrics is not None:
+            self.metrics.safety_valve_tripped.set(0)
+        self._log.warning("safety_valve_reset", detail="enforcement resumed")
+        self.act_now("valve_resumed")
+        return True
 
     def stop_accepting(self) -> None:
         """From now on decisions are audited (`suppressed`, 'daemon stopping') but nothing new
@@ -283,88 +382,68 @@ class Enforcer:
 
     # ------------------------------------------------------------------ submit
 
-    def _submit_one(self, d: Decision) -> None:
+    def _submit_one(self, d: Decision, removal: Removal) -> None:
         mode = self.mode
-        key: PartyKey = (d.conversation_id, d.participant_id)
         self._count_decision(d, mode)
         self._log_decision(d, mode)
         try:
             self.audit.write(decision_record(d, mode=mode))
         except Exception as exc:
-            self._log.critical("audit write failed: decision not acted on", rule=d.rule,
+            self._log.critical("audit_write_failed", record="decision", rule=d.rule,
                                conversation_id=d.conversation_id, participant_id=d.participant_id,
+                               detail="decision not acted on",
                                error=f"{exc.__class__.__name__}: {exc}")
             self._count_outcome(d, "failed")
             if d.action == "disconnect" and mode == "enforce":
-                self._rearm(d)
+                self.enforcement.not_sent(d)
+            removal._settle("failed", None, 0, "audit record could not be written; nothing sent",
+                            self._clock())
             return
-
-        if d.action != "disconnect" or mode == "observe":
-            self._outcome(d, "observed", None, 0, None, None)
+        now = self._clock()
+        adm = self.enforcement.admit(
+            d, now, mode=mode, accepting=self._accepting, may_send=self._may_send(),
+            party_final=self.engine.party_final(d.conversation_id, d.participant_id))
+        if adm.verdict == "send":
+            assert adm.flight is not None
+            action = _Action(adm.flight, removal)
+            self._actions[action.key] = action
+            # Created in this turn of the loop; runs at the loop's next iteration.
+            action.task = asyncio.get_running_loop().create_task(
+                self._run(action), name=f"disconnect {d.conversation_id}/{d.participant_id}")
             return
-        if not self._accepting:
-            self._outcome(d, "suppressed", None, 0, None,
-                          "daemon stopping (draining): decision audited, nothing sent")
-            return
-        leader = self._actions.get(key)
-        if leader is not None:
-            leader.followers.append(d)
+        if adm.verdict == "joined":
+            assert adm.flight is not None
+            leader = self._actions[adm.flight.key]
+            leader.followers.append(removal)
+            removal.joined = leader.decision.rule
             self._log.info("enforce_joined", rule=d.rule, joined_rule=leader.decision.rule,
                            conversation_id=d.conversation_id, participant_id=d.participant_id)
             return
-        acted = self._acted.get(d.conversation_id)
-        if acted is not None and (d.rule, d.participant_id) in acted:
-            self._outcome(d, "suppressed", None, 0, None,
-                          f"party already acted on by rule {d.rule}; not sent twice")
-            return
-        if self._store_final(key):
-            self._outcome(d, "already_gone", None, 0, None,
-                          "party already disconnected before any request was sent")
-            return
-        if not self.safety.tripped:
-            self._on_resumed()
-        now = self._clock()
-        if not self.safety.allow(now):
-            self._suppress(d, now)
-            return
-        loop = asyncio.get_running_loop()
-        action = _Action(decision=d, key=key, started_at=now)
-        self._actions[key] = action
-        self._by_conv.setdefault(d.conversation_id, {})[d.participant_id] = action
-        self._mark_acted(d)
-        # Created in this turn of the loop; runs at the loop's next iteration.
-        action.task = loop.create_task(self._run(action),
-                                       name=f"disconnect {d.conversation_id}/{d.participant_id}")
+        outcome = adm.outcome
+        assert outcome is not None
+        if adm.verdict == "suppressed" and adm.tripped:
+            self._tripped(now)
+        self._outcome(d, outcome, None, 0, None, adm.reason)
+        removal._settle(outcome, None, 0, adm.reason, self._clock())
 
-    def _suppress(self, d: Decision, now: float) -> None:
-        limit = getattr(self.safety, "max_per_minute", None)
-        if not self._trip_logged:
-            self._trip_logged = True
-            count = getattr(self.safety, "count", None)
-            recent = count(now) if callable(count) else limit
-            self._log.critical(
-                "safety_valve_tripped", max_per_minute=limit, recent=recent,
-                detail=f"{recent} disconnects in the last minute, the next one would exceed the "
-                       f"max of {limit}: enforcement paused, decisions are audited as suppressed",
-                resume="systemctl kill -s USR1 confguard (or kill -USR1 <pid>), or restart")
-            if self.metrics is not None:
-                self.metrics.safety_valve_tripped.set(1)
-        skey = (d.rule, d.conversation_id, d.participant_id)
-        self._suppressed[skey] = None
-        self._suppressed.move_to_end(skey)
-        while len(self._suppressed) > MAX_SUPPRESSED:
-            self._suppressed.popitem(last=False)
-        self._outcome(d, "suppressed", None, 0, None,
-                      f"safety valve tripped (max {limit} disconnects a minute); nothing sent")
+    def _may_send(self) -> bool:
+        try:
+            return bool(self.gate.may_send())
+        except Exception as exc:  # fail closed: no answer from the gate, no PATCH
+            self._log.error("send_gate_failed", error=f"{exc.__class__.__name__}: {exc}")
+            return False
 
-    def _on_resumed(self) -> None:
-        """The valve is open again: re-arm suppressed parties (their next event acts)."""
-        if self._trip_logged and self.metrics is not None:
-            self.metrics.safety_valve_tripped.set(0)
-        self._trip_logged = False
-        while self._suppressed:
-            (rule, cid, pid), _ = self._suppressed.popitem(last=False)
-            self._safe_rearm(rule, cid, pid)
+    def _tripped(self, now: float) -> None:
+        valve = self.enforcement.valve
+        limit = valve.max_per_minute
+        recent = valve.count(now)
+        self._log.critical(
+            "safety_valve_tripped", max_per_minute=limit, recent=recent,
+            detail=f"{recent} disconnects in the last minute, the next one would exceed the "
+                   f"max of {limit}: enforcement paused, decisions are audited as suppressed",
+            resume="systemctl kill -s USR1 confguard (or kill -USR1 <pid>), or restart")
+        if self.metrics is not None:
+            self.metrics.safety_valve_tripped.set(1)
 
     # ------------------------------------------------------------------ one action
 
@@ -376,19 +455,18 @@ class Enforcer:
         except asyncio.CancelledError:
             if action.sending or action.accepted:
                 result = _Result("unconfirmed", action.last_status,
-                                 "abandoned at shutdown after the PATCH was sent; removal not confirmed",
-                                 rearm=True)
+                                 "abandoned at shutdown after the PATCH was sent; removal not confirmed")
             else:
                 last = f" (last answer HTTP {action.last_status})" if action.last_status else ""
                 result = _Result("failed", action.last_status,
-                                 f"abandoned at shutdown with no PATCH accepted{last}", rearm=True)
+                                 f"abandoned at shutdown with no PATCH accepted{last}")
             self._finish(action, result)
             raise
         except Exception as exc:  # a bug must not leave the party marked in flight forever
             self._log.exception("enforce_action_crashed", rule=d.rule,
                                 conversation_id=d.conversation_id, participant_id=d.participant_id)
             result = _Result("failed", action.last_status,
-                             f"internal error: {exc.__class__.__name__}: {exc}", rearm=True)
+                             f"internal error: {exc.__class__.__name__}: {exc}")
         self._finish(action, result)
 
     async def _perform(self, action: _Action) -> _Result:
@@ -397,13 +475,16 @@ class Enforcer:
         loop = asyncio.get_running_loop()
         confirm_retried = False
         while True:
-            if action.gone or self._store_final(action.key):
+            if action.gone:
                 if action.accepted:  # our accepted PATCH took effect after all
                     return _Result("disconnected", action.last_status, None)
                 err = None if action.attempts else "party left before any request was sent"
                 return _Result("already_gone", action.last_status, err)
+            if not self._may_send():
+                return _Result("standby", action.last_status,
+                               "not the leader (standby) when the PATCH was due; nothing sent")
             action.attempts += 1
-            # Registered before sending: the event showing the party gone may arrive before
+            # Registered before sending: the change showing the party gone may arrive before
             # the PATCH reply does.
             action.confirm = loop.create_future()
             exc = await self._send(action)
@@ -415,24 +496,23 @@ class Enforcer:
                 return _Result("already_gone", 404, None)
             if isinstance(exc, ConflictError):
                 if action.attempts < self.max_attempts:
-                    wait = min(2.0, self.conflict_backoff * 2.0 ** (action.attempts - 1))
+                    wait = self.conflict_retry.delay(action.attempts)
                     self._log.info("enforce_conflict_retry", rule=d.rule, conversation_id=cid,
                                    participant_id=pid, attempt=action.attempts,
                                    retry_in=round(wait, 3))
-                    await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+                    await asyncio.sleep(wait)
                     continue
                 return _Result("failed", 409,
-                               f"409 conflict on every one of {action.attempts} attempts: {exc}",
-                               rearm=True)
+                               f"409 conflict on every one of {action.attempts} attempts: {exc}")
             if isinstance(exc, ForbiddenError):
                 missing = exc.missing_permissions or [DISCONNECT_PERMISSION]
                 text = (f"403 forbidden: the OAuth client's role lacks permission "
                         f"{', '.join(missing)}: {exc}")
-                self._log.critical("enforcement forbidden: grant the permission to the OAuth "
-                                   "client's role", rule=d.rule, conversation_id=cid,
+                self._log.critical("enforce_forbidden", rule=d.rule, conversation_id=cid,
                                    participant_id=pid, missing_permissions=missing,
+                                   detail="grant the permission to the OAuth client's role",
                                    error=str(exc))
-                return _Result("failed", 403, text, rearm=True)
+                return _Result("failed", 403, text)
             if exc is not None:
                 # Genesys may refuse a PATCH for a party that has just left (e.g. 400
                 # "participant not connected"): that is not a failure.
@@ -445,7 +525,7 @@ class Enforcer:
                                    f"party had left; the PATCH was refused: {exc}")
                 self._log.error("enforce_failed", rule=d.rule, conversation_id=cid,
                                 participant_id=pid, status=exc.status, error=str(exc))
-                return _Result("failed", exc.status or None, str(exc), rearm=True)
+                return _Result("failed", exc.status or None, str(exc))
             if await self._confirm(action):
                 return _Result("disconnected", action.last_status, None)
             if not confirm_retried:
@@ -459,7 +539,7 @@ class Enforcer:
                 continue
             return _Result("unconfirmed", action.last_status,
                            f"PATCH accepted {action.attempts} times but the party was never "
-                           f"seen disconnected; rule re-armed", rearm=True)
+                           f"seen disconnected; rule re-armed")
 
     async def _send(self, action: _Action) -> ApiError | None:
         """One PATCH. Returns the API error, or None when it was accepted (2xx). A
@@ -486,17 +566,42 @@ class Enforcer:
         if action.event_to_request_ms is not None:
             return
         d = action.decision
+        now = self._clock()
+        action.removal.sent_at = now
         origin = d.received_at if d.received_at is not None else d.decided_at
-        delay = max(0.0, self._clock() - origin)
+        delay = max(0.0, now - origin)
         action.event_to_request_ms = round(delay * 1000.0, 3)
         if self.metrics is not None:
             self.metrics.event_to_request_seconds.observe(delay)
 
+    async def _read_call(self, action: _Action) -> bool | None:
+        """One GET of the action's call at ENFORCE priority, folded into the engine like any
+        other read (so decisions it causes are acted on and in-flight parties it shows final
+        are settled). True: the party is final or absent (404: the call is gone); False:
+        still there; None: the read failed."""
+        cid, pid = action.key
+        try:
+            conv = await self.client.get_call(cid, priority=Priority.ENFORCE)
+        except NotFoundError:
+            self.handle(self.engine.mark_gone(cid, self._clock()))
+            return True
+        except ApiError as exc:
+            self._log.warning("enforce_confirm_get_failed", conversation_id=cid,
+                              participant_id=pid, error=str(exc))
+            return None
+        if not isinstance(conv, Mapping):
+            return None
+        self.handle(self.engine.apply_conversation(conv, self._clock(), source="resync"))
+        if action.gone:
+            return True
+        listed = _listed_state(conv, pid)
+        return listed is _ABSENT or is_final_state(listed)
+
     async def _confirm(self, action: _Action) -> bool:
-        """True when the party is seen final: an applied change within `confirm_timeout`,
-        else one GET of the call (404, or the participant final or absent)."""
+        """True when the party is seen final: a settled step within `confirm_timeout`, else
+        one GET of the call (404, or the participant final or absent)."""
         fut = action.confirm
-        if action.gone or self._store_final(action.key):
+        if action.gone:
             return True
         if fut is not None and self.confirm_timeout > 0:
             try:
@@ -504,42 +609,32 @@ class Enforcer:
                 return True
             except TimeoutError:
                 pass
-        if action.gone or self._store_final(action.key):
+        if action.gone:
             return True
-        cid, pid = action.key
-        try:
-            call = await self.client.get_call(cid, priority=Priority.ENFORCE)
-        except NotFoundError:
-            return True
-        except ApiError as exc:
-            self._log.warning("enforce_confirm_get_failed", conversation_id=cid,
-                              participant_id=pid, error=str(exc))
-            return False
-        # An event may have shown the party gone while the GET was under way.
-        return action.gone or _participant_final_or_absent(call, pid)
+        got = await self._read_call(action)
+        # A change may have shown the party gone while the GET was under way.
+        return action.gone or got is True
 
     async def _gone_after_error(self, action: _Action, exc: ApiError) -> bool:
-        """After a refused PATCH: is the party final? Events and the store first; for a 400
-        (the API answering, but refusing this party) one GET of the call as well. Not after
+        """After a refused PATCH: is the party final? Settled steps first; for a 400 (the API
+        answering, but refusing this party) one GET of the call as well. Not after
         429/5xx/transport errors, which the client already retried: the API is struggling."""
-        if action.gone or self._store_final(action.key):
+        if action.gone:
             return True
         if exc.status != 400:
             return False
         cid, pid = action.key
         try:
-            call = await self.client.get_call(cid, priority=Priority.ENFORCE)
+            conv = await self.client.get_call(cid, priority=Priority.ENFORCE)
         except NotFoundError:
+            self.handle(self.engine.mark_gone(cid, self._clock()))
             return True
         except ApiError:
             return False
-        if action.gone:
-            return True
-        parts = call.get("participants")
-        if not isinstance(parts, list):
-            return False
-        return any(isinstance(p, Mapping) and p.get("id") == pid
-                   and p.get("state") in FINAL_STATES for p in parts)
+        if isinstance(conv, Mapping):
+            self.handle(self.engine.apply_conversation(conv, self._clock(), source="resync"))
+        # Listed and final only: a party absent from the reply may never have been there.
+        return action.gone
 
     def _finish(self, action: _Action, result: _Result) -> None:
         if action.finished:
@@ -549,68 +644,29 @@ class Enforcer:
         cid, pid = action.key
         if self._actions.get(action.key) is action:
             del self._actions[action.key]
-        conv = self._by_conv.get(cid)
-        if conv is not None and conv.get(pid) is action:
-            del conv[pid]
-            if not conv:
-                del self._by_conv[cid]
+        self.enforcement.finish(action.flight, result.outcome)
         if action.confirm is not None and not action.confirm.done():
             action.confirm.cancel()
+        now = self._clock()
         level = "info" if result.outcome in ("disconnected", "already_gone") else "error"
-        getattr(self._log, level)("enforce_outcome", rule=d.rule, conversation_id=cid,
-                                  participant_id=pid, outcome=result.outcome,
-                                  http_status=result.http_status, attempts=action.attempts,
-                                  event_to_request_ms=action.event_to_request_ms,
-                                  error=result.error)
+        (self._log.info if level == "info" else self._log.error)(
+            "enforce_outcome", rule=d.rule, conversation_id=cid, participant_id=pid,
+            outcome=result.outcome, http_status=result.http_status, attempts=action.attempts,
+            event_to_request_ms=action.event_to_request_ms, error=result.error)
         self._outcome(d, result.outcome, result.http_status, action.attempts,
                       action.event_to_request_ms, result.error)
-        if result.rearm:
-            self._unmark_acted(d)
-            self._rearm(d)
+        action.removal._settle(result.outcome, result.http_status, action.attempts,
+                               result.error, now)
         for f in action.followers:
             note = f"joined the in-flight action of rule {d.rule}"
-            self._outcome(f, result.outcome, result.http_status, 0, None,
-                          f"{note}: {result.error}" if result.error else note)
-            if result.rearm:
-                self._rearm(f)
-            else:
-                self._mark_acted(f)
+            error = f"{note}: {result.error}" if result.error else note
+            self._outcome(f.decision, result.outcome, result.http_status, 0, None, error)
+            f.sent_at = action.removal.sent_at
+            f._settle(result.outcome, result.http_status, 0, error, now)
 
     # ------------------------------------------------------------------ helpers
 
-    def _store_final(self, key: PartyKey) -> bool:
-        if self.store is None:
-            return False
-        call = self.store.get(key[0])
-        if call is None:
-            return False
-        p = call.participants.get(key[1])
-        return p is not None and p.is_final
-
-    def _mark_acted(self, d: Decision) -> None:
-        entry = self._acted.get(d.conversation_id)
-        if entry is None:
-            entry = self._acted[d.conversation_id] = set()
-            while len(self._acted) > MAX_ACTED_CONVERSATIONS:
-                self._acted.popitem(last=False)
-        entry.add((d.rule, d.participant_id))
-
-    def _unmark_acted(self, d: Decision) -> None:
-        entry = self._acted.get(d.conversation_id)
-        if entry is not None:
-            entry.discard((d.rule, d.participant_id))
-
-    def _rearm(self, d: Decision) -> None:
-        self._safe_rearm(d.rule, d.conversation_id, d.participant_id)
-
-    def _safe_rearm(self, rule: RuleName, cid: ConversationId, pid: ParticipantId) -> None:
-        try:
-            self.rules_engine.rearm(rule, cid, pid)
-        except Exception as exc:
-            self._log.error("enforce_rearm_failed", rule=rule, conversation_id=cid,
-                            participant_id=pid, error=f"{exc.__class__.__name__}: {exc}")
-
-    def _outcome(self, d: Decision, outcome: str, http_status: int | None, attempts: int,
+    def _outcome(self, d: Decision, outcome: Outcome, http_status: int | None, attempts: int,
                  event_to_request_ms: float | None, error: str | None) -> None:
         """Write one outcome record (an audit failure is logged, never raised) and count it."""
         self._count_outcome(d, outcome)
@@ -620,9 +676,10 @@ class Enforcer:
                                             event_to_request_ms=event_to_request_ms,
                                             error=error))
         except Exception as exc:
-            self._log.critical("audit write failed: outcome record lost", rule=d.rule,
+            self._log.critical("audit_write_failed", record="outcome", rule=d.rule,
                                conversation_id=d.conversation_id,
                                participant_id=d.participant_id, outcome=outcome,
+                               detail="outcome record lost",
                                error=f"{exc.__class__.__name__}: {exc}")
 
     def _count_decision(self, d: Decision, mode: str) -> None:
@@ -636,19 +693,30 @@ class Enforcer:
     def _log_decision(self, d: Decision, mode: str) -> None:
         # The rule's severity is a field of the line; the level is capped at WARNING so that
         # the daemon's own CRITICAL lines (safety valve, missing permission) stand out.
-        level = "info" if d.severity == "info" else "warning"
-        getattr(self._log, level)(
-            "decision", rule=d.rule, conversation_id=d.conversation_id,
-            participant_id=d.participant_id, purpose=d.purpose, matched=d.matched, mode=mode,
-            action=d.action, severity=d.severity, tags=list(d.tags), message=d.message,
-            decided_at=d.decided_at, received_at=d.received_at)
+        emit = self._log.info if d.severity == "info" else self._log.warning
+        origin = d.origin
+        extra: dict[str, object] = {} if origin is None else {
+            "origin": {"caller": origin.caller, "reason": origin.reason}}
+        emit("decision", rule=d.rule, conversation_id=d.conversation_id,
+             participant_id=d.participant_id, purpose=d.purpose, matched=d.matched, mode=mode,
+             action=d.action, severity=d.severity, tags=list(d.tags), message=d.message,
+             decided_at=d.decided_at, received_at=d.received_at, **extra)
 
 
-def _participant_final_or_absent(call: Mapping[str, Any], participant_id: str) -> bool:
-    parts = call.get("participants")
+class _Absent:
+    pass
+
+
+_ABSENT = _Absent()
+
+
+def _listed_state(conv: Mapping[str, Any], participant_id: str) -> object:
+    """The state a REST reply gives the participant, or `_ABSENT` when it is not listed
+    (a malformed reply lists nobody usable: treated as still there, None)."""
+    parts = conv.get("participants")
     if not isinstance(parts, list):
-        return False  # malformed reply: cannot tell; treated as not confirmed
+        return None
     for p in parts:
         if isinstance(p, Mapping) and p.get("id") == participant_id:
-            return p.get("state") in FINAL_STATES
-    return True
+            return p.get("state")
+    return _ABSENT

@@ -16,11 +16,14 @@ Lifecycle (each transition is logged, exported as `confguard_daemon_state` and s
 - SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
   line and the old rules stay in force; changed subscriptions are applied without dropping
   the unchanged ones. A SIGHUP during a reload is queued: the files are read once more after it.
-- SIGUSR1: resume enforcement after the safety valve tripped.
+- SIGUSR1: resume enforcement after the safety valve tripped; every live party that
+  matches a disconnect rule and has not been removed is acted on at once
+  (`Enforcer.resume_valve`).
 
 The hot path (`_on_message`) runs synchronously in the WebSocket reader's turn of the event
-loop: parse, apply, evaluate, then `Enforcer.submit`, which audits and starts the PATCH at
-once. Nothing on it awaits.
+loop: parse, apply, evaluate, then `Enforcer.handle(step)`, which settles in-flight parties
+the change shows final, audits each decision and starts its PATCH at once. Nothing on it
+awaits. Resync and reconciliation reads take the same path (`Resyncer(on_step=...)`).
 """
 
 from __future__ import annotations
@@ -43,15 +46,16 @@ from daemon.service import systemd
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog
 from daemon.config import Config, load_config, resolve_credentials
-from daemon.core.engine import Engine
+from daemon.core.engine import Engine, Step
+from daemon.core.enforcement import SafetyValve
 from daemon.service.enforcer import Enforcer
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
 from daemon.service.metrics import Metrics
-from daemon.core.model import Change, Decision
+from daemon.core.model import Decision
 from daemon.service.ops import HealthStatus, OpsServer
 from daemon.genesys.resync import Reconciler, Resyncer
 from daemon.genesys.retry import RetryPolicy
-from daemon.core.rules import RuleEngine, SafetyValve, compile_rules
+from daemon.core.rules import RuleEngine, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
 from daemon.genesys.stream import StreamManager
@@ -112,9 +116,8 @@ class Daemon:
         self.state = State.STARTING
         self.metrics.daemon_state.state(self.state.value)
         ruleset = compile_rules(config)
-        self.rules = RuleEngine(ruleset)
+        self.rules = RuleEngine(ruleset)  # its Enforcement holds the valve (safety.*)
         self.engine = Engine(self.rules, CallStore())
-        self.safety = SafetyValve(config.safety.max_disconnects_per_minute)
         self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
                               fsync_interval=config.audit.fsync_interval,
                               on_record=lambda kind: self.metrics.audit_records.labels(type=kind).inc())
@@ -162,6 +165,11 @@ class Daemon:
     def mode(self) -> str:
         return "observe" if self.observe_flag else self.config.mode
 
+    @property
+    def safety(self) -> SafetyValve:
+        """The safety valve (owned by the engine's `Enforcement`)."""
+        return self.engine.enforcement.valve
+
     def _set_state(self, new: State, **why: Any) -> None:
         if new is self.state:
             return
@@ -207,9 +215,8 @@ class Daemon:
         self.client.limiter.on_rate_limited = \
             lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
         self.metrics.track_budget(self.client.limiter.snapshot)
-        self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=self.mode,  # type: ignore[arg-type]
-                                 safety=self.safety, metrics=self.metrics, clock=self.clock,
-                                 store=self.engine.store)
+        self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
+                                 metrics=self.metrics, clock=self.clock)
         if cfg.ha.enabled:
             self._start_ha()
         if cfg.control.enabled:
@@ -231,7 +238,7 @@ class Daemon:
                                     heartbeat_timeout_factor=cfg.subscriptions.heartbeat_timeout_factor,
                                     channel_refresh_before=cfg.subscriptions.channel_refresh_before)
         self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
-                                 metrics=self.metrics, on_decisions=self._submit, clock=self.clock)
+                                 metrics=self.metrics, on_step=self._handle, clock=self.clock)
         await self.stream.start()
         stream_task = asyncio.create_task(self.stream.run(), name="stream")
         stream_task.add_done_callback(self._stream_ended)
@@ -417,15 +424,13 @@ class Daemon:
         self._stop_requested.set()
 
     def resume_enforcement(self) -> None:
-        """SIGUSR1: reset a tripped safety valve. Through the enforcer, so the rules of the
-        parties it suppressed are re-armed and their next event acts on them."""
-        if self.safety.tripped:
-            if self.enforcer is not None:
-                self.enforcer.resume_enforcement()
-            else:
-                self.safety.resume()
-            self.metrics.safety_valve_tripped.set(0)
-            log.warning("safety_valve_reset", detail="enforcement resumed")
+        """SIGUSR1: reset a tripped safety valve (`Enforcer.resume_valve`: gauge to 0, one
+        `safety_valve_reset` line) and act at once on every live party that matches a
+        disconnect rule and has not been removed. Nothing can trip before the enforcer
+        exists, so there is nothing to do then."""
+        if self.enforcer is not None:
+            self.enforcer.resume_valve()
+            self._maybe_reschedule()
 
     def _on_sighup(self) -> None:
         """A SIGHUP during a reload is not dropped: the file is read once more afterwards
@@ -502,6 +507,8 @@ class Daemon:
         self.audit.stamp = self.failover.stamp
         self.audit.observers.append(self.failover.observe)
         self.ha_role = self.failover.role_and_leader
+        if self.enforcer is not None:  # the send gate: closed unless leader with the take-over done
+            self.enforcer.gate = self.failover
         node.update_metrics()
         log.info("ha_starting", node=node.node, lease=ha.lease, takeover_after=ha.takeover_after)
         self._ha_task = asyncio.create_task(node.run(self._ha_stop), name="ha-lease")
@@ -519,9 +526,9 @@ class Daemon:
 
     def _enforcement_possible(self, reason: str) -> None:
         """Removals became possible again: act on every live matching party at once."""
-        act_now = getattr(self.enforcer, "act_now", None)
-        if callable(act_now):
-            act_now(reason)
+        if self.enforcer is not None:
+            self.enforcer.act_now(reason)
+            self._maybe_reschedule()
 
     async def _read_call_now(self, conversation_id: str) -> dict[str, Any] | None:
         """GET one call at ENFORCE priority and fold it into the state (None: 404)."""
@@ -529,15 +536,11 @@ class Daemon:
         try:
             conv = await self.client.get_call(conversation_id, priority=Priority.ENFORCE)
         except NotFoundError:
-            decisions = self.engine.mark_gone(conversation_id, self.clock())
-            if decisions:
-                self._submit(decisions)
+            self._handle(self.engine.mark_gone(conversation_id, self.clock()))
             return None
         if not isinstance(conv, dict):
             raise ValueError("the call reply is not a JSON object")
-        decisions = self.engine.apply_conversation(conv, self.clock(), source="resync")
-        if decisions:
-            self._submit(decisions)
+        self._handle(self.engine.apply_conversation(conv, self.clock(), source="resync"))
         return conv
 
     async def _close_unfinished(self) -> None:
@@ -563,11 +566,7 @@ class Daemon:
             self._record.flush()
         fed = self.engine.feed(raw, received_at)
         self._account(fed.message, received_at)
-        if fed.change is not None:
-            self._observe(fed.change)
-        if fed.decisions:
-            self._submit(fed.decisions)
-        self._maybe_reschedule()
+        self._handle(fed)
         if self._trace_events:  # the canonical line per processed event (at debug level)
             change = fed.change
             event_log.debug("event", kind=type(fed.message).__name__,
@@ -586,19 +585,29 @@ class Daemon:
         elif topic is not None:
             self.metrics.events_received.labels(topic=topic).inc()
 
-    def _observe(self, change: Change) -> None:
+    def _handle(self, step: Step) -> None:
+        """Every engine result (frame, resync read, 404) takes this one path to enforcement."""
+        if step.change is not None:
+            self.metrics.tracked_calls.set(len(self.engine.store))
+        self._observe_latency(step.decisions)
         if self.enforcer is not None:
-            self.enforcer.observe_change(change)
-        self.metrics.tracked_calls.set(len(self.engine.store))
+            self.enforcer.handle(step)
+        self._maybe_reschedule()
 
     def _submit(self, decisions: list[Decision]) -> None:
+        """Decisions with no state change behind them (timers, a reload's re-evaluation)."""
+        self._observe_latency(decisions)
+        if self.enforcer is not None:
+            self.enforcer.submit_all(decisions)
+        self._maybe_reschedule()
+
+    def _observe_latency(self, decisions: list[Decision]) -> None:
+        if not decisions:
+            return
         now = self.clock()
         for d in decisions:
             if d.received_at is not None:
                 self.metrics.event_to_decision_seconds.observe(max(0.0, now - d.received_at))
-        if self.enforcer is not None:
-            self.enforcer.submit(decisions)
-        self._maybe_reschedule()
 
     def _on_response(self, method: str, route: str, status: int, seconds: float) -> None:
         self.metrics.api_requests.labels(method=method, route=route, status=str(status)).inc()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from _core_payloads import conversation, frame, party
 from daemon.core.engine import MESSAGE_KINDS, Engine, RuleEvaluator
+from daemon.core.enforcement import Enforcement
 from daemon.core.events import REJECT_REASONS, CallEvent, Heartbeat, Rejected
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Change, Decision
@@ -32,6 +34,13 @@ class StubRules:
         self.deadline: float | None = None
         self.due_calls: list[float] = []
         self.fail = False
+        self.enforcement = Enforcement()
+        self.rejudged: list[tuple[Sequence[Any], float]] = []
+
+    def rejudge(self, released: Sequence[tuple[RuleName, ConversationId, ParticipantId]],
+                now: float) -> list[Decision]:
+        self.rejudged.append((released, now))
+        return []
 
     def on_change(self, change: Change, now: float) -> list[Decision]:
         if self.fail:
@@ -117,11 +126,14 @@ def test_apply_conversation_resync() -> None:
     engine, rules = make()
     rest = {"id": "c1", "participants": [party("x", purpose="external", rest=True)],
             "selfUri": "/api/v2/conversations/calls/c1"}
-    decisions = engine.apply_conversation(rest, T0)
-    assert [d.participant_id for d in decisions] == ["x"]
+    step = engine.apply_conversation(rest, T0)
+    # the same result type as a frame's, without a message
+    assert type(step) is type(engine.feed(b"{}", T0)) and step.message is None
+    assert [d.participant_id for d in step.decisions] == ["x"]
+    assert step.change is not None and step.change.source == "resync"
     assert rules.changes[0][0].source == "resync"
-    assert engine.apply_conversation(rest, T0 + 1) == []
-    assert engine.apply_conversation({"id": 5}, T0 + 2) == []
+    assert engine.apply_conversation(rest, T0 + 1).decisions == []
+    assert engine.apply_conversation({"id": 5}, T0 + 2).change is None
     assert engine.store.stats["conversations_rejected"] == 1
 
 
@@ -140,11 +152,11 @@ def test_tick_evicts_and_forgets() -> None:
 def test_mark_gone_judged() -> None:
     engine, rules = make()
     engine.feed(frame(body(party("a"), party("x", purpose="external"))), T0)
-    assert engine.mark_gone("c1", T0 + 2) == []  # the stub only decides on live externals
+    assert engine.mark_gone("c1", T0 + 2).decisions == []  # the stub only decides on live externals
     change, now = rules.changes[-1]
     assert now == T0 + 2 and change.call.ended_at == T0 + 2
     assert {p.id for p in change.changed} == {"a", "x"}
-    assert engine.mark_gone("c1", T0 + 3) == [] and engine.mark_gone("nope", T0) == []
+    assert engine.mark_gone("c1", T0 + 3).change is None and engine.mark_gone("nope", T0).change is None
     assert engine.counters["gone"] == 1 and len(rules.changes) == 2
 
 
@@ -170,5 +182,5 @@ def test_store_errors_are_contained() -> None:
     engine = Engine(rules, _BrokenStore())
     fed = engine.feed(frame(body(party("x", purpose="external"))), T0)
     assert isinstance(fed.message, CallEvent) and fed.change is None and fed.decisions == []
-    assert engine.apply_conversation(body(party("a")), T0) == []
+    assert engine.apply_conversation(body(party("a")), T0).decisions == []
     assert engine.counters["state_errors"] == 2 and rules.changes == []

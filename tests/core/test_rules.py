@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
-from daemon.core.rules import RuleEngine, SafetyValve, parse_duration
+from daemon.core.enforcement import SafetyValve
+from daemon.core.rules import RuleEngine, parse_duration
 try:
     from tests._rules_helpers import (
         QUEUE, TRUSTED, change, example, fired, holds, load, make_call, one_rule, party,

@@ -520,6 +520,44 @@ async def test_safety_valve_trips_after_max_and_suppresses_the_rest(
         assert env.daemon.metrics.safety_valve_tripped._value.get() == 1
 
 
+async def test_resuming_the_valve_acts_at_once_on_quiet_calls(
+        populated: Sandbox, tmp_path: Path) -> None:
+    """SIGUSR1 (the daemon's handler) resets the valve and the parties it held back are
+    removed at once from the state in memory: their calls have no further event."""
+    rule = "flagged-party"
+    async with env_for(populated, tmp_path, max_per_minute=2) as env:
+        w = env.world
+        calls = []
+        for _ in range(4):
+            c = new_call(w, recorded=True)
+            w.add_external(c.id, HARMLESS)
+            calls.append(c)
+        for c in calls:
+            w.set_attributes(c.id, party(c, "customer").id, {"complianceFlag": "true"})
+        await until(lambda: len(env.outcomes(rule)) == 4, "four outcome records")
+        await until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
+                    "in-flight disconnects to finish")
+        await synced(env, calls)
+        held = [(o["conversation_id"], o["participant_id"]) for o in env.outcomes(rule)
+                if o["outcome"] == "suppressed"]
+        assert len(held) == 2 and len(env.patches()) == 2
+        env.daemon.resume_enforcement()  # what SIGUSR1 calls
+        assert not env.daemon.safety.tripped
+        assert env.daemon.metrics.safety_valve_tripped._value.get() == 0
+        # acted on in the same turn: both PATCH tasks exist before any event could arrive
+        assert env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 2
+        await until(lambda: len(env.patches()) == 4, "the held parties' PATCHes")
+        sent = {p.path for p in env.patches()}
+        for cid, pid in held:
+            assert patch_path(cid, pid) in sent
+            await until(lambda: not live_in_world(env.world, cid, pid), "the held party to leave")
+        await until(lambda: sum(o["outcome"] == "disconnected" for o in env.outcomes(rule)) == 4,
+                    "four disconnected outcomes")
+        await quiet(env)
+        assert len(env.patches()) == 4
+        assert verify([env.audit_path]).ok
+
+
 # ------------------------------------------------------------------ 429 and 5xx bursts
 
 

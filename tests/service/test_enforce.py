@@ -1,8 +1,11 @@
-"""Unit tests of daemon.enforce.Enforcer: edge cases over httpx.MockTransport, real AuditLog.
+"""Unit tests of daemon.service.enforcer.Enforcer: edge cases over httpx.MockTransport, real
+AuditLog, real core Engine.
 
 The real GenesysClient is used (so status codes go through the real error translation); the
-network is an httpx.MockTransport whose handler plays Genesys. Confirmation events are fed to
-`Enforcer.observe_change` as the daemon would, scheduled from the handler.
+network is an httpx.MockTransport whose handler plays Genesys. Confirmation events are fed
+to the engine and its `Step` handed to `Enforcer.handle`, as the daemon does, scheduled from
+the handler. The core `Enforcement` (shared through the engine) is the state under test:
+a failed action re-arms its rule there.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ import pytest
 
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog, verify
-from daemon.config import Credentials, GenesysSettings
-from daemon.service.enforcer import Enforcer
+from daemon.config import Credentials, GenesysSettings, SafetySettings
+from daemon.core.engine import Engine, Step
+from daemon.core.enforcement import ACTED, FIRED
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
+from daemon.core.model import Decision
+from daemon.core.rules import RuleEngine, RuleSet
+from daemon.core.state import CallStore
+from daemon.service.enforcer import Enforcer, conflict_policy
 from daemon.service.metrics import Metrics
-from daemon.core.model import Call, Change, Decision, Participant
-from daemon.core.rules import SafetyValve
 
 PATCH_PREFIX = "/api/v2/conversations/calls/"
 
 
-def make_valve(n: int) -> SafetyValve:
-    return SafetyValve(n)
+def make_engine(max_per_minute: int = 100) -> Engine:
+    """A real core Engine with no rules: decisions are submitted by hand."""
+    rs = RuleSet(rules=(), mode="enforce", lists={},
+                 safety=SafetySettings(max_disconnects_per_minute=max_per_minute))
+    return Engine(RuleEngine(rs), CallStore())
 
 
 class RecLog:
@@ -48,21 +57,19 @@ class RecLog:
         return [(e, kw) for lv, e, kw in self.lines if lv == level]
 
 
-class RecRules:
-    def __init__(self) -> None:
-        self.rearmed: list[tuple[str, str, str]] = []
+class Marks:
+    """Reads the shared Enforcement: which (rule, conversation, party) submitted here are
+    re-armed (may act again) after their action ended."""
 
-    def rearm(self, rule: RuleName, conversation_id: ConversationId,
-              participant_id: ParticipantId) -> None:
-        self.rearmed.append((rule, conversation_id, participant_id))
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, str, str]] = []
 
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.calls: dict[str, Call] = {}
-
-    def get(self, conversation_id: ConversationId) -> Call | None:
-        return self.calls.get(conversation_id)
+    @property
+    def rearmed(self) -> list[tuple[str, str, str]]:
+        enf = self.engine.enforcement
+        return [k for k in dict.fromkeys(self.seen)
+                if not enf.flags(RuleName(k[0]), ConversationId(k[1]), ParticipantId(k[2])) & (FIRED | ACTED)]
 
 
 def decision(rule: str = "r1", cid: str = "c1", pid: str = "p1", *, action: str = "disconnect",
@@ -75,11 +82,11 @@ def decision(rule: str = "r1", cid: str = "c1", pid: str = "p1", *, action: str 
                     received_at=now if received_at is None else received_at)
 
 
-def gone_change(cid: str, pid: str, state: str = "disconnected") -> Change:
-    p = Participant(id=ParticipantId(pid), state=state, purpose="external")
-    call = Call(id=ConversationId(cid), participants={p.id: p})
-    return Change(call=call, changed=(p,), call_changed=False, source="event",
-                  received_at=time.time())
+def gone_step(engine: Engine, cid: str, pid: str, state: str = "disconnected") -> Step:
+    """The engine applying an event that shows the party final."""
+    return engine.apply_conversation(
+        {"id": cid, "participants": [{"id": pid, "state": state, "purpose": "external"}]},
+        time.time(), source="event")
 
 
 Handler = Callable[["Harness", httpx.Request], Awaitable[httpx.Response]]
@@ -90,7 +97,7 @@ class Harness:
 
     def __init__(self, tmp_path: Path, handler: Handler, *, mode: str = "enforce",
                  max_per_minute: int = 100, confirm_timeout: float = 0.2,
-                 max_attempts: int = 3, store: FakeStore | None = None) -> None:
+                 max_attempts: int = 3) -> None:
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
         self.audit_path = tmp_path / "audit.jsonl"
@@ -101,14 +108,19 @@ class Harness:
         self.client = GenesysClient(settings, Credentials("id", "secret"),
                                     transport=httpx.MockTransport(self._handle),
                                     retry_base_delay=0.001, retry_max_delay=0.01)
-        self.rules = RecRules()
-        self.valve = make_valve(max_per_minute)
+        self.engine = make_engine(max_per_minute)
+        self.rules = Marks(self.engine)
+        self.valve = self.engine.enforcement.valve
         self.metrics = Metrics()
         self.log = RecLog()
-        self.enforcer = Enforcer(self.client, self.audit, self.rules, mode=mode,  # type: ignore[arg-type]
-                                 safety=self.valve, metrics=self.metrics,
-                                 confirm_timeout=confirm_timeout, max_attempts=max_attempts,
-                                 log=self.log, store=store, conflict_backoff=0.01)
+        self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=mode,  # type: ignore[arg-type]
+                                 metrics=self.metrics, confirm_timeout=confirm_timeout,
+                                 conflict_retry=conflict_policy(initial=0.01, max_attempts=max_attempts),
+                                 log=self.log)
+
+    def submit(self, decisions: list[Decision]) -> None:
+        self.rules.seen.extend((d.rule, d.conversation_id, d.participant_id) for d in decisions)
+        self.enforcer.submit_all(decisions)
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/oauth/token":
@@ -134,7 +146,8 @@ class Harness:
         """Schedule the applied change showing the party gone, as the daemon would."""
         _, _, rest = path.partition(PATCH_PREFIX)
         cid, _, pid = rest.partition("/participants/")
-        asyncio.get_running_loop().call_soon(self.enforcer.observe_change, gone_change(cid, pid))
+        asyncio.get_running_loop().call_soon(
+            lambda: self.enforcer.handle(gone_step(self.engine, cid, pid)))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -182,7 +195,7 @@ async def make(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_disconnect_audits_first_then_one_patch_then_confirmed(make: Any) -> None:
     h = make(accept_and_confirm)
     d = decision(received_at=time.time() - 0.25)
-    h.enforcer.submit([d])
+    h.submit([d])
     # The task is created in submit's turn; nothing has been sent yet.
     assert h.enforcer.in_flight == 1
     assert h.requests == []
@@ -220,7 +233,7 @@ async def test_confirmation_by_get_when_no_event_comes(make: Any) -> None:
             {"id": "p1", "state": "disconnected"}, {"id": "p2", "state": "connected"}]})
 
     h = make(handler, confirm_timeout=0.05)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET"]
     assert h.requests[1]["path"] == "/api/v2/conversations/calls/c1"
@@ -233,7 +246,7 @@ async def test_confirmation_get_404_counts_as_gone(make: Any) -> None:
         return httpx.Response(202) if req.method == "PATCH" else error(404, "conversation not found")
 
     h = make(handler, confirm_timeout=0.02)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "disconnected"
@@ -247,7 +260,7 @@ async def test_404_is_already_gone_not_an_error(make: Any) -> None:
         return error(404, "participant not found")
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1
     [out] = h.outcomes()
@@ -262,7 +275,7 @@ async def test_403_fails_naming_the_missing_permission(make: Any) -> None:
                           "following permission(s): conversation:communication:disconnect")
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1  # a 403 is not retried
     [out] = h.outcomes()
@@ -281,7 +294,7 @@ async def test_409_then_success(make: Any) -> None:
         return httpx.Response(202)
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     [out] = h.outcomes()
@@ -294,7 +307,7 @@ async def test_409_forever_fails_after_max_attempts_and_rearms(make: Any) -> Non
         return error(409, "conflict")
 
     h = make(handler, max_attempts=3)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 3
     [out] = h.outcomes()
@@ -307,7 +320,7 @@ async def test_server_error_after_client_retries_fails_and_rearms(make: Any) -> 
         return error(503, "service unavailable")
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "failed" and out["http_status"] == 503
@@ -315,7 +328,7 @@ async def test_server_error_after_client_retries_fails_and_rearms(make: Any) -> 
     assert h.rules.rearmed == [("r1", "c1", "p1")]
     # failed: the same rule may act on the party again
     h.handler = accept_and_confirm
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert h.outcomes()[-1]["outcome"] == "disconnected"
 
@@ -329,7 +342,7 @@ async def test_unconfirmed_is_recorded_and_the_patch_retried_once(make: Any) -> 
         return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": state}]})
 
     h = make(handler, confirm_timeout=0.02)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET", "PATCH", "GET"]
     outs = h.outcomes()
@@ -345,7 +358,7 @@ async def test_unconfirmed_twice_ends_unconfirmed_after_exactly_two_patches(make
         return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": "connected"}]})
 
     h = make(handler, confirm_timeout=0.02)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     assert [o["outcome"] for o in h.outcomes()] == ["unconfirmed", "unconfirmed"]
@@ -361,7 +374,7 @@ async def test_event_arriving_during_the_confirming_get_confirms(make: Any) -> N
         return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": "connected"}]})
 
     h = make(handler, confirm_timeout=0.02)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1
     assert [o["outcome"] for o in h.outcomes()] == ["disconnected"]
@@ -373,7 +386,7 @@ async def test_party_leaving_during_conflict_backoff_is_already_gone(make: Any) 
         return error(409, "conflict")
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1  # not retried once the party is seen gone
     [out] = h.outcomes()
@@ -389,7 +402,7 @@ async def test_400_for_a_party_that_left_is_already_gone_else_failed(make: Any, 
         return httpx.Response(200, json={"id": "c1", "participants": [{"id": "p1", "state": state}]})
 
     h = make(handler)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET"]
     [out] = h.outcomes()
@@ -409,7 +422,7 @@ async def test_404_on_the_confirm_retry_means_our_first_patch_worked(make: Any) 
         return httpx.Response(202) if len(h.patches()) == 1 else error(404, "participant not found")
 
     h = make(handler, confirm_timeout=0.02)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     assert [(o["outcome"], o["http_status"]) for o in h.outcomes()] == [
@@ -429,9 +442,9 @@ async def test_single_in_flight_per_party(make: Any) -> None:
 
     h = make(handler)
     # Two rules match the same party in one event, a third decision arrives while in flight.
-    h.enforcer.submit([decision("rule-a"), decision("rule-b")])
+    h.submit([decision("rule-a"), decision("rule-b")])
     await until(lambda: len(h.patches()) == 1)
-    h.enforcer.submit([decision("rule-c")])
+    h.submit([decision("rule-c")])
     assert h.enforcer.in_flight == 1
     release.set()
     await until(lambda: h.enforcer.in_flight == 0)
@@ -448,7 +461,7 @@ async def test_single_in_flight_per_party(make: Any) -> None:
 
 async def test_distinct_parties_are_acted_on_concurrently(make: Any) -> None:
     h = make(accept_and_confirm)
-    h.enforcer.submit([decision(pid="p1"), decision(pid="p2"), decision(cid="c2", pid="p1")])
+    h.submit([decision(pid="p1"), decision(pid="p2"), decision(cid="c2", pid="p1")])
     assert h.enforcer.in_flight == 3
     await until(lambda: h.enforcer.in_flight == 0)
     assert sorted(p["path"] for p in h.patches()) == [
@@ -460,9 +473,9 @@ async def test_distinct_parties_are_acted_on_concurrently(make: Any) -> None:
 
 async def test_same_rule_acts_once_per_party(make: Any) -> None:
     h = make(accept_and_confirm)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     assert h.enforcer.in_flight == 0
     assert len(h.patches()) == 1
     assert [o["outcome"] for o in h.outcomes()] == ["disconnected", "suppressed"]
@@ -470,11 +483,9 @@ async def test_same_rule_acts_once_per_party(make: Any) -> None:
 
 
 async def test_party_already_final_in_store_is_not_sent(make: Any) -> None:
-    store = FakeStore()
-    change = gone_change("c1", "p1")
-    store.calls["c1"] = change.call
-    h = make(accept_and_confirm, store=store)
-    h.enforcer.submit([decision()])
+    h = make(accept_and_confirm)
+    h.enforcer.handle(gone_step(h.engine, "c1", "p1"))
+    h.submit([decision()])
     await until(lambda: h.enforcer.in_flight == 0)
     assert h.requests == []
     [out] = h.outcomes()
@@ -483,9 +494,9 @@ async def test_party_already_final_in_store_is_not_sent(make: Any) -> None:
 
 async def test_party_leaving_before_the_task_runs_is_not_sent(make: Any) -> None:
     h = make(accept_and_confirm)
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     # The leave event is applied in the same turn, before the PATCH task first runs.
-    h.enforcer.observe_change(gone_change("c1", "p1", state="terminated"))
+    h.enforcer.handle(gone_step(h.engine, "c1", "p1", state="terminated"))
     await until(lambda: h.enforcer.in_flight == 0)
     assert h.requests == []
     assert h.outcomes()[0]["outcome"] == "already_gone"
@@ -499,7 +510,7 @@ async def test_observe_mode_sends_nothing_but_audits_everything(make: Any) -> No
         raise AssertionError("observe mode must not send anything")
 
     h = make(handler, mode="observe")
-    h.enforcer.submit([decision("r1", pid="p1"), decision("r2", pid="p2"),
+    h.submit([decision("r1", pid="p1"), decision("r2", pid="p2"),
                        decision("r3", pid="p3", action="observe")])
     assert h.enforcer.in_flight == 0
     await asyncio.sleep(0)
@@ -517,7 +528,7 @@ async def test_observe_action_in_enforce_mode_sends_nothing(make: Any) -> None:
         raise AssertionError("observe action must not send anything")
 
     h = make(handler)
-    h.enforcer.submit([decision(action="observe")])
+    h.submit([decision(action="observe")])
     assert h.enforcer.in_flight == 0
     [out] = h.outcomes()
     assert out["outcome"] == "observed" and out["attempts"] == 0
@@ -525,8 +536,8 @@ async def test_observe_action_in_enforce_mode_sends_nothing(make: Any) -> None:
 
 async def test_safety_valve_trips_suppresses_and_logs_once(make: Any) -> None:
     h = make(accept_and_confirm, max_per_minute=2)
-    h.enforcer.submit([decision(pid=f"p{i}") for i in range(1, 5)])
-    h.enforcer.submit([decision(pid="p5")])
+    h.submit([decision(pid=f"p{i}") for i in range(1, 5)])
+    h.submit([decision(pid="p5")])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     outs = {o["participant_id"]: o["outcome"] for o in h.outcomes()}
@@ -538,11 +549,11 @@ async def test_safety_valve_trips_suppresses_and_logs_once(make: Any) -> None:
     assert h.metrics.safety_valve_tripped._value.get() == 1
     assert h.valve.tripped
     # Resume: the valve opens and the suppressed parties' rules are re-armed.
-    h.enforcer.resume_enforcement()
+    assert h.enforcer.resume_valve()
     assert not h.valve.tripped
     assert sorted(h.rules.rearmed) == [("r1", "c1", "p3"), ("r1", "c1", "p4"), ("r1", "c1", "p5")]
     assert h.metrics.safety_valve_tripped._value.get() == 0
-    h.enforcer.submit([decision(pid="p3")])
+    h.submit([decision(pid="p3")])
     await until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 3
 
@@ -553,7 +564,7 @@ async def test_safety_valve_trips_suppresses_and_logs_once(make: Any) -> None:
 async def test_stop_accepting_audits_but_sends_nothing(make: Any) -> None:
     h = make(accept_and_confirm)
     h.enforcer.stop_accepting()
-    h.enforcer.submit([decision()])
+    h.submit([decision()])
     assert h.enforcer.in_flight == 0
     await asyncio.sleep(0)
     assert h.requests == []
@@ -572,7 +583,7 @@ async def test_drain_waits_then_abandons_and_records(make: Any) -> None:
         return httpx.Response(202)
 
     h = make(handler)
-    h.enforcer.submit([decision(pid="p1"), decision(pid="p2")])
+    h.submit([decision(pid="p1"), decision(pid="p2")])
     await until(lambda: len(h.patches()) == 2)
     h.enforcer.stop_accepting()
     abandoned = await h.enforcer.drain(0.3)
@@ -589,8 +600,8 @@ async def test_drain_during_conflict_backoff_records_failed_not_unconfirmed(make
         return error(409, "conflict")
 
     h = make(handler)
-    h.enforcer.conflict_backoff = 30.0  # the action sits in its back-off when the drain ends
-    h.enforcer.submit([decision()])
+    h.enforcer.conflict_retry = conflict_policy(initial=30.0)  # in its back-off when the drain ends
+    h.submit([decision()])
     await until(lambda: len(h.patches()) == 1)
     await asyncio.sleep(0)
     assert await h.enforcer.drain(0.5) == 1
@@ -602,18 +613,19 @@ async def test_drain_during_conflict_backoff_records_failed_not_unconfirmed(make
 async def test_no_patch_without_its_audit_record(make: Any) -> None:
     h = make(accept_and_confirm)
     h.audit.close()  # the trail cannot be written
-    h.enforcer.submit([decision()])  # must not raise
+    h.submit([decision()])  # must not raise
     assert h.enforcer.in_flight == 0
     await asyncio.sleep(0)
     assert h.requests == []
-    assert any("audit write failed" in e for e, _ in h.log.at("critical"))
+    assert any(e == "audit_write_failed" and kw["record"] == "decision"
+               for e, kw in h.log.at("critical"))
 
 
 async def test_submit_without_received_at_uses_decided_at(make: Any) -> None:
     h = make(accept_and_confirm)
     d = decision()
     d = Decision(**{**{f: getattr(d, f) for f in d.__dataclass_fields__}, "received_at": None})
-    h.enforcer.submit([d])
+    h.submit([d])
     await until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "disconnected"
@@ -623,8 +635,100 @@ async def test_submit_without_received_at_uses_decided_at(make: Any) -> None:
 def test_invalid_arguments_are_refused(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path / "a.jsonl", max_bytes=1 << 20)
     with pytest.raises(ValueError):
-        Enforcer(object(), audit, RecRules(), mode="enforcing",  # type: ignore[arg-type]
-                 safety=make_valve(1))
+        Enforcer(object(), audit, make_engine(1), mode="enforcing")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        Enforcer(object(), audit, RecRules(), mode="enforce",  # type: ignore[arg-type]
-                 safety=make_valve(1), max_attempts=0)
+        conflict_policy(max_attempts=0)
+    with pytest.raises(ValueError):
+        Enforcer(object(), audit, make_engine(1), mode="enforce",  # type: ignore[arg-type]
+                 confirm_timeout=-1)
+
+
+# ------------------------------------------------------------------ the send gate (HA) and handles
+
+
+class Gate:
+    def __init__(self, open_: bool) -> None:
+        self.open = open_
+        self.asked = 0
+
+    def may_send(self) -> bool:
+        self.asked += 1
+        return self.open
+
+
+async def test_closed_gate_audits_standby_and_sends_nothing_then_acts_when_opened(make: Any) -> None:
+    h = make(accept_and_confirm)
+    gate = Gate(False)
+    h.enforcer.gate = gate
+    [r] = h.enforcer.submit_all([decision()])
+    assert r.state == "standby" and r.attempts == 0 and r.done()
+    await asyncio.sleep(0)
+    assert h.requests == [] and h.enforcer.in_flight == 0
+    [out] = h.outcomes()
+    assert out["outcome"] == "standby" and "standby" in out["error"]
+    assert h.engine.enforcement.held == 1
+    # the gate opens (became leader): held decisions are released; with no rules in this
+    # harness nothing re-decides, but the party may now be acted on again
+    gate.open = True
+    assert h.enforcer.act_now("leader") == []
+    assert h.engine.enforcement.held == 0
+    r2 = h.enforcer.submit(decision())
+    assert r2.state == "pending"
+    await r2.wait(5.0)
+    assert r2.state == "disconnected" and r2.attempts == 1 and len(h.patches()) == 1
+
+
+async def test_gate_closing_before_the_patch_is_standby(make: Any) -> None:
+    h = make(accept_and_confirm)
+    gate = Gate(True)
+    h.enforcer.gate = gate
+    r = h.enforcer.submit(decision())
+    gate.open = False  # lost the lease between the decision and the PATCH
+    await r.wait(5.0)
+    assert r.state == "standby" and h.patches() == []
+    assert gate.asked == 2  # at admission and immediately before the PATCH
+
+
+async def test_handle_reports_state_status_attempts_and_times(make: Any) -> None:
+    release = asyncio.Event()
+
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        await release.wait()
+        h.confirm_soon(req.url.path)
+        return httpx.Response(202)
+
+    h = make(handler)
+    r = h.enforcer.submit(decision())
+    joined = h.enforcer.submit(decision("r2"))
+    assert r.state == joined.state == "pending" and r.sent_at is None
+    await until(lambda: len(h.patches()) == 1)
+    assert r.sent_at is not None and r.sent_at >= r.requested_at
+    release.set()
+    await r.wait(5.0)
+    await joined.wait(5.0)
+    assert r.state == "disconnected" and r.http_status == 202 and r.attempts == 1
+    assert r.confirmed_at is not None and r.confirmed_at >= r.sent_at
+    assert joined.state == "disconnected" and joined.joined == "r1" and joined.attempts == 0
+
+
+async def test_manual_decision_takes_the_same_path_with_its_origin_audited(make: Any) -> None:
+    from daemon.core.enforcement import Origin, manual_decision
+
+    h = make(accept_and_confirm)
+    h.enforcer.handle(h.engine.apply_conversation(
+        {"id": "c1", "participants": [{"id": "p1", "state": "connected", "purpose": "customer"}]},
+        time.time(), source="event"))
+    call = h.engine.store.get(ConversationId("c1"))
+    assert call is not None
+    d = manual_decision(call, call.participants[ParticipantId("p1")],
+                        origin=Origin("orchestrator", "consent withdrawn"), now=time.time())
+    r = h.enforcer.submit(d)
+    await r.wait(5.0)
+    assert r.state == "disconnected" and len(h.patches()) == 1
+    [dec] = [x for x in h.records() if x["type"] == "decision"]
+    assert dec["rule"] == "control:orchestrator"
+    assert dec["origin"] == {"caller": "orchestrator", "reason": "consent withdrawn"}
+    # once per party: a second request for the same party sends nothing
+    again = h.enforcer.submit(d)
+    assert again.state in ("suppressed", "already_gone") and len(h.patches()) == 1
+    assert verify([h.audit_path]).ok

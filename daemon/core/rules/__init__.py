@@ -24,7 +24,6 @@ import json
 import math
 import re
 import string
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +33,7 @@ import structlog
 
 from daemon.config import Config, ConfigSource, RuleSpec, SafetySettings, load_list_file
 from daemon.errors import ConfigError
+from daemon.core.enforcement import FIRED, Enforcement
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Action, Call, Change, Decision, Participant, Severity
 from daemon.core.phone import normalize_phone
@@ -891,7 +891,6 @@ class _Pending:
 @dataclass(slots=True)
 class _CallState:
     call: Call
-    fired: dict[ParticipantId, set[RuleName]] = field(default_factory=dict)
     pending: dict[tuple[RuleName, ParticipantId], _Pending] = field(default_factory=dict)
 
 
@@ -919,10 +918,17 @@ class Verdict:
 
 
 class RuleEngine:
-    """Evaluates a RuleSet against call changes; keeps edge and timer state per call."""
+    """Evaluates a RuleSet against call changes; keeps timer state per call.
 
-    def __init__(self, ruleset: RuleSet) -> None:
+    The edge state ("rule R fired for party P") lives in `enforcement` (the one owner of
+    enforcement state, shared with the enforcer); one is made (with the rule set's valve
+    budget) when none is given.
+    """
+
+    def __init__(self, ruleset: RuleSet, enforcement: Enforcement | None = None) -> None:
         self.ruleset = ruleset
+        self.enforcement = enforcement if enforcement is not None else \
+            Enforcement(ruleset.safety.max_disconnects_per_minute)
         self._calls: dict[ConversationId, _CallState] = {}
         self._heap: list[tuple[float, int, ConversationId, RuleName, ParticipantId]] = []
         self._seq = 0
@@ -956,11 +962,12 @@ class RuleEngine:
         out: list[Decision] = []
         call = cs.call
         plan_for = self.ruleset.plan_for
+        marks = self.enforcement.marks
+        cmarks = marks(call.id)
         for party in call.participants.values():
-            st = party.state
-            if st == "disconnected" or st == "terminated":
+            if party.is_final:
                 continue
-            fired = cs.fired.get(party.id)
+            fired = cmarks.get(party.id) if cmarks is not None else None
             plan = plan_for(party.purpose)
             if plan.plain:
                 try:
@@ -969,11 +976,12 @@ class RuleEngine:
                     hits = self._hits_one_by_one(plan.plain, call, party, now)
                 for i in hits:
                     rule = plan.plain[i]
-                    if fired is None or rule.name not in fired:
+                    if fired is None or not fired.get(rule.name, 0) & FIRED:
                         out.append(self._fire(cs, rule, party, now, received_at))
-                        fired = cs.fired[party.id]
+                        cmarks = marks(call.id)
+                        fired = cmarks.get(party.id) if cmarks is not None else None
             for name, test, gate, rule in plan.timed:
-                if fired is not None and name in fired:
+                if fired is not None and fired.get(name, 0) & FIRED:
                     continue
                 try:
                     if gate(call, party, now):
@@ -981,7 +989,8 @@ class RuleEngine:
                                                  True if gate is test else test(call, party, now))
                         if d is not None:
                             out.append(d)
-                            fired = cs.fired[party.id]
+                            cmarks = marks(call.id)
+                            fired = cmarks.get(party.id) if cmarks is not None else None
                     elif cs.pending:
                         # cannot hold and no timer can make it hold: cancel what was pending
                         if cs.pending.pop((name, party.id), None) is not None:
@@ -1058,10 +1067,7 @@ class RuleEngine:
 
     def _fire(self, cs: _CallState, rule: CompiledRule, party: Participant, now: float,
               received_at: float | None) -> Decision:
-        fired = cs.fired.get(party.id)
-        if fired is None:
-            fired = cs.fired[party.id] = set()
-        fired.add(rule.name)
+        self.enforcement.mark(rule.name, cs.call.id, party.id, FIRED)
         if cs.pending.pop((rule.name, party.id), None) is not None:
             self._live_pending -= 1
         return self._decision(rule, cs.call, party, now, received_at)
@@ -1096,8 +1102,8 @@ class RuleEngine:
                 continue  # superseded or cancelled: lazy deletion
             rule = self.ruleset.by_name.get(name)
             party = cs.call.participants.get(pid)
-            fired = cs.fired.get(pid)
-            if rule is None or party is None or not party.is_live or (fired and name in fired):
+            if rule is None or party is None or not party.is_live or \
+                    self.enforcement.has_fired(name, cid, pid):
                 del cs.pending[(name, pid)]
                 self._live_pending -= 1
                 continue
@@ -1132,27 +1138,44 @@ class RuleEngine:
 
     def rearm(self, rule: RuleName, conversation_id: ConversationId, participant_id: ParticipantId,
               *, at: float | None = None) -> None:
-        """Let (rule, call, party) fire again (after a failed action). With `at`, `due(at)`
+        """Let (rule, call, party) fire again (`Enforcement.rearm`). With `at`, `due(at)`
         re-judges the party even if no event arrives; without it, the next change does."""
+        self.enforcement.rearm(rule, conversation_id, participant_id)
         cs = self._calls.get(conversation_id)
-        if cs is None:
-            return
-        fired = cs.fired.get(participant_id)
-        if fired is not None:
-            fired.discard(rule)
-            if not fired:
-                del cs.fired[participant_id]
-        if at is not None and rule in self.ruleset.by_name:
+        if cs is not None and at is not None and rule in self.ruleset.by_name:
             self._schedule(cs, (rule, participant_id), None, at)
 
     def has_fired(self, rule: RuleName, conversation_id: ConversationId,
                   participant_id: ParticipantId) -> bool:
-        cs = self._calls.get(conversation_id)
-        fired = cs.fired.get(participant_id) if cs is not None else None
-        return fired is not None and rule in fired
+        return self.enforcement.has_fired(rule, conversation_id, participant_id)
+
+    def rejudge(self, released: Sequence[tuple[RuleName, ConversationId, ParticipantId]],
+                now: float) -> list[Decision]:
+        """Removals are possible again: `released` are the held decisions
+        (`Enforcement.release_held`). A released hold_for/time rule that still holds fires at
+        once (its hold was already served); then every tracked call is judged again, so
+        every live party that matches and has not been acted on is decided now."""
+        out: list[Decision] = []
+        by_name = self.ruleset.by_name
+        for name, cid, pid in released:
+            rule = by_name.get(name)
+            cs = self._calls.get(cid)
+            if rule is None or cs is None or not rule.stateful:
+                continue
+            party = cs.call.participants.get(pid)
+            if party is None or not party.is_live or self.enforcement.has_fired(name, cid, pid):
+                continue
+            try:
+                if rule.check(cs.call, party, now):
+                    out.append(self._fire(cs, rule, party, now, None))
+            except Exception as exc:
+                self._failed(rule, cs.call, party, exc)
+        out.extend(self.reevaluate(now))
+        return out
 
     def forget_call(self, conversation_id: ConversationId) -> None:
-        """Drop every piece of state for a call (its heap entries expire lazily)."""
+        """Drop this engine's timer state for a call (its heap entries expire lazily); the
+        call's marks are the `Enforcement`'s (`Engine` evicts both)."""
         cs = self._calls.pop(conversation_id, None)
         if cs is not None:
             self._live_pending -= len(cs.pending)
@@ -1164,13 +1187,8 @@ class RuleEngine:
         keep = {r.name for r in ruleset.rules
                 if r.name in old and old[r.name].fingerprint == r.fingerprint}
         self.ruleset = ruleset
+        self.enforcement.keep_rules(keep)
         for cs in self._calls.values():
-            for pid in list(cs.fired):
-                names = cs.fired[pid] & keep
-                if names:
-                    cs.fired[pid] = names
-                else:
-                    del cs.fired[pid]
             for key in [k for k in cs.pending if k[0] not in keep]:
                 del cs.pending[key]
                 self._live_pending -= 1
@@ -1227,56 +1245,3 @@ def _seen(fields: Sequence[_Field], call: Call, party: Participant, now: float) 
             v = round(v, 3)
         out[f.label] = v
     return out
-
-
-# ---------------------------------------------------------------- safety valve
-
-
-class SafetyValve:
-    """Caps disconnects: at most `max_per_minute` in any sliding 60 s window.
-
-    `allow(now)` returns True and counts one disconnect, or returns False and trips the
-    valve when the budget is spent. Once tripped it stays tripped (every `allow` is False)
-    until `resume()`. `max_per_minute == 0` allows nothing: the first attempt trips the
-    valve (there is no "unlimited"; set a large number instead). Pure: `now` in seconds.
-    """
-
-    WINDOW = 60.0
-
-    def __init__(self, max_per_minute: int) -> None:
-        if max_per_minute < 0:
-            raise ValueError("max_per_minute must be >= 0")
-        self.max_per_minute = max_per_minute
-        self._times: deque[float] = deque()
-        self.tripped = False
-        self.tripped_at: float | None = None
-
-    def _prune(self, now: float) -> None:
-        times = self._times
-        while times and times[0] <= now - self.WINDOW:
-            times.popleft()
-
-    def allow(self, now: float) -> bool:
-        if self.tripped:
-            return False
-        self._prune(now)
-        if len(self._times) >= self.max_per_minute:
-            self.tripped = True
-            self.tripped_at = now
-            log.warning("safety_valve_tripped", max_per_minute=self.max_per_minute,
-                        in_window=len(self._times))
-            return False
-        self._times.append(now)
-        return True
-
-    def count(self, now: float) -> int:
-        """Disconnects allowed in the last 60 s."""
-        self._prune(now)
-        return len(self._times)
-
-    def resume(self) -> None:
-        """Operator reset: untrip and start a fresh window."""
-        self.tripped = False
-        self.tripped_at = None
-        self._times.clear()
-

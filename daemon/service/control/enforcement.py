@@ -110,7 +110,7 @@ class TapSubmitter:
         handle = TapHandle()
         key = (decision.rule, decision.conversation_id, decision.participant_id)
         self._pending.setdefault(key, deque()).append(handle)
-        self.enforcer.submit([decision])
+        self.enforcer.submit(decision)
         return handle
 
     def _pop(self, key: Key) -> TapHandle | None:

@@ -1,0 +1,450 @@
+"""The enforcement policy: the one owner of enforcement state (pure, sans-I/O).
+
+`Enforcement` knows, per party `(conversation_id, participant_id)`:
+
+- which rules have *fired* for it (the rules' edge state: a (rule, party) decides once,
+  and again only after it is re-armed);
+- which rules have *acted* on it (a disconnect was started or joined and did not fail:
+  the same rule never sends twice for the same party, even after a reload resets its edge);
+- which decisions are *held* (suppressed by the safety valve, or decided while the send
+  gate was closed, i.e. `standby`): they are judged again, at once, when removals become
+  possible again (`release_held`);
+- what is *in flight* (one action per party; later decisions for the party join it) and
+  whether the state has shown the party final since (`observe`);
+- what the safety valve allows (`valve`, a `SafetyValve`);
+- what each outcome means (`MEANING`).
+
+`RuleEngine` reads and writes the fired marks through it; the `Engine` shows it every
+applied change (events, resync reads, 404s) and evicts its per-call records when the
+store evicts the call (the store is the one eviction owner); the enforcer's I/O shell
+(`daemon.service.enforcer.Enforcer`) asks it what to do with each decision (`admit`) and
+reports how each action ended (`finish`). There are no callbacks: everyone holds the same
+object.
+
+All times are epoch seconds (float). Nothing here reads a clock, logs or does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from daemon.core.ids import ConversationId, ParticipantId, RuleName
+from daemon.core.model import Call, Change, Decision, Participant
+
+PartyKey = tuple[ConversationId, ParticipantId]
+Mode = Literal["enforce", "observe"]
+
+Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed",
+                  "suppressed", "standby", "unknown"]
+OUTCOMES: Final[frozenset[str]] = frozenset(
+    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
+     "standby", "unknown"})
+
+# Marks per (rule, party), as bit flags (one small int per rule per party).
+FIRED: Final = 1  # the rule decided for the party and has not been re-armed
+ACTED: Final = 2  # a disconnect for it was started or joined and did not fail
+HELD_VALVE: Final = 4  # suppressed by the safety valve: judged again when it resumes
+HELD_STANDBY: Final = 8  # decided while the send gate was closed: judged again when it opens
+HELD: Final = HELD_VALVE | HELD_STANDBY
+
+# Bound on the conversations with marks (the store evicts them; this only guards against
+# decisions for calls the store never tracked, e.g. manual removals of untracked calls).
+MAX_CONVERSATIONS: Final = 100_000
+
+ORIGIN_RULES: Final = "rules"
+
+
+@dataclass(frozen=True, slots=True)
+class Meaning:
+    """What an outcome means for the party and its rule.
+
+    `final`: the action is over for this decision (an `unconfirmed` written while the
+    PATCH is retried once is an interim record, not the outcome). `rearm`: the rule may
+    fire again for the party at its next change (the removal did not happen). `held`:
+    the decision is judged again as soon as removals become possible (valve resumed, gate
+    opened). `valve`: an action ending with this outcome used one slot of the safety valve
+    (the slot is taken when the action is admitted, never given back).
+    """
+
+    final: bool
+    rearm: bool
+    held: bool
+    valve: bool
+
+
+MEANING: Final[Mapping[str, Meaning]] = {
+    "disconnected": Meaning(final=True, rearm=False, held=False, valve=True),
+    "already_gone": Meaning(final=True, rearm=False, held=False, valve=True),
+    "failed": Meaning(final=True, rearm=True, held=False, valve=True),
+    "unconfirmed": Meaning(final=True, rearm=True, held=False, valve=True),
+    "observed": Meaning(final=True, rearm=False, held=False, valve=False),
+    "suppressed": Meaning(final=True, rearm=False, held=False, valve=False),
+    "standby": Meaning(final=True, rearm=False, held=True, valve=False),
+    "unknown": Meaning(final=True, rearm=False, held=False, valve=False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who asked for a decision that no rule took (the control API): the caller's name and
+    their reason (free text, recorded in the audit)."""
+
+    caller: str
+    reason: str | None = None
+
+
+def manual_decision(call: Call, party: Participant, *, origin: Origin, now: float,
+                    rule: str | None = None, message: str | None = None) -> Decision:
+    """A removal asked for from outside the rules, as a `Decision` the enforcer treats like
+    a rule's. `rule` defaults to `control:<caller>` (the metric label and audit `rule`); it
+    is what "once per party" is keyed by. `now` is the decision time (epoch s)."""
+    name = RuleName(rule if rule is not None else f"control:{origin.caller}")
+    text = message if message is not None else (
+        f"removal requested by {origin.caller}" + (f": {origin.reason}" if origin.reason else ""))
+    return Decision(rule=name, action="disconnect", conversation_id=call.id,
+                    participant_id=party.id, purpose=party.purpose,
+                    matched={"participant_id": party.id}, severity="critical", tags=(),
+                    message=text, decided_at=now, received_at=None, origin=origin)
+
+
+# ---------------------------------------------------------------- safety valve
+
+
+class SafetyValve:
+    """Caps disconnects: at most `max_per_minute` in any sliding 60 s window.
+
+    `allow(now)` returns True and counts one disconnect, or returns False and trips the
+    valve when the budget is spent. Once tripped it stays tripped (every `allow` is False)
+    until `resume()`. `max_per_minute == 0` allows nothing: the first attempt trips the
+    valve (there is no "unlimited"; set a large number instead). Pure: `now` in seconds.
+    """
+
+    WINDOW = 60.0
+
+    def __init__(self, max_per_minute: int) -> None:
+        if max_per_minute < 0:
+            raise ValueError("max_per_minute must be >= 0")
+        self.max_per_minute = max_per_minute
+        self._times: deque[float] = deque()
+        self.tripped = False
+        self.tripped_at: float | None = None
+
+    def _prune(self, now: float) -> None:
+        times = self._times
+        while times and times[0] <= now - self.WINDOW:
+            times.popleft()
+
+    def allow(self, now: float) -> bool:
+        if self.tripped:
+            return False
+        self._prune(now)
+        if len(self._times) >= self.max_per_minute:
+            self.tripped = True
+            self.tripped_at = now
+            return False
+        self._times.append(now)
+        return True
+
+    def count(self, now: float) -> int:
+        """Disconnects allowed in the last 60 s."""
+        self._prune(now)
+        return len(self._times)
+
+    def resume(self) -> None:
+        """Operator reset: untrip and start a fresh window."""
+        self.tripped = False
+        self.tripped_at = None
+        self._times.clear()
+
+
+# ---------------------------------------------------------------- admission
+
+
+Verdict = Literal["send", "observed", "stopping", "joined", "repeat", "already_gone",
+                  "standby", "suppressed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What to do with one decision. `verdict`:
+
+    - `send`: a new action is in flight for the party (`flight`); send the PATCH;
+    - `joined`: another action for the party is in flight (`flight`); its outcome will be
+      this decision's too;
+    - `observed` (observe rule or observe mode), `stopping` (draining), `repeat` (the rule
+      already acted on the party), `already_gone` (the party is final), `standby` (the send
+      gate is closed), `suppressed` (the valve refused; `tripped` says it tripped now):
+      nothing is sent, the decision's outcome is written at once with `reason`.
+    """
+
+    verdict: Verdict
+    reason: str | None = None
+    flight: InFlight | None = None
+    tripped: bool = False
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """The outcome to write now (None for `send` and `joined`)."""
+        return _IMMEDIATE.get(self.verdict)
+
+
+_IMMEDIATE: Final[dict[str, Outcome]] = {
+    "observed": "observed", "stopping": "suppressed", "repeat": "suppressed",
+    "already_gone": "already_gone", "standby": "standby", "suppressed": "suppressed",
+}
+
+
+@dataclass(eq=False, slots=True)
+class InFlight:
+    """One party's action: the leading decision, those that joined it, and whether an
+    applied change (event, resync read, 404) has shown the party final since it started."""
+
+    decision: Decision
+    started_at: float
+    followers: list[Decision] = field(default_factory=list)
+    gone: bool = False
+
+    @property
+    def key(self) -> PartyKey:
+        return (self.decision.conversation_id, self.decision.participant_id)
+
+
+# ---------------------------------------------------------------- the owner
+
+
+class Enforcement:
+    """The one owner of enforcement state. See the module docstring.
+
+    `max_per_minute`: the safety valve's budget (`valve.max_per_minute` may be changed on
+    reload). `max_conversations`: bound on conversations with marks (oldest dropped).
+    """
+
+    def __init__(self, max_per_minute: int = 1_000_000, *,
+                 max_conversations: int = MAX_CONVERSATIONS) -> None:
+        self.valve = SafetyValve(max_per_minute)
+        self.max_conversations = max_conversations
+        # conversation -> party -> rule -> flags; conversations oldest first (bounded).
+        self._marks: OrderedDict[ConversationId, dict[ParticipantId, dict[RuleName, int]]] = OrderedDict()
+        self._flights: dict[PartyKey, InFlight] = {}
+        self._flights_by_conv: dict[ConversationId, dict[ParticipantId, InFlight]] = {}
+        self._held = 0  # (rule, party) pairs with a HELD flag, so release is O(1) when none
+
+    # -- marks (the rules' edge state and "acted on") ---------------------------------------
+
+    def marks(self, conversation_id: ConversationId) -> dict[ParticipantId, dict[RuleName, int]] | None:
+        """The marks of one call: party -> rule -> flags (read-only by convention; for the
+        rule engine's hot path, which tests `rule in marks[party]` for "has fired")."""
+        return self._marks.get(conversation_id)
+
+    def flags(self, rule: RuleName, conversation_id: ConversationId,
+              participant_id: ParticipantId) -> int:
+        conv = self._marks.get(conversation_id)
+        party = conv.get(participant_id) if conv is not None else None
+        return party.get(rule, 0) if party is not None else 0
+
+    def has_fired(self, rule: RuleName, conversation_id: ConversationId,
+                  participant_id: ParticipantId) -> bool:
+        return bool(self.flags(rule, conversation_id, participant_id) & FIRED)
+
+    def has_acted(self, rule: RuleName, conversation_id: ConversationId,
+                  participant_id: ParticipantId) -> bool:
+        return bool(self.flags(rule, conversation_id, participant_id) & ACTED)
+
+    def mark(self, rule: RuleName, conversation_id: ConversationId,
+             participant_id: ParticipantId, flag: int) -> None:
+        """Set `flag` (FIRED, ACTED, HELD_*) for (rule, party)."""
+        conv = self._marks.get(conversation_id)
+        if conv is None:
+            conv = self._marks[conversation_id] = {}
+            while len(self._marks) > self.max_conversations:
+                _, dropped = self._marks.popitem(last=False)
+                self._held -= _count_held(dropped)
+        party = conv.get(participant_id)
+        if party is None:
+            party = conv[participant_id] = {}
+        old = party.get(rule, 0)
+        if flag & HELD and not old & HELD:
+            self._held += 1
+        party[rule] = old | flag
+
+    def clear(self, rule: RuleName, conversation_id: ConversationId,
+              participant_id: ParticipantId, flag: int) -> None:
+        """Clear `flag` for (rule, party); drops empty records."""
+        conv = self._marks.get(conversation_id)
+        party = conv.get(participant_id) if conv is not None else None
+        if party is None or conv is None:
+            return
+        old = party.get(rule, 0)
+        new = old & ~flag
+        if old & HELD and not new & HELD:
+            self._held -= 1
+        if new:
+            party[rule] = new
+        else:
+            party.pop(rule, None)
+            if not party:
+                del conv[participant_id]
+
+    def rearm(self, rule: RuleName, conversation_id: ConversationId,
+              participant_id: ParticipantId) -> None:
+        """The removal did not happen: the rule may fire and act on the party again."""
+        self.clear(rule, conversation_id, participant_id, FIRED | ACTED | HELD)
+
+    def keep_rules(self, keep: Iterable[RuleName]) -> None:
+        """After a reload: edge state (fired, held) survives only for the rules in `keep`
+        (unchanged definitions); "acted on" survives for every rule (never send twice)."""
+        kept = frozenset(keep)
+        for conv in self._marks.values():
+            for pid in list(conv):
+                party = conv[pid]
+                for rule in list(party):
+                    if rule not in kept:
+                        old = party[rule]
+                        if old & HELD:
+                            self._held -= 1
+                        new = old & ACTED
+                        if new:
+                            party[rule] = new
+                        else:
+                            del party[rule]
+                if not party:
+                    del conv[pid]
+
+    def release_held(self) -> list[tuple[RuleName, ConversationId, ParticipantId]]:
+        """Removals are possible again (valve resumed, gate opened): every held decision is
+        un-fired so the rules judge it again. Returns the (rule, conversation, party) that
+        were held, for the rule engine to act on at once."""
+        out: list[tuple[RuleName, ConversationId, ParticipantId]] = []
+        if not self._held:
+            return out
+        for cid, conv in self._marks.items():
+            for pid in list(conv):
+                party = conv[pid]
+                for rule in [r for r, f in party.items() if f & HELD]:
+                    new = party[rule] & ~(HELD | FIRED)
+                    if new:
+                        party[rule] = new
+                    else:
+                        del party[rule]
+                    out.append((rule, cid, pid))
+                if not party:
+                    del conv[pid]
+        self._held = 0
+        return out
+
+    @property
+    def held(self) -> int:
+        """(rule, party) decisions held back by the valve or the closed gate."""
+        return self._held
+
+    def forget_call(self, conversation_id: ConversationId) -> None:
+        """The store evicted the call: drop its marks (actions in flight keep running)."""
+        conv = self._marks.pop(conversation_id, None)
+        if conv is not None:
+            self._held -= _count_held(conv)
+
+    @property
+    def tracked_calls(self) -> int:
+        """Conversations with marks."""
+        return len(self._marks)
+
+    # -- changes --------------------------------------------------------------------------
+
+    def observe(self, change: Change) -> tuple[PartyKey, ...]:
+        """An applied change (event, resync read, REST reply, 404): the in-flight parties it
+        shows final, now marked `gone`. O(actions in flight on that call)."""
+        flights = self._flights_by_conv.get(change.call.id)
+        if not flights:
+            return ()
+        parties = change.call.participants
+        out: list[PartyKey] = []
+        for pid, flight in flights.items():
+            p = parties.get(pid)
+            if p is not None and p.is_final and not flight.gone:
+                flight.gone = True
+                out.append(flight.key)
+        return tuple(out)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def in_flight(self, key: PartyKey) -> InFlight | None:
+        return self._flights.get(key)
+
+    @property
+    def flights(self) -> int:
+        """Actions in flight."""
+        return len(self._flights)
+
+    def admit(self, d: Decision, now: float, *, mode: Mode, accepting: bool = True,
+              may_send: bool = True, party_final: bool = False) -> Admission:
+        """Decide what to do with `d` (see `Admission`). For `send` the action is recorded in
+        flight and the rule marked acted on; the caller must `finish` it.
+
+        Order: observe rule/mode; draining; joining an action in flight; the rule already
+        acted on the party; the party already final (`party_final`, as the state knows it);
+        the send gate (`may_send` False: `standby`, held); the valve (refused: `suppressed`,
+        held). `now` (epoch s) is the valve's clock.
+        """
+        rule, cid, pid = d.rule, d.conversation_id, d.participant_id
+        if d.action != "disconnect" or mode == "observe":
+            return Admission("observed")
+        if not accepting:
+            return Admission("stopping", "daemon stopping (draining): decision audited, nothing sent")
+        leader = self._flights.get((cid, pid))
+        if leader is not None:
+            leader.followers.append(d)
+            return Admission("joined", f"joined the in-flight action of rule {leader.decision.rule}",
+                             flight=leader)
+        if self.has_acted(rule, cid, pid):
+            return Admission("repeat", f"party already acted on by rule {rule}; not sent twice")
+        if party_final:
+            return Admission("already_gone", "party already disconnected before any request was sent")
+        if not may_send:
+            self.mark(rule, cid, pid, FIRED | HELD_STANDBY)
+            return Admission("standby", "not the leader (standby): decision audited, nothing sent")
+        valve = self.valve
+        was_tripped = valve.tripped
+        if not valve.allow(now):
+            self.mark(rule, cid, pid, FIRED | HELD_VALVE)
+            return Admission("suppressed", f"safety valve tripped (max {valve.max_per_minute} "
+                                           f"disconnects a minute); nothing sent",
+                             tripped=not was_tripped)
+        flight = InFlight(d, now)
+        self._flights[(cid, pid)] = flight
+        self._flights_by_conv.setdefault(cid, {})[pid] = flight
+        self.mark(rule, cid, pid, FIRED | ACTED)
+        return Admission("send", flight=flight)
+
+    def finish(self, flight: InFlight, outcome: Outcome) -> None:
+        """The action ended with `outcome`: no longer in flight; by `MEANING`, its rule and
+        its followers' rules are re-armed (the removal did not happen), held (standby: judged
+        again when the gate opens), or marked acted on."""
+        key = flight.key
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        conv = self._flights_by_conv.get(key[0])
+        if conv is not None and conv.get(key[1]) is flight:
+            del conv[key[1]]
+            if not conv:
+                del self._flights_by_conv[key[0]]
+        meaning = MEANING[outcome]
+        for d in (flight.decision, *flight.followers):
+            if meaning.rearm:
+                self.rearm(d.rule, d.conversation_id, d.participant_id)
+            elif meaning.held:
+                self.clear(d.rule, d.conversation_id, d.participant_id, ACTED)
+                self.mark(d.rule, d.conversation_id, d.participant_id, FIRED | HELD_STANDBY)
+            else:
+                self.mark(d.rule, d.conversation_id, d.participant_id, FIRED | ACTED)
+
+    def not_sent(self, d: Decision) -> None:
+        """The decision could not be acted on before any action began (its audit record
+        could not be written): re-arm its rule so a later change acts on the party."""
+        self.rearm(d.rule, d.conversation_id, d.participant_id)
+
+
+def _count_held(conv: dict[ParticipantId, dict[RuleName, int]]) -> int:
+    return sum(1 for party in conv.values() for f in party.values() if f & HELD)
