@@ -324,7 +324,7 @@ def test_builders() -> None:
     assert out["type"] == "outcome" and out["outcome"] == "disconnected"
     assert out["http_status"] == 202 and out["attempts"] == 1 and out["event_to_request_ms"] == 3.5
     assert {"disconnected", "already_gone", "failed", "unconfirmed", "observed",
-            "suppressed"} == OUTCOMES
+            "suppressed", "standby", "unknown"} == OUTCOMES
     with pytest.raises(ValueError, match="unknown outcome"):
         outcome_record(d, outcome="gone", http_status=None, attempts=0,
                        event_to_request_ms=None, error=None)
