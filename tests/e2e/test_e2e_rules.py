@@ -550,7 +550,7 @@ async def test_resuming_the_valve_acts_at_once_on_quiet_calls(
         sent = {p.path for p in env.patches()}
         for cid, pid in held:
             assert patch_path(cid, pid) in sent
-            await until(lambda: not live_in_world(env.world, cid, pid), "the held party to leave")
+            await until(lambda c=cid, p=pid: not live_in_world(env.world, c, p), "the held party to leave")
         await until(lambda: sum(o["outcome"] == "disconnected" for o in env.outcomes(rule)) == 4,
                     "four disconnected outcomes")
         await quiet(env)
