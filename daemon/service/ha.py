@@ -55,6 +55,7 @@ import structlog
 
 from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
 from daemon.service.recovery import Unfinished, close_unfinished
+from daemon.service.metrics import Metrics
 
 log = structlog.get_logger("confguard.ha")
 
@@ -126,7 +127,7 @@ class HaNode:
     """
 
     def __init__(self, dsn: str, *, lease: str, node: str, policy: LeasePolicy,
-                 metrics: Any = None, on_term: Callable[[int], None] | None = None,
+                 metrics: Metrics | None = None, on_term: Callable[[int], None] | None = None,
                  on_lost: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  connect_timeout: float | None = None) -> None:

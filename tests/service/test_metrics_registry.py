@@ -52,6 +52,21 @@ def test_code_touches_metrics_at_all() -> None:
         assert attr in touched, attr
 
 
+def test_metrics_parameters_are_typed() -> None:
+    """Every `metrics` parameter or attribute in daemon/ is annotated `Metrics` (or
+    `Metrics | None`), never `Any`: a misspelt metric is then a mypy error."""
+    untyped = []
+    for path in sorted(DAEMON.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            args: list[ast.arg] = []
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            for a in args:
+                if a.arg in HOLDERS and (a.annotation is None or "Metrics" not in ast.unparse(a.annotation)):
+                    untyped.append(f"{path.relative_to(DAEMON)}:{a.lineno} {a.arg}")
+    assert untyped == []
+
+
 def test_no_lookup_by_string() -> None:
     """No `getattr(metrics, "name")` and no reading of prometheus_client's private label names."""
     for path in sorted(DAEMON.rglob("*.py")):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 import structlog
@@ -24,6 +23,7 @@ from daemon.service.control.auth import Authenticator, CallerLimiter
 from daemon.service.control.models import EjectionRequest, ErrorBody
 from daemon.service.control.openapi import document_bytes
 from daemon.service.control.service import Answer, ControlService, error
+from daemon.service.metrics import Metrics
 
 log = structlog.get_logger("confguard.control")
 
@@ -67,7 +67,7 @@ class ControlServer:
     """Serves the control API. `metrics`: a `Metrics` (or None)."""
 
     def __init__(self, service: ControlService, auth: Authenticator, limiter: CallerLimiter,
-                 *, metrics: Any = None) -> None:
+                 *, metrics: Metrics | None = None) -> None:
         self.service = service
         self.auth = auth
         self.limiter = limiter
