@@ -33,6 +33,14 @@ def test_shipped_rule_tests_pass(capsys: pytest.CaptureFixture[str]) -> None:
     assert "FAIL" not in out
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "tests" / "rules").glob("*.test.yaml")),
+                         ids=lambda p: p.name)
+def test_every_rule_test_file_passes(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every file in tests/rules/ runs in `make test`: add one and it is checked."""
+    code = main(["test", str(path)])
+    assert code == 0, capsys.readouterr().out
+
+
 def test_every_shipped_rule_is_tested_acting_and_not(capsys: pytest.CaptureFixture[str]) -> None:
     from daemon.config import load_config
 
