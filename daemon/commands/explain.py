@@ -189,6 +189,9 @@ def render_table(ex: Explanation, out: TextIO) -> None:
     print(f"call {call.id} judged at {format_time(ex.now)}: {len(call.participants)} parties, "
           f"{call.connected_parties} connected, recording_state {_show(call.recording_state)}, "
           f"mode {ex.ruleset.mode}", file=out)
+    disabled = ex.ruleset.disabled
+    print(f"{len(ex.ruleset.rules)} rule(s) enabled" +
+          (f"; disabled (not judged): {', '.join(disabled)}" if disabled else ""), file=out)
     for p, results in ex.parties:
         judged = p.is_live
         print("", file=out)
@@ -236,6 +239,7 @@ def to_json(ex: Explanation) -> dict[str, Any]:
         parties.append({"participant_id": p.id, "purpose": p.purpose, "state": p.state,
                         "judged": judged, "rules": rules})
     return {"conversation_id": call.id, "judged_at": format_time(ex.now), "mode": ex.ruleset.mode,
+            "disabled_rules": list(ex.ruleset.disabled),
             "recording_state": call.recording_state, "connected_parties": call.connected_parties,
             "parties": parties}
 

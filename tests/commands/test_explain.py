@@ -175,3 +175,15 @@ async def test_conversation_over_rest_against_the_sandbox(sandbox: Sandbox, tmp_
 
     code, out, err = await _explain(sandbox, cfg, "--conversation", "no-such-call")
     assert code == 3 and "no call no-such-call" in err, err
+
+
+def test_disabled_rules_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("subscriptions: {queues: [q]}\nrules:\n"
+                   "  - {name: r-on, when: {purpose: external}, action: observe}\n"
+                   "  - {name: r-off, when: {purpose: agent}, action: disconnect, enabled: false}\n",
+                   encoding="utf-8")
+    assert main(["explain", "--config", str(cfg), "--call", str(CALL), "--at", AT]) == 0
+    out = capsys.readouterr().out
+    assert "1 rule(s) enabled; disabled (not judged): r-off" in out
+    assert "rule r-off" not in out and out.count("rule r-on  (observe, warning)") == 5
