@@ -473,13 +473,16 @@ class Reconciler:
     Replies go through `resyncer`'s read path (`engine.apply_conversation`, the `Step` to its
     `on_step` at once; 404 marks the call gone; other errors are logged and counted as
     `resync_errors{kind="reconcile"}`). `clock` is epoch seconds (the engine's); `idle`
-    bounds how long it sleeps between scans when nothing is due (seconds).
+    bounds how long it sleeps between scans when nothing is due (seconds); `batch` calls are
+    taken per scan, `concurrency` read at a time; `window` is the budget window's length in
+    `clock` seconds (60), for the share gauge.
     """
 
     def __init__(self, resyncer: Resyncer, *, interval: float, share: float,
                  limiter: Any = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] | None = None, concurrency: int = 4,
-                 discover: bool = True, idle: float = 5.0, batch: int = 32) -> None:
+                 discover: bool = True, idle: float = 5.0, batch: int = 32,
+                 window: float = 60.0) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         if not 0.0 < share <= 1.0:
@@ -494,6 +497,7 @@ class Reconciler:
         self.discover = discover
         self.idle = idle
         self.batch = max(1, batch)
+        self.window = window  # seconds of `clock` per budget window, for the share gauge
         self.stats = ReconcileStats()
         self._unknown: dict[ConversationId, int] = {}  # discovered, not tracked: parties
         self.next_due = math.inf  # when the freshest skipped call falls due (engine clock)
@@ -618,10 +622,9 @@ class Reconciler:
 
     def _report_share(self, seconds: float, requests: int) -> None:
         allowed = getattr(self.limiter, "allowed", None)
-        window = getattr(self.limiter, "window", 60.0)
         if not allowed or seconds <= 0:
             return
-        share = min(1.0, requests / (allowed * seconds / window))
+        share = min(1.0, requests / (allowed * seconds / self.window))
         self.stats.share_used = share
         if self._metrics is not None:
             self._metrics.reconcile_budget_share.set(share)

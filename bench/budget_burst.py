@@ -1,0 +1,330 @@
+"""Request budget, burst: many removals at once, confguard side by side with a minimal client.
+
+    .venv/bin/python bench/budget_burst.py [--conferences 200] [--gap-ms 10] [--budget 300]
+                                           [--smoke] [--json]
+
+One run, one sandbox (its own process), `--budget` requests per token per 60 s window
+enforced by the sandbox as Genesys does (fixed window from the token's first request,
+`inin-ratelimit-*` headers, 429 past it):
+
+- confguard: the real `Daemon` in this process (the shipped config.yaml rules, default
+  genesys settings: `requests_per_minute` 300 is only its assumption until the first answer's
+  headers), started before the calls exist;
+- the minimal client, its own process and OAuth client: a token, a channel subscribed to
+  the queue, the socket, and on each event whose customer carries `complianceFlag: "true"`
+  a PATCH {"state": "disconnected"} for that call's external party (a 429 is retried after
+  its Retry-After; nothing else). It removes the other party of the same call so that the
+  two clients never race for one party: both get the same event, both send one PATCH.
+
+Then `--conferences` live conference calls (customer, agent, external) are set up, and
+each customer is flagged `--gap-ms` apart. Latency = the sandbox's perf_counter_ns when it
+published the flag event -> its perf_counter_ns when that client's first PATCH for its
+party (confguard: the customer, minimal: the external) arrived (same process, same clock), per client. Reported: p50/p99/max, PATCHes,
+429s, requests per client, the allowance confguard learnt. Target (budget 300): confguard
+p99 <= 1.5 x the minimal client's, 0 x 429. `--smoke`: 10 conferences, checks it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+QUEUE = "Customer Service"
+
+# ----------------------------------------------------------------------------- sandbox side
+
+
+def sandbox_process(conn: Connection, budget: int) -> None:
+    _common.run_quietly(_sandbox_main, conn, budget)
+
+
+async def _sandbox_main(conn: Connection, budget: int) -> None:
+    from daemon.sandbox import Sandbox
+
+    sb = Sandbox(heartbeat_interval=30.0, request_budget=budget, seed=11)
+    await sb.start()
+    w = sb.world
+    queue = w.create_queue(QUEUE).id
+    users = [w.create_user(f"Agent {i}").id for i in range(50)]
+    minimal = w.add_client()
+    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret,
+               "queue": queue, "minimal_id": minimal.id, "minimal_secret": minimal.secret})
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[str, str, str]] = []  # (conversation id, customer id, external id)
+    names = {sb.client_id: "confguard", minimal.id: "minimal"}
+
+    async def burst(n: int, gap: float, settle: float) -> dict[str, Any]:
+        seq0 = sb.journal._req_seq
+        flags: list[tuple[str, str, str, int]] = []
+        t0 = time.monotonic()
+        for cid, pid, ext in calls[:n]:
+            w.set_attributes(cid, pid, {"complianceFlag": "true"})
+            ev = sb.journal.events[-1]
+            flags.append((cid, pid, ext, ev.perf_ns))
+            await asyncio.sleep(gap)
+        inject = time.monotonic() - t0
+        base = "/api/v2/conversations/calls/{}/participants/{}"
+        target = {sb.client_id: 1, minimal.id: 2}  # index into the flag tuple: whose party
+        wanted = {base.format(f[0], f[t]) for f in flags for t in (1, 2)}
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            got = {(r.client_id, r.path) for r in sb.journal.requests
+                   if r.seq > seq0 and r.method == "PATCH" and r.status < 300 and r.path in wanted}
+            if len(got) >= len(wanted):
+                break
+            await asyncio.sleep(0.1)
+        first: dict[tuple[str | None, str], int] = {}
+        per: dict[str, Counter[str]] = {}
+        for r in sb.journal.requests:
+            if r.seq <= seq0:
+                continue
+            who = names.get(r.client_id or "", r.client_id or "-")
+            c = per.setdefault(who, Counter())
+            c["requests"] += 1
+            c[f"{r.method} {r.status}"] += 1
+            if r.method == "PATCH" and r.path in wanted and r.status < 300:
+                first.setdefault((r.client_id, r.path), r.perf_ns)
+        out: dict[str, Any] = {"flags": len(flags), "inject_seconds": round(inject, 2),
+                               "load": _common.load()}
+        for client_id, who in names.items():
+            lat = []
+            for f in flags:
+                ev_ns = f[3]
+                ns = first.get((client_id, base.format(f[0], f[target[client_id]])))
+                if ns is not None:
+                    lat.append((ns - ev_ns) / 1e6)
+            c = per.get(who, Counter())
+            out[who] = {"patched": len(lat), "p50_ms": _common.pct(lat, 0.5),
+                        "p99_ms": _common.pct(lat, 0.99), "max_ms": max(lat) if lat else None,
+                        "requests": c.get("requests", 0),
+                        "status_429": sum(v for k, v in c.items() if k.endswith(" 429")),
+                        "statuses": {k: v for k, v in c.items() if k != "requests"}}
+        return out
+
+    while True:
+        cmd = await loop.run_in_executor(None, conn.recv)
+        op = cmd["op"]
+        if op == "setup":
+            for i in range(cmd["conferences"]):
+                conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}", customer_name=f"Customer {i}")
+                w.connect_agent(conv.id, users[i % len(users)])
+                ext = w.add_external(conv.id, f"tel:+1212555{i:04d}", name="Partner")
+                calls.append((conv.id, conv.participants[0].id, ext.id))
+            conn.send(len(calls))
+        elif op == "burst":
+            conn.send(await burst(cmd["n"], cmd["gap"], cmd["settle"]))
+        else:
+            await sb.stop()
+            conn.send(True)
+            return
+
+
+# ----------------------------------------------------------------------------- minimal client
+
+
+def minimal_process(conn: Connection, base: str, client_id: str, secret: str, queue: str) -> None:
+    _common.run_quietly(_minimal_main, conn, base, client_id, secret, queue)
+
+
+async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str,
+                        queue: str) -> None:
+    """Token, channel, socket, PATCH on flag: the least a client can do."""
+    import aiohttp
+    import orjson
+
+    async with aiohttp.ClientSession() as s:
+        basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+        async with s.post(base + "/oauth/token", data={"grant_type": "client_credentials"},
+                          headers={"Authorization": "Basic " + basic}) as r:
+            token = (await r.json())["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        async with s.post(base + "/api/v2/notifications/channels", headers=auth) as r:
+            ch = await r.json()
+        topic = f"v2.routing.queues.{queue}.conversations.calls"
+        async with s.put(base + f"/api/v2/notifications/channels/{ch['id']}/subscriptions",
+                         json=[{"id": topic}], headers=auth) as r:
+            assert r.status == 200
+        done: set[str] = set()
+        stats = Counter[str]()
+
+        async def patch(cid: str, pid: str) -> None:
+            url = base + f"/api/v2/conversations/calls/{cid}/participants/{pid}"
+            for _ in range(10):
+                async with s.patch(url, json={"state": "disconnected"}, headers=auth) as r:
+                    stats[str(r.status)] += 1
+                    if r.status != 429:
+                        return
+                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+
+        tasks: set[asyncio.Task[None]] = set()
+        async with s.ws_connect(ch["connectUri"]) as ws:
+            conn.send("ready")
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                m = orjson.loads(msg.data)
+                body = m.get("eventBody") or {}
+                ps = body.get("participants") or []
+                if not any(p.get("purpose") == "customer"
+                           and (p.get("attributes") or {}).get("complianceFlag") == "true"
+                           for p in ps):
+                    continue
+                for p in ps:
+                    if (p.get("purpose") == "external" and p.get("state") == "connected"
+                            and p["id"] not in done):
+                        done.add(p["id"])
+                        t = asyncio.create_task(patch(body["id"], p["id"]))
+                        tasks.add(t)
+                        t.add_done_callback(tasks.discard)
+
+
+# ----------------------------------------------------------------------------- bench side
+
+
+class Remote:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def ask(self, cmd: dict[str, Any], timeout: float = 600.0) -> Any:
+        loop = asyncio.get_running_loop()
+        self.conn.send(cmd)
+        if not await loop.run_in_executor(None, self.conn.poll, timeout):
+            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
+        return self.conn.recv()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from daemon.config import load_config
+    from daemon.service.lifecycle import Daemon
+    from daemon.service.logs import configure_logging
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=sandbox_process, args=(there, args.budget), daemon=True)
+    proc.start()
+    remote = Remote(here)
+    mproc = None
+    results: dict[str, Any] = {"bench": "budget_burst", "conferences": args.conferences,
+                               "gap_ms": args.gap_ms, "budget_per_minute": args.budget}
+    try:
+        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
+            raise TimeoutError("sandbox process did not start")
+        info = here.recv()
+        mhere, mthere = ctx.Pipe()
+        mproc = ctx.Process(target=minimal_process, daemon=True,
+                            args=(mthere, info["base"], info["minimal_id"], info["minimal_secret"],
+                                  info["queue"]))
+        mproc.start()
+        if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
+            raise TimeoutError("minimal client did not start")
+        mhere.recv()
+        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
+            configure_logging("warning", "json", stream=logf)
+            path = _common.write_config(
+                Path(tmp), n_rules=6, sandbox_base=info["base"], queues=[QUEUE],
+                overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
+            os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
+            os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
+            daemon = Daemon(load_config(path), config_path=path)
+            await daemon.start()
+            try:
+                await remote.ask({"op": "setup", "conferences": args.conferences})
+                end = time.monotonic() + 60
+                while len(daemon.engine.store) < args.conferences and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                results["tracked_by_daemon"] = len(daemon.engine.store)
+                await asyncio.sleep(1.0)
+                r = await remote.ask({"op": "burst", "n": args.conferences,
+                                      "gap": args.gap_ms / 1000.0, "settle": args.settle})
+                assert daemon.client is not None
+                snap = daemon.client.limiter.snapshot()
+                r["confguard"]["learnt_allowed"] = snap.allowed
+                r["confguard"]["learnt"] = snap.learnt
+                r["confguard"]["rate_limited_seen"] = dict(snap.rate_limited)
+                results.update(r)
+            finally:
+                await daemon.stop()
+            # confguard's own share: frame received -> PATCH about to be sent (its audit).
+            inside = [float(x["event_to_request_ms"]) for x in _audit(Path(tmp) / "audit.jsonl")
+                      if x.get("type") == "outcome" and x.get("event_to_request_ms") is not None]
+            if inside and "confguard" in results:
+                results["confguard"]["in_daemon_ms"] = {
+                    "p50": _common.pct(inside, 0.5), "p99": _common.pct(inside, 0.99),
+                    "max": max(inside), "n": len(inside)}
+    finally:
+        try:
+            await remote.ask({"op": "stop"}, timeout=20.0)
+        except Exception:
+            pass
+        for p in (proc, mproc):
+            if p is None:
+                continue
+            p.join(5.0)
+            if p.is_alive():
+                p.terminate()
+    c, m = results.get("confguard"), results.get("minimal")
+    if c and m and c.get("p99_ms") and m.get("p99_ms"):
+        results["ratio_p99"] = round(c["p99_ms"] / m["p99_ms"], 2)
+    results["target"] = "confguard p99 <= 1.5 x minimal p99, 0 x 429"
+    return results
+
+
+def _audit(path: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in sorted(path.parent.glob(path.stem + "*.jsonl")):
+        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def summary(r: dict[str, Any]) -> str:
+    lines = [f"burst: {r['conferences']} conferences, customers flagged {r['gap_ms']} ms apart, "
+             f"sandbox budget {r['budget_per_minute']}/min, load {r.get('load')}"]
+    for who in ("confguard", "minimal"):
+        x = r.get(who) or {}
+        lines.append(f"  {who:<10} patched {x.get('patched')}/{r.get('flags')}  p50 "
+                     f"{_fmt(x.get('p50_ms'))} p99 {_fmt(x.get('p99_ms'))} max {_fmt(x.get('max_ms'))} ms  "
+                     f"429s {x.get('status_429')}  requests {x.get('statuses')}"
+                     + (f"  learnt allowance {x.get('learnt_allowed')}" if who == "confguard" else ""))
+    if "in_daemon_ms" in (r.get("confguard") or {}):
+        lines.append(f"  confguard in-daemon (frame received -> PATCH sent): {r['confguard']['in_daemon_ms']}")
+    if "ratio_p99" in r:
+        lines.append(f"  confguard p99 / minimal p99 = {r['ratio_p99']}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conferences", type=int, default=200)
+    ap.add_argument("--gap-ms", type=float, default=10.0)
+    ap.add_argument("--budget", type=int, default=300, help="sandbox requests per token per 60 s")
+    ap.add_argument("--settle", type=float, default=90.0, help="seconds to wait for the PATCHes")
+    ap.add_argument("--smoke", action="store_true", help="10 conferences: check the script runs")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.conferences, args.settle = 10, 15.0
+    r = asyncio.run(run(args))
+    print(json.dumps(r) if args.json else summary(r))
+
+
+if __name__ == "__main__":
+    main()
