@@ -446,3 +446,26 @@ async def test_one_shared_client_with_explicit_timeouts() -> None:
         assert (t.connect, t.read, t.write, t.pool) == (2.5, 7.0, 7.0, 2.5)
         assert c.tokens._http is c._http  # the token requests share the one client
         assert c.limiter.per_minute == 300
+
+
+async def test_an_injected_retry_policy_governs_attempts_and_delays() -> None:
+    """One `RetryPolicy` decides: 2 attempts in all, waits drawn from its own seeded rng."""
+    import random
+
+    from daemon.genesys.retry import RetryPolicy
+
+    g = Genesys(lambda r: error(503, "Service unavailable"))
+    policy = RetryPolicy(initial=0.05, factor=2.0, cap=0.05, jitter=0.0, max_attempts=2)
+    async with client(g, max_retries=10, retry=policy, rng=random.Random(3)) as c:
+        assert c.retry is policy
+        started = time.monotonic()
+        with pytest.raises(ServerError):
+            await c.get_call("c1")
+        assert time.monotonic() - started >= 0.05  # the one back-off was waited
+    assert len(g.api_requests) == 2  # max_retries is the default's, not this policy's
+
+    conflicts = Genesys(lambda r: error(409, "conflict"))
+    async with client(conflicts, conflict_retry=RetryPolicy(initial=0.001, cap=0.001)) as c:
+        with pytest.raises(ConflictError):
+            await c.disconnect_participant("c1", "p1", retry_conflict=4)
+    assert len(conflicts.api_requests) == 5
