@@ -48,7 +48,7 @@ import structlog
 from daemon.genesys.api import ROUTE_PARTICIPANT, GenesysClient
 from daemon.config import Config, Credentials, load_config, resolve_credentials
 from daemon.errors import (ApiError, ConfigError, ForbiddenError, NotFoundError, TargetError)
-from daemon.core.model import FINAL_STATES
+from daemon.core.model import is_final_state
 from daemon.core.phone import normalize_phone
 from daemon.genesys.ratelimit import Priority
 
@@ -131,8 +131,7 @@ def participants_of(call: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def is_live(p: Mapping[str, Any]) -> bool:
-    state = _s(p.get("state"))
-    return (state or "").lower() not in FINAL_STATES
+    return not is_final_state(p.get("state"))
 
 
 def resolve_target(call: Mapping[str, Any], selector: Selector) -> Resolution:

@@ -63,7 +63,8 @@ ZERO_HASH = "0" * 64
 RESERVED = ("seq", "time", "prev_hash", "hash")
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
-Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed"]
+Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
+                  "standby", "unknown"]
 OUTCOMES: frozenset[str] = frozenset(
     {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
      "standby", "unknown"})  # the same set as daemon.core.enforcement.OUTCOMES

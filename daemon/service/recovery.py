@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 import structlog
 
+from daemon.core.model import is_final_state
+
 log = structlog.get_logger("confguard.recovery")
 
 __all__ = ["Unfinished", "unfinished_in_audit", "judge_unfinished", "close_unfinished"]
@@ -107,7 +109,7 @@ def judge_unfinished(call: Mapping[str, Any] | None, participant_id: str) -> tup
     for p in parts:
         if isinstance(p, Mapping) and p.get("id") == participant_id:
             state = p.get("state")
-            if state in ("disconnected", "terminated"):
+            if is_final_state(state):
                 if p.get("disconnectType") == "client":
                     return "disconnected", ("the party left with disconnectType client, as a "
                                             "removal through the API does")
