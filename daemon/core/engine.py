@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-import structlog
+from daemon.core.logs import get_logger
 
 from daemon.core.events import (
     CallEvent,
@@ -49,7 +49,7 @@ from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Change, ChangeSource, Decision
 from daemon.core.state import CallStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MESSAGE_KINDS: Final = (
     "heartbeat", "pong", "socket_closing", "channel_gone", "call_event", "other", "rejected",

@@ -37,14 +37,14 @@ from itertools import compress
 from operator import ne
 from typing import Any, Final, cast
 
-import structlog
+from daemon.core.logs import get_logger
 
 from daemon.core.ids import ConversationId, ParticipantId
 from daemon.core.model import FINAL_STATES, Call, Change, ChangeSource, Participant
 from daemon.core.timefmt import MAX_TIME_LEN as _MAX_TIME_LEN
 from daemon.core.timefmt import parse_time
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # Keys read straight off a participant, in the order of the signature tuple.
 _KEYS: Final = (

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
-import structlog
+from daemon.core.logs import get_logger
 
 from daemon.config import Config, ConfigSource, RuleSpec, SafetySettings, load_list_file
 from daemon.errors import ConfigError
@@ -38,7 +38,7 @@ from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Action, Call, Change, Decision, Participant, Severity
 from daemon.core.phone import normalize_phone
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Path_ = tuple[str | int, ...]
 Pred = Callable[[Call, Participant, float], bool]
