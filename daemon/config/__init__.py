@@ -563,6 +563,23 @@ def load_list_file(path: Path) -> list[str]:
     return out
 
 
+def load_lists(cfg: Config) -> dict[str, frozenset[str]]:
+    """The contents of every list under `lists:` (files resolved against the config's
+    folder). A file that cannot be read is a ConfigError located at its `file:` key."""
+    src = cfg.source or ConfigSource(file="<config>")
+    out: dict[str, frozenset[str]] = {}
+    for name, spec in cfg.lists.items():
+        if spec.file is not None:
+            try:
+                values = load_list_file(cfg.resolve_path(spec.file))
+            except ConfigError as exc:
+                raise src.error(("lists", name, "file"), f"list {name!r}: {exc.message}") from None
+        else:
+            values = [str(v) for v in spec.values or ()]
+        out[name] = frozenset(values)
+    return out
+
+
 # ---------------------------------------------------------------- credentials
 
 
