@@ -123,6 +123,7 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             for i in range(cmd["conferences"]):
                 conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}", customer_name=f"Customer {i}")
                 w.connect_agent(conv.id, users[i % len(users)])
+                w.set_recording(conv.id, "active")  # the shipped rules want it
                 ext = w.add_external(conv.id, f"tel:+1212555{i:04d}", name="Partner")
                 calls.append((conv.id, conv.participants[0].id, ext.id))
             conn.send(len(calls))

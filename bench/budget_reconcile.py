@@ -241,11 +241,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=40.0, help="scaled minutes to run")
     ap.add_argument("--lost", type=int, default=10, help="lost breaking events to inject")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--smoke", action="store_true", help="100 calls, 12 scaled minutes")
+    ap.add_argument("--smoke", action="store_true", help="100 calls, 8 scaled minutes")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.calls, args.minutes, args.lost = 100, 12.0, 2
+        args.calls, args.minutes, args.lost = 100, 8.0, 1
     r = asyncio.run(run(args))
     print(json.dumps(r) if args.json else summary(r))
 

@@ -64,6 +64,7 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             for i in range(n):
                 conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}", customer_name=f"Customer {i}")
                 w.connect_agent(conv.id, users[i % len(users)])
+                w.set_recording(conv.id, "active")  # the shipped rules want it (nobody else breaks one)
                 if i < confs:
                     w.add_external(conv.id, f"tel:+1212555{i:04d}", name="Partner")
                     if i % step == 0 and len(flagged) < nflag:

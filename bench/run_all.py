@@ -65,6 +65,10 @@ BENCHMARKS: tuple[Bench, ...] = (
           full=("--calls", "1000", "--background", "500", "--breakers", "200", "--rate", "4"),
           quick=("--calls", "150", "--background", "50", "--breakers", "10", "--rate", "5")),
     Bench("control", smoke=("--removals", "3", "--calls", "10", "--seconds", "1", "--concurrency", "2")),
+    # Request budget (issue 11); figures by hand in RESULTS.md "## Request budget".
+    Bench("budget_burst", smoke=("--smoke",)),
+    Bench("budget_resync", smoke=("--smoke",)),
+    Bench("budget_reconcile", smoke=("--smoke",)),
     # Older micro-benchmarks (human summary only, no --json; not in RESULTS.md).
     Bench("ingest_state", smoke=("--frames", "200", "--calls", "10", "--mem-calls", "20", "--repeat", "1"),
           json=False),
