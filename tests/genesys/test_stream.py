@@ -594,3 +594,46 @@ def test_control_peek_is_cheap_and_finds_control_frames() -> None:
     for frame in (heartbeat, closing, gone, pong, other_order):
         assert _maybe_control(frame), frame
     assert not _maybe_control(big_other)  # control frames are never this long
+
+
+async def test_update_topics_during_a_handover_reaches_the_new_channel() -> None:
+    """A reload that lands while a socket_closing handover is half-way (its new channel
+    already subscribed with the old set) is applied to the new channel as well."""
+    state: dict[str, Any] = {"first": None, "gate": None, "waiting": False}
+
+    class Paused(GenesysClient):
+        async def put_subscriptions(self, channel_id: Any, topics: Any, *,
+                                    ignore_errors: bool = False) -> list[Any]:
+            gate = state["gate"]
+            if gate is not None and channel_id != state["first"]:
+                state["waiting"] = True
+                await gate.wait()
+            return await super().put_subscriptions(channel_id, topics, ignore_errors=ignore_errors)
+
+    async with own_sandbox(closing_grace=8.0) as sb:
+        qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
+        col = Collector()
+        async with client_for(sb, cls=Paused) as client:
+            stream = StreamManager(client, [Topic(queue_topic(qa.id))], on_message=col.on_message,
+                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            async with running(stream):
+                await wait_for(lambda: stream.ready, what="ready")
+                state["first"] = stream.channels[0]
+                state["gate"] = gate = asyncio.Event()
+                sb.socket_closing(grace=8.0)
+                await wait_for(lambda: state["waiting"], what="handover paused at its PUT")
+                update = asyncio.create_task(
+                    stream.update_topics([Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))]))
+                await asyncio.sleep(0.05)  # let the reload queue behind the handover's step
+                gate.set()
+                await asyncio.wait_for(update, 10)
+                await wait_for(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
+                new = stream.channels[0]
+                assert new != state["first"]
+                want = {queue_topic(qa.id), queue_topic(qb.id)}
+                await wait_for(lambda: new in sb.world.channels and set(topics_of(sb, new)) == want,
+                               what="the new channel subscribed to the reloaded set")
+                assert stream.topics == [queue_topic(qa.id), queue_topic(qb.id)]
+                stream.mark_resynced()
+                cid = sb.world.start_call(qb.id).id
+                await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
