@@ -17,7 +17,7 @@ from _daemon_harness import (FLAGGED_RULE, REPO, SALES, DaemonProcess, audit_rec
 from daemon.commands.cli import COMMAND_MODULES, main
 from daemon.sandbox import Sandbox
 
-COMMANDS = ("run", "check", "replay", "demo", "eject", "audit", "sandbox")
+COMMANDS = ("run", "check", "replay", "demo", "eject", "audit", "sandbox", "test", "explain")
 CONSOLE_SCRIPT = Path(sys.executable).parent / "confguard"
 
 
