@@ -11,7 +11,7 @@ expires by itself and is the first one Genesys retires).
 
 `--schema` prints the JSON Schema of config.yaml (draft 2020-12) and exits 0: generated
 from the pydantic models of `daemon.config`, with the rules' `when`/`call` conditions
-spelt out from the rule compiler's field and operator tables, so an editor (the YAML
+spelt out from the rule field registry (`daemon.core.rules.FIELDS`), so an editor (the YAML
 language server) can complete and check field names, operators and value types. The
 committed copy is docs/config.schema.json (tests/commands/test_schema.py keeps it current).
 
@@ -32,7 +32,7 @@ from pydantic_core import PydanticOmit, core_schema
 from daemon.genesys.api import GenesysClient
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.errors import ConfigError
-from daemon.core.rules import CALL_FIELDS, COMBINATORS, OPERATORS, PARTY_FIELDS, compile_rules
+from daemon.core.rules import ATTRIBUTES, COMBINATORS, FIELDS, HAS_PARTY, FieldSpec, compile_rules
 from daemon.genesys.scope import resolve_scope, shard
 
 
@@ -92,9 +92,6 @@ async def online_check(config: Config, out: TextIO) -> int:
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_PATH = "docs/config.schema.json"
 
-_NUMERIC_OPS = ("gt", "gte", "lt", "lte")
-_TEXT_OPS = ("matches", "contains", "starts_with")
-_LIST_OPS = ("in_list", "not_in_list")
 _OP_HELP = {
     "equals": "equal to this value (a bare value means equals)",
     "not_equals": "not equal to this value (an absent field is not equal)",
@@ -109,7 +106,7 @@ _OP_HELP = {
     "gt": "greater than this number", "gte": "greater than or equal to this number",
     "lt": "less than this number", "lte": "less than or equal to this number",
 }
-# JSON types a comparison value may have, per field kind of the rule compiler.
+# JSON types a comparison value may have, per field type of the rule registry.
 _VALUE_TYPES: dict[str, list[str]] = {
     "str": ["string", "integer"], "phone": ["string", "integer"], "set": ["string", "integer"],
     "bool": ["boolean"], "num": ["number"], "attr": ["string", "number", "boolean"],
@@ -124,75 +121,80 @@ class _OmitUnrepresentable(GenerateJsonSchema):
         raise PydanticOmit
 
 
-def _operators_for(kind: str) -> dict[str, Any]:
+def _operator(op: str, kind: str) -> dict[str, Any]:
+    """The schema of one operator's argument on a field of type `kind`."""
     value: dict[str, Any] = {"type": _VALUE_TYPES[kind]}
-    out: dict[str, Any] = {}
-    for op in OPERATORS:
-        if op in ("equals", "not_equals"):
-            schema: dict[str, Any] = dict(value)
-        elif op in ("in", "not_in"):
-            schema = {"type": "array", "items": value, "minItems": 1}
-        elif op == "exists":
-            schema = {"type": "boolean"}
-        elif op in _NUMERIC_OPS:
-            if kind not in ("num", "attr"):
-                continue
-            schema = {"type": "number"}
-        elif op in _TEXT_OPS:
-            if kind in ("bool", "num"):
-                continue
-            schema = {"type": "string"}
-            if op == "matches":
-                schema["format"] = "regex"
-        elif op in _LIST_OPS:
-            if kind in ("bool", "num"):
-                continue
-            schema = {"type": "string", "description": "the name of a list under 'lists:'"}
-        else:  # pragma: no cover - a new operator must be described here
-            raise AssertionError(f"operator {op!r} has no schema")
-        schema.setdefault("description", _OP_HELP.get(op, op))
-        out[op] = schema
-    return out
+    schema: dict[str, Any]
+    if op in ("equals", "not_equals"):
+        schema = dict(value)
+    elif op in ("in", "not_in"):
+        schema = {"type": "array", "items": value, "minItems": 1}
+    elif op == "exists":
+        schema = {"type": "boolean"}
+    elif op in ("gt", "gte", "lt", "lte"):
+        schema = {"type": "number"}
+    elif op in ("matches", "contains", "starts_with"):
+        schema = {"type": "string", **({"format": "regex"} if op == "matches" else {})}
+    elif op in ("in_list", "not_in_list"):
+        schema = {"type": "string"}
+    else:  # a new operator in the registry must be described here (test_schema fails)
+        raise AssertionError(f"operator {op!r} has no schema")
+    schema["description"] = _OP_HELP.get(op, op)
+    return schema
 
 
-def _condition(kind: str, label: str) -> dict[str, Any]:
-    """A field's condition: a bare value (equals) or a mapping of operators."""
+def _condition(kind: str, operators: tuple[str, ...]) -> dict[str, Any]:
+    """A field's condition: a bare value (equals) or a mapping of its operators."""
     return {
-        "description": f"{label} ({kind}): a value (equals) or a mapping of operators",
+        "description": f"a {kind} field: a value (equals) or a mapping of operators",
         "anyOf": [
             {"type": _VALUE_TYPES[kind]},
-            {"type": "object", "properties": _operators_for(kind), "additionalProperties": False,
-             "minProperties": 1},
+            {"type": "object", "properties": {op: _operator(op, kind) for op in operators},
+             "additionalProperties": False, "minProperties": 1},
         ],
     }
 
 
 def _rule_conditions() -> dict[str, Any]:
-    """$defs for the rules' `when` (party) and `call` condition mappings."""
-    party_props: dict[str, Any] = {name: {"$ref": f"#/$defs/Field_{f.kind}", "description": name}
-                                   for name, f in PARTY_FIELDS.items()}
-    call_props: dict[str, Any] = {name: {"$ref": f"#/$defs/Field_{f.kind}", "description": f.label}
-                                  for name, f in CALL_FIELDS.items()}
-    call_props["has_party"] = {"$ref": "#/$defs/PartyConditions",
-                               "description": "another party of the call matches these party conditions"}
+    """$defs for the rules' `when` (party) and `call` condition mappings, from the rule
+    field registry (daemon.core.rules.FIELDS: name, scope, type, operators)."""
+    defs: dict[str, Any] = {}
 
-    def combinators(ref: str) -> dict[str, Any]:
+    def ref(spec: FieldSpec) -> dict[str, Any]:
+        key = f"Field_{spec.type}"
+        cond = _condition(spec.type, spec.operators)
+        if defs.setdefault(key, cond) != cond:  # operators differ within a type: inline it
+            return {**cond, "description": f"{spec.scope} field {spec.name}"}
+        return {"$ref": f"#/$defs/{key}", "description": f"{spec.scope} field {spec.name}"}
+
+    party_props: dict[str, Any] = {}
+    call_props: dict[str, Any] = {}
+    for spec in FIELDS.values():
+        if spec.scope == "party":
+            party_props[spec.name] = ref(spec)
+        else:
+            call_props[spec.name] = ref(spec)
+            party_props[f"call.{spec.name}"] = ref(spec)  # a call field inside `when:`
+    has_party = {"$ref": "#/$defs/PartyConditions",
+                 "description": "another party of the call matches these party conditions"}
+    call_props[HAS_PARTY.name] = has_party
+    party_props[f"call.{HAS_PARTY.name}"] = has_party
+
+    def combinators(group_ref: str) -> dict[str, Any]:
         assert set(COMBINATORS) == {"any", "all", "not"}
-        group = {"$ref": ref}
+        group = {"$ref": group_ref}
         return {"any": {"type": "array", "items": group, "minItems": 1,
                         "description": "at least one of these condition mappings holds"},
                 "all": {"type": "array", "items": group, "minItems": 1,
                         "description": "every one of these condition mappings holds"},
                 "not": {**group, "description": "this condition mapping does not hold"}}
 
-    call_prefixed = "^call\\.(" + "|".join([*CALL_FIELDS, "has_party"]) + ")$"
-    defs: dict[str, Any] = {f"Field_{kind}": _condition(kind, kind) for kind in _VALUE_TYPES}
     defs["PartyConditions"] = {
         "type": "object", "minProperties": 1, "additionalProperties": False,
         "description": "Conditions on the party being judged; every one must hold.",
         "properties": {**party_props, **combinators("#/$defs/PartyConditions")},
-        "patternProperties": {"^attributes\\..+$": {"$ref": "#/$defs/Field_attr"},
-                              call_prefixed: {}},
+        "patternProperties": {"^attributes\\..+$": {**ref(ATTRIBUTES),
+                                                     "description": "participant data (text)"}},
     }
     defs["CallConditions"] = {
         "type": "object", "minProperties": 1, "additionalProperties": False,

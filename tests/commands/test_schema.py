@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from daemon.commands.check import schema_text
-from daemon.core.rules import CALL_FIELDS, OPERATORS, PARTY_FIELDS
+from daemon.core.rules import ATTRIBUTES, FIELDS, OPERATORS, operators_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "config.schema.json"
@@ -49,11 +49,25 @@ def test_shipped_config_names_the_schema_and_validates() -> None:
 
 
 def test_rules_part_knows_fields_and_operators() -> None:
-    defs = json.loads(COMMITTED.read_text(encoding="utf-8"))["$defs"]
-    assert set(PARTY_FIELDS) <= set(defs["PartyConditions"]["properties"])
-    assert set(CALL_FIELDS) | {"has_party"} <= set(defs["CallConditions"]["properties"])
-    ops = set(defs["Field_attr"]["anyOf"][1]["properties"])
-    assert ops == set(OPERATORS)
+    """Every field of the registry, with exactly its operators."""
+    schema = json.loads(COMMITTED.read_text(encoding="utf-8"))
+    defs = schema["$defs"]
+
+    def operators(prop: dict[str, Any]) -> set[str]:
+        cond = defs[prop["$ref"].rsplit("/", 1)[1]] if "$ref" in prop else prop
+        return set(cond["anyOf"][1]["properties"])
+
+    party = defs["PartyConditions"]["properties"]
+    call = defs["CallConditions"]["properties"]
+    for spec in FIELDS.values():
+        where = party if spec.scope == "party" else call
+        assert operators(where[spec.name]) == set(spec.operators), spec.name
+        if spec.scope == "call":
+            assert operators(party[f"call.{spec.name}"]) == set(spec.operators), spec.name
+    assert operators(defs["PartyConditions"]["patternProperties"]["^attributes\\..+$"]) == \
+        set(ATTRIBUTES.operators) == set(OPERATORS)
+    assert call["has_party"] == party["call.has_party"]
+    assert set(operators_for("bool")) < set(OPERATORS)
 
 
 def _rule(when: dict[str, Any], call: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -69,6 +83,7 @@ def _rule(when: dict[str, Any], call: dict[str, Any] | None = None) -> dict[str,
     ({"any": [{"flagged_reason": {"exists": True}}, {"address": {"matches": "^tel:\\+44.*"}}],
       "not": {"purpose": "agent"}}, {"has_party": {"purpose": "acd", "queue_id": "q1"}}),
     ({"call.connected_parties": {"gte": 3}, "address": {"in_list": "blocked"}}, None),
+    ({"call.has_party": {"purpose": "acd"}, "call.recording_state": "paused"}, None),
 ])
 def test_schema_accepts_valid_rules(when: dict[str, Any], call: dict[str, Any] | None) -> None:
     assert _errors(_rule(when, call)) == []
@@ -82,6 +97,8 @@ def test_schema_accepts_valid_rules(when: dict[str, Any], call: dict[str, Any] |
     ({"connected_seconds": {"matches": "1.*"}}, None, "rules/0/when/connected_seconds"),
     ({"purpose": "x"}, {"purpose": "agent"}, "rules/0/call"),                  # party field in call
     ({"address": {"matches": "("}}, None, "rules/0/when/address"),             # bad regex
+    ({"call.purpose": "agent"}, None, "rules/0/when"),                          # not a call field
+    ({"call.connected_parties": {"contains": "3"}}, None, "rules/0/when/call.connected_parties"),
 ])
 def test_schema_rejects_what_the_compiler_rejects(when: dict[str, Any], call: dict[str, Any] | None,
                                                   where: str) -> None:
