@@ -69,6 +69,8 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("budget_burst", smoke=("--smoke",)),
     Bench("budget_resync", smoke=("--smoke",)),
     Bench("budget_reconcile", smoke=("--smoke",)),
+    # HA (issue 12); figures by hand in RESULTS.md "## High availability".
+    Bench("takeover", smoke=("--runs", "1", "--renewals", "10", "--takeover-after", "1")),
     # Older micro-benchmarks (human summary only, no --json; not in RESULTS.md).
     Bench("ingest_state", smoke=("--frames", "200", "--calls", "10", "--mem-calls", "20", "--repeat", "1"),
           json=False),
