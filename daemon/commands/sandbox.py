@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-lifetime", type=float, default=86400.0, metavar="S",
                    help="access token lifetime in seconds (default 86400)")
     p.add_argument("--budget", type=int, default=300, metavar="N",
-                   help="requests per minute per token, 0 = unlimited (default 300, as Genesys)")
+                   help="requests per token per fixed 60 s window from its first request, "
+                        "advertised in inin-ratelimit-* headers; 0 = unlimited, no headers "
+                        "(default 300, as Genesys)")
     p.add_argument("--client-id", default=None, help="fixed client id (default: random)")
     p.add_argument("--client-secret", default=None, help="fixed client secret (default: random)")
 
