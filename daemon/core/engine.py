@@ -14,8 +14,9 @@ the enforcement forget them.
 
 Counters for the metrics layer (plain dicts, only ever incremented):
 - `messages[kind]`: kind is one of `MESSAGE_KINDS`;
-- `rejected[reason]`: `Rejected.reason` tokens (all of `events.REJECT_REASONS` present from
-  the start, so metric labels exist at zero);
+- `rejected[reason]`: malformed input by reason, all of `events.REJECT_REASONS` present
+  from the start (so metric labels exist at zero): a frame's `Rejected.reason`, or what the
+  store skipped or ignored in an applied snapshot (`state.PROBLEMS`), once per input;
 - `call_events[topic_kind]`: call events by `events.topic_kind` (queue / user);
 - `counters`: `changes`, `duplicates` (call snapshots that changed nothing, or unusable
   ones: see `store.stats`), `decisions`, `evicted`, `rule_errors`, `state_errors` (a bug
@@ -95,6 +96,10 @@ class Step:
     change: Change | None
     decisions: list[Decision]
     settled: tuple[PartyKey, ...] = ()
+    #: What was malformed in the input (`events.REJECT_REASONS` tokens, each once): the
+    #: frame's `Rejected.reason`, or what the store skipped or ignored in an applied snapshot
+    #: (`state.PROBLEMS`: the rest of it was applied). Counted in `Engine.rejected`.
+    rejected: tuple[str, ...] = ()
 
 
 Fed = Step  # the name of `feed`'s result before resync changes took the same path
@@ -130,24 +135,25 @@ class Engine:
         if isinstance(message, CallEvent):
             tk = topic_kind(message.topic)
             self.call_events[tk] = self.call_events.get(tk, 0) + 1
-            change = self._apply(message.body, now, "event")
+            change, problems = self._apply(message.body, now, "event")
             if change is None:
                 self.counters["duplicates"] += 1
-                return Step(message, None, [])
-            return self._judge(message, change, now)
+                return Step(message, None, [], (), problems)
+            return self._judge(message, change, now, problems)
         if isinstance(message, Rejected):
             self.rejected[message.reason] = self.rejected.get(message.reason, 0) + 1
+            return Step(message, None, [], (), (message.reason,))
         return Step(message, None, [])
 
     def apply_conversation(self, conv: Mapping[str, object], now: float, *,
                            source: ChangeSource = "resync") -> Step:
         """Fold in a conversation read from REST (or any snapshot) and judge the change,
         exactly as a frame's."""
-        change = self._apply(conv, now, source)
+        change, problems = self._apply(conv, now, source)
         if change is None:
             self.counters["duplicates"] += 1
-            return Step(None, None, [])
-        return self._judge(None, change, now)
+            return Step(None, None, [], (), problems)
+        return self._judge(None, change, now, problems)
 
     def mark_gone(self, conversation_id: str, now: float) -> Step:
         """REST said 404: every party of the call is final and the call ended."""
@@ -199,16 +205,22 @@ class Engine:
         """The earliest rule timer (epoch s), or None."""
         return self.rules.next_deadline()
 
-    def _apply(self, conv: Mapping[str, object], now: float, source: ChangeSource) -> Change | None:
+    def _apply(self, conv: Mapping[str, object], now: float,
+               source: ChangeSource) -> tuple[Change | None, tuple[str, ...]]:
         try:
-            return self.store.apply(conv, now, received_at=now, source=source)
+            change = self.store.apply(conv, now, received_at=now, source=source)
         except Exception:
             # A store bug must not take the stream down; the next resync re-reads the call.
             self.counters["state_errors"] += 1
             log.exception("state_apply_failed", source=source)
-            return None
+            return None, ()
+        problems = self.store.problems
+        for reason in problems:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return change, problems
 
-    def _judge(self, message: Message | None, change: Change, now: float) -> Step:
+    def _judge(self, message: Message | None, change: Change, now: float,
+               problems: tuple[str, ...] = ()) -> Step:
         self.counters["changes"] += 1
         settled = self.enforcement.observe(change)
         try:
@@ -216,7 +228,7 @@ class Engine:
         except Exception:
             self.counters["rule_errors"] += 1
             log.exception("rules_on_change_failed", conversation_id=change.call.id)
-            return Step(message, change, [], settled)
+            return Step(message, change, [], settled, problems)
         if decisions:
             self.counters["decisions"] += len(decisions)
-        return Step(message, change, decisions, settled)
+        return Step(message, change, decisions, settled, problems)

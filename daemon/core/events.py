@@ -18,8 +18,11 @@ Shapes recognised (see /work/shared/genesys-api.md, "Notification service"):
   -> `CallEvent(topic, body)`; `body` is the decoded eventBody, not copied
 - any other JSON object with a string topicName -> `OtherMessage(topic)`
 
-Rejection reasons (stable): `not_json`, `not_object`, `no_topic`, `bad_topic`,
-`bad_event_body`, `missing_id`, `bad_participants`.
+Rejection reasons (stable): `too_large` (more than `MAX_FRAME_BYTES`, not decoded),
+`not_json`, `not_object`, `no_topic`, `bad_topic`, `bad_event_body`, `missing_id`,
+`bad_participants`. `REJECT_REASONS` also lists what the call store reports about a call
+event it applied in part (`daemon.core.state.PROBLEMS`: `bad_participant`,
+`participant_missing_id`, `bad_field`; `bad_conversation` for a REST reply).
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ from daemon.core.topics import SOCKET_CLOSING_TOPIC as SOCKET_CLOSING_TOPIC
 from daemon.core.topics import topic_kind as topic_kind
 
 EXCERPT_LEN: Final = 120
+#: Genesys documents 256 KB per notification event; a frame four times that is not one of
+#: its events (and decoding it would only cost time on the hot path).
+MAX_FRAME_BYTES: Final = 1 << 20
 
 HEARTBEAT_TEXT: Final = "WebSocket Heartbeat"
 
 REJECT_REASONS: Final = (
-    "not_json", "not_object", "no_topic", "bad_topic", "bad_event_body", "missing_id",
-    "bad_participants",
+    "too_large", "not_json", "not_object", "no_topic", "bad_topic", "bad_event_body",
+    "missing_id", "bad_participants",
+    # reported by the call store for a snapshot it applied in part (state.PROBLEMS)
+    "bad_conversation", "bad_participant", "participant_missing_id", "bad_field",
 )
 
 
@@ -113,6 +121,8 @@ def excerpt(raw: bytes | str | object, limit: int = EXCERPT_LEN) -> str:
 
 def parse_message(raw: bytes | str) -> Message:
     """Decode and classify one frame. Never raises; see the module docstring."""
+    if isinstance(raw, (bytes, str)) and len(raw) > MAX_FRAME_BYTES:
+        return Rejected("too_large", excerpt(raw))
     try:
         data = orjson.loads(raw)
     except Exception:  # JSONDecodeError, or TypeError for a non-bytes/str argument

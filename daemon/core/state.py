@@ -2,15 +2,18 @@
 
 Input is one conversation dict, either a notification `eventBody` (call topics) or a REST
 `CallConversation`; both carry the same camelCase participant fields. Only what
-`daemon.model.Participant` keeps is extracted and type-checked, field by field: a value of
-the wrong type is ignored (stored as None, counted in `stats["fields_ignored"]`), a
-participant that is not an object or has no string id is skipped (counted in
-`stats["participants_dropped"]`). Unknown fields are ignored. A wrong-typed value that
-compares equal to the stored one (JSON 0/1 where false/true is stored) is not a change.
+`daemon.core.model.Participant` keeps is extracted, as the table `KEPT` names it (attribute,
+payload key, kind: str, bool, time, or a nested reference's id; whether it is interned),
+and type-checked field by field: a value of the wrong type is ignored (stored as None,
+counted in `stats["fields_ignored"]`), a participant that is not an object or has no string
+id is skipped (counted in `stats["participants_dropped"]`). Each such snapshot also reports
+what was wrong in `CallStore.problems` (`PROBLEMS` tokens, for the `events_rejected` metric
+and one log line per frame). Unknown fields are ignored. A wrong-typed value that compares
+equal to the stored one (JSON 0/1 where false/true is stored) is not a change.
 
 Ordering rules (notifications are neither ordered nor de-duplicated):
 
-- A participant in a final state (disconnected, terminated) is frozen: later events never
+- A participant in a final state (`model.is_final_state`: disconnected, terminated) is frozen: later events never
   bring it back to life nor change its fields.
 - A snapshot that changes nothing returns None (duplicates are cheap: the kept fields are
   compared as one tuple against the stored one).
@@ -32,43 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import compress
 from operator import ne
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 from daemon.core.logs import get_logger
 
 from daemon.core.ids import ConversationId, ParticipantId
-from daemon.core.model import FINAL_STATES, Call, Change, ChangeSource, Participant
+from daemon.core.model import Call, Change, ChangeSource, Participant, is_final_state
 from daemon.core.timefmt import MAX_TIME_LEN as _MAX_TIME_LEN
 from daemon.core.timefmt import parse_time
 
 log = get_logger(__name__)
 
-# Keys read straight off a participant, in the order of the signature tuple.
-_KEYS: Final = (
-    "name", "purpose", "state", "direction", "address", "ani", "dnis", "flaggedReason",
-    "provider", "monitoredParticipantId", "coachedParticipantId", "bargedParticipantId",
-    "disconnectType",  # 0..12: strings
-    "held", "muted", "confined", "recording",  # 13..16: booleans
-    "connectedTime", "endTime",  # 17, 18: ISO-8601 strings (kept raw in the signature)
-)
-# 19..23 are the ids of the nested references user, queue, team, externalContact,
-# externalOrganization.
-_N_STR: Final = 13
-_BOOL_IDX: Final = (13, 14, 15, 16)
-_CT: Final = 17
-_ET: Final = 18
-_REF_IDX: Final = (19, 20, 21, 22, 23)
-# Shared: names, enum-like fields, dnis, and user/queue/team ids repeat across many calls.
-_INTERNED_IDX: Final = (0, 1, 2, 3, 6, 7, 8, 12, 19, 20, 21)
 _MAX_ATTR_INTERN_LEN: Final = 32
-
 _MAX_INTERN_LEN: Final = 64
 _INTERN_CAP: Final = 65_536
-
-_FINAL: Final = FINAL_STATES
 
 
 class _Intern:
@@ -99,63 +83,139 @@ class _Intern:
 
 _intern: Final = _Intern(_INTERN_CAP)
 
-def _normalize(sig: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
-    """Type-checked signature (wrong types -> None, shared strings) and the count of ignored fields."""
-    out = list(sig)
+
+# ---------------------------------------------------------------- the kept fields, by name
+
+Kind = Literal["str", "bool", "time", "ref"]
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One participant field the store keeps: `attr` is the `Participant` attribute, `key`
+    the camelCase key in the payload (for `ref`, the nested object whose `id` is kept),
+    `kind` how it is type-checked (`str`; `bool`; `time`: an ISO-8601 string, parsed into
+    epoch seconds; `ref`: a non-empty string id), `shared` whether the value repeats across
+    calls and is interned."""
+
+    attr: str
+    key: str
+    kind: Kind
+    shared: bool = False
+
+
+#: Every kept participant field (besides `id` and `attributes`). References come last: the
+#: signature of a participant is the raw value of each field in this order.
+KEPT: Final[tuple[Kept, ...]] = (
+    Kept("name", "name", "str", shared=True),
+    Kept("purpose", "purpose", "str", shared=True),
+    Kept("state", "state", "str", shared=True),
+    Kept("direction", "direction", "str", shared=True),
+    Kept("address", "address", "str"),
+    Kept("ani", "ani", "str"),
+    Kept("dnis", "dnis", "str", shared=True),
+    Kept("flagged_reason", "flaggedReason", "str", shared=True),
+    Kept("provider", "provider", "str", shared=True),
+    Kept("monitored_participant_id", "monitoredParticipantId", "str"),
+    Kept("coached_participant_id", "coachedParticipantId", "str"),
+    Kept("barged_participant_id", "bargedParticipantId", "str"),
+    Kept("disconnect_type", "disconnectType", "str", shared=True),
+    Kept("held", "held", "bool"),
+    Kept("muted", "muted", "bool"),
+    Kept("confined", "confined", "bool"),
+    Kept("recording", "recording", "bool"),
+    Kept("connected_time", "connectedTime", "time"),
+    Kept("end_time", "endTime", "time"),
+    Kept("user_id", "user", "ref", shared=True),
+    Kept("queue_id", "queue", "ref", shared=True),
+    Kept("team_id", "team", "ref", shared=True),
+    Kept("external_contact_id", "externalContact", "ref"),
+    Kept("external_organization_id", "externalOrganization", "ref"),
+)
+assert all(f.kind == "ref" for f in KEPT[KEPT.index(next(f for f in KEPT if f.kind == "ref")):])
+
+_ATTRS: Final = tuple(f.attr for f in KEPT)
+_RAW_KEYS: Final = tuple(f.key for f in KEPT if f.kind != "ref")  # read straight off the party
+_REF_KEYS: Final = tuple(f.key for f in KEPT if f.kind == "ref")  # nested {"id": ...}
+_SLOT: Final = {f.attr: i for i, f in enumerate(KEPT)}  # attribute -> place in a signature
+_TIMES: Final = tuple(_SLOT[f.attr] for f in KEPT if f.kind == "time")
+_SIG_RANGE: Final = range(len(KEPT))
+
+Sig = tuple[object, ...]
+
+
+def _check_str(v: object) -> tuple[object, int]:
+    return (v, 0) if v.__class__ is str else (None, 1)
+
+
+def _check_shared(v: object) -> tuple[object, int]:
+    return (_intern(v), 0) if isinstance(v, str) else (None, 1)
+
+
+def _check_bool(v: object) -> tuple[object, int]:
+    return (v, 0) if v is True or v is False else (None, 1)
+
+
+def _check_time(v: object) -> tuple[object, int]:
+    return (v, 0) if isinstance(v, str) and len(v) <= _MAX_TIME_LEN else (None, 1)
+
+
+def _check_ref(v: object) -> tuple[object, int]:
+    return (v, 0) if isinstance(v, str) and v else (None, 1)
+
+
+def _check_shared_ref(v: object) -> tuple[object, int]:
+    return (_intern(v), 0) if isinstance(v, str) and v else (None, 1)
+
+
+def _checker(f: Kept) -> Callable[[object], tuple[object, int]]:
+    if f.kind == "str":
+        return _check_shared if f.shared else _check_str
+    if f.kind == "bool":
+        return _check_bool
+    if f.kind == "time":
+        return _check_time
+    return _check_shared_ref if f.shared else _check_ref
+
+
+#: Per field of KEPT: (value or None, 1 if the value was of the wrong type and is ignored).
+_CHECKS: Final = tuple(_checker(f) for f in KEPT)
+
+
+def _signature(get: Callable[[str], object]) -> Sig:
+    """The raw kept values of one participant, in KEPT order (nested references by id)."""
+    refs = []
+    for key in _REF_KEYS:
+        r = get(key)
+        refs.append(r.get("id") if isinstance(r, dict) else None)
+    return tuple(map(get, _RAW_KEYS)) + tuple(refs)
+
+
+def _normalize(sig: Sig) -> tuple[Sig, int]:
+    """Type-checked signature (wrong types -> None, shared strings interned) and the count
+    of ignored fields."""
+    out: list[object] = []
     bad = 0
-    for i in range(_N_STR):
-        v = out[i]
-        if v is not None and v.__class__ is not str:
-            out[i] = None
-            bad += 1
-    for i in _BOOL_IDX:
-        v = out[i]
-        if v is not None and v is not True and v is not False:
-            out[i] = None
-            bad += 1
-    for i in (_CT, _ET):
-        v = out[i]
-        if v is not None and (v.__class__ is not str or len(v) > _MAX_TIME_LEN):
-            out[i] = None
-            bad += 1
-    for i in _REF_IDX:
-        v = out[i]
-        if v is not None and (v.__class__ is not str or not v):
-            out[i] = None
-            bad += 1
-    for i in _INTERNED_IDX:
-        v = out[i]
-        if v is not None:
-            out[i] = _intern(v)
+    for check, v in zip(_CHECKS, sig):
+        if v is None:
+            out.append(None)
+            continue
+        value, b = check(v)
+        out.append(value)
+        bad += b
     return tuple(out), bad
 
 
-_SIG_LEN: Final = len(_KEYS) + len(_REF_IDX)
-_SIG_RANGE: Final = range(_SIG_LEN)
-_INTERNED: Final = frozenset(_INTERNED_IDX)
-
-
-def _valid(i: int, v: Any) -> tuple[Any, int]:
-    """One raw signature value at index `i`, type-checked: (value or None, 1 if ignored)."""
-    if v is None:
-        return None, 0
-    if i < _N_STR or i >= len(_KEYS):  # strings and reference ids
-        if v.__class__ is not str or (not v and i >= len(_KEYS)):
-            return None, 1
-    elif i < _CT:  # booleans
-        return (v, 0) if v is True or v is False else (None, 1)
-    elif v.__class__ is not str or len(v) > _MAX_TIME_LEN:  # times
-        return None, 1
-    return (_intern(v) if i in _INTERNED else v), 0
-
-
-def _normalize_from(sig: tuple[Any, ...], old: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
+def _normalize_from(sig: Sig, old: Sig) -> tuple[Sig, int]:
     """Like `_normalize`, checking only the values that differ from the stored (already
     normalized) signature `old`: usually one or two of them."""
     out = list(old)
     bad = 0
     for i in compress(_SIG_RANGE, map(ne, sig, old)):
-        out[i], b = _valid(i, sig[i])
+        v = sig[i]
+        if v is None:
+            out[i] = None
+            continue
+        out[i], b = _CHECKS[i](v)
         bad += b
     return tuple(out), bad
 
@@ -164,40 +224,46 @@ def _clean_attributes(a: object) -> tuple[dict[str, str], int]:
     """Only str -> str entries; the count of dropped entries (a non-object counts as one)."""
     if a is None:
         return {}, 0
-    if a.__class__ is not dict:
+    if not isinstance(a, dict):
         return {}, 1
-    items: dict[str, Any] = a
     intern = _intern
     clean = {k: intern(v) if len(v) <= _MAX_ATTR_INTERN_LEN else v
-             for k, v in items.items() if v.__class__ is str}
-    return clean, len(items) - len(clean)
+             for k, v in a.items() if v.__class__ is str}
+    return clean, len(a) - len(clean)
 
 
-def _build(pid: ParticipantId, n: tuple[Any, ...], attributes: dict[str, str],
-           old: Participant | None, old_sig: tuple[Any, ...] | None) -> Participant:
-    if old is not None and old_sig is not None and n[_CT] == old_sig[_CT]:
-        ct = old.connected_time
-    else:
-        ct = parse_time(n[_CT]) if n[_CT] is not None else None
-    if old is not None and old_sig is not None and n[_ET] == old_sig[_ET]:
-        et = old.end_time
-    else:
-        et = parse_time(n[_ET]) if n[_ET] is not None else None
-    return Participant(
-        pid, n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[19], n[20], n[21], n[22], n[23],
-        n[7], n[13], n[14], n[15], n[16], n[8], n[9], n[10], n[11], n[12], ct, et, attributes,
-    )
+def _build(pid: ParticipantId, n: Sig, attributes: dict[str, str],
+           old: Participant | None, old_sig: Sig | None) -> Participant:
+    """The Participant of normalized signature `n`, field by field by name; times are
+    parsed only when their text changed."""
+    kw: dict[str, object] = dict(zip(_ATTRS, n))
+    for i in _TIMES:
+        attr = _ATTRS[i]
+        if old is not None and old_sig is not None and n[i] == old_sig[i]:
+            kw[attr] = getattr(old, attr)
+        else:
+            raw = n[i]
+            kw[attr] = parse_time(raw) if isinstance(raw, str) else None
+    return Participant(id=pid, attributes=attributes, **kw)  # type: ignore[arg-type]
 
 
-def _has_live_party(parts: list[Any]) -> bool:
+def _has_live_party(parts: list[object]) -> tuple[bool, int]:
+    """Whether a snapshot lists a live party with an id; and how many participants it lists
+    without a usable id."""
+    live = False
+    missing = 0
     for p in parts:
         if p.__class__ is dict:
             pid = p.get("id")
             state = p.get("state")
+            if not (pid.__class__ is str and pid):
+                missing += 1
             # A raw value may be unhashable: type-check before the set lookup.
-            if pid.__class__ is str and pid and (state.__class__ is not str or state not in _FINAL):
-                return True
-    return False
+            elif state.__class__ is not str or not is_final_state(state):
+                live = True
+        else:
+            missing += 1
+    return live, missing
 
 
 class _Entry:
@@ -206,7 +272,7 @@ class _Entry:
     def __init__(self, call: Call) -> None:
         self.call = call
         # Normalized signatures of the live participants only: final ones are frozen.
-        self.sigs: dict[ParticipantId, tuple[Any, ...]] = {}
+        self.sigs: dict[ParticipantId, Sig] = {}
 
 
 STAT_KEYS: Final = (
@@ -219,6 +285,14 @@ STAT_KEYS: Final = (
     "retracked_after_evict",  # snapshots for an evicted call with a live party
     "evicted",  # ended calls dropped after the grace
     "evicted_idle",  # calls dropped after idle_timeout without updates
+)
+
+#: Why a snapshot was (partly) unusable, as `CallStore.problems` reports it (metric labels).
+PROBLEMS: Final = (
+    "bad_conversation",  # no string id, or participants not a list: nothing applied
+    "bad_participant",  # a participant that is not an object: skipped
+    "participant_missing_id",  # a participant without a string id: skipped
+    "bad_field",  # a kept field (or an attribute) of the wrong type: ignored, the rest applied
 )
 
 
@@ -242,6 +316,8 @@ class CallStore:
         self._ended: deque[tuple[float, str]] = deque()
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self._next_idle_scan: float | None = None
+        #: What was wrong with the last snapshot `apply` saw (`PROBLEMS` tokens, each once).
+        self.problems: tuple[str, ...] = ()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -277,18 +353,25 @@ class CallStore:
     def apply(self, conv: Mapping[str, Any], now: float, *, received_at: float | None = None,
               source: ChangeSource = "event") -> Change | None:
         """Fold one conversation snapshot in. None: nothing changed (or the input is unusable,
-        which is counted in `stats`). `received_at` defaults to `now`."""
+        which is counted in `stats`). `received_at` defaults to `now`. What was wrong with the
+        snapshot, if anything, is in `problems` until the next `apply` (`PROBLEMS` tokens,
+        each once)."""
         stats = self.stats
+        self.problems = ()
         cid = conv.get("id")
         parts = conv.get("participants")
         if cid.__class__ is not str or not cid or parts.__class__ is not list:
             stats["conversations_rejected"] += 1
+            self._problem("bad_conversation")
             return None
         entry = self._calls.get(cid)
         new_call = entry is None
         if entry is None:
             if cid in self._evicted:
-                if not _has_live_party(parts):
+                live, missing = _has_live_party(parts)
+                if missing:
+                    self._problem("participant_missing_id")
+                if not live:
                     stats["late_after_evict"] += 1
                     return None
                 del self._evicted[cid]
@@ -297,40 +380,28 @@ class CallStore:
         call = entry.call
         # Keys are ParticipantIds (NewType of str); plain str views avoid a cast() per party.
         parties: dict[str, Participant] = call.participants  # type: ignore[assignment]
-        sigs: dict[str, tuple[Any, ...]] = entry.sigs  # type: ignore[assignment]
+        sigs: dict[str, Sig] = entry.sigs  # type: ignore[assignment]
         changed: list[Participant] = []
         call_changed = new_call
-        final = _FINAL
-        keys = _KEYS
         dict_ = dict
         for p in parts:
             if p.__class__ is not dict_:
                 stats["participants_dropped"] += 1
+                self._problem("bad_participant")
                 continue
             get = p.get
             pid = get("id")
             if pid.__class__ is not str or not pid:
                 stats["participants_dropped"] += 1
+                self._problem("participant_missing_id")
                 continue
             old = parties.get(pid)
-            if old is not None and old.state in final:
+            if old is not None and old.is_final:
                 state = get("state")
-                if state.__class__ is str and state not in final:
+                if state.__class__ is str and not is_final_state(state):
                     stats["revival_blocked"] += 1
                 continue
-            # The signature, inlined (hot path): raw kept fields plus nested reference ids.
-            u = get("user")
-            q = get("queue")
-            t = get("team")
-            ec = get("externalContact")
-            eo = get("externalOrganization")
-            sig = tuple(map(get, keys)) + (
-                u.get("id") if u.__class__ is dict_ else None,
-                q.get("id") if q.__class__ is dict_ else None,
-                t.get("id") if t.__class__ is dict_ else None,
-                ec.get("id") if ec.__class__ is dict_ else None,
-                eo.get("id") if eo.__class__ is dict_ else None,
-            )
+            sig = _signature(get)
             a = get("attributes")
             if old is not None:
                 old_sig = sigs.get(pid)
@@ -351,12 +422,13 @@ class CallStore:
                     same_attrs = True
             if bad:
                 stats["fields_ignored"] += bad
+                self._problem("bad_field")
             if same_attrs and norm == old_sig:
                 continue  # differed only by ignored (wrong-typed) values
             newp = _build(cast(ParticipantId, pid) if old is None else old.id,
                           norm, attrs, old, old_sig)
             parties[newp.id] = newp
-            if newp.state in final:
+            if newp.is_final:
                 sigs.pop(newp.id, None)
             else:
                 sigs[newp.id] = norm
@@ -377,10 +449,12 @@ class CallStore:
         rs = conv.get("recordingState")
         if rs is not None and rs.__class__ is not str:
             stats["fields_ignored"] += 1
+            self._problem("bad_field")
             rs = None
         sp = conv.get("securePause")
         if sp is not None and sp is not True and sp is not False:
             stats["fields_ignored"] += 1
+            self._problem("bad_field")
             sp = None
         if rs != call.recording_state or sp != call.secure_pause:
             call.recording_state = _intern(rs) if rs is not None else None
@@ -390,7 +464,7 @@ class CallStore:
         if changed or new_call:
             live = False
             for party in parties.values():
-                if party.state not in _FINAL:
+                if not party.is_final:
                     live = True
                     break
             if live:
@@ -425,7 +499,7 @@ class CallStore:
         parties = call.participants
         changed: list[Participant] = []
         for pid, p in list(parties.items()):
-            if p.state not in _FINAL:
+            if not p.is_final:
                 gone = dataclasses.replace(
                     p, state="disconnected",
                     end_time=p.end_time if p.end_time is not None else now)
@@ -478,6 +552,10 @@ class CallStore:
                     self.stats["evicted_idle"] += len(stale)
                     log.warning("calls_evicted_idle", count=len(stale), idle_seconds=idle)
         return out
+
+    def _problem(self, reason: str) -> None:
+        if reason not in self.problems:
+            self.problems += (reason,)
 
     def _remember(self, cid: str) -> None:
         if self.remember_evicted <= 0:

@@ -47,6 +47,7 @@ from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog
 from daemon.config import Config, load_config, resolve_credentials
 from daemon.core.engine import Engine, Step
+from daemon.core.events import Rejected, excerpt
 from daemon.core.enforcement import SafetyValve
 from daemon.service.enforcer import Enforcer
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
@@ -566,7 +567,7 @@ class Daemon:
             self._record.flush()
         fed = self.engine.feed(raw, received_at)
         self._account(fed.message, received_at)
-        self._handle(fed)
+        self._handle(fed, raw)
         if self._trace_events:  # the canonical line per processed event (at debug level)
             change = fed.change
             event_log.debug("event", kind=type(fed.message).__name__,
@@ -578,15 +579,29 @@ class Daemon:
 
     def _account(self, message: Any, received_at: float) -> None:
         topic = getattr(message, "topic", None)
-        reason = getattr(message, "reason", None)
-        if reason is not None:
-            self.metrics.events_rejected.labels(reason=reason).inc()
-            log.warning("event_rejected", reason=reason, excerpt=getattr(message, "excerpt", ""))
-        elif topic is not None:
+        if topic is not None and getattr(message, "reason", None) is None:
             self.metrics.events_received.labels(topic=topic).inc()
 
-    def _handle(self, step: Step) -> None:
+    def _rejected(self, step: Step, raw: bytes | str | None) -> None:
+        """Malformed input, counted by reason and logged once: a frame refused whole, or a
+        snapshot (frame or REST reply) applied in part (`applied` true: a participant
+        skipped, a wrong-typed field ignored)."""
+        for reason in step.rejected:
+            self.metrics.events_rejected.labels(reason=reason).inc()
+        message = step.message
+        text = getattr(message, "excerpt", None)
+        if text is None:
+            text = excerpt(raw) if raw is not None else ""
+        log.warning("event_rejected", reason=step.rejected[0], reasons=list(step.rejected),
+                    applied=not isinstance(message, Rejected),
+                    source="stream" if message is not None else "rest",
+                    conversation_id=step.change.call.id if step.change is not None else None,
+                    excerpt=text)
+
+    def _handle(self, step: Step, raw: bytes | str | None = None) -> None:
         """Every engine result (frame, resync read, 404) takes this one path to enforcement."""
+        if step.rejected:
+            self._rejected(step, raw)
         if step.change is not None:
             self.metrics.tracked_calls.set(len(self.engine.store))
         self._observe_latency(step.decisions)

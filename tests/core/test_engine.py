@@ -184,3 +184,56 @@ def test_store_errors_are_contained() -> None:
     assert isinstance(fed.message, CallEvent) and fed.change is None and fed.decisions == []
     assert engine.apply_conversation(body(party("a")), T0).decisions == []
     assert engine.counters["state_errors"] == 2 and rules.changes == []
+
+
+# ------------------------------------------------------------------ malformed input, counted once
+
+
+def test_participant_without_id_is_counted_on_both_paths() -> None:
+    engine, _ = make()
+    bad = {k: v for k, v in party("nobody").items() if k != "id"}
+    step = engine.feed(frame(body(party("a"), bad)), T0)
+    assert step.change is not None and step.rejected == ("participant_missing_id",)
+    assert engine.rejected["participant_missing_id"] == 1
+    assert "a" in step.change.call.participants  # the rest of the event was applied
+    # the path of a call already evicted: the frame is dropped, the bad participant counted
+    engine.feed(frame(body(party("a", state="disconnected"))), T0 + 1)
+    engine.tick(T0 + 100)
+    assert engine.store.was_evicted("c1")
+    late = engine.feed(frame(body(party("a", state="disconnected"), bad)), T0 + 101)
+    assert late.change is None and late.rejected == ("participant_missing_id",)
+    assert engine.rejected["participant_missing_id"] == 2
+    # a participant that is not an object
+    step = engine.feed(frame(conversation("c2", [party("x"), "not an object"])), T0 + 102)
+    assert step.rejected == ("bad_participant",) and engine.rejected["bad_participant"] == 1
+
+
+def test_wrong_typed_field_is_ignored_counted_and_the_rest_applied() -> None:
+    engine, _ = make()
+    step = engine.feed(frame(body(party("a", held="yes", muted=True))), T0)
+    assert step.rejected == ("bad_field",) and engine.rejected["bad_field"] == 1
+    assert step.change is not None
+    p = step.change.call.participants[ParticipantId("a")]
+    assert p.held is None and p.muted is True
+    # every such frame is counted, even when it changes nothing else
+    again = engine.feed(frame(body(party("a", held="yes", muted=True))), T0 + 1)
+    assert again.change is None and again.rejected == ("bad_field",)
+    assert engine.rejected["bad_field"] == 2
+    clean = engine.feed(frame(body(party("a", held=True, muted=True))), T0 + 2)
+    assert clean.rejected == () and clean.change is not None
+
+
+def test_oversized_frame_is_rejected_unread() -> None:
+    engine, rules = make()
+    big = frame(body(party("a", attributes={"blob": "x" * (2 << 20)})))
+    assert len(big) > 2_000_000
+    step = engine.feed(big, T0)
+    assert isinstance(step.message, Rejected) and step.message.reason == "too_large"
+    assert step.rejected == ("too_large",) and engine.rejected["too_large"] == 1
+    assert step.change is None and rules.changes == [] and len(engine.store) == 0
+
+
+def test_every_store_problem_is_a_reject_reason() -> None:
+    from daemon.core.state import PROBLEMS
+    assert set(PROBLEMS) <= set(REJECT_REASONS)
+    assert set(REJECT_REASONS) <= set(Engine(StubRules()).rejected)
