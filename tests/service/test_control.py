@@ -71,9 +71,9 @@ async def test_remove_by_address_202_then_disconnected(tmp_path: Path) -> None:
         assert kinds[0] == "decision" and "outcome" in kinds
         decision = recs[0]
         assert decision["rule"] == "control:orchestrator"
-        assert decision["matched"]["caller"] == "orchestrator"
-        assert decision["matched"]["reason"] == "consent withdrawn"
-        assert decision["message"] == "consent withdrawn"
+        assert decision["origin"] == {"caller": "orchestrator", "reason": "consent withdrawn"}
+        assert decision["matched"] == {"address": "+1 (415) 555-0123"}
+        assert decision["message"].endswith("by orchestrator: consent withdrawn")
         assert recs[-1]["outcome"] == "disconnected"
         # The second caller cannot see the first caller's ejection.
         st, err, _ = await api.request("GET", f"/v1/ejections/{body['id']}", token=OTHER_TOKEN)
@@ -297,6 +297,15 @@ async def test_standby_and_draining_answer_503(tmp_path: Path) -> None:
         assert st == 200  # reads still answer on a standby
         daemon.ha_role = None
         assert daemon.enforcer is not None
+
+        class ClosedGate:  # the lease lost between the API's check and the enforcer's
+            def may_send(self) -> bool:
+                return False
+        gate = daemon.enforcer.gate
+        daemon.enforcer.gate = ClosedGate()
+        st, body, _ = await api.eject({"conversationId": cid, "participantId": ext})
+        assert st == 202 and body["state"] == "standby", body
+        daemon.enforcer.gate = gate
         daemon.enforcer.stop_accepting()  # what stop() does first
         st, err, _ = await api.eject({"conversationId": cid, "participantId": ext})
         assert st == 503 and err["code"] == "draining"

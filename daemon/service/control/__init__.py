@@ -3,7 +3,7 @@ from a live call, and read the calls it holds in memory. Off unless `control.lis
 
 Modules: `models` (pydantic bodies, the single source of the OpenAPI document), `openapi`,
 `auth` (tokens, constant-time lookup, per-caller limit), `service` (resolution,
-idempotency, ejections; no HTTP), `enforcement` (the seam to the enforcer), `server`
+idempotency, ejections; no HTTP), `server`
 (aiohttp listener). `start_control(daemon)` builds and starts it for a `Daemon`.
 """
 
@@ -13,7 +13,6 @@ from typing import Any
 
 from daemon.errors import ConfigError
 from daemon.service.control.auth import Authenticator, CallerLimiter, load_callers
-from daemon.service.control.enforcement import TapSubmitter
 from daemon.service.control.server import ControlServer
 from daemon.service.control.service import Availability, ControlService
 
@@ -45,8 +44,7 @@ async def start_control(daemon: Any) -> ControlServer:
     that cannot be bound."""
     cfg = daemon.config
     callers = load_callers(cfg)
-    service = ControlService(TapSubmitter(daemon.enforcer, clock=daemon.clock),
-                             daemon.engine.store, daemon.client,
+    service = ControlService(daemon.enforcer.submit, daemon.engine.store, daemon.client,
                              availability=lambda: _availability(daemon), clock=daemon.clock)
     server = ControlServer(service, Authenticator(callers),
                            CallerLimiter(cfg.control.max_requests_per_minute),

@@ -24,6 +24,7 @@ import structlog
 from pydantic import BaseModel
 
 from daemon.commands.eject import Selector, SelectorKind, resolve_target
+from daemon.core.enforcement import Origin
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Decision, Participant
 from daemon.core.timefmt import format_time
@@ -74,10 +75,10 @@ class RemovalHandle(Protocol):
 
 
 class SubmitManual(Protocol):
-    """Audits `decision` (origin: `caller`, `reason`) before returning, then acts on it like
-    a rule's decision; never raises."""
+    """`Enforcer.submit`: audits `decision` (its `origin` names the caller and the reason)
+    before returning, then acts on it like a rule's decision; never raises."""
 
-    def __call__(self, decision: Decision, *, caller: str, reason: str | None) -> RemovalHandle: ...
+    def __call__(self, decision: Decision) -> RemovalHandle: ...
 
 
 class CallSource(Protocol):
@@ -287,11 +288,11 @@ class ControlService:
             rule=RuleName(f"control:{caller}"), action="disconnect",
             conversation_id=ConversationId(cid), participant_id=pid,
             purpose=_str(res.target.get("purpose")),
-            matched={"caller": caller, field_name: value, "reason": request.reason},
-            severity="warning", tags=("control",),
-            message=request.reason or f"removal requested over the control API by {caller}",
-            decided_at=now, received_at=now)
-        handle = self.submit(decision, caller=caller, reason=request.reason)
+            matched={field_name: value}, severity="warning", tags=("control",),
+            message=f"removal requested over the control API by {caller}"
+                    + (f": {request.reason}" if request.reason else ""),
+            decided_at=now, received_at=now, origin=Origin(caller, request.reason))
+        handle = self.submit(decision)
         ej = _Ejection(id=str(uuid.uuid4()), caller=caller, reason=request.reason,
                        conversation_id=cid, participant_id=pid, requested_at=now, handle=handle)
         self._remember(ej)
