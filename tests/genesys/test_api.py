@@ -404,7 +404,7 @@ async def test_active_conversations_query_batches_and_pages() -> None:
 
 
 async def test_requests_use_their_priority_slot() -> None:
-    lim = RequestLimiter(1, enforce_reserve=0.0, window=0.3)  # one request a 0.3 s window
+    lim = RequestLimiter(1, enforce_reserve=0.0, window=1.0)  # one request a 1 s window
     g = Genesys(lambda r: httpx.Response(202) if r.method == "PATCH" else httpx.Response(200, json=CALL))
     async with client(g, limiter=lim) as c:
         await c.tokens.token()
