@@ -49,11 +49,13 @@ ROLES: tuple[str, ...] = tuple(r.value for r in Role)
 @dataclass(frozen=True, slots=True)
 class LeaseView:
     """What the database said about the lease row after an attempt: who holds it, its
-    epoch, and whether that holder is us."""
+    epoch, whether that holder is us, and (when known) how many seconds ago, by the
+    database's clock, the holder last renewed it."""
 
     holder: str | None
     epoch: int
     ours: bool
+    age: float | None = None
 
 
 class LeasePolicy:
@@ -87,6 +89,7 @@ class LeasePolicy:
         self._renewed_at: float | None = None  # sent_at of the last successful renewal
         self._reachable = False  # the last attempt got an answer from the database
         self._last_attempt: float | None = None
+        self._seen: tuple[float, float] | None = None  # (holder's renewal age, at) as a standby
         self.epoch = 0  # our epoch while leader; else the last epoch the database showed
         self.holder: str | None = None
 
@@ -104,8 +107,15 @@ class LeasePolicy:
         return Role.STANDBY
 
     def lease_age(self, now: float) -> float | None:
-        """Seconds since our last successful renewal was sent (None if we never held it)."""
-        return None if self._renewed_at is None else max(0.0, now - self._renewed_at)
+        """Seconds since the lease was last renewed: by us (from when the renewal was sent)
+        while leader; else by its holder, as the database last showed it (aged on our
+        clock since). None when neither is known (never reached the database)."""
+        if self._leader and self._renewed_at is not None:
+            return max(0.0, now - self._renewed_at)
+        if self._seen is not None:
+            age, at = self._seen
+            return max(0.0, age + now - at)
+        return None
 
     @property
     def is_leader(self) -> bool:
@@ -139,6 +149,7 @@ class LeasePolicy:
             self._leader = False
             self._valid_until = None
             self.epoch = view.epoch
+            self._seen = (view.age, sent_at) if view.age is not None and view.holder else None
             return False
         became = not self._leader or view.epoch != self.epoch
         self._leader = True
@@ -151,6 +162,7 @@ class LeasePolicy:
         """The attempt got no answer (connection lost, timeout, database error): stop
         sending at once."""
         self._reachable = False
+        self._seen = None
         self._leader = False
         self._valid_until = None
 

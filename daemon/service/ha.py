@@ -170,7 +170,8 @@ class HaNode:
         return self.policy.lease_age(self._clock())
 
     def health(self) -> dict[str, Any]:
-        """The `/healthz` keys: role, epoch, node, lease_age (seconds, None if never held)."""
+        """The `/healthz` keys: role, epoch, node, lease_age (seconds since the lease was
+        last renewed, by us or by its holder; None when unknown)."""
         age = self.lease_age()
         return {"role": self.role.value, "epoch": self.epoch, "node": self.node,
                 "lease_age": None if age is None else round(age, 3)}
@@ -307,15 +308,17 @@ class HaNode:
             timeout=self._timeout)
         if row is not None:
             return LeaseView(self.node, int(row["epoch"]), True)
-        current = await conn.fetchrow("SELECT holder, epoch FROM confguard_lease WHERE name = $1",
-                                      self.lease, timeout=self._timeout)
+        current = await conn.fetchrow(
+            "SELECT holder, epoch, extract(epoch FROM clock_timestamp() - renewed_at)::float8 AS age "
+            "FROM confguard_lease WHERE name = $1", self.lease, timeout=self._timeout)
         if current is None:
             return LeaseView(None, self.policy.epoch, False)
-        return LeaseView(current["holder"], int(current["epoch"]), False)
+        return LeaseView(current["holder"], int(current["epoch"]), False, current["age"])
 
     async def _take(self, conn: Any) -> LeaseView:
         terminate: int | None = None
         select = ("SELECT holder, epoch, holder_pid, expires_at <= clock_timestamp() AS expired, "
+                  "extract(epoch FROM clock_timestamp() - renewed_at)::float8 AS age, "
                   "(holder_pid IS NULL OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
                   "WHERE a.pid = holder_pid)) AS session_gone "
                   "FROM confguard_lease WHERE name = $1 FOR UPDATE")
@@ -337,7 +340,7 @@ class HaNode:
                 log.info("ha_holder_session_gone", node=self.node, holder=holder, epoch=epoch)
                 free = True
             if not free:
-                return LeaseView(holder, epoch, False)
+                return LeaseView(holder, epoch, False, row["age"])
             if holder is not None and row["holder_pid"] is not None and not row["session_gone"]:
                 terminate = int(row["holder_pid"])
             new = await conn.fetchval(

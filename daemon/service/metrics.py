@@ -197,8 +197,9 @@ class Metrics:
             p + "ha_epoch", "The lease epoch (fencing token) this node holds or last saw.",
             registry=r)
         self.ha_lease_age_seconds: Gauge = Gauge(
-            p + "ha_lease_age_seconds", "Seconds since this node's last successful lease "
-            "renewal was sent (0 when it never held the lease).", registry=r)
+            p + "ha_lease_age_seconds", "Seconds since the lease was last renewed: by this "
+            "node while leader, else by its holder as the database showed it (0 when unknown).",
+            registry=r)
         self.ha_renewals: Counter = Counter(
             p + "ha_renewals", "Lease renewals by a leader, by result (ok, failed, lost).",
             ["result"], registry=r)

@@ -98,3 +98,12 @@ def test_margin_must_leave_room_for_renewals() -> None:
         LeasePolicy(3.0, safety_margin=2.5)
     assert LeasePolicy(2.0).safety_margin == pytest.approx(0.4)
     assert LeasePolicy(60.0).safety_margin == 2.0
+
+
+def test_a_standby_reports_the_holders_lease_age() -> None:
+    p = LeasePolicy(6.0)
+    p.attempt_started(10.0)
+    p.succeeded(10.0, LeaseView("b", 4, False, age=0.5))
+    assert p.lease_age(11.0) == pytest.approx(1.5)  # aged on our clock since the answer
+    p.failed()
+    assert p.lease_age(11.0) is None  # the database is silent: unknown

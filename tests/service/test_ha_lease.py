@@ -99,6 +99,8 @@ async def test_two_nodes_started_at_once_elect_exactly_one_leader(pair: Pair) ->
     h = leader.health()
     assert h["role"] == "leader" and h["epoch"] == 1 and h["node"] == leader.node
     assert 0 <= h["lease_age"] < TAKEOVER
+    hs = standby.health()
+    assert hs["role"] == "standby" and 0 <= hs["lease_age"] < TAKEOVER  # the leader's renewal, seen
     text = m.render().decode()
     role = "leader" if leader is a else "standby"
     assert f'confguard_ha_role{{role="{role}"}} 1.0' in text
