@@ -32,7 +32,10 @@ EXIT_DONE, EXIT_AMBIGUOUS, EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_PERMISSION, EXIT_AP
 #: Seconds to wait for a final state: the enforcer confirms within ~5 s and retries an
 #: unconfirmed PATCH once, and a 409/429 back-off can add a few seconds more.
 WAIT_SECONDS = 60.0
-POLL_INTERVAL = 0.2
+#: Polls of GET /v1/ejections/{id}: 0.05 s, doubling up to 1 s (well inside the default
+#: 120 requests a minute per caller); a 429 waits its Retry-After.
+POLL_FIRST = 0.05
+POLL_INTERVAL = 1.0
 
 _FIELD = {"participant": "participantId", "user": "userId",
           "external_contact": "externalContactId", "address": "address", "name": "name"}
@@ -106,9 +109,14 @@ async def eject_via_control(url: str, token: str, body: dict[str, str], *, dry_r
                 f"(ejection {eid}) ...")
             state, final = str(answer.get("state")), answer
             deadline = time.monotonic() + wait_seconds
+            pause = POLL_FIRST
             while state == "pending" and time.monotonic() < deadline:
-                await asyncio.sleep(POLL_INTERVAL)
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(POLL_INTERVAL, pause * 2)
                 g = await http.get(f"{base}/v1/ejections/{eid}", headers=headers)
+                if g.status_code == 429:  # the caller's own limit: wait as told, keep waiting
+                    pause = max(pause, _retry_after(g))
+                    continue
                 final = _json(g)
                 if g.status_code != 200:
                     return _refused(g.status_code, final, say, fail)
@@ -129,6 +137,13 @@ async def eject_via_control(url: str, token: str, body: dict[str, str], *, dry_r
         return code
     error = final.get("error")
     return fail(text + detail + (f": {error}" if error else ""), code)
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return min(10.0, max(0.1, float(r.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _json(r: httpx.Response) -> dict[str, Any]:

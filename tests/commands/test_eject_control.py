@@ -74,3 +74,32 @@ async def test_eject_control_argument_errors_and_unreachable(tmp_path: Path) -> 
                                  str(tmp_path / "missing"), "--conversation", "c", "--name", "x",
                                  env=_env())
     assert code == 2 and "--token-file" in err
+
+
+async def test_polling_waits_out_a_429_from_the_callers_own_limit() -> None:
+    """Edge case a live daemon cannot produce quickly (a removal slower than the caller's
+    limit): a mock transport answers the first poll 429, the next one final."""
+    import io
+
+    import httpx
+
+    from daemon.commands.eject_control import eject_via_control
+
+    polls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Authorization"] == "Bearer tok-1234567890abcdef"
+        if request.method == "POST":
+            return httpx.Response(202, json={"id": "e1", "state": "pending",
+                                             "conversationId": "c", "participantId": "p"})
+        polls.append(1)
+        if len(polls) == 1:
+            return httpx.Response(429, headers={"Retry-After": "0.1"},
+                                  json={"status": 429, "code": "rate_limited", "message": "slow down"})
+        return httpx.Response(200, json={"id": "e1", "state": "disconnected", "httpStatus": 202,
+                                         "attempts": 1})
+    out = io.StringIO()
+    code = await eject_via_control("http://127.0.0.1:1", "tok-1234567890abcdef",
+                                   {"conversationId": "c", "participantId": "p"}, out=out,
+                                   transport=httpx.MockTransport(handler), wait_seconds=10)
+    assert code == 0 and len(polls) == 2 and "removed p" in out.getvalue()
