@@ -33,7 +33,9 @@ by a background writer started in the same turn as the PATCH (never awaited on t
 path). A new leader reads, on take-over, the rows of the last `2 * takeover_after` and the
 ones never closed: their calls are re-read before it sends anything, and rows of another
 node with no outcome are closed (an outcome record in the new leader's audit, and the
-row's `outcome`). Rows older than a day with an outcome are deleted by the leader.
+row's `outcome`); a node's own rows are left to its own enforcer and, after a restart, to
+the start-up closing from its own audit trail. Rows older than a day are deleted by the
+leader (hourly).
 
 Passwords in the DSN never reach a log line: errors are reported by type and message
 only (asyncpg does not echo the DSN), and the DSN is logged with its password masked.
@@ -470,7 +472,7 @@ class HaNode:
                 last_prune = self._clock()
                 with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     conn = await self._data_conn()
-                    await conn.execute("DELETE FROM confguard_decisions WHERE lease = $1 AND outcome IS NOT NULL "
+                    await conn.execute("DELETE FROM confguard_decisions WHERE lease = $1 "
                                        "AND decided_at < clock_timestamp() - interval '1 day'", self.lease,
                                        timeout=self._timeout)
 
@@ -596,12 +598,16 @@ class Failover:
             log.error("ha_takeover_rows_unreadable", error_type=type(exc).__name__,
                       detail="re-reading only the calls this node decided as standby")
         horizon = self._clock() - window
+        # Another node's rows only: this node's own decisions (an earlier term, or an earlier
+        # run under the same node name) are finished by its own enforcer, or closed from its
+        # own audit trail at start-up.
+        mine = self.node.node
+        rows = [r for r in rows if r.node != mine]
         calls = {cid for cid, t in self._recent.items() if t >= horizon}
         calls |= {r.conversation_id for r in rows}
-        mine = self.node.node
         unfinished = [Unfinished(r.rule, r.conversation_id, r.participant_id, node=r.node,
                                  epoch=r.epoch, row_id=r.id)
-                      for r in rows if r.outcome is None and not (r.node == mine and r.epoch == epoch)]
+                      for r in rows if r.outcome is None]
         reread = 0
         closed = 0
 

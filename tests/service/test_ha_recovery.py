@@ -126,6 +126,10 @@ async def test_take_over_closes_the_old_leaders_unfinished_rows(
         await conn.execute("INSERT INTO confguard_decisions (lease, node, epoch, conversation_id, "
                            "participant_id, rule) VALUES ($1, 'host-x', 7, $2, $3, 'flagged-party')",
                            lease, conv.id, cust.id)
+        # A row of this node's own earlier run: left to its own audit trail, not closed here.
+        await conn.execute("INSERT INTO confguard_decisions (lease, node, epoch, conversation_id, "
+                           "participant_id, rule) VALUES ($1, 'host-a', 3, 'c-own', 'p-own', 'flagged-party')",
+                           lease)
         d = ha_daemon(sandbox, postgres, tmp_path / "a", "host-a", lease)
         try:
             await d.start()
@@ -138,8 +142,8 @@ async def test_take_over_closes_the_old_leaders_unfinished_rows(
             rec = closing[0]
             assert rec["outcome"] == "disconnected" and rec["closes"] == {"node": "host-x", "epoch": 7}
             assert rec["node"] == "host-a" and rec["epoch"] == 8
-            row = await conn.fetchrow("SELECT outcome FROM confguard_decisions WHERE lease = $1", lease)
-            assert row["outcome"] == "disconnected"
+            rows = dict(await conn.fetch("SELECT node, outcome FROM confguard_decisions WHERE lease = $1", lease))
+            assert rows == {"host-x": "disconnected", "host-a": None}
             assert ok_patches(sandbox, conv, cust) == []  # no second PATCH
             d.send(signal.SIGTERM)
             assert await d.wait_exit() == 0
