@@ -148,7 +148,9 @@ async def test_errors_400_401_404_409_413(tmp_path: Path) -> None:
             assert st == 401  # unknown paths are not revealed to the unauthenticated
         assert _counter(daemon, "control_auth_failures", reason="missing") == 1
         assert _counter(daemon, "control_auth_failures", reason="unknown_token") == 3
-        assert [e for e in logs if e["event"] == "control_auth_failed"]
+        failed = [e for e in logs if e["event"] == "control_auth_failed"]
+        # One line per remote and reason per 10 s: missing once, unknown_token once.
+        assert sorted(e["reason"] for e in failed) == ["missing", "unknown_token"]
         assert TOKEN[:8] not in json.dumps(logs, default=str)
         cases: list[tuple[Any, str]] = [
             (b"{not json", "bad_json"),

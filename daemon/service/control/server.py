@@ -29,7 +29,8 @@ log = structlog.get_logger("confguard.control")
 
 MAX_BODY = 64 * 1024  # bytes
 ANONYMOUS = "-"  # the caller label of requests that did not authenticate
-CALLER = web.RequestKey("caller", str)  # the authenticated caller's name, on the request
+CALLER = web.RequestKey("caller", str)
+AUTH_LOG_INTERVAL = 10.0  # seconds between control_auth_failed lines per remote and reason  # the authenticated caller's name, on the request
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           413: "body_too_large", 415: "unsupported_media_type", 429: "rate_limited",
@@ -73,6 +74,7 @@ class ControlServer:
         self.limiter = limiter
         self.metrics = metrics
         self._runner: web.AppRunner | None = None
+        self._auth_log: dict[tuple[str, str], tuple[float, int]] = {}  # (remote, reason) -> (logged at, skipped)
         self.host: str | None = None
         self.port: int | None = None
 
@@ -123,8 +125,7 @@ class ControlServer:
             assert reason is not None
             if self.metrics is not None:
                 self.metrics.control_auth_failures.labels(reason=reason).inc()
-            log.warning("control_auth_failed", reason=reason, method=request.method,
-                        route=route, remote=request.remote)
+            self._log_auth_failure(reason, request, route)
             resp = _response(error(401, "unauthorized",
                                    "send Authorization: Bearer <token> with a configured caller's token"
                                    if reason == "missing" else "unknown token",
@@ -164,6 +165,22 @@ class ControlServer:
         except Exception:  # a bug: one clear line, a JSON 500, and the daemon carries on
             log.exception("control_request_crashed", caller=caller, route=route)
             return _response(error(500, "internal_error", "internal error; see the daemon log"))
+
+    def _log_auth_failure(self, reason: str, request: web.Request, route: str) -> None:
+        """One `control_auth_failed` line per remote address and reason every
+        AUTH_LOG_INTERVAL seconds, with how many were not logged since: a client retrying
+        a bad token in a loop must not flood the log (the metric counts every one)."""
+        key = (request.remote or "?", reason)
+        now = time.monotonic()
+        last, skipped = self._auth_log.get(key, (-AUTH_LOG_INTERVAL, 0))
+        if now - last < AUTH_LOG_INTERVAL:
+            self._auth_log[key] = (last, skipped + 1)
+            return
+        if len(self._auth_log) >= 1024 and key not in self._auth_log:
+            self._auth_log.clear()  # bounded: many addresses at once; start afresh
+        self._auth_log[key] = (now, 0)
+        log.warning("control_auth_failed", reason=reason, method=request.method, route=route,
+                    remote=request.remote, not_logged_since=skipped)
 
     def _account(self, request: web.Request, caller: str | None, route: str, status: int,
                  started: float) -> None:
