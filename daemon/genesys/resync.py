@@ -572,8 +572,13 @@ class Reconciler:
     # ------------------------------------------------------------------ internals
 
     async def _worker(self, queue: deque[ConversationId]) -> None:
+        store = self.resyncer._engine.store
         while queue:
             cid = queue.popleft()
+            call = store.get(cid)
+            if call is not None and (call.is_ended or max(
+                    call.last_update, self.resyncer.last_read.get(cid, 0.0)) > self._clock() - self.interval):
+                continue  # an event came (or the call ended) while it waited for the share
             report = ResyncReport(reason=RECONCILE_TAG, started_at=self._clock(),
                                   reasons=[RECONCILE_TAG])
             step = await self.resyncer._read_one(cid, report)
