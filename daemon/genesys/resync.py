@@ -11,7 +11,8 @@ from REST. `Resyncer.resync(reason)`:
 3. orders conferences first (3+ live parties in the analytics reply, see
    `analytics_parties`, or 3+ connected parties in the store; more parties first), then the
    rest: conferences are what rules act on;
-4. reads each call with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
+4. reads each call (skipping one that an event or another read updated after the resync
+   began: it is already up to date) with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
    the client's shared limiter, `concurrency` at a time, in that order; each reply goes to
    `engine.apply_conversation(conv, now, source="resync")` and the resulting `Step` goes to
    `on_step` at once (enforcement never waits for the whole resync; the step takes the same
@@ -112,6 +113,7 @@ class ResyncReport:
     errors: int = 0  # GET failed otherwise (logged, counted)
     decisions: int = 0
     rejected: int = 0  # malformed analytics entries
+    fresh: int = 0  # not read: an event (or a read) updated it after this resync began
     reasons: list[str] = field(default_factory=list)
 
 
@@ -305,7 +307,8 @@ class Resyncer:
             self._metrics.resync_last_seconds.set(report.seconds)
         log.info("resync_done", reasons=reasons, calls=report.calls, updated=report.updated,
                  gone=report.gone, errors=report.errors, decisions=report.decisions,
-                 conferences=report.conferences, seconds=round(report.seconds, 3))
+                 conferences=report.conferences, fresh=report.fresh,
+                 seconds=round(report.seconds, 3))
         if self._on_resynced is not None:
             try:
                 self._on_resynced(report)
@@ -314,8 +317,15 @@ class Resyncer:
         return report
 
     async def _worker(self, todo: deque[ConversationId], report: ResyncReport) -> None:
+        store = self._engine.store
         while todo:
             cid = todo.popleft()
+            call = store.get(cid)
+            if call is not None and call.last_update > report.started_at:
+                # An event (a whole-conversation snapshot) or another read brought it up to
+                # date after this resync began: a GET would tell nothing new. Saves budget.
+                report.fresh += 1
+                continue
             step = await self._read_one(cid, report)
             if step is None:
                 continue

@@ -126,3 +126,21 @@ async def test_reconciliation_stays_within_its_share(sandbox_factory: Any) -> No
     statuses = [r.status for r in sb.journal.requests if r.path.startswith("/api/v2/")]
     assert 429 not in statuses
     assert len(sb.journal.find("GET", CALLS)) == 1 + 10 + 2
+
+
+async def test_a_gap_resync_skips_calls_updated_since_it_began(sandbox_factory: Any) -> None:
+    sb: Sandbox = await sandbox_factory()
+    w = sb.world
+    q = w.create_queue("Sales").id
+    now = [time.time()]
+    engine = make_engine()
+    stale, fresh = w.start_call(q), w.start_call(q)
+    engine.apply_conversation(w.get_call(stale.id).rest_body(), now[0] - 60, source="resync")
+    # An event for `fresh` lands after the resync began (its clock reads now).
+    engine.apply_conversation(w.get_call(fresh.id).rest_body(), now[0] + 5, source="resync")
+    async with client_for(sb) as client:
+        rs = Resyncer(client, engine, [QueueId(q)], [], on_decisions=lambda d: None,
+                      clock=lambda: now[0])
+        report = await asyncio.wait_for(rs.resync("reconnect"), 10)
+    assert report.calls == 2 and report.fresh == 1 and report.updated == 1
+    assert _gets(sb) == [stale.id]
