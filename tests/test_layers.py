@@ -15,8 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"config", "errors"},
     "errors": set(),
     "genesys": {"genesys", "core", "config", "errors"},
-    # control/ reuses eject's party matching, so that the API and `eject` agree.
-    "service": {"service", "core", "config", "errors", "genesys", "commands.eject"},
+    "service": {"service", "core", "config", "errors", "genesys"},
     "sandbox": {"sandbox", "core"},
     "commands": {"commands", "service", "genesys", "core", "config", "errors", "sandbox"},
 }

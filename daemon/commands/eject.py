@@ -49,7 +49,8 @@ from daemon.genesys.api import ROUTE_PARTICIPANT, GenesysClient
 from daemon.config import Config, Credentials, load_config, resolve_credentials
 from daemon.errors import (ApiError, ConfigError, ForbiddenError, NotFoundError, TargetError)
 from daemon.core.model import is_final_state
-from daemon.core.phone import normalize_phone
+from daemon.core.parties import (Resolution, Selector, SelectorKind, is_live, participants_of,
+                                  resolve_target)
 from daemon.genesys.ratelimit import Priority
 
 log = structlog.get_logger(__name__)
@@ -79,73 +80,6 @@ The request sent is PATCH /api/v2/conversations/calls/{conversationId}/participa
 {participantId} with {"state": "disconnected"}; the OAuth client's role needs
 conversation:communication:disconnect.
 """
-
-SelectorKind = Literal["participant", "user", "external_contact", "address", "name"]
-
-
-@dataclass(frozen=True)
-class Selector:
-    """How the operator named the party to remove."""
-
-    kind: SelectorKind
-    value: str
-
-    def describe(self) -> str:
-        return f"{self.kind.replace('_', ' ')} {self.value!r}"
-
-    def matches(self, p: Mapping[str, Any]) -> bool:
-        if self.kind == "participant":
-            return _s(p.get("id")) == self.value.strip()
-        if self.kind == "user":
-            return _ref_id(p.get("user")) == self.value.strip()
-        if self.kind == "external_contact":
-            return _ref_id(p.get("externalContact")) == self.value.strip()
-        if self.kind == "address":
-            want = normalize_phone(self.value)
-            return any(normalize_phone(v) == want
-                       for v in (_s(p.get(k)) for k in ("address", "ani", "dnis")) if v)
-        name = _s(p.get("name"))
-        return name is not None and name.strip().casefold() == self.value.strip().casefold()
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """The outcome of matching a selector against a call's participants.
-
-    `outcome`: "target" (exactly one live match, in `target`), "ambiguous" (several live
-    matches, in `live`), "gone" (only final-state matches), "none" (no match at all).
-    """
-
-    outcome: Literal["target", "ambiguous", "gone", "none"]
-    matches: tuple[dict[str, Any], ...] = ()
-    live: tuple[dict[str, Any], ...] = ()
-    target: dict[str, Any] | None = field(default=None)
-
-
-def participants_of(call: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The call's participant objects (malformed entries skipped)."""
-    parts = call.get("participants")
-    if not isinstance(parts, list):
-        return []
-    return [p for p in parts if isinstance(p, dict) and isinstance(p.get("id"), str)]
-
-
-def is_live(p: Mapping[str, Any]) -> bool:
-    return not is_final_state(p.get("state"))
-
-
-def resolve_target(call: Mapping[str, Any], selector: Selector) -> Resolution:
-    """Match `selector` against the call's parties. Pure; no I/O."""
-    matches = tuple(p for p in participants_of(call) if selector.matches(p))
-    live = tuple(p for p in matches if is_live(p))
-    if not matches:
-        return Resolution("none")
-    if len(live) == 1:
-        return Resolution("target", matches, live, live[0])
-    if len(live) > 1:
-        return Resolution("ambiguous", matches, live)
-    return Resolution("gone", matches, live)
-
 
 def party_table(parties: Sequence[Mapping[str, Any]]) -> str:
     """An aligned text table: participant id, purpose, name, address, user, state."""

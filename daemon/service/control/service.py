@@ -3,7 +3,7 @@ decision, remember ejections and idempotency keys, and show calls from memory.
 
 Every method returns an `Answer` (status, pydantic body, headers); `server.py` only turns it
 into an HTTP response. Resolution reuses `confguard eject`'s own matching
-(`daemon.commands.eject.resolve_target`, so phone numbers compare exactly as `eject
+(`daemon.core.parties.resolve_target`, so phone numbers compare exactly as `eject
 --address` does): first against the call as held in memory, and when the call or a
 matching party is not there, against the call read over REST at ENFORCE priority (the read
 is not folded into memory: the call may be outside the daemon's subscriptions).
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 from pydantic import BaseModel
 
-from daemon.commands.eject import Selector, SelectorKind, resolve_target
+from daemon.core.parties import Selector, SelectorKind, resolve_target
 from daemon.core.enforcement import Origin
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Decision, Participant
