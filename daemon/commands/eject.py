@@ -37,9 +37,8 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
@@ -48,8 +47,7 @@ import structlog
 from daemon.genesys.api import ROUTE_PARTICIPANT, GenesysClient
 from daemon.config import Config, Credentials, load_config, resolve_credentials
 from daemon.errors import (ApiError, ConfigError, ForbiddenError, NotFoundError, TargetError)
-from daemon.core.model import is_final_state
-from daemon.core.parties import (Resolution, Selector, SelectorKind, is_live, participants_of,
+from daemon.core.parties import (Resolution, Selector, is_live, participants_of,
                                   resolve_target)
 from daemon.genesys.ratelimit import Priority
 
