@@ -76,7 +76,7 @@ async def takeovers(pg: PostgresServer, runs: int, takeover_after: float, folder
             killed_at = time.time()
             procs[leader].send(signal.SIGSTOP if freeze else signal.SIGKILL)
             flag(sb, conv, cust)
-            await wait_until(lambda: ok_patches(sb, conv, cust), takeover_after + 30, "the new leader's removal")
+            await wait_until(lambda conv=conv, cust=cust: ok_patches(sb, conv, cust), takeover_after + 30, "the new leader's removal")
             took = ok_patches(sb, conv, cust)[0].time - killed_at
             out.append(took)
             print(f"run {i + 1}: {'SIGSTOP' if freeze else 'SIGKILL'} {leader} -> removal by {standby}: "
