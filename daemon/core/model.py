@@ -19,13 +19,24 @@ if TYPE_CHECKING:
 FINAL_STATES = frozenset({"disconnected", "terminated"})
 
 
+# Every spelling seen so far -> final or not (hot path: one dict lookup per party). States
+# are a small enum; the bound only guards against a flood of invented ones.
+_FINAL_OF: dict[str, bool] = {"connected": False, **dict.fromkeys(FINAL_STATES, True)}
+_FINAL_OF_MAX = 4096
+
+
 def is_final_state(state: object) -> bool:
     """The one final-state predicate: a participant in this state has left for good
     (disconnected, terminated; any letter case, as REST, events and operators may spell
     it) and is never revived. Not a string (None, missing, malformed): not final."""
     if not isinstance(state, str):
         return False
-    return state in FINAL_STATES or state.lower() in FINAL_STATES
+    hit = _FINAL_OF.get(state)
+    if hit is None:
+        hit = state.lower() in FINAL_STATES
+        if len(_FINAL_OF) < _FINAL_OF_MAX:
+            _FINAL_OF[state] = hit
+    return hit
 
 
 @dataclass(slots=True)
@@ -62,7 +73,11 @@ class Participant:
     @property
     def is_final(self) -> bool:
         """Disconnected or terminated: final for this participant id, never revived."""
-        return is_final_state(self.state)
+        s = self.state
+        if s is None:
+            return False
+        hit = _FINAL_OF.get(s)
+        return hit if hit is not None else is_final_state(s)
 
     @property
     def is_live(self) -> bool:

@@ -181,13 +181,20 @@ def _checker(f: Kept) -> Callable[[object], tuple[object, int]]:
 _CHECKS: Final = tuple(_checker(f) for f in KEPT)
 
 
-def _signature(get: Callable[[str], object]) -> Sig:
-    """The raw kept values of one participant, in KEPT order (nested references by id)."""
-    refs = []
-    for key in _REF_KEYS:
-        r = get(key)
-        refs.append(r.get("id") if isinstance(r, dict) else None)
-    return tuple(map(get, _RAW_KEYS)) + tuple(refs)
+def _signature_function() -> Callable[[Callable[[str], object]], Sig]:
+    """`_signature(get)`: the raw kept values of one participant, in KEPT order (nested
+    references by their `id`), generated from KEPT as one expression (hot path: no loop, no
+    call per field). The source holds only KEPT's key names."""
+    items = [f"get({f.key!r})" if f.kind != "ref" else
+             f"(r.get('id') if (r := get({f.key!r})).__class__ is dict else None)" for f in KEPT]
+    src = "def _signature(get):\n    return (" + ", ".join(items) + ",)\n"
+    scope: dict[str, Any] = {}
+    exec(compile(src, "<state.KEPT>", "exec"), {"__builtins__": {"dict": dict}}, scope)  # noqa: S102
+    fn: Callable[[Callable[[str], object]], Sig] = scope["_signature"]
+    return fn
+
+
+_signature: Final = _signature_function()
 
 
 def _normalize(sig: Sig) -> tuple[Sig, int]:
@@ -232,19 +239,42 @@ def _clean_attributes(a: object) -> tuple[dict[str, str], int]:
     return clean, len(a) - len(clean)
 
 
+def _participant_function() -> Callable[..., Participant]:
+    """`_participant(pid, n, attributes, times)`: the Participant of normalized signature
+    `n`, every field passed by name (`name=n[0], purpose=n[1], ...` generated from KEPT, so
+    no field is placed by hand and no keyword dict is built per party); `times` are the
+    parsed values of KEPT's time fields, in order."""
+    args = []
+    t = 0
+    for i, f in enumerate(KEPT):
+        if f.kind == "time":
+            args.append(f"{f.attr}=times[{t}]")
+            t += 1
+        else:
+            args.append(f"{f.attr}=n[{i}]")
+    src = ("def _participant(pid, n, attributes, times):\n"
+           "    return Participant(id=pid, attributes=attributes, " + ", ".join(args) + ")\n")
+    scope: dict[str, Any] = {}
+    exec(compile(src, "<state.KEPT>", "exec"), {"__builtins__": {}, "Participant": Participant}, scope)  # noqa: S102
+    fn: Callable[..., Participant] = scope["_participant"]
+    return fn
+
+
+_participant: Final = _participant_function()
+
+
 def _build(pid: ParticipantId, n: Sig, attributes: dict[str, str],
            old: Participant | None, old_sig: Sig | None) -> Participant:
-    """The Participant of normalized signature `n`, field by field by name; times are
-    parsed only when their text changed."""
-    kw: dict[str, object] = dict(zip(_ATTRS, n))
+    """The Participant of normalized signature `n`; times are parsed only when their text
+    changed."""
+    times: list[object] = []
     for i in _TIMES:
-        attr = _ATTRS[i]
         if old is not None and old_sig is not None and n[i] == old_sig[i]:
-            kw[attr] = getattr(old, attr)
+            times.append(getattr(old, _ATTRS[i]))
         else:
             raw = n[i]
-            kw[attr] = parse_time(raw) if isinstance(raw, str) else None
-    return Participant(id=pid, attributes=attributes, **kw)  # type: ignore[arg-type]
+            times.append(parse_time(raw) if isinstance(raw, str) else None)
+    return _participant(pid, n, attributes, times)
 
 
 def _has_live_party(parts: list[object]) -> tuple[bool, int]:
@@ -271,7 +301,8 @@ class _Entry:
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        # Normalized signatures of the live participants only: final ones are frozen.
+        # Normalized signatures of the live participants only: final ones are frozen. So a
+        # known participant without a signature is final, and the call is live iff any has one.
         self.sigs: dict[ParticipantId, Sig] = {}
 
 
@@ -396,7 +427,9 @@ class CallStore:
                 self._problem("participant_missing_id")
                 continue
             old = parties.get(pid)
-            if old is not None and old.is_final:
+            # Only live participants keep a signature: known and without one means final.
+            old_sig = sigs.get(pid) if old is not None else None
+            if old is not None and old_sig is None:
                 state = get("state")
                 if state.__class__ is str and not is_final_state(state):
                     stats["revival_blocked"] += 1
@@ -404,12 +437,10 @@ class CallStore:
             sig = _signature(get)
             a = get("attributes")
             if old is not None:
-                old_sig = sigs.get(pid)
                 same_attrs = a == old.attributes if a is not None else not old.attributes
                 if same_attrs and sig == old_sig:
                     continue
             else:
-                old_sig = None
                 same_attrs = False
             norm, bad = _normalize(sig) if old_sig is None else _normalize_from(sig, old_sig)
             if same_attrs:
@@ -462,12 +493,7 @@ class CallStore:
             call_changed = True
 
         if changed or new_call:
-            live = False
-            for party in parties.values():
-                if not party.is_final:
-                    live = True
-                    break
-            if live:
+            if sigs:  # some party is live (only live ones keep a signature)
                 if call.ended_at is not None:
                     call.ended_at = None
                     call_changed = True

@@ -49,10 +49,10 @@ def nn(value: str | None) -> str | None:
 def num(value: object) -> float | None:
     """A participant-data string as a number, or None when it is not one (never raises;
     `NUM` in generated predicates)."""
-    if not isinstance(value, (str, int, float)):
+    if value is None:
         return None
     try:
-        x = float(value)
+        x = float(value)  # type: ignore[arg-type]  # whatever float() refuses is not a number
     except (TypeError, ValueError):
         return None
     return None if math.isnan(x) else x
