@@ -61,7 +61,7 @@ from daemon.service.metrics import Metrics
 
 log = structlog.get_logger("confguard.ha")
 
-__all__ = ["Failover", "HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn"]
+__all__ = ["Failover", "HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn", "within"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS confguard_lease (
@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS confguard_decisions (
 );
 CREATE INDEX IF NOT EXISTS confguard_decisions_lease_time ON confguard_decisions (lease, decided_at);
 """
+
+#: What "the database did not answer" looks like: network errors, timeouts, server errors,
+#: a closed connection, and the driver's own state errors on a connection that is dying
+#: (e.g. after `pg_terminate_backend` while this process was frozen).
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError)
 
 MAX_PENDING_WRITES = 10_000
 UNREACHABLE_LOG_EVERY = 10.0  # seconds between repeated ha_db_unreachable lines
@@ -249,6 +256,16 @@ class HaNode:
         if conn is not None:
             await _close(conn)
 
+    def _abort(self) -> None:
+        """Drop the lease connection at once (no close handshake: it is failing)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def _renew_or_take(self, was_leader: bool) -> LeaseView:
+        conn = await self._connect()
+        return await (self._renew(conn) if was_leader else self._take(conn))
+
     # ------------------------------------------------------------------ one attempt
 
     async def attempt(self) -> bool:
@@ -257,20 +274,29 @@ class HaNode:
         sent_at = self._clock()
         self.policy.attempt_started(sent_at)
         was_leader = self.policy.is_leader
-        try:
-            conn = await self._connect()
-            if was_leader:
-                view = await self._renew(conn)
-            else:
-                view = await self._take(conn)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-                asyncpg.InterfaceError) as exc:
+        # A hard deadline of our own around the driver's timeouts: after a freeze (SIGSTOP)
+        # or a connection torn down mid-query, the driver's cancel handshake can wait on a
+        # dead socket; the lease loop must never wait with it.
+        work = asyncio.ensure_future(self._renew_or_take(was_leader))
+        done, _ = await asyncio.wait({work}, timeout=2 * self._timeout + 0.5)
+        exc: BaseException | None = None
+        view: LeaseView | None = None
+        if not done:
+            work.cancel()
+            work.add_done_callback(_retrieve)
+            exc = asyncio.TimeoutError(f"no answer within {2 * self._timeout + 0.5:.1f} s")
+        else:
+            try:
+                view = work.result()
+            except DB_ERRORS as caught:
+                exc = caught
+        if view is None:
             self.policy.failed()
             if was_leader:
                 self._count("failed")
                 self._lost(f"renewal failed: {type(exc).__name__}")
-            self._unreachable(exc)
-            await self._drop()
+            self._unreachable(exc or asyncio.TimeoutError())
+            self._abort()
             self.update_metrics()
             return False
         self.last_renew_seconds = self._clock() - sent_at
@@ -354,7 +380,7 @@ class HaNode:
         if terminate is not None:
             # A frozen holder keeps its session open; end it, so that the frozen process
             # finds its connection gone (and fails closed) the moment it wakes. Best effort.
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError, OSError):
+            with contextlib.suppress(*DB_ERRORS):
                 ended = await conn.fetchval(
                     "SELECT pg_terminate_backend($1) FROM pg_stat_activity "
                     "WHERE pid = $1 AND pid <> pg_backend_pid()", terminate, timeout=self._timeout)
@@ -381,10 +407,22 @@ class HaNode:
                         w.cancel()
                     self.update_metrics()  # a lease running out locally shows at once
                     continue
-                await self.attempt()
+                try:
+                    await self.attempt()
+                except Exception:  # a bug here must not end the loop: fail closed, go on
+                    log.exception("ha_attempt_crashed", node=self.node)
+                    was_leader = self.policy.is_leader
+                    self.policy.failed()
+                    if was_leader:
+                        self._count("failed")
+                        self._lost("lease attempt crashed")
+                    self._abort()
+                    self.update_metrics()
+                    await asyncio.sleep(self.policy.poll_interval)
         finally:
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            writer.add_done_callback(_retrieve)
+            await asyncio.wait({writer}, timeout=1.0)
 
     async def release(self) -> None:
         """Hand the lease back (shutdown), so the standby takes over at its next poll; then
@@ -395,15 +433,16 @@ class HaNode:
         self.policy.released()
         if was and self._conn is not None and not self._conn.is_closed():
             try:
-                await self._conn.execute(
+                await within(self._conn.execute(
                     "UPDATE confguard_lease SET holder = NULL, expires_at = '-infinity', holder_pid = NULL "
                     "WHERE name = $1 AND holder = $2 AND epoch = $3", self.lease, self.node, epoch,
-                    timeout=self._timeout)
+                    timeout=self._timeout), self._timeout + 0.5)
                 log.info("ha_lease_released", node=self.node, epoch=epoch)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("ha_lease_release_failed", error_type=type(exc).__name__,
                             detail="the standby takes over when the lease expires")
-        await self._flush_writes()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(self._flush_writes(), 2 * self._timeout + 0.5)
         await self._drop()
         data, self._data = self._data, None
         if data is not None:
@@ -448,9 +487,9 @@ class HaNode:
         while self._writes:
             sql, args = self._writes[0]
             try:
-                conn = await self._data_conn()
-                await conn.execute(sql, *args, timeout=self._timeout)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                conn = await within(self._data_conn(), self._timeout + 0.5)
+                await within(conn.execute(sql, *args, timeout=self._timeout), self._timeout + 0.5)
+            except DB_ERRORS as exc:
                 log.warning("ha_decision_row_failed", error_type=type(exc).__name__, queued=len(self._writes))
                 data, self._data = self._data, None
                 if data is not None:
@@ -470,7 +509,7 @@ class HaNode:
                 await asyncio.sleep(self.policy.poll_interval)
             if self.policy.is_leader and self._clock() - last_prune > 3600:
                 last_prune = self._clock()
-                with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                with contextlib.suppress(*DB_ERRORS):
                     conn = await self._data_conn()
                     await conn.execute("DELETE FROM confguard_decisions WHERE lease = $1 "
                                        "AND decided_at < clock_timestamp() - interval '1 day'", self.lease,
@@ -593,8 +632,8 @@ class Failover:
         budget = self.node.policy.takeover_after
         rows: list[UnfinishedDecision] = []
         try:
-            rows = await asyncio.wait_for(self.node.recent_decisions(window), timeout=budget)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            rows = await within(self.node.recent_decisions(window), budget)
+        except DB_ERRORS as exc:
             log.error("ha_takeover_rows_unreadable", error_type=type(exc).__name__,
                       detail="re-reading only the calls this node decided as standby")
         horizon = self._clock() - window
@@ -624,7 +663,7 @@ class Failover:
                                             closed_on="takeover", on_closed=self._close_row)
 
         try:
-            await asyncio.wait_for(reread_all(), timeout=budget)
+            await within(reread_all(), budget)
         except asyncio.TimeoutError:
             log.error("ha_takeover_reread_timeout", calls=len(calls), reread=reread, timeout=budget,
                       detail="opening the send gate anyway")
@@ -649,11 +688,38 @@ class Failover:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _close(conn: Any) -> None:
+async def within(aw: Any, seconds: float) -> Any:
+    """`aw`'s result within `seconds`, else TimeoutError. Unlike `asyncio.wait_for`, it
+    does not wait for the abandoned work to finish cancelling (a database driver stuck on a
+    dead socket may take long to), so the caller's deadline holds."""
+    task = asyncio.ensure_future(aw)
     try:
-        await asyncio.wait_for(conn.close(), timeout=1.0)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
-        conn.terminate()
+        task.cancel()
+        task.add_done_callback(_retrieve)
         raise
-    except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise asyncio.TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume an abandoned task's result, so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _close(conn: Any) -> None:
+    """Close gracefully for at most 1 s, else abort. Never waits on the driver beyond that
+    (not even for its cancellation), never raises."""
+    closing = asyncio.ensure_future(conn.close())
+    done, _ = await asyncio.wait({closing}, timeout=1.0)
+    if not done:
+        closing.cancel()
+        closing.add_done_callback(_retrieve)
+        conn.terminate()
+    elif not closing.cancelled() and closing.exception() is not None:
         conn.terminate()

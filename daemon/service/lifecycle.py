@@ -64,7 +64,7 @@ from daemon.config import resolve_ha_dsn
 from daemon.core.lease import LeasePolicy
 from daemon.errors import NotFoundError
 from daemon.genesys.ratelimit import Priority
-from daemon.service.ha import Failover, HaNode
+from daemon.service.ha import Failover, HaNode, within
 from daemon.service.recovery import Unfinished, close_unfinished, unfinished_in_audit
 
 if TYPE_CHECKING:
@@ -522,7 +522,7 @@ class Daemon:
         await asyncio.wait({self._ha_task}, timeout=5.0)
         await self.failover.aclose()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.failover.node.release(), timeout=5.0)
+            await within(self.failover.node.release(), 5.0)
         self._ha_task = None
 
     def _enforcement_possible(self, reason: str) -> None:

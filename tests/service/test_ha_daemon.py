@@ -114,6 +114,8 @@ async def test_frozen_leader_is_replaced_and_sends_nothing_when_resumed(
         assert resumed_patches == [], [(r.path, r.status) for r in resumed_patches]
         for conv, cust in ((conv1, cust1), (conv2, cust2)):
             assert len(ok_patches(sandbox, conv, cust)) == 1
+        for d in (a, b):  # the resumption was handled as a database failure, not a crash
+            assert d.events("ha_attempt_crashed") == []
     finally:
         await a.close()
         await b.close()
