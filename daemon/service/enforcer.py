@@ -104,6 +104,11 @@ RemovalState = Literal["pending"] | Outcome
 # ---------------------------------------------------------------- collaborators (structural)
 
 
+
+class SendGateClosed(ApiError):
+    """Raised from the client's `on_send` hook when the send gate closed while a PATCH
+    waited to be written: the request is not sent (fail closed)."""
+
 class DisconnectClient(Protocol):
     """What the enforcer needs from `daemon.genesys.api.GenesysClient`."""
 
@@ -224,6 +229,7 @@ class _Action:
     event_to_request_ms: float | None = None
     accepted: bool = False  # a PATCH of this action got a 2xx
     sending: bool = False  # a PATCH is with the client, its answer not yet read
+    written: int = 0  # the attempt number whose PATCH the client last began to write
     confirm: asyncio.Future[bool] | None = None
     finished: bool = False
 
@@ -488,6 +494,13 @@ class Enforcer:
             # the PATCH reply does.
             action.confirm = loop.create_future()
             exc = await self._send(action)
+            if isinstance(exc, SendGateClosed):
+                if action.written != action.attempts:
+                    action.attempts -= 1  # this attempt was never written
+                if action.accepted:  # an earlier PATCH of this action was accepted
+                    return _Result("unconfirmed", action.last_status,
+                                   f"PATCH accepted, not confirmed; {exc.message}")
+                return _Result("standby", action.last_status, exc.message)
             if isinstance(exc, NotFoundError):
                 self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
                                participant_id=pid, detail=exc.message)
@@ -561,8 +574,15 @@ class Enforcer:
         return None
 
     def _sending(self, action: _Action) -> None:
-        """The client is about to write the first PATCH (limiter wait and token included):
-        event-to-request is measured here, once per action."""
+        """The client is about to write a PATCH (limiter wait and token included; called
+        again before each of the client's own retries). The send gate is asked once more
+        here: a lease lost while the PATCH waited (limiter, a 429's Retry-After, a 5xx
+        back-off) stops it unwritten (`SendGateClosed`). Event-to-request is measured at the
+        first one, once per action."""
+        if not self._may_send():
+            raise SendGateClosed("the send gate closed while the PATCH waited to be written "
+                                 "(HA: no longer the leader); nothing sent")
+        action.written = action.attempts
         if action.event_to_request_ms is not None:
             return
         d = action.decision
