@@ -55,6 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
 from daemon.service.recovery import Unfinished, close_unfinished
 from daemon.service.metrics import Metrics
@@ -118,9 +119,9 @@ class UnfinishedDecision:
     id: int
     node: str
     epoch: int
-    conversation_id: str
-    participant_id: str
-    rule: str
+    conversation_id: ConversationId
+    participant_id: ParticipantId
+    rule: RuleName
     outcome: str | None
     age: float  # seconds since it was decided, by the database clock
 
@@ -451,14 +452,16 @@ class HaNode:
 
     # ------------------------------------------------------------------ decisions table
 
-    def record_intent(self, conversation_id: str, participant_id: str, rule: str) -> None:
+    def record_intent(self, conversation_id: ConversationId, participant_id: ParticipantId,
+                      rule: RuleName) -> None:
         """A removal is about to be sent by this leader (call it right before the PATCH).
         Queued for the background writer: the hot path never waits on the database."""
         self._queue("INSERT INTO confguard_decisions (lease, node, epoch, conversation_id, "
                     "participant_id, rule) VALUES ($1, $2, $3, $4, $5, $6)",
                     (self.lease, self.node, self.policy.epoch, conversation_id, participant_id, rule))
 
-    def record_outcome(self, conversation_id: str, participant_id: str, rule: str, outcome: str) -> None:
+    def record_outcome(self, conversation_id: ConversationId, participant_id: ParticipantId,
+                       rule: RuleName, outcome: str) -> None:
         """Close this node's open row(s) for the party and rule with `outcome`."""
         self._queue("UPDATE confguard_decisions SET outcome = $6, closed_at = clock_timestamp() "
                     "WHERE lease = $1 AND node = $2 AND conversation_id = $3 AND participant_id = $4 "
@@ -525,8 +528,9 @@ class HaNode:
             "FROM confguard_decisions WHERE lease = $1 AND (decided_at > clock_timestamp() - "
             "make_interval(secs => $2) OR (outcome IS NULL AND decided_at > clock_timestamp() - interval '1 day')) "
             "ORDER BY id LIMIT 10000", self.lease, window, timeout=max(self._timeout, 2.0))
-        return [UnfinishedDecision(int(r["id"]), r["node"], int(r["epoch"]), r["conversation_id"],
-                                   r["participant_id"], r["rule"], r["outcome"], float(r["age"]))
+        return [UnfinishedDecision(int(r["id"]), r["node"], int(r["epoch"]),
+                                   ConversationId(r["conversation_id"]), ParticipantId(r["participant_id"]),
+                                   RuleName(r["rule"]), r["outcome"], float(r["age"]))
                 for r in rows]
 
     async def close_decision(self, row_id: int, outcome: str) -> None:
@@ -569,8 +573,8 @@ class Failover:
         self._clock = clock
         self._open_epoch: int | None = None
         self._ready = asyncio.Event()
-        self._intents: set[tuple[str, str, str]] = set()
-        self._recent: dict[str, float] = {}  # conversation id -> monotonic time of a standby outcome
+        self._intents: set[tuple[ConversationId, ParticipantId, RuleName]] = set()
+        self._recent: dict[ConversationId, float] = {}  # conversation id -> monotonic time of a standby outcome
         self._task: asyncio.Task[None] | None = None
         self.last_takeover: dict[str, Any] | None = None
         node.on_term = self._on_term
@@ -595,7 +599,8 @@ class Failover:
         kind = rec.get("type")
         if kind not in ("decision", "outcome") or rec.get("action") != "disconnect":
             return
-        key = (str(rec.get("conversation_id")), str(rec.get("participant_id")), str(rec.get("rule")))
+        key = (ConversationId(str(rec.get("conversation_id"))), ParticipantId(str(rec.get("participant_id"))),
+               RuleName(str(rec.get("rule"))))
         if kind == "decision":
             if rec.get("mode") == "enforce" and self.may_send():
                 self.node.record_intent(*key)

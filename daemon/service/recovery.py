@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 import structlog
 
+from daemon.core.ids import ConversationId, ParticipantId, RuleName
+
 from daemon.core.model import is_final_state
 
 log = structlog.get_logger("confguard.recovery")
@@ -41,9 +43,9 @@ MAX_UNFINISHED = 1000
 class Unfinished:
     """One decision without an outcome. `node`/`epoch` are set for another node's row."""
 
-    rule: str
-    conversation_id: str
-    participant_id: str
+    rule: RuleName
+    conversation_id: ConversationId
+    participant_id: ParticipantId
     node: str | None = None
     epoch: int | None = None
     row_id: int | None = None
@@ -94,7 +96,8 @@ def unfinished_in_audit(path: Path) -> list[Unfinished]:
             read += size
         except OSError as exc:
             log.warning("recovery_audit_unreadable", path=str(f), error=exc.strerror or str(exc))
-    out = [Unfinished(rule, cid, pid) for (rule, cid, pid), n in pending.items() for _ in range(n)]
+    out = [Unfinished(RuleName(rule), ConversationId(cid), ParticipantId(pid))
+           for (rule, cid, pid), n in pending.items() for _ in range(n)]
     return out[-MAX_UNFINISHED:]
 
 
