@@ -392,7 +392,8 @@ class HaNode:
     # ------------------------------------------------------------------ loop
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Renew or try to take the lease until `stop` is set; then release it."""
+        """Renew or try to take the lease until `stop` is set (then call `release`). Each
+        attempt is bounded; a failure fails closed and is retried at the next poll."""
         writer = asyncio.create_task(self._writer(stop), name="ha-writer")
         try:
             while not stop.is_set():
