@@ -1,20 +1,25 @@
 """Shared helpers for the benchmarks: the machine line, load average, percentiles, the
-50-rule configuration (the six shipped rules plus 44 realistic variants) and a daemon
-config pointed at a sandbox.
+50-rule configuration (the six shipped rules plus 44 realistic variants), a daemon
+config pointed at a sandbox, and the sandbox in a child process (`SandboxProcess`, with
+`sandbox_hello` on its side).
 
-Not a benchmark itself; imported by bench/ingest.py, removal.py, receive.py, memory.py.
+Not a benchmark itself; imported by the scripts in bench/.
 """
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing as mp
 import os
 import platform
 import shutil
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,6 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from daemon.config import Config, load_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from daemon.sandbox import Sandbox
 
 SHIPPED_CONFIG = ROOT / "config.yaml"
 PAYMENTS_QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
@@ -168,3 +176,78 @@ def run_quietly(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> N
     with open(os.devnull, "w") as devnull:
         configure_logging("warning", "json", stream=devnull)
         asyncio.run(main(*args))
+
+
+# --------------------------------------------------------------------------- sandbox process
+
+def sandbox_hello(sb: Sandbox, **extra: Any) -> dict[str, Any]:
+    """The first message a sandbox process sends its parent (`SandboxProcess.info`): the
+    sandbox's base URL and the daemon's OAuth client as `base`, `client_id`, `secret`, plus
+    whatever else the benchmark needs (`extra`)."""
+    return {"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret, **extra}
+
+
+def end_process(proc: BaseProcess, join_timeout: float) -> None:
+    """Join `proc` for up to `join_timeout` seconds, then terminate it if it still runs."""
+    proc.join(join_timeout)
+    if proc.is_alive():
+        proc.terminate()
+
+
+class SandboxProcess:
+    """A benchmark's sandbox in a child process ("spawn": its own interpreter and event
+    loop, so serving the daemon never shares a loop with what is measured), spoken to over
+    a Pipe: each command is a dict `{"op": ...}` answered by one message; `{"op": "stop"}`
+    stops the sandbox and is answered before the child exits.
+
+    `async with SandboxProcess(target, *args) as sandbox:` starts `target(conn, *args)`
+    and waits up to `start_timeout` seconds for its hello (`sandbox.info`, see
+    `sandbox_hello`). Leaving (or `close()`, which may come earlier and is then a no-op)
+    sends "stop", waits up to 20 s for its answer (errors ignored: the child may be gone),
+    then joins the child for up to `join_timeout` seconds and terminates it if still alive.
+    """
+
+    def __init__(self, target: Callable[..., None], *args: Any, start_timeout: float = 30.0,
+                 ask_timeout: float = 600.0, join_timeout: float = 5.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, there = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(there, *args), daemon=True)
+        self.start_timeout, self.ask_timeout, self.join_timeout = start_timeout, ask_timeout, join_timeout
+        self.info: dict[str, Any] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> SandboxProcess:
+        self.proc.start()
+        try:
+            if not await asyncio.get_running_loop().run_in_executor(None, self.conn.poll,
+                                                                     self.start_timeout):
+                raise TimeoutError("sandbox process did not start")
+            self.info = self.conn.recv()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def ask(self, cmd: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send `cmd`, return the child's answer; TimeoutError after `timeout` seconds
+        (default `ask_timeout`) without one."""
+        timeout = self.ask_timeout if timeout is None else timeout
+        self.conn.send(cmd)
+        if not await asyncio.get_running_loop().run_in_executor(None, self.conn.poll, timeout):
+            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
+        return self.conn.recv()
+
+    async def close(self) -> None:
+        """Stop the sandbox and end the child (see the class docstring); once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.ask({"op": "stop"}, timeout=20.0)
+        except Exception:
+            pass
+        end_process(self.proc, self.join_timeout)

@@ -62,8 +62,8 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
     queue = w.create_queue(QUEUE).id
     users = [w.create_user(f"Agent {i}").id for i in range(50)]
     minimal = w.add_client()
-    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret,
-               "queue": queue, "minimal_id": minimal.id, "minimal_secret": minimal.secret})
+    conn.send(_common.sandbox_hello(sb, queue=queue, minimal_id=minimal.id,
+                                    minimal_secret=minimal.secret))
     loop = asyncio.get_running_loop()
     calls: list[tuple[str, str, str]] = []  # (conversation id, customer id, external id)
     names = {sb.client_id: "confguard", minimal.id: "minimal"}
@@ -197,87 +197,63 @@ async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str
 # ----------------------------------------------------------------------------- bench side
 
 
-class Remote:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def ask(self, cmd: dict[str, Any], timeout: float = 600.0) -> Any:
-        loop = asyncio.get_running_loop()
-        self.conn.send(cmd)
-        if not await loop.run_in_executor(None, self.conn.poll, timeout):
-            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
-        return self.conn.recv()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.service.lifecycle import Daemon
     from daemon.service.logs import configure_logging
 
     ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=sandbox_process, args=(there, args.budget), daemon=True)
-    proc.start()
-    remote = Remote(here)
     mproc = None
     results: dict[str, Any] = {"bench": "budget_burst", "conferences": args.conferences,
                                "gap_ms": args.gap_ms, "budget_per_minute": args.budget}
-    try:
-        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
-            raise TimeoutError("sandbox process did not start")
-        info = here.recv()
-        mhere, mthere = ctx.Pipe()
-        mproc = ctx.Process(target=minimal_process, daemon=True,
-                            args=(mthere, info["base"], info["minimal_id"], info["minimal_secret"],
-                                  info["queue"]))
-        mproc.start()
-        if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
-            raise TimeoutError("minimal client did not start")
-        mhere.recv()
-        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
-            configure_logging("warning", "json", stream=logf)
-            path = _common.write_config(
-                Path(tmp), n_rules=6, sandbox_base=info["base"], queues=[QUEUE],
-                overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
-            daemon = Daemon(load_config(path), config_path=path)
-            await daemon.start()
-            try:
-                await remote.ask({"op": "setup", "conferences": args.conferences})
-                end = time.monotonic() + 60
-                while len(daemon.engine.store) < args.conferences and time.monotonic() < end:
-                    await asyncio.sleep(0.05)
-                results["tracked_by_daemon"] = len(daemon.engine.store)
-                await asyncio.sleep(1.0)
-                r = await remote.ask({"op": "burst", "n": args.conferences,
-                                      "gap": args.gap_ms / 1000.0, "settle": args.settle})
-                assert daemon.client is not None
-                snap = daemon.client.limiter.snapshot()
-                r["confguard"]["learnt_allowed"] = snap.allowed
-                r["confguard"]["learnt"] = snap.learnt
-                r["confguard"]["rate_limited_seen"] = dict(snap.rate_limited)
-                results.update(r)
-            finally:
-                await daemon.stop()
-            # confguard's own share: frame received -> PATCH about to be sent (its audit).
-            inside = [float(x["event_to_request_ms"]) for x in _audit(Path(tmp) / "audit.jsonl")
-                      if x.get("type") == "outcome" and x.get("event_to_request_ms") is not None]
-            if inside and "confguard" in results:
-                results["confguard"]["in_daemon_ms"] = {
-                    "p50": _common.pct(inside, 0.5), "p99": _common.pct(inside, 0.99),
-                    "max": max(inside), "n": len(inside)}
-    finally:
+    async with _common.SandboxProcess(sandbox_process, args.budget) as remote:
         try:
-            await remote.ask({"op": "stop"}, timeout=20.0)
-        except Exception:
-            pass
-        for p in (proc, mproc):
-            if p is None:
-                continue
-            p.join(5.0)
-            if p.is_alive():
-                p.terminate()
+            info = remote.info
+            mhere, mthere = ctx.Pipe()
+            mproc = ctx.Process(target=minimal_process, daemon=True,
+                                args=(mthere, info["base"], info["minimal_id"], info["minimal_secret"],
+                                      info["queue"]))
+            mproc.start()
+            if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
+                raise TimeoutError("minimal client did not start")
+            mhere.recv()
+            with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
+                configure_logging("warning", "json", stream=logf)
+                path = _common.write_config(
+                    Path(tmp), n_rules=6, sandbox_base=info["base"], queues=[QUEUE],
+                    overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
+                os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
+                os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
+                daemon = Daemon(load_config(path), config_path=path)
+                await daemon.start()
+                try:
+                    await remote.ask({"op": "setup", "conferences": args.conferences})
+                    end = time.monotonic() + 60
+                    while len(daemon.engine.store) < args.conferences and time.monotonic() < end:
+                        await asyncio.sleep(0.05)
+                    results["tracked_by_daemon"] = len(daemon.engine.store)
+                    await asyncio.sleep(1.0)
+                    r = await remote.ask({"op": "burst", "n": args.conferences,
+                                          "gap": args.gap_ms / 1000.0, "settle": args.settle})
+                    assert daemon.client is not None
+                    snap = daemon.client.limiter.snapshot()
+                    r["confguard"]["learnt_allowed"] = snap.allowed
+                    r["confguard"]["learnt"] = snap.learnt
+                    r["confguard"]["rate_limited_seen"] = dict(snap.rate_limited)
+                    results.update(r)
+                finally:
+                    await daemon.stop()
+                # confguard's own share: frame received -> PATCH about to be sent (its audit).
+                inside = [float(x["event_to_request_ms"]) for x in _audit(Path(tmp) / "audit.jsonl")
+                          if x.get("type") == "outcome" and x.get("event_to_request_ms") is not None]
+                if inside and "confguard" in results:
+                    results["confguard"]["in_daemon_ms"] = {
+                        "p50": _common.pct(inside, 0.5), "p99": _common.pct(inside, 0.99),
+                        "max": max(inside), "n": len(inside)}
+        finally:
+            await remote.close()  # first: the minimal client's socket ends with the sandbox
+            if mproc is not None:
+                _common.end_process(mproc, 5.0)
     c, m = results.get("confguard"), results.get("minimal")
     if c and m and c.get("p99_ms") and m.get("p99_ms"):
         results["ratio_p99"] = round(c["p99_ms"] / m["p99_ms"], 2)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -62,7 +61,7 @@ async def _sandbox_main(conn: Connection) -> None:
     w = sb.world
     queue = w.create_queue(QUEUE).id
     users = [w.create_user(f"Agent {i}").id for i in range(100)]
-    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret})
+    conn.send(_common.sandbox_hello(sb))
     loop = asyncio.get_running_loop()
     confs: list[tuple[str, str]] = []  # (conversation id, external id)
     lost: list[tuple[str, float]] = []  # (PATCH path, epoch when flagged)
@@ -100,18 +99,6 @@ async def _sandbox_main(conn: Connection) -> None:
             return
 
 
-class Remote:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def ask(self, cmd: dict[str, Any], timeout: float = 600.0) -> Any:
-        loop = asyncio.get_running_loop()
-        self.conn.send(cmd)
-        if not await loop.run_in_executor(None, self.conn.poll, timeout):
-            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
-        return self.conn.recv()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.genesys.ratelimit import RequestLimiter
@@ -127,20 +114,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     interval, share, allowed = 300.0, 0.25, 300
     n_conf = round(args.calls * args.conference_share)
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=sandbox_process, args=(there,), daemon=True)
-    proc.start()
-    remote = Remote(here)
     results: dict[str, Any] = {"bench": "budget_reconcile", "calls": args.calls,
                                "conferences": n_conf, "scale": scale, "minutes": args.minutes,
                                "interval_s": interval, "reconcile_share": share,
                                "allowance_per_minute": allowed}
     rng = random.Random(args.seed)
-    try:
-        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
-            raise TimeoutError("sandbox process did not start")
-        info = here.recv()
+    async with _common.SandboxProcess(sandbox_process) as remote:
+        info = remote.info
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
             configure_logging("warning", "json", stream=logf)
             path = _common.write_config(
@@ -201,14 +181,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.gather(task, return_exceptions=True)
                 await daemon.stop()
         rep = await remote.ask({"op": "report"})
-    finally:
-        try:
-            await remote.ask({"op": "stop"}, timeout=20.0)
-        except Exception:
-            pass
-        proc.join(5.0)
-        if proc.is_alive():
-            proc.terminate()
     un = [None if x is None else round(x * scale, 1) for x in rep["unnoticed_real_s"]]
     found = [x for x in un if x is not None]
     results["lost_events"] = len(un)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -51,7 +50,7 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
     w = sb.world
     queue = w.create_queue(QUEUE).id
     users = [w.create_user(f"Agent {i}").id for i in range(50)]
-    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret})
+    conn.send(_common.sandbox_hello(sb))
     loop = asyncio.get_running_loop()
     flagged: list[str] = []  # PATCH paths that must come
 
@@ -100,35 +99,16 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             return
 
 
-class Remote:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def ask(self, cmd: dict[str, Any], timeout: float = 900.0) -> Any:
-        loop = asyncio.get_running_loop()
-        self.conn.send(cmd)
-        if not await loop.run_in_executor(None, self.conn.poll, timeout):
-            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
-        return self.conn.recv()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.service.lifecycle import Daemon
     from daemon.service.logs import configure_logging
 
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=sandbox_process, args=(there, args.budget), daemon=True)
-    proc.start()
-    remote = Remote(here)
     results: dict[str, Any] = {"bench": "budget_resync", "calls": args.calls,
                                "conferences": args.conferences, "flagged": args.flagged,
                                "budget_per_minute": args.budget}
-    try:
-        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
-            raise TimeoutError("sandbox process did not start")
-        info = here.recv()
+    async with _common.SandboxProcess(sandbox_process, args.budget, ask_timeout=900.0) as remote:
+        info = remote.info
         results["live_calls"] = await remote.ask({"op": "setup", "calls": args.calls,
                                                   "conferences": args.conferences,
                                                   "flagged": args.flagged})
@@ -156,14 +136,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "seconds": round(daemon.resyncer.last.seconds, 1)}
             finally:
                 await daemon.stop()
-    finally:
-        try:
-            await remote.ask({"op": "stop"}, timeout=20.0)
-        except Exception:
-            pass
-        proc.join(5.0)
-        if proc.is_alive():
-            proc.terminate()
     at = rep["flagged_patch_at"]
     results["ready_after_start_s"] = round(ready - started, 1)
     results["removed"] = sum(1 for a in at if a is not None)

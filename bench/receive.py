@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -43,7 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from removal import Remote  # noqa: E402
 
 
 def sandbox_process(conn: Connection, n_messages: int) -> None:
@@ -59,9 +57,8 @@ async def _sandbox_main(conn: Connection, n_messages: int) -> None:
     sb = Sandbox(heartbeat_interval=30.0)
     await sb.start()
     q = sb.world.create_queue("Customer Service")
-    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret,
-               "topic": f"v2.routing.queues.{q.id}.conversations.calls",
-               "avg_bytes": round(sum(map(len, frames)) / len(frames))})
+    conn.send(_common.sandbox_hello(sb, topic=f"v2.routing.queues.{q.id}.conversations.calls",
+                                    avg_bytes=round(sum(map(len, frames)) / len(frames))))
     loop = asyncio.get_running_loop()
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
@@ -128,7 +125,7 @@ def py311_channel() -> Any:
     return Py311Channel
 
 
-async def run_library(remote: Remote, info: dict[str, Any], n: int) -> float:
+async def run_library(remote: _common.SandboxProcess, info: dict[str, Any], n: int) -> float:
     import httpx
 
     Channel = py311_channel()
@@ -163,7 +160,7 @@ async def run_library(remote: Remote, info: dict[str, Any], n: int) -> float:
     return (count - 1) / (last - first)
 
 
-async def run_baseline(remote: Remote, info: dict[str, Any], n: int) -> float:
+async def run_baseline(remote: _common.SandboxProcess, info: dict[str, Any], n: int) -> float:
     """A bare `websockets` recv loop, no parsing: the ceiling the sender and socket allow."""
     import httpx
     import websockets
@@ -187,7 +184,7 @@ async def run_baseline(remote: Remote, info: dict[str, Any], n: int) -> float:
     return (n - 1) / (last - first)
 
 
-async def run_confguard(remote: Remote, info: dict[str, Any], n: int) -> float:
+async def run_confguard(remote: _common.SandboxProcess, info: dict[str, Any], n: int) -> float:
     from daemon.genesys.api import GenesysClient
     from daemon.config import Credentials, GenesysSettings
     from daemon.core.events import parse_message
@@ -228,16 +225,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.service.logs import configure_logging
 
     configure_logging("warning", "json", stream=open(os.devnull, "w"))  # noqa: SIM115
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=sandbox_process, args=(there, args.messages), daemon=True)
-    proc.start()
-    remote = Remote(here)
     out: dict[str, Any] = {"bench": "receive", "messages": args.messages, "rounds": args.rounds}
-    try:
-        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 120.0):
-            raise TimeoutError("sandbox process did not start")
-        info = here.recv()
+    async with _common.SandboxProcess(sandbox_process, args.messages, start_timeout=120.0,
+                                      join_timeout=10.0) as remote:
+        info = remote.info
         out["avg_frame_bytes"] = info["avg_bytes"]
         lib: list[float] = []
         ours: list[float] = []
@@ -254,14 +245,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "all_confguard": [round(x) for x in ours],
                     "ceiling_bare_websockets_recv_msgs_per_s": round(max(base)),
                     "ratio": round(max(ours) / max(lib), 2), "load": loads})
-    finally:
-        try:
-            await remote.ask({"op": "stop"}, timeout=20.0)
-        except Exception:
-            pass
-        proc.join(10.0)
-        if proc.is_alive():
-            proc.terminate()
     return out
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -69,8 +68,7 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
     w.create_queue("Payments", _common.PAYMENTS_QUEUE)
     users = [w.create_user(f"Agent {i}").id for i in range(100)]
     poller = w.add_client()
-    conn.send({"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret,
-               "poller_id": poller.id, "poller_secret": poller.secret})
+    conn.send(_common.sandbox_hello(sb, poller_id=poller.id, poller_secret=poller.secret))
     loop = asyncio.get_running_loop()
     calls: list[tuple[str, str]] = []  # (conversation id, external party id)
     fresh: list[int] = []
@@ -193,35 +191,15 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
 # ----------------------------------------------------------------------------- bench side
 
 
-class Remote:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def ask(self, cmd: dict[str, Any], timeout: float = 600.0) -> Any:
-        loop = asyncio.get_running_loop()
-        self.conn.send(cmd)
-        ok = await loop.run_in_executor(None, self.conn.poll, timeout)
-        if not ok:
-            raise TimeoutError(f"sandbox did not answer {cmd['op']} within {timeout} s")
-        return self.conn.recv()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.service.logs import configure_logging
     from daemon.service.lifecycle import Daemon
 
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=sandbox_process, args=(there, args.seed), daemon=True)
-    proc.start()
-    remote = Remote(here)
     results: dict[str, Any] = {"bench": "removal", "calls": args.calls, "background_per_s": args.background,
                                "breakers_per_phase": args.breakers, "breaker_rate_per_s": args.rate}
-    try:
-        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
-            raise TimeoutError("sandbox process did not start")
-        info = here.recv()
+    async with _common.SandboxProcess(sandbox_process, args.seed, join_timeout=10.0) as remote:
+        info = remote.info
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
             configure_logging("warning", "json", stream=logf)
             path = _common.write_config(
@@ -267,14 +245,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 r["poller"] = stats.as_dict()
                 r["poller"]["achieved_gets_per_s"] = round(stats.gets / max(1e-9, r["phase_seconds"] + 3.0), 1)
                 results[name] = r
-    finally:
-        try:
-            await remote.ask({"op": "stop"}, timeout=20.0)
-        except Exception:
-            pass
-        proc.join(10.0)
-        if proc.is_alive():
-            proc.terminate()
     c, u = results.get("confguard"), results.get("poller_unlimited")
     if c and u and c.get("p50_ms") and u.get("p50_ms"):
         results["ratio_p50"] = round(u["p50_ms"] / c["p50_ms"], 1)
