@@ -9,13 +9,15 @@ Not a benchmark itself; imported by the scripts in bench/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +33,7 @@ from daemon.config import Config, load_config  # noqa: E402
 
 if TYPE_CHECKING:
     from daemon.sandbox import Sandbox
+    from daemon.service.lifecycle import Daemon
 
 SHIPPED_CONFIG = ROOT / "config.yaml"
 PAYMENTS_QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
@@ -164,6 +167,39 @@ def write_config(out_dir: Path, *, n_rules: int = 50, sandbox_base: str | None =
 
 def load_bench_config(path: Path) -> Config:
     return load_config(path)
+
+
+def config_for_sandbox(out_dir: Path, info: dict[str, Any], **kw: Any) -> Path:
+    """`write_config(out_dir, sandbox_base=info["base"], **kw)` for the sandbox whose hello
+    is `info` (`sandbox_hello`), and that sandbox's OAuth client exported as
+    GENESYSCLOUD_OAUTHCLIENT_ID / GENESYSCLOUD_OAUTHCLIENT_SECRET, where the daemon reads
+    its credentials. Returns the config's path."""
+    path = write_config(out_dir, sandbox_base=info["base"], **kw)
+    os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
+    os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
+    return path
+
+
+@contextlib.contextmanager
+def daemon_folder() -> Iterator[Path]:
+    """A temporary folder for an in-process `Daemon` (its config.yaml and audit file), with
+    this process's logging (warning level, JSON) sent to daemon.log in it for the duration:
+    log lines then cost no terminal I/O and cannot skew the figures. Removed on exit."""
+    from daemon.service.logs import configure_logging
+
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
+        configure_logging("warning", "json", stream=logf)
+        yield Path(tmp)
+
+
+async def wait_tracked(daemon: Daemon, calls: int, timeout: float) -> int:
+    """Wait, polling every 50 ms for at most `timeout` seconds, until `daemon` holds `calls`
+    calls in memory; returns how many it holds then (fewer on time-out, which the benchmark
+    reports as `tracked_by_daemon` rather than failing)."""
+    end = time.monotonic() + timeout
+    while len(daemon.engine.store) < calls and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return len(daemon.engine.store)
 
 
 def run_quietly(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:

@@ -31,9 +31,7 @@ import asyncio
 import base64
 import json
 import multiprocessing as mp
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -200,7 +198,6 @@ async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.service.lifecycle import Daemon
-    from daemon.service.logs import configure_logging
 
     ctx = mp.get_context("spawn")
     mproc = None
@@ -217,21 +214,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
                 raise TimeoutError("minimal client did not start")
             mhere.recv()
-            with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
-                configure_logging("warning", "json", stream=logf)
-                path = _common.write_config(
-                    Path(tmp), n_rules=6, sandbox_base=info["base"], queues=[QUEUE],
+            with _common.daemon_folder() as tmp:
+                path = _common.config_for_sandbox(
+                    tmp, info, n_rules=6, queues=[QUEUE],
                     overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
-                os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
-                os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
                 daemon = Daemon(load_config(path), config_path=path)
                 await daemon.start()
                 try:
                     await remote.ask({"op": "setup", "conferences": args.conferences})
-                    end = time.monotonic() + 60
-                    while len(daemon.engine.store) < args.conferences and time.monotonic() < end:
-                        await asyncio.sleep(0.05)
-                    results["tracked_by_daemon"] = len(daemon.engine.store)
+                    results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.conferences, 60)
                     await asyncio.sleep(1.0)
                     r = await remote.ask({"op": "burst", "n": args.conferences,
                                           "gap": args.gap_ms / 1000.0, "settle": args.settle})
@@ -244,7 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     await daemon.stop()
                 # confguard's own share: frame received -> PATCH about to be sent (its audit).
-                inside = [float(x["event_to_request_ms"]) for x in _audit(Path(tmp) / "audit.jsonl")
+                inside = [float(x["event_to_request_ms"]) for x in _audit(tmp / "audit.jsonl")
                           if x.get("type") == "outcome" and x.get("event_to_request_ms") is not None]
                 if inside and "confguard" in results:
                     results["confguard"]["in_daemon_ms"] = {

@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -104,7 +102,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.genesys.ratelimit import RequestLimiter
     from daemon.genesys.resync import Reconciler
     from daemon.service.lifecycle import Daemon
-    from daemon.service.logs import configure_logging
 
     scale = args.scale
     t0, m0 = time.time(), time.monotonic()
@@ -121,25 +118,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     async with _common.SandboxProcess(sandbox_process) as remote:
         info = remote.info
-        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
-            configure_logging("warning", "json", stream=logf)
-            path = _common.write_config(
-                Path(tmp), n_rules=1, sandbox_base=info["base"], queues=[QUEUE],
+        with _common.daemon_folder() as tmp:
+            path = _common.config_for_sandbox(
+                tmp, info, n_rules=1, queues=[QUEUE],
                 overrides={"logging.level": "warning", "subscriptions.resync_on_start": False,
                            "subscriptions.reconcile_interval": 0,
                            "safety.max_disconnects_per_minute": 1_000_000})
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
             daemon = Daemon(load_config(path), config_path=path, clock=scaled)
             await daemon.start()
             stop = asyncio.Event()
             task: asyncio.Task[None] | None = None
             try:
                 await remote.ask({"op": "setup", "calls": args.calls, "conferences": n_conf})
-                end = time.monotonic() + 120
-                while len(daemon.engine.store) < args.calls and time.monotonic() < end:
-                    await asyncio.sleep(0.05)
-                results["tracked_by_daemon"] = len(daemon.engine.store)
+                results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.calls, 120)
                 assert daemon.client is not None and daemon.resyncer is not None
                 limiter = RequestLimiter(allowed, window=60.0 / scale, enforce_reserve=0.2)
                 daemon.client.limiter = limiter

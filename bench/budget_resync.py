@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -102,7 +100,6 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.service.lifecycle import Daemon
-    from daemon.service.logs import configure_logging
 
     results: dict[str, Any] = {"bench": "budget_resync", "calls": args.calls,
                                "conferences": args.conferences, "flagged": args.flagged,
@@ -112,13 +109,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["live_calls"] = await remote.ask({"op": "setup", "calls": args.calls,
                                                   "conferences": args.conferences,
                                                   "flagged": args.flagged})
-        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
-            configure_logging("warning", "json", stream=logf)
-            path = _common.write_config(
-                Path(tmp), n_rules=6, sandbox_base=info["base"], queues=[QUEUE],
-                overrides={"logging.level": "warning"})
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
+        with _common.daemon_folder() as tmp:
+            path = _common.config_for_sandbox(tmp, info, n_rules=6, queues=[QUEUE],
+                                              overrides={"logging.level": "warning"})
             daemon = Daemon(load_config(path), config_path=path)
             started = time.time()
             await daemon.start()

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -193,30 +191,23 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
-    from daemon.service.logs import configure_logging
     from daemon.service.lifecycle import Daemon
 
     results: dict[str, Any] = {"bench": "removal", "calls": args.calls, "background_per_s": args.background,
                                "breakers_per_phase": args.breakers, "breaker_rate_per_s": args.rate}
     async with _common.SandboxProcess(sandbox_process, args.seed, join_timeout=10.0) as remote:
         info = remote.info
-        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
-            configure_logging("warning", "json", stream=logf)
-            path = _common.write_config(
-                Path(tmp), n_rules=50, sandbox_base=info["base"], queues=["Customer Service"],
+        with _common.daemon_folder() as tmp:
+            path = _common.config_for_sandbox(
+                tmp, info, n_rules=50, queues=["Customer Service"],
                 overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_ID"] = info["client_id"]
-            os.environ["GENESYSCLOUD_OAUTHCLIENT_SECRET"] = info["secret"]
             cfg = load_config(path)
             results["rules"] = len(cfg.rules)
             daemon = Daemon(cfg, config_path=path)
             await daemon.start()
             try:
                 ids: list[str] = await remote.ask({"op": "setup", "calls": args.calls})
-                end = time.monotonic() + 60
-                while len(daemon.engine.store) < args.calls and time.monotonic() < end:
-                    await asyncio.sleep(0.05)
-                results["tracked_by_daemon"] = len(daemon.engine.store)
+                results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.calls, 60)
                 await remote.ask({"op": "background", "rate": args.background})
                 await asyncio.sleep(2.0)
                 results["confguard"] = await remote.ask({"op": "phase", "breakers": args.breakers,
@@ -224,7 +215,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await daemon.stop()
             # The daemon's own share: frame received -> PATCH about to be sent (audit records).
-            inside = [float(r["event_to_request_ms"]) for r in _audit(Path(tmp) / "audit.jsonl")
+            inside = [float(r["event_to_request_ms"]) for r in _audit(tmp / "audit.jsonl")
                       if r.get("type") == "outcome" and r.get("event_to_request_ms") is not None]
             if "confguard" in results and inside:
                 results["confguard"]["in_daemon_ms"] = {
