@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -17,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
@@ -65,6 +66,11 @@ def pct(values: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def fmt(v: float | None, digits: int) -> str:
+    """`v` with `digits` decimals for a summary line; "-" for None or NaN (`pct` of nothing)."""
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def now_utc() -> str:
@@ -190,6 +196,23 @@ def daemon_folder() -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "daemon.log", "w") as logf:
         configure_logging("warning", "json", stream=logf)
         yield Path(tmp)
+
+
+def in_daemon_ms(audit_path: Path, quantiles: Sequence[float]) -> dict[str, float] | None:
+    """confguard's own share of each removal, in ms: frame received -> PATCH about to be
+    sent, the `event_to_request_ms` of the outcome records in the audit file at
+    `audit_path` and its rotated siblings (<stem>*.jsonl). Returned as {"pNN": ... for each
+    of `quantiles` (0..1, nearest rank), "max": ..., "n": count}; None when there is none."""
+    inside: list[float] = []
+    for p in sorted(audit_path.parent.glob(audit_path.stem + "*.jsonl")):
+        for line in p.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("type") == "outcome" and rec.get("event_to_request_ms") is not None:
+                inside.append(float(rec["event_to_request_ms"]))
+    if not inside:
+        return None
+    out: dict[str, float] = {f"p{round(q * 100)}": pct(inside, q) for q in quantiles}
+    return {**out, "max": max(inside), "n": len(inside)}
 
 
 async def wait_tracked(daemon: Daemon, calls: int, timeout: float) -> int:

@@ -235,12 +235,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     await daemon.stop()
                 # confguard's own share: frame received -> PATCH about to be sent (its audit).
-                inside = [float(x["event_to_request_ms"]) for x in _audit(tmp / "audit.jsonl")
-                          if x.get("type") == "outcome" and x.get("event_to_request_ms") is not None]
+                inside = _common.in_daemon_ms(tmp / "audit.jsonl", (0.5, 0.99))
                 if inside and "confguard" in results:
-                    results["confguard"]["in_daemon_ms"] = {
-                        "p50": _common.pct(inside, 0.5), "p99": _common.pct(inside, 0.99),
-                        "max": max(inside), "n": len(inside)}
+                    results["confguard"]["in_daemon_ms"] = inside
         finally:
             await remote.close()  # first: the minimal client's socket ends with the sandbox
             if mproc is not None:
@@ -252,20 +249,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _audit(path: Path) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for p in sorted(path.parent.glob(path.stem + "*.jsonl")):
-        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return out
-
-
 def summary(r: dict[str, Any]) -> str:
     lines = [f"burst: {r['conferences']} conferences, customers flagged {r['gap_ms']} ms apart, "
              f"sandbox budget {r['budget_per_minute']}/min, load {r.get('load')}"]
     for who in ("confguard", "minimal"):
         x = r.get(who) or {}
         lines.append(f"  {who:<10} patched {x.get('patched')}/{r.get('flags')}  p50 "
-                     f"{_fmt(x.get('p50_ms'))} p99 {_fmt(x.get('p99_ms'))} max {_fmt(x.get('max_ms'))} ms  "
+                     f"{_common.fmt(x.get('p50_ms'), 1)} p99 {_common.fmt(x.get('p99_ms'), 1)} max {_common.fmt(x.get('max_ms'), 1)} ms  "
                      f"429s {x.get('status_429')}  requests {x.get('statuses')}"
                      + (f"  learnt allowance {x.get('learnt_allowed')}" if who == "confguard" else ""))
     if "in_daemon_ms" in (r.get("confguard") or {}):
@@ -273,10 +263,6 @@ def summary(r: dict[str, Any]) -> str:
     if "ratio_p99" in r:
         lines.append(f"  confguard p99 / minimal p99 = {r['ratio_p99']}")
     return "\n".join(lines)
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.1f}"
 
 
 def main() -> None:

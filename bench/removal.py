@@ -215,12 +215,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await daemon.stop()
             # The daemon's own share: frame received -> PATCH about to be sent (audit records).
-            inside = [float(r["event_to_request_ms"]) for r in _audit(tmp / "audit.jsonl")
-                      if r.get("type") == "outcome" and r.get("event_to_request_ms") is not None]
+            inside = _common.in_daemon_ms(tmp / "audit.jsonl", (0.5, 0.95, 0.99))
             if "confguard" in results and inside:
-                results["confguard"]["in_daemon_ms"] = {
-                    "p50": _common.pct(inside, 0.5), "p95": _common.pct(inside, 0.95),
-                    "p99": _common.pct(inside, 0.99), "max": max(inside), "n": len(inside)}
+                results["confguard"]["in_daemon_ms"] = inside
             phases = () if args.skip_poller else (("poller_unlimited", None, 15.0), ("poller_budget_300", 300, 30.0))
             for name, budget, settle in phases:
                 await remote.ask({"op": "budget", "budget": budget})
@@ -244,17 +241,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _audit(path: Path) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for p in sorted(path.parent.glob(path.stem + "*.jsonl")):
-        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return out
-
-
-def fmt(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.2f}"
-
-
 def summary(r: dict[str, Any]) -> str:
     lines = [f"time to removal, {r['calls']} live calls, {r['background_per_s']} background events/s, "
              f"{r['breakers_per_phase']} breakers per phase at {r['breaker_rate_per_s']}/s:"]
@@ -263,7 +249,8 @@ def summary(r: dict[str, Any]) -> str:
         if not x:
             continue
         lines.append(f"  {name:<18} removed {x['removed']}/{x['breakers']} missed {x['missed']}  "
-                     f"p50 {fmt(x['p50_ms'])} p95 {fmt(x['p95_ms'])} p99 {fmt(x['p99_ms'])} max {fmt(x['max_ms'])} ms  "
+                     f"p50 {_common.fmt(x['p50_ms'], 2)} p95 {_common.fmt(x['p95_ms'], 2)} p99 {_common.fmt(x['p99_ms'], 2)} "
+                     f"max {_common.fmt(x['max_ms'], 2)} ms  "
                      f"requests {x['requests']}  load {x['load']}"
                      + (f"\n{'':<20}poller: {x['poller']}" if "poller" in x else "")
                      + (f"\n{'':<20}in daemon (frame received -> PATCH sent): {x['in_daemon_ms']}"
