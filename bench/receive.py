@@ -73,11 +73,19 @@ async def _sandbox_main(conn: Connection, n_messages: int) -> None:
             return
 
 
-async def _token(http: Any, info: dict[str, Any]) -> str:
+async def _subscribed_channel(http: Any, info: dict[str, Any]) -> str:
+    """Over REST with the `httpx.AsyncClient` `http`: a token (client credentials), a new
+    notification channel (POST /api/v2/notifications/channels) subscribed to the queue's
+    topic (PUT .../subscriptions). Returns the channel's `connectUri` (a ws:// URL)."""
     r = await http.post(info["base"] + "/oauth/token", data={"grant_type": "client_credentials"},
                         auth=(info["client_id"], info["secret"]))
     r.raise_for_status()
-    return str(r.json()["access_token"])
+    h = {"Authorization": f"Bearer {r.json()['access_token']}"}
+    ch = (await http.post(info["base"] + "/api/v2/notifications/channels", headers=h)).json()
+    r = await http.put(info["base"] + f"/api/v2/notifications/channels/{ch['id']}/subscriptions",
+                       headers=h, json=[{"id": info["topic"]}])
+    r.raise_for_status()
+    return str(ch["connectUri"])
 
 
 def py311_channel() -> Any:
@@ -133,13 +141,8 @@ async def run_library(remote: _common.SandboxProcess, info: dict[str, Any], n: i
     logger = logging.getLogger("bench.genesys_notifications")
     logger.setLevel(logging.WARNING)
     async with httpx.AsyncClient() as http:
-        tok = await _token(http, info)
-        h = {"Authorization": f"Bearer {tok}"}
-        ch = (await http.post(info["base"] + "/api/v2/notifications/channels", headers=h)).json()
-        r = await http.put(info["base"] + f"/api/v2/notifications/channels/{ch['id']}/subscriptions",
-                           headers=h, json=[{"id": info["topic"]}])
-        r.raise_for_status()
-        channel = Channel(ch["connectUri"], [info["topic"]], logger=logger)
+        uri = await _subscribed_channel(http, info)
+        channel = Channel(uri, [info["topic"]], logger=logger)
         await channel
         # Its own subscribe message is answered with a "subscribed" reply it filters out;
         # give it a moment so that reply is not in the timed window.
@@ -166,13 +169,8 @@ async def run_baseline(remote: _common.SandboxProcess, info: dict[str, Any], n: 
     import websockets
 
     async with httpx.AsyncClient() as http:
-        tok = await _token(http, info)
-        h = {"Authorization": f"Bearer {tok}"}
-        ch = (await http.post(info["base"] + "/api/v2/notifications/channels", headers=h)).json()
-        r = await http.put(info["base"] + f"/api/v2/notifications/channels/{ch['id']}/subscriptions",
-                           headers=h, json=[{"id": info["topic"]}])
-        r.raise_for_status()
-        async with websockets.connect(ch["connectUri"], max_size=None) as ws:
+        uri = await _subscribed_channel(http, info)
+        async with websockets.connect(uri, max_size=None) as ws:
             sockets = await remote.ask({"op": "blast"})
             assert sockets == 1, sockets
             first = time.perf_counter()
