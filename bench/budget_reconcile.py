@@ -73,8 +73,7 @@ async def _sandbox_main(conn: Connection) -> None:
                 conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}")
                 w.connect_agent(conv.id, users[i % len(users)])
                 if i < cmd["conferences"]:
-                    ext = w.add_external(conv.id, f"tel:+1212555{i:04d}")
-                    confs.append((conv.id, ext.id))
+                    confs.append((conv.id, w.add_external(conv.id, f"tel:+1212555{i:04d}").id))
             rng.shuffle(confs)
             conn.send(len(w.active_calls()))
         elif op == "lose_one":
@@ -103,7 +102,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.genesys.resync import Reconciler
     from daemon.service.lifecycle import Daemon
 
-    scale = args.scale
+    scale = float(args.scale)
     t0, m0 = time.time(), time.monotonic()
 
     def scaled() -> float:

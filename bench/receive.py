@@ -95,8 +95,9 @@ def py311_channel() -> Any:
     (`asyncio.ensure_future`), the minimal change for it to run at all; the rest of its
     receive loop (websockets recv, ujson.loads, `process()`'s message match) is the library's."""
     import ujson
-    from genesys_notifications import Channel
-    from genesys_notifications.exceptions import REASON, ChannelExpiring, ReceiveFailure, RecoveryFailure
+    from genesys_notifications import Channel  # type: ignore[import-untyped]
+    from genesys_notifications.exceptions import (  # type: ignore[import-untyped]
+        REASON, ChannelExpiring, ReceiveFailure, RecoveryFailure)
     from websockets.exceptions import WebSocketException
 
     class Py311Channel(Channel):  # type: ignore[misc]
