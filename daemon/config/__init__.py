@@ -293,7 +293,7 @@ def _seconds(value: object) -> object:
             return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    raise ValueError(f"expected a duration such as 15s, 500ms, 2m or a number of seconds, got {value!r}")
+    raise ValueError(f"expected a duration such as 5s, 500ms, 2m or a number of seconds, got {value!r}")
 
 
 #: A duration key: seconds as a number, or a string such as "15s", "500ms", "2m". (The
@@ -383,7 +383,6 @@ class LoggingSettings(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-_HA_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 class HaSettings(_Strict):
@@ -394,20 +393,10 @@ class HaSettings(_Strict):
     dsn: str | None = Field(default=None, description="postgresql://user@host:5432/db; or dsn_file, or the systemd credential ha_dsn.")
     dsn_file: str | None = None
     lease: str = Field(default="confguard", min_length=1, max_length=200)
-    takeover_after: float = Field(default=5.0, ge=1.0, le=300.0,
-                                  description="Seconds a lost leader may be silent before the standby takes over.")
+    takeover_after: Duration = Field(default=5.0, ge=1.0, le=300.0,
+                                     description="Seconds a lost leader may be silent before the standby takes over.")
     node: str | None = Field(default=None, min_length=1, max_length=200,
                              description="This host's name in the lease and the audit; default: the host name.")
-
-    @field_validator("takeover_after", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            m = _HA_DURATION.match(v)
-            if not m:
-                raise ValueError(f"expected a duration such as 5s, 2500ms or a number of seconds, got {v!r}")
-            return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-        return v
 
     @field_validator("dsn")
     @classmethod

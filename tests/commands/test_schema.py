@@ -109,3 +109,15 @@ def test_schema_rejects_what_the_compiler_rejects(when: dict[str, Any], call: di
 def test_schema_rejects_unknown_top_level_keys() -> None:
     errors = _errors({"rulez": []})
     assert errors
+
+
+@pytest.mark.parametrize("section", [
+    {"ha": {"backend": "postgres", "dsn": "postgresql://confguard@db.example:5432/confguard",
+            "lease": "confguard-prod", "takeover_after": "5s", "node": "host-a"}},
+    {"ha": {"takeover_after": 2.5}},
+    {"ops": {"shutdown_timeout": "15s"}},
+])
+def test_schema_accepts_durations_in_both_forms(section: dict[str, Any]) -> None:
+    """The contract writes `takeover_after: 5s`: an editor must not flag it."""
+    errors = list(_validator().iter_errors({"schema_version": 1, **section}))
+    assert errors == []
