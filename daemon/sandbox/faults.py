@@ -102,15 +102,14 @@ class Faults:
         self.rng = random.Random(self.seed)
 
     def reset(self) -> None:
-        """Back to no faults (extra_field back on)."""
+        """Back to no faults (extra_field back on). The request budget is not a fault but the
+        org's allowance (`--budget N`): it and its windows under way stay, as on Genesys."""
         self.latency = self.event_latency = 0.0
-        self.budget_per_minute = None
         self.drop_every = None
         self.extra_field = True
         self.bursts.clear()
         self.duplicate, self.lose = EventFault(), EventFault()
         self.reorder, self.malformed = EventFault(), EventFault()
-        self._windows.clear()
 
     def add_burst(self, method: str, path: str, status: int, count: int,
                   retry_after: float | None = None) -> Burst:

@@ -507,6 +507,11 @@ async def test_rest_bursts_latency_and_budget(sandbox: Sandbox, world: Any,
     assert st == 200
     assert [x.status for x in sandbox.journal.find("GET", "/routing/queues")][-3:] == \
         [429, 429, 200]
+    # The budget is the org's allowance, not a fault: a fault reset keeps it and its window.
+    sandbox.faults.reset()
+    st, _, r = await c.request("GET", "/api/v2/routing/queues")
+    assert st == 200 and r.headers["inin-ratelimit-allowed"] == "3"
+    assert r.headers["inin-ratelimit-count"] == "2"
 
 
 async def collect_events(sock: Socket, n: int, timeout: float = 5.0) -> list[Any]:
