@@ -14,12 +14,14 @@ Exit codes shared by all commands (a command may document more of its own):
     4  permission denied (HTTP 403) or credentials refused (HTTP 401 after a fresh token)
     5  API or network failure (5xx, 429 after retries, 409 after retries, no answer)
     130 interrupted (Ctrl-C)
+    141 the reader of stdout went away (e.g. `| head`): output stopped quietly
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +49,8 @@ EXIT_NOT_FOUND = 3
 EXIT_PERMISSION = 4
 EXIT_API = 5
 EXIT_INTERRUPTED = 130
+#: As a shell reports a process ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 EPILOG = """exit codes (each command's --help lists its own):
   0    success
@@ -128,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("confguard: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`confguard test ... | head -1`): stop quietly, as cat does.
+        # Point stdout at /dev/null so the interpreter's final flush raises nothing either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfguardError as exc:
         message = " ".join(str(exc).split()) or exc.__class__.__name__
         if isinstance(exc, ConfigError) and exc.line is not None:

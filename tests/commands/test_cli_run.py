@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -175,3 +176,14 @@ async def test_record_file_is_complete_while_running_and_after_a_kill(sandbox: S
     code, out, err = await run_cli("replay", "--config", str(cfg), str(record))
     assert code == 0, err
     assert sum(1 for ln in out.splitlines() if f" flagged-party  conversation={conv.id} participant={ext.id} " in ln) == 1
+
+
+def test_a_reader_that_goes_away_stops_output_without_a_traceback() -> None:
+    """`confguard check --schema | head -1`: the pipe closes before the command writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "check", "--schema"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has imported the CLI
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
