@@ -15,6 +15,7 @@ trail, the daemon's safety valve. The exit codes are those of `eject`:
 
 from __future__ import annotations
 
+import json
 import asyncio
 import sys
 import time
@@ -94,7 +95,7 @@ async def eject_via_control(url: str, token: str, body: dict[str, str], *, dry_r
         say("dry run: would send")
         say(f"  POST {base}/v1/ejections")
         say("  Authorization: Bearer ***")
-        say(f"  {body}")
+        say(f"  {json.dumps(body)}")
         return EXIT_DONE
     headers = {"Authorization": f"Bearer {token}"}
     try:
