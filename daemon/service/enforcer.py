@@ -201,6 +201,13 @@ class Removal:
                 pass
         return self.state
 
+    def _progress(self, http_status: int | None, attempts: int) -> None:
+        """A PATCH was answered while the outcome is still open (confirmation pending, a
+        409 retry due): show its status and the attempts so far."""
+        if self.state == "pending":
+            self.http_status = http_status
+            self.attempts = attempts
+
     def _settle(self, outcome: Outcome, http_status: int | None, attempts: int,
                 error: str | None, now: float) -> None:
         self.state = outcome
@@ -567,10 +574,12 @@ class Enforcer:
         except ApiError as exc:
             action.sending = False
             action.last_status = exc.status or None
+            action.removal._progress(action.last_status, action.attempts)
             return exc
         action.sending = False
         action.accepted = True
         action.last_status = reply if isinstance(reply, int) else None
+        action.removal._progress(action.last_status, action.attempts)
         return None
 
     def _sending(self, action: _Action) -> None:

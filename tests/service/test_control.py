@@ -125,6 +125,19 @@ async def test_party_not_in_memory_is_read_over_rest(tmp_path: Path) -> None:
         st, body, _ = await api.eject({"conversationId": conv.id, "participantId": ext.id})
         assert st == 202, body
         assert sb.journal.find("GET", f"/api/v2/conversations/calls/{conv.id}")
+        # While the removal waits for its confirmation (the call sends the daemon no events),
+        # the ejection already shows the status Genesys gave the PATCH and the attempts.
+        snapshots: list[dict[str, Any]] = []
+        for _ in range(400):  # bounded: 20 s
+            st, snap, _ = await api.request("GET", f"/v1/ejections/{body['id']}")
+            assert st == 200
+            snapshots.append(snap)
+            if snap["state"] != "pending" or snap["httpStatus"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        answered = snapshots[-1]
+        assert answered["state"] == "pending", snapshots  # the confirmation takes seconds here
+        assert answered["httpStatus"] == 202 and answered["attempts"] == 1 and answered["sentAt"]
         final = await api.wait_final(body["id"])
         assert final["state"] == "disconnected"
         assert _patched(sb, conv.id) == [ext.id]
