@@ -1,13 +1,16 @@
 """Every structured log event confguard's code can emit, found in daemon/ by reading the
 source (no import): the event name, its level(s), its fields and where it is logged.
 
+    .venv/bin/python tests/_log_events.py --where    # also where each is logged
+
     .venv/bin/python tests/_log_events.py            # print the README table
     .venv/bin/python tests/_log_events.py --write    # rewrite it in README.md
 
 A log call is `<logger>.<level>("event_name", key=value, ...)` where the logger is a name
-or attribute containing "log" (`log`, `self._log`, `event_log`, a variable bound with
-`.bind(...)`). Fields bound with `.bind(...)` to a variable in the same function are
-counted as that event's fields. `tests/service/test_logs.py` checks that every name is a
+or attribute containing "log" (`log`, `self._log`, `event_log`, a bound logger). Fields
+bound with `.bind(...)` count as fields of every event logged through that logger (see
+`_Bindings` for the forms recognised). A sans-I/O module that hands its log lines to its I/O
+layer as data (`Note(level, event, fields)`, the stream supervisor) counts too. `tests/service/test_logs.py` checks that every name is a
 snake_case identifier and that README.md's table is this one.
 """
 
@@ -27,6 +30,8 @@ END = "<!-- log-events:end -->"
 LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning",
           "error": "error", "exception": "error", "critical": "critical", "fatal": "critical"}
 LEVEL_ORDER = ["debug", "info", "warning", "error", "critical"]
+#: Constructors of log lines passed as data (`Note(level, event, fields)`).
+NOTE_CALLS = {"Note"}
 SNAKE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
 
 
@@ -47,47 +52,161 @@ def _holder_name(node: ast.expr) -> str | None:
     return None
 
 
-def _bound(fn: ast.AST) -> dict[str, set[str]]:
-    """Variables assigned `<logger>.bind(k=...)` in `fn`, and the keys they carry."""
-    out: dict[str, set[str]] = {}
-    for node in ast.walk(fn):
-        if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
-            continue
-        call = node.value
-        if not (isinstance(call.func, ast.Attribute) and call.func.attr == "bind"):
-            continue
-        keys = {k.arg for k in call.keywords if k.arg}
-        base = _holder_name(call.func.value)
-        if base in out:
-            keys |= out[base]
-        for target in node.targets:
-            name = _holder_name(target)
-            if name:
-                out[name] = out.get(name, set()) | keys
-    return out
+def _bind_keys(node: ast.expr) -> set[str] | None:
+    """The keys of `<logger>.bind(k=...)`, or None when `node` is not such a call."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "bind":
+        return {k.arg for k in node.keywords if k.arg}
+    return None
 
 
-def _calls(tree: ast.Module) -> list[tuple[ast.Call, set[str]]]:
-    """Every log call in `tree`, with the fields bound to its logger in its function."""
-    found: list[tuple[ast.Call, set[str]]] = []
+class _Bindings:
+    """Where a module's bound loggers come from, so each log call's bound fields are known:
+
+    - `x = <logger>.bind(k=...)` (also chained: `y = x.bind(j=...)`);
+    - `x = self._f(...)` where `_f` returns `<logger>.bind(k=...)`;
+    - an attribute filled with a bound logger (`_Conn(..., log=x)`, `obj.log = x`), then
+      used as `obj.log.info(...)` or `y = obj.log`;
+    - a bound logger passed to a function of the module (`self._f(d, x)`): its parameter.
+    """
+
+    def __init__(self, tree: ast.Module) -> None:
+        self.functions: dict[str, set[str]] = {}
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    keys = _bind_keys(node.value) if isinstance(node, ast.Return) and node.value else None
+                    if keys is not None:
+                        self.functions[fn.name] = keys
+        self.attrs: dict[str, set[str]] = {}
+        self.params: dict[tuple[str, str], set[str]] = {}  # (function, parameter) -> keys
+        scopes = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        params = {fn.name: [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)
+                            if a.arg not in ("self", "cls")] for fn in scopes}
+        for _ in range(2):  # attributes filled in one function are read in another
+            for fn in scopes:
+                local = self.local(fn)
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call):
+                        callee = _holder_name(node.func) or ""
+                        for i, arg in enumerate(node.args):  # a bound logger passed along
+                            keys = self.value(arg, local)
+                            if keys is not None and i < len(params.get(callee, [])):
+                                self.params[(callee, params[callee][i])] = keys
+                        for k in node.keywords:
+                            keys = self.value(k.value, local) if k.arg else None
+                            if keys is not None and k.arg:
+                                self.attrs[k.arg] = keys
+                                self.params[(callee, k.arg)] = keys
+                    elif isinstance(node, ast.Assign):
+                        keys = self.value(node.value, local)
+                        for t in node.targets:
+                            if keys is not None and isinstance(t, ast.Attribute):
+                                self.attrs[t.attr] = keys
+
+    def value(self, node: ast.expr, local: dict[str, set[str]]) -> set[str] | None:
+        """The bound keys of the logger `node` evaluates to, if it is a known bound one."""
+        keys = _bind_keys(node)
+        if keys is not None:
+            base = _holder_name(node.func.value) if isinstance(node, ast.Call) and isinstance(
+                node.func, ast.Attribute) else None
+            return keys | local.get(base or "", set())
+        if isinstance(node, ast.Call):
+            name = _holder_name(node.func)
+            return self.functions.get(name or "")
+        if isinstance(node, ast.Name):
+            return local.get(node.id)
+        if isinstance(node, ast.Attribute):
+            return self.attrs.get(node.attr)
+        return None
+
+    def local(self, fn: ast.AST) -> dict[str, set[str]]:
+        """Variables (and parameters) of `fn` holding a bound logger, and their keys."""
+        out: dict[str, set[str]] = {}
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs):
+                keys = getattr(self, "params", {}).get((fn.name, a.arg))
+                if keys is not None:
+                    out[a.arg] = keys
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign):
+                keys = self.value(node.value, out)
+                for t in node.targets:
+                    if keys is not None and isinstance(t, ast.Name):
+                        out[t.id] = keys
+        return out
+
+
+def _methods(node: ast.expr) -> list[ast.Attribute]:
+    """`log.info`, or `(log.info if ... else log.warning)`: the level methods named."""
+    if isinstance(node, ast.Attribute) and node.attr in LEVELS:
+        return [node]
+    if isinstance(node, ast.IfExp):
+        return _methods(node.body) + _methods(node.orelse)
+    return []
+
+
+def _calls(tree: ast.Module) -> list[tuple[ast.Call, list[str], set[str]]]:
+    """Every log call in `tree`: the call, its level(s) and the fields bound to its logger.
+    Also `emit = log.info if ... else log.warning; emit("event", ...)`."""
+    bindings = _Bindings(tree)
+    found: list[tuple[ast.Call, list[str], set[str]]] = []
     scopes: list[ast.AST] = [tree, *(n for n in ast.walk(tree)
                                      if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]
     seen: set[int] = set()
     # Innermost scope first, so a call inside a function gets that function's bindings.
     for scope in reversed(scopes):
-        bound = _bound(scope) if scope is not tree else {}
+        local = bindings.local(scope) if scope is not tree else {}
+        emitters: dict[str, list[ast.Attribute]] = {}
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign) and _methods(node.value):
+                for t in node.targets:
+                    if isinstance(t, ast.Name):
+                        emitters[t.id] = _methods(node.value)
         for node in ast.walk(scope):
             if id(node) in seen or not isinstance(node, ast.Call):
                 continue
             func = node.func
-            if not (isinstance(func, ast.Attribute) and func.attr in LEVELS):
-                continue
-            holder = _holder_name(func.value)
-            if holder is None or "log" not in holder.lower():
+            methods = emitters.get(func.id, []) if isinstance(func, ast.Name) else _methods(func)
+            methods = [m for m in methods if "log" in (_holder_name(m.value) or "").lower()
+                       or (isinstance(m.value, ast.Call)  # self._bound(d).critical(...)
+                           and (_holder_name(m.value.func) or "") in bindings.functions)]
+            if not methods:
                 continue
             seen.add(id(node))
-            found.append((node, bound.get(holder, set())))
+            bound = set().union(*(bindings.value(m.value, local) or set() for m in methods))
+            found.append((node, [LEVELS[m.attr] for m in methods], bound))
     return found
+
+
+def _dict_keys(node: ast.expr, helpers: dict[str, set[str]]) -> set[str]:
+    """The keys of a fields expression: a dict literal, or a call of a helper of the module
+    that returns one (`self._ids(sock, k=...)`), plus the call's keyword names."""
+    if isinstance(node, ast.Dict):
+        return {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    if isinstance(node, ast.Call):
+        keys = set(helpers.get(_holder_name(node.func) or "", set()))
+        return keys | {k.arg for k in node.keywords if k.arg}
+    return {"..."}
+
+
+def _notes(tree: ast.Module) -> list[tuple[ast.Call, str, str, set[str]]]:
+    """Log lines a sans-I/O module hands to its I/O layer as data: `Note(level, event,
+    fields)` (the stream supervisor's), written by that layer as given."""
+    helpers: dict[str, set[str]] = {}
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
+                    helpers[fn.name] = _dict_keys(node.value, {})
+    out = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and _holder_name(node.func) in NOTE_CALLS
+                and len(node.args) >= 2 and isinstance(node.args[0], ast.Constant)):
+            level, event = node.args[0].value, node.args[1]
+            name = event.value if isinstance(event, ast.Constant) else ast.unparse(event)
+            fields = _dict_keys(node.args[2], helpers) if len(node.args) > 2 else set()
+            out.append((node, str(name), LEVELS.get(str(level), str(level)), fields))
+    return out
 
 
 def inventory(root: Path = DAEMON) -> dict[str, Event]:
@@ -95,18 +214,24 @@ def inventory(root: Path = DAEMON) -> dict[str, Event]:
     events: dict[str, Event] = {}
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
-        for call, bound in _calls(tree):
+        for call, levels, bound in _calls(tree):
             first = call.args[0] if call.args else None
             dynamic = not (isinstance(first, ast.Constant) and isinstance(first.value, str))
             name = ast.unparse(first) if dynamic and first is not None else (
                 first.value if isinstance(first, ast.Constant) else "<no event>")
             ev = events.setdefault(str(name), Event(str(name)))
             ev.dynamic |= dynamic
-            ev.levels.add(LEVELS[call.func.attr])  # type: ignore[attr-defined]
+            ev.levels.update(levels)
             ev.fields |= {k.arg for k in call.keywords if k.arg} | bound
             if any(k.arg is None for k in call.keywords):
                 ev.fields.add("...")
-            ev.places.append(f"{path.relative_to(DAEMON)}:{call.lineno}")
+            ev.places.append(f"{path.relative_to(root)}:{call.lineno}")
+        for call, name, level, fields in _notes(tree):
+            ev = events.setdefault(name, Event(name))
+            ev.dynamic |= not isinstance(call.args[1], ast.Constant)
+            ev.levels.add(level)
+            ev.fields |= fields
+            ev.places.append(f"{path.relative_to(root)}:{call.lineno}")
     return events
 
 
@@ -117,14 +242,14 @@ def bad_names(events: dict[str, Event]) -> list[str]:
 
 
 def table(events: dict[str, Event]) -> str:
-    rows = ["| event | level | fields | logged in |", "|---|---|---|---|"]
+    """The README table: event, level(s), fields (where each is logged is left out, so that
+    moving code does not change the operator's manual; `inventory()` has the places)."""
+    rows = ["| event | level | fields |", "|---|---|---|"]
     for name in sorted(events):
         e = events[name]
         levels = ", ".join(lv for lv in LEVEL_ORDER if lv in e.levels)
         fields = ", ".join(f"`{f}`" for f in sorted(e.fields - {"exc_info"})) or "—"
-        modules = ", ".join(sorted({p.rsplit(":", 1)[0].removesuffix(".py").removesuffix("/__init__")
-                                    for p in e.places}))
-        rows.append(f"| `{name}` | {levels} | {fields} | {modules} |")
+        rows.append(f"| `{name}` | {levels} | {fields} |")
     return "\n".join(rows)
 
 
@@ -147,5 +272,8 @@ def write_readme(path: Path = README) -> None:
 if __name__ == "__main__":
     if "--write" in sys.argv[1:]:
         write_readme()
+    elif "--where" in sys.argv[1:]:
+        for name, e in sorted(inventory().items()):
+            print(f"{name}: {', '.join(e.places)}")
     else:
         print(table(inventory()))

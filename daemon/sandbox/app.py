@@ -124,7 +124,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         else:
             raise
     except Exception:  # a sandbox bug must still answer like Genesys, and be visible
-        log.exception("sandbox.handler_failed", method=request.method, path=path)
+        log.exception("sandbox_handler_failed", method=request.method, path=path)
         resp = error_response(500, "The sandbox failed to handle this request")
     if counted is not None:
         # Genesys puts the budget on every answer, errors included.

@@ -155,7 +155,7 @@ class Sandbox:
             self.port = int(sockets[0].getsockname()[1])
         self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="sandbox-heartbeat"),
                        asyncio.create_task(self._reap_loop(), name="sandbox-reaper")]
-        log.info("sandbox.started", base_url=self.base_url, client_id=self.client_id)
+        log.info("sandbox_started", base_url=self.base_url, client_id=self.client_id)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -171,7 +171,7 @@ class Sandbox:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        log.info("sandbox.stopped")
+        log.info("sandbox_stopped")
 
     async def __aenter__(self) -> Sandbox:
         await self.start()
@@ -349,7 +349,7 @@ class Sandbox:
                     self._last_drop = now
                     self.drop_sockets()
             except Exception:  # the reaper must survive anything; logged for the tests
-                log.exception("sandbox.reaper_failed")
+                log.exception("sandbox_reaper_failed")
 
     async def writer(self, conn: Conn) -> None:
         """Drain one socket's outbox in order (events, heartbeats, close)."""

@@ -159,6 +159,7 @@ class Logger(Protocol):
     def error(self, event: str, **kw: Any) -> Any: ...
     def critical(self, event: str, **kw: Any) -> Any: ...
     def exception(self, event: str, **kw: Any) -> Any: ...
+    def bind(self, **kw: Any) -> Logger: ...
 
 
 # ---------------------------------------------------------------- the handle
@@ -229,6 +230,7 @@ class _Action:
 
     flight: InFlight
     removal: Removal
+    log: Logger  # bound once to the action's rule, conversation and participant
     followers: list[Removal] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     attempts: int = 0
@@ -397,15 +399,14 @@ class Enforcer:
 
     def _submit_one(self, d: Decision, removal: Removal) -> None:
         mode = self.mode
+        dlog = self._bound(d)
         self._count_decision(d, mode)
-        self._log_decision(d, mode)
+        self._log_decision(d, mode, dlog)
         try:
             self.audit.write(decision_record(d, mode=mode))
         except Exception as exc:
-            self._log.critical("audit_write_failed", record="decision", rule=d.rule,
-                               conversation_id=d.conversation_id, participant_id=d.participant_id,
-                               detail="decision not acted on",
-                               error=f"{exc.__class__.__name__}: {exc}")
+            dlog.critical("audit_write_failed", record="decision", detail="decision not acted on",
+                          error=f"{exc.__class__.__name__}: {exc}")
             self._count_outcome(d, "failed")
             if d.action == "disconnect" and mode == "enforce":
                 self.enforcement.not_sent(d)
@@ -418,7 +419,7 @@ class Enforcer:
             party_final=self.engine.party_final(d.conversation_id, d.participant_id))
         if adm.verdict == "send":
             assert adm.flight is not None
-            action = _Action(adm.flight, removal)
+            action = _Action(adm.flight, removal, log=dlog)
             self._actions[action.key] = action
             # Created in this turn of the loop; runs at the loop's next iteration.
             action.task = asyncio.get_running_loop().create_task(
@@ -429,8 +430,7 @@ class Enforcer:
             leader = self._actions[adm.flight.key]
             leader.followers.append(removal)
             removal.joined = leader.decision.rule
-            self._log.info("enforce_joined", rule=d.rule, joined_rule=leader.decision.rule,
-                           conversation_id=d.conversation_id, participant_id=d.participant_id)
+            dlog.info("enforce_joined", joined_rule=leader.decision.rule)
             return
         outcome = adm.outcome
         assert outcome is not None
@@ -461,7 +461,6 @@ class Enforcer:
     # ------------------------------------------------------------------ one action
 
     async def _run(self, action: _Action) -> None:
-        d = action.decision
         result: _Result
         try:
             result = await self._perform(action)
@@ -476,15 +475,14 @@ class Enforcer:
             self._finish(action, result)
             raise
         except Exception as exc:  # a bug must not leave the party marked in flight forever
-            self._log.exception("enforce_action_crashed", rule=d.rule,
-                                conversation_id=d.conversation_id, participant_id=d.participant_id)
+            action.log.exception("enforce_action_crashed")
             result = _Result("failed", action.last_status,
                              f"internal error: {exc.__class__.__name__}: {exc}")
         self._finish(action, result)
 
     async def _perform(self, action: _Action) -> _Result:
         d = action.decision
-        cid, pid = action.key
+        alog = action.log
         loop = asyncio.get_running_loop()
         confirm_retried = False
         while True:
@@ -509,17 +507,15 @@ class Enforcer:
                                    f"PATCH accepted, not confirmed; {exc.message}")
                 return _Result("standby", action.last_status, exc.message)
             if isinstance(exc, NotFoundError):
-                self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
-                               participant_id=pid, detail=exc.message)
+                alog.info("enforce_already_gone", detail=exc.message)
                 if action.accepted:  # the earlier accepted PATCH removed the party
                     return _Result("disconnected", 404, None)
                 return _Result("already_gone", 404, None)
             if isinstance(exc, ConflictError):
                 if action.attempts < self.max_attempts:
                     wait = self.conflict_retry.delay(action.attempts)
-                    self._log.info("enforce_conflict_retry", rule=d.rule, conversation_id=cid,
-                                   participant_id=pid, attempt=action.attempts,
-                                   retry_in=round(wait, 3))
+                    alog.info("enforce_conflict_retry", attempt=action.attempts,
+                              retry_in=round(wait, 3))
                     await asyncio.sleep(wait)
                     continue
                 return _Result("failed", 409,
@@ -528,10 +524,9 @@ class Enforcer:
                 missing = exc.missing_permissions or [DISCONNECT_PERMISSION]
                 text = (f"403 forbidden: the OAuth client's role lacks permission "
                         f"{', '.join(missing)}: {exc}")
-                self._log.critical("enforce_forbidden", rule=d.rule, conversation_id=cid,
-                                   participant_id=pid, missing_permissions=missing,
-                                   detail="grant the permission to the OAuth client's role",
-                                   error=str(exc))
+                alog.critical("enforce_forbidden", missing_permissions=missing,
+                              detail="grant the permission to the OAuth client's role",
+                              error=str(exc))
                 return _Result("failed", 403, text)
             if exc is not None:
                 # Genesys may refuse a PATCH for a party that has just left (e.g. 400
@@ -539,19 +534,16 @@ class Enforcer:
                 if await self._gone_after_error(action, exc):
                     if action.accepted:
                         return _Result("disconnected", action.last_status, None)
-                    self._log.info("enforce_already_gone", rule=d.rule, conversation_id=cid,
-                                   participant_id=pid, status=exc.status, detail=exc.message)
+                    alog.info("enforce_already_gone", status=exc.status, detail=exc.message)
                     return _Result("already_gone", action.last_status,
                                    f"party had left; the PATCH was refused: {exc}")
-                self._log.error("enforce_failed", rule=d.rule, conversation_id=cid,
-                                participant_id=pid, status=exc.status, error=str(exc))
+                alog.error("enforce_failed", status=exc.status, error=str(exc))
                 return _Result("failed", exc.status or None, str(exc))
             if await self._confirm(action):
                 return _Result("disconnected", action.last_status, None)
             if not confirm_retried:
                 confirm_retried = True
-                self._log.warning("enforce_unconfirmed_retry", rule=d.rule, conversation_id=cid,
-                                  participant_id=pid, confirm_timeout=self.confirm_timeout)
+                alog.warning("enforce_unconfirmed_retry", confirm_timeout=self.confirm_timeout)
                 self._outcome(d, "unconfirmed", action.last_status, action.attempts,
                               action.event_to_request_ms,
                               f"PATCH accepted but the party was not seen disconnected within "
@@ -615,8 +607,7 @@ class Enforcer:
             self.handle(self.engine.mark_gone(cid, self._clock()))
             return True
         except ApiError as exc:
-            self._log.warning("enforce_confirm_get_failed", conversation_id=cid,
-                              participant_id=pid, error=str(exc))
+            action.log.warning("enforce_confirm_get_failed", error=str(exc))
             return None
         if not isinstance(conv, Mapping):
             return None
@@ -670,7 +661,6 @@ class Enforcer:
             return
         action.finished = True
         d = action.decision
-        cid, pid = action.key
         if self._actions.get(action.key) is action:
             del self._actions[action.key]
         self.enforcement.finish(action.flight, result.outcome)
@@ -678,9 +668,9 @@ class Enforcer:
             action.confirm.cancel()
         now = self._clock()
         level = "info" if result.outcome in ("disconnected", "already_gone") else "error"
-        (self._log.info if level == "info" else self._log.error)(
-            "enforce_outcome", rule=d.rule, conversation_id=cid, participant_id=pid,
-            outcome=result.outcome, http_status=result.http_status, attempts=action.attempts,
+        alog = action.log
+        (alog.info if level == "info" else alog.error)(
+            "enforce_outcome", outcome=result.outcome, http_status=result.http_status, attempts=action.attempts,
             event_to_request_ms=action.event_to_request_ms, error=result.error)
         self._outcome(d, result.outcome, result.http_status, action.attempts,
                       action.event_to_request_ms, result.error)
@@ -705,11 +695,9 @@ class Enforcer:
                                             event_to_request_ms=event_to_request_ms,
                                             error=error))
         except Exception as exc:
-            self._log.critical("audit_write_failed", record="outcome", rule=d.rule,
-                               conversation_id=d.conversation_id,
-                               participant_id=d.participant_id, outcome=outcome,
-                               detail="outcome record lost",
-                               error=f"{exc.__class__.__name__}: {exc}")
+            self._bound(d).critical("audit_write_failed", record="outcome", outcome=outcome,
+                                    detail="outcome record lost",
+                                    error=f"{exc.__class__.__name__}: {exc}")
 
     def _count_decision(self, d: Decision, mode: str) -> None:
         if self.metrics is not None:
@@ -719,15 +707,20 @@ class Enforcer:
         if self.metrics is not None:
             self.metrics.outcomes.labels(rule=d.rule, outcome=outcome).inc()
 
-    def _log_decision(self, d: Decision, mode: str) -> None:
+    def _bound(self, d: Decision) -> Logger:
+        """The logger bound to one decision's ids (`rule`, `conversation_id`,
+        `participant_id`), which then appear on each of its lines."""
+        return self._log.bind(rule=d.rule, conversation_id=d.conversation_id,
+                              participant_id=d.participant_id)
+
+    def _log_decision(self, d: Decision, mode: str, dlog: Logger) -> None:
         # The rule's severity is a field of the line; the level is capped at WARNING so that
         # the daemon's own CRITICAL lines (safety valve, missing permission) stand out.
-        emit = self._log.info if d.severity == "info" else self._log.warning
+        emit = dlog.info if d.severity == "info" else dlog.warning
         origin = d.origin
         extra: dict[str, object] = {} if origin is None else {
             "origin": {"caller": origin.caller, "reason": origin.reason}}
-        emit("decision", rule=d.rule, conversation_id=d.conversation_id,
-             participant_id=d.participant_id, purpose=d.purpose, matched=d.matched, mode=mode,
+        emit("decision", purpose=d.purpose, matched=d.matched, mode=mode,
              action=d.action, severity=d.severity, tags=list(d.tags), message=d.message,
              decided_at=d.decided_at, received_at=d.received_at, **extra)
 

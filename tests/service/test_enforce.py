@@ -43,14 +43,21 @@ def make_engine(max_per_minute: int = 100) -> Engine:
 
 
 class RecLog:
-    """Records structlog-style calls: (level, event, kwargs)."""
+    """Records structlog-style calls: (level, event, kwargs), with fields from `bind`."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str, dict[str, Any]]] = []
+        self.bound: dict[str, Any] = {}
+
+    def bind(self, **kw: Any) -> RecLog:
+        child = RecLog()
+        child.lines = self.lines  # one record for the logger and everything bound from it
+        child.bound = {**self.bound, **kw}
+        return child
 
     def __getattr__(self, level: str) -> Callable[..., None]:
         def emit(event: str, **kw: Any) -> None:
-            self.lines.append((level, event, kw))
+            self.lines.append((level, event, {**self.bound, **kw}))
         return emit
 
     def at(self, level: str) -> list[tuple[str, dict[str, Any]]]:

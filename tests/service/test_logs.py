@@ -139,3 +139,26 @@ def test_capture_logs_sees_redacted_via_processor() -> None:
     cleaned = redact_secrets(None, "warning", dict(logs[0]))
     assert cleaned["authorization"] == REDACTED
     assert redact_secrets(None, "info", {"event": f"Bearer {OPAQUE}"}) == {"event": f"Bearer {REDACTED}"}
+
+
+# ---------------------------------------------------------------------- event names
+
+
+def test_every_event_name_is_a_stable_snake_case_identifier() -> None:
+    """Operators alert on event names: no English sentences, no dotted or dynamic names."""
+    import _log_events
+
+    events = _log_events.inventory()
+    assert len(events) > 100  # the scan sees the code (guards against it going blind)
+    assert _log_events.bad_names(events) == []
+
+
+def test_readme_lists_every_event() -> None:
+    """README.md's event table is the one the code implies (names, levels, fields). After
+    adding or changing a log line: `.venv/bin/python tests/_log_events.py --write`."""
+    import _log_events
+
+    listed = _log_events.readme_table(_log_events.README.read_text())
+    assert listed is not None, "README.md lost its log-events markers"
+    assert listed == _log_events.table(_log_events.inventory()), (
+        "README.md's log event table is stale: run .venv/bin/python tests/_log_events.py --write")

@@ -135,6 +135,7 @@ class _Conn:
     end_reason: str | None = None  # set when this socket has ended (or is being dropped)
     retired: bool = False  # replaced by a handover; its end is expected
     pump: asyncio.Task[None] | None = None
+    log: Any = None  # bound once to this socket's shard and channel
 
     @property
     def alive(self) -> bool:
@@ -693,13 +694,14 @@ class StreamManager:
         ws = await connect(ch.connect_uri, ping_interval=None, open_timeout=self.connect_timeout,
                            close_timeout=2.0, max_size=self.max_frame_bytes,
                            user_agent_header="confguard/0.1")
-        conn = _Conn(id=next(self._conn_ids), shard=s, channel=ch, ws=ws)
+        conn = _Conn(id=next(self._conn_ids), shard=s, channel=ch, ws=ws,
+                     log=log.bind(shard=s.index, channel=ch.id))
         s.conns[conn.id] = conn
         conn.pump = asyncio.create_task(self._pump(conn), name=f"stream-pump-{s.index}")
         self.connections_opened += 1
         if self._metrics is not None:
             self._metrics.stream_connections.inc()
-        log.info("stream_connected", shard=s.index, channel=ch.id, topics=len(s.topics))
+        conn.log.info("stream_connected", topics=len(s.topics))
         return conn
 
     async def _pump(self, conn: _Conn) -> None:
@@ -710,22 +712,23 @@ class StreamManager:
         monotonic = time.monotonic
         note_frame = conn.shard.sup.note_frame
         cid = conn.id
+        clog = conn.log
         try:
             async for data in ws:
                 note_frame(cid, monotonic())
                 try:
                     on_message(data, clock())
                 except Exception:  # the consumer's bug must not take the stream down
-                    log.exception("stream_on_message_failed", shard=conn.shard.index)
+                    clog.exception("stream_on_message_failed")
                 if _maybe_control(data):
                     self._control(conn, data)
         except ConnectionClosed as exc:
             if conn.end_reason is None:
                 conn.end_reason = "closed"
-            log.info("stream_socket_closed", shard=conn.shard.index, channel=conn.channel.id,
-                     code=exc.rcvd.code if exc.rcvd else None, retired=conn.retired)
+            clog.info("stream_socket_closed", code=exc.rcvd.code if exc.rcvd else None,
+                      retired=conn.retired)
         except Exception:  # anything else ends this socket too; the supervisor reconnects
-            log.exception("stream_pump_failed", shard=conn.shard.index, channel=conn.channel.id)
+            clog.exception("stream_pump_failed")
             conn.abort("error")
         finally:
             if conn.end_reason is None:
