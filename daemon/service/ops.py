@@ -28,7 +28,7 @@ from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["HealthStatus", "OpsServer"]
+__all__ = ["HealthStatus", "OpsServer", "listen", "tcp_addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,31 @@ def _json(data: dict[str, Any], status: int) -> web.Response:
     body = orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str)
     return web.Response(body=body, status=status, content_type="application/json",
                         headers={"Cache-Control": "no-store"})
+
+
+def tcp_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
+    """(host, port) of each TCP socket `runner` listens on."""
+    return [(str(a[0]), int(a[1])) for a in runner.addresses
+            if isinstance(a, tuple) and len(a) >= 2]
+
+
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on exactly `host`:`port` (port 0 picks a free one), with no access log
+    and no signal handlers of aiohttp's own. Returns the runner (its `cleanup()` stops the
+    listener and closes connections) and the bound port. Raises OSError when the address is
+    taken or not local, leaving nothing behind. Shared by the ops and control listeners."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
+        await site.start()
+        bound = tcp_addresses(runner)
+        if not bound:
+            raise RuntimeError(f"no TCP socket listening on {host}:{port}")
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, bound[0][1]
 
 
 class OpsServer:
@@ -75,34 +100,17 @@ class OpsServer:
         port. Raises OSError when the address is taken or not local."""
         if self._runner is not None:
             raise RuntimeError("OpsServer already started")
-        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = self._bound_port(runner)
+        self._runner, bound = await listen(self._app(), host, port)
         self.host, self.port = host, bound
         log.info("ops_listening", host=host, port=bound)
         return bound
-
-    @staticmethod
-    def _bound_port(runner: web.AppRunner) -> int:
-        for addr in runner.addresses:
-            if isinstance(addr, tuple) and len(addr) >= 2:
-                return int(addr[1])
-        raise RuntimeError("ops server has no listening socket")
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every listening socket; empty when stopped."""
         if self._runner is None:
             return []
-        return [(str(a[0]), int(a[1])) for a in self._runner.addresses
-                if isinstance(a, tuple) and len(a) >= 2]
+        return tcp_addresses(self._runner)
 
     async def stop(self) -> None:
         """Stop listening and close connections. Idempotent."""

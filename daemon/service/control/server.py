@@ -24,6 +24,7 @@ from daemon.service.control.models import EjectionRequest, ErrorBody
 from daemon.service.control.openapi import document_bytes
 from daemon.service.control.service import Answer, ControlService, error
 from daemon.service.metrics import Metrics
+from daemon.service.ops import listen
 
 log = structlog.get_logger("confguard.control")
 
@@ -91,16 +92,7 @@ class ControlServer:
         OSError when the address is taken or not local."""
         if self._runner is not None:
             raise RuntimeError("ControlServer already started")
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = next(int(a[1]) for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2)
+        self._runner, bound = await listen(self.app(), host, port)
         self.host, self.port = host, bound
         log.info("control_listening", host=host, port=bound)
         return bound
