@@ -49,8 +49,9 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, TYPE_CHECKING
 
 import structlog
@@ -286,15 +287,7 @@ class Resyncer:
                  tracked=report.tracked, conferences=report.conferences)
 
         todo: deque[ConversationId] = deque(ids)
-        workers = [asyncio.create_task(self._worker(todo, report))
-                   for _ in range(min(self.concurrency, len(ids)))]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
+        await _run_workers(min(self.concurrency, len(ids)), partial(self._worker, todo, report))
 
         report.finished_at = self._clock()
         report.seconds = time.monotonic() - mono
@@ -411,6 +404,20 @@ def analytics_parties(conv: Mapping[str, Any]) -> int:
                     live += 1
                     break
     return live if any_segments else listed
+
+
+async def _run_workers(count: int, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `count` tasks of `worker()` (they share one queue) until all return. The first
+    error (or a cancellation of the caller) cancels the others, waits for them to end, and
+    is raised as it is: no task outlives the call."""
+    workers = [asyncio.create_task(worker()) for _ in range(count)]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
 
 
 def _retrieve(fut: asyncio.Future[ResyncReport]) -> None:
@@ -569,15 +576,7 @@ class Reconciler:
                                            timeout=max(0.01, min(self.idle, wake - now)))
                 continue
             queue: deque[ConversationId] = deque(todo)
-            workers = [asyncio.create_task(self._worker(queue))
-                       for _ in range(min(self.concurrency, len(todo)))]
-            try:
-                await asyncio.gather(*workers)
-            except BaseException:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                raise
+            await _run_workers(min(self.concurrency, len(todo)), partial(self._worker, queue))
 
     # ------------------------------------------------------------------ internals
 
