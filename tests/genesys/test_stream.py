@@ -36,17 +36,13 @@ async def running(stream: StreamManager) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, 10)
 
 
-@contextlib.asynccontextmanager
-async def own_sandbox(**kw: Any) -> AsyncIterator[Sandbox]:
+def own_sandbox(**kw: Any) -> Sandbox:
+    """`async with own_sandbox() as sb`: a Sandbox of its own (Sandbox's own context
+    manager starts it and stops it)."""
     kw.setdefault("heartbeat_interval", HB)
     kw.setdefault("closing_grace", 0.5)
     kw.setdefault("seed", 7)
-    sb = Sandbox(**kw)
-    await sb.start()
-    try:
-        yield sb
-    finally:
-        await sb.stop()
+    return Sandbox(**kw)
 
 
 @contextlib.asynccontextmanager
