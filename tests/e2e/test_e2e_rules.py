@@ -489,22 +489,29 @@ async def test_hold_for_never_fires_early_and_fires_within_a_second_after(
 # ------------------------------------------------------------------ safety valve
 
 
+async def flag_four(env: Env, rule: str) -> None:
+    """Four recorded calls with a harmless external each, then each customer flagged (a
+    `rule` breaker); returns once the four outcomes are audited, nothing is in flight and
+    the store has caught up with the sandbox."""
+    w = env.world
+    calls = []
+    for _ in range(4):
+        c = new_call(w, recorded=True)
+        w.add_external(c.id, HARMLESS)
+        calls.append(c)
+    for c in calls:
+        w.set_attributes(c.id, party(c, "customer").id, {"complianceFlag": "true"})
+    await until(lambda: len(env.outcomes(rule)) == 4, "four outcome records")
+    await until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
+                "in-flight disconnects to finish")
+    await synced(env, calls)
+
+
 async def test_safety_valve_trips_after_max_and_suppresses_the_rest(
         populated: Sandbox, tmp_path: Path) -> None:
     rule = "flagged-party"
     async with env_for(populated, tmp_path, max_per_minute=2) as env:
-        w = env.world
-        calls = []
-        for _ in range(4):
-            c = new_call(w, recorded=True)
-            w.add_external(c.id, HARMLESS)
-            calls.append(c)
-        for c in calls:
-            w.set_attributes(c.id, party(c, "customer").id, {"complianceFlag": "true"})
-        await until(lambda: len(env.outcomes(rule)) == 4, "four outcome records")
-        await until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
-                    "in-flight disconnects to finish")
-        await synced(env, calls)
+        await flag_four(env, rule)
         await quiet(env)
         assert len(env.patches()) == 2
         outcomes = sorted(o["outcome"] for o in env.outcomes(rule))
@@ -526,18 +533,7 @@ async def test_resuming_the_valve_acts_at_once_on_quiet_calls(
     removed at once from the state in memory: their calls have no further event."""
     rule = "flagged-party"
     async with env_for(populated, tmp_path, max_per_minute=2) as env:
-        w = env.world
-        calls = []
-        for _ in range(4):
-            c = new_call(w, recorded=True)
-            w.add_external(c.id, HARMLESS)
-            calls.append(c)
-        for c in calls:
-            w.set_attributes(c.id, party(c, "customer").id, {"complianceFlag": "true"})
-        await until(lambda: len(env.outcomes(rule)) == 4, "four outcome records")
-        await until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
-                    "in-flight disconnects to finish")
-        await synced(env, calls)
+        await flag_four(env, rule)
         held = [(o["conversation_id"], o["participant_id"]) for o in env.outcomes(rule)
                 if o["outcome"] == "suppressed"]
         assert len(held) == 2 and len(env.patches()) == 2
