@@ -40,14 +40,21 @@ async def _roles(*ds: object) -> list[str | None]:
     return out
 
 
+async def _until_roles(a: object, b: object, want: list[str], timeout: float, *,
+                       poll: float = 0.1) -> None:
+    """Poll both daemons' /healthz roles until, sorted, they are `want`; fail with the
+    roles seen after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while sorted(roles := await _roles(a, b), key=str) != want:
+        assert time.monotonic() < deadline, roles
+        await asyncio.sleep(poll)
+
+
 async def test_both_started_at_once_exactly_one_leader_and_sigterm_hands_over(
         sandbox: Sandbox, postgres: PostgresServer, tmp_path: Path) -> None:  # noqa: F811
     a, b = await _pair(sandbox, postgres, tmp_path, new_lease())
     try:
-        deadline = time.monotonic() + 15
-        while sorted(await _roles(a, b)) != ["leader", "standby"]:
-            assert time.monotonic() < deadline, await _roles(a, b)
-            await asyncio.sleep(0.1)
+        await _until_roles(a, b, ["leader", "standby"], 15)
         for _ in range(20):  # stays exactly one leader across several renewals
             roles = await _roles(a, b)
             assert roles.count("leader") <= 1, roles
@@ -81,10 +88,7 @@ async def test_frozen_leader_is_replaced_and_sends_nothing_when_resumed(
     agent = sandbox.world.create_user("Agent").id
     try:
         await wait_until(lambda: True, 0.1)
-        deadline = time.monotonic() + 15
-        while sorted(await _roles(a, b)) != ["leader", "standby"]:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _until_roles(a, b, ["leader", "standby"], 15)
         leader, standby = (a, b) if (await _roles(a))[0] == "leader" else (b, a)
         old_client = f"client-{(await healthz(leader) or {})['node']}"
 
@@ -126,16 +130,10 @@ async def test_database_restart_both_fail_closed_then_one_reacquires_and_acts_at
     a, b = await _pair(sandbox, postgres, tmp_path, new_lease())
     agent = sandbox.world.create_user("Agent").id
     try:
-        deadline = time.monotonic() + 15
-        while sorted(await _roles(a, b)) != ["leader", "standby"]:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _until_roles(a, b, ["leader", "standby"], 15)
         postgres.stop("fast")
         try:
-            deadline = time.monotonic() + 5
-            while await _roles(a, b) != ["no-lease", "no-lease"]:
-                assert time.monotonic() < deadline, await _roles(a, b)
-                await asyncio.sleep(0.05)
+            await _until_roles(a, b, ["no-lease", "no-lease"], 5, poll=0.05)
             # No lease, no PATCH: a party flagged now is decided (standby) on both hosts.
             conv, cust = flagged_call(sandbox, agent)
             flag(sandbox, conv, cust)
@@ -149,10 +147,8 @@ async def test_database_restart_both_fail_closed_then_one_reacquires_and_acts_at
         # One re-acquires, and acts at once on the party flagged during the outage (the
         # call has no further event: the removal comes from the state in memory).
         await wait_until(lambda: ok_patches(sandbox, conv, cust), TAKEOVER + 10, "removal after re-acquiring")
-        deadline = time.monotonic() + 5  # the other reconnects at its next poll
-        while sorted(await _roles(a, b)) != ["leader", "standby"]:
-            assert time.monotonic() < deadline, await _roles(a, b)
-            await asyncio.sleep(0.05)
+        # the other reconnects at its next poll
+        await _until_roles(a, b, ["leader", "standby"], 5, poll=0.05)
         await asyncio.sleep(0.5)
         assert len(ok_patches(sandbox, conv, cust)) == 1
     finally:
