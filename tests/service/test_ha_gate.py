@@ -4,7 +4,10 @@ stops it unwritten. Enforcer over a real GenesysClient (httpx MockTransport) and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -28,6 +31,38 @@ class Gate:
         return self.open
 
 
+DECISION = Decision(rule=RuleName("r"), conversation_id=ConversationId("c1"),
+                    participant_id=ParticipantId("p1"), action="disconnect", decided_at=1.0,
+                    received_at=None, purpose="customer", matched={}, severity="critical",
+                    tags=(), message=None)
+
+
+@contextlib.asynccontextmanager
+async def gated_enforcer(tmp_path: Path, handle: Callable[[httpx.Request], Awaitable[httpx.Response]],
+                         gate: Gate, *, settings_kw: dict[str, Any] | None = None,
+                         client_kw: dict[str, Any] | None = None,
+                         **enforcer_kw: Any) -> AsyncIterator[Enforcer]:
+    """An enforcing Enforcer with no rules behind `gate`: a real GenesysClient over
+    `handle` (httpx MockTransport; `settings_kw` for its GenesysSettings, `client_kw` for
+    the client itself) and an AuditLog at tmp_path/audit.jsonl. Drained and closed
+    afterwards."""
+    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    audit.open()
+    settings = GenesysSettings(api_base_url="http://api.test", login_base_url="http://login.test",
+                               **(settings_kw or {}))
+    client = GenesysClient(settings, Credentials("id", "secret"), transport=httpx.MockTransport(handle),
+                           **(client_kw or {}))
+    rs = RuleSet(rules=(), mode="enforce", lists={}, safety=SafetySettings(max_disconnects_per_minute=100))
+    enforcer = Enforcer(client, audit, Engine(RuleEngine(rs), CallStore()), mode="enforce", **enforcer_kw)
+    enforcer.gate = gate
+    try:
+        yield enforcer
+    finally:
+        await enforcer.drain(1.0)
+        audit.close()
+        await client.aclose()
+
+
 async def test_a_lease_lost_during_the_clients_retry_wait_sends_no_retry(tmp_path: Path) -> None:
     gate = Gate()
     patches: list[str] = []
@@ -42,32 +77,16 @@ async def test_a_lease_lost_during_the_clients_retry_wait_sends_no_retry(tmp_pat
             return httpx.Response(503, json={"message": "busy", "status": 503})
         return httpx.Response(404, json={"message": "no", "status": 404})
 
-    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
-    audit.open()
-    client = GenesysClient(GenesysSettings(api_base_url="http://api.test", login_base_url="http://login.test",
-                                           max_retries=3),
-                           Credentials("id", "secret"), transport=httpx.MockTransport(handle),
-                           retry_base_delay=0.001, retry_max_delay=0.01)
-    rs = RuleSet(rules=(), mode="enforce", lists={}, safety=SafetySettings(max_disconnects_per_minute=100))
-    engine = Engine(RuleEngine(rs), CallStore())
-    enforcer = Enforcer(client, audit, engine, mode="enforce", confirm_timeout=0.1)
-    enforcer.gate = gate
-    try:
-        d = Decision(rule=RuleName("r"), conversation_id=ConversationId("c1"),
-                     participant_id=ParticipantId("p1"), action="disconnect", decided_at=1.0,
-                     received_at=None, purpose="customer", matched={}, severity="critical",
-                     tags=(), message=None)
-        removal = enforcer.submit(d)
+    async with gated_enforcer(tmp_path, handle, gate, settings_kw={"max_retries": 3},
+                              client_kw={"retry_base_delay": 0.001, "retry_max_delay": 0.01},
+                              confirm_timeout=0.1) as enforcer:
+        removal = enforcer.submit(DECISION)
         await removal.wait(5.0)
         assert patches == ["/api/v2/conversations/calls/c1/participants/p1"]  # no retry written
         assert removal.state == "standby" and removal.attempts == 1  # the 503 one was written
         outcomes = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
         last = [r for r in outcomes if r["type"] == "outcome"][-1]
         assert last["outcome"] == "standby" and "send gate closed" in last["error"]
-    finally:
-        await enforcer.drain(1.0)
-        audit.close()
-        await client.aclose()
 
 
 async def test_a_gate_closed_at_the_first_write_sends_nothing(tmp_path: Path) -> None:
@@ -84,22 +103,7 @@ async def test_a_gate_closed_at_the_first_write_sends_nothing(tmp_path: Path) ->
         patches.append(request.url.path)
         return httpx.Response(202)
 
-    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
-    audit.open()
-    client = GenesysClient(GenesysSettings(api_base_url="http://api.test", login_base_url="http://login.test"),
-                           Credentials("id", "secret"), transport=httpx.MockTransport(handle))
-    rs = RuleSet(rules=(), mode="enforce", lists={}, safety=SafetySettings(max_disconnects_per_minute=100))
-    enforcer = Enforcer(client, audit, Engine(RuleEngine(rs), CallStore()), mode="enforce")
-    enforcer.gate = gate
-    try:
-        d = Decision(rule=RuleName("r"), conversation_id=ConversationId("c1"),
-                     participant_id=ParticipantId("p1"), action="disconnect", decided_at=1.0,
-                     received_at=None, purpose="customer", matched={}, severity="critical",
-                     tags=(), message=None)
-        removal = enforcer.submit(d)
+    async with gated_enforcer(tmp_path, handle, gate) as enforcer:
+        removal = enforcer.submit(DECISION)
         await removal.wait(5.0)
         assert patches == [] and removal.state == "standby" and removal.attempts == 0
-    finally:
-        await enforcer.drain(1.0)
-        audit.close()
-        await client.aclose()
