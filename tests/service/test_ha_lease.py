@@ -52,6 +52,15 @@ class Pair:
         if release:
             await self.nodes[name].release()
 
+    async def a_leads_b_stands_by(self) -> None:
+        """Run node "a" until it leads, then node "b" until it is the standby (both made
+        with `node()` first)."""
+        a, b = self.nodes["a"], self.nodes["b"]
+        self.run("a")
+        await until(a.may_send, 5, "a leader")
+        self.run("b")
+        await until(lambda: b.role is Role.STANDBY, 5, "b standby")
+
     def leaders(self) -> list[str]:
         return [k for k, n in self.nodes.items() if n.may_send()]
 
@@ -109,10 +118,7 @@ async def test_two_nodes_started_at_once_elect_exactly_one_leader(pair: Pair) ->
 
 async def test_release_hands_over_at_once_with_a_new_epoch(pair: Pair) -> None:
     a, b = pair.node("a"), pair.node("b")
-    pair.run("a")
-    await until(a.may_send, 5, "a leader")
-    pair.run("b")
-    await until(lambda: b.role is Role.STANDBY, 5, "b standby")
+    await pair.a_leads_b_stands_by()
     t0 = time.monotonic()
     await pair.halt("a")
     assert not a.may_send()
@@ -124,10 +130,7 @@ async def test_release_hands_over_at_once_with_a_new_epoch(pair: Pair) -> None:
 async def test_killed_leader_is_replaced_before_its_lease_expires(pair: Pair, postgres: PostgresServer) -> None:  # noqa: F811
     """A killed process's session ends, so its advisory lock frees: no wait for expiry."""
     a, b = pair.node("a"), pair.node("b")
-    pair.run("a")
-    await until(a.may_send, 5, "a leader")
-    pair.run("b")
-    await until(lambda: b.role is Role.STANDBY, 5, "b standby")
+    await pair.a_leads_b_stands_by()
     pair.stops["a"].set()  # a stops renewing...
     await asyncio.wait_for(pair.tasks["a"], 5)
     t0 = time.monotonic()
@@ -139,10 +142,7 @@ async def test_killed_leader_is_replaced_before_its_lease_expires(pair: Pair, po
 
 async def test_frozen_leader_loses_the_lease_and_sends_nothing_when_it_wakes(pair: Pair) -> None:
     a, b = pair.node("a"), pair.node("b")
-    pair.run("a")
-    await until(a.may_send, 5, "a leader")
-    pair.run("b")
-    await until(lambda: b.role is Role.STANDBY, 5, "b standby")
+    await pair.a_leads_b_stands_by()
     # Freeze a: no more renewals, but its connection (and advisory lock) stay open.
     pair.stops["a"].set()
     await asyncio.wait_for(pair.tasks["a"], 5)
