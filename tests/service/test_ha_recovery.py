@@ -15,9 +15,9 @@ from pathlib import Path
 
 import asyncpg
 
-from _daemon_harness import (FLAGGED_RULE, SALES, DaemonProcess, audit_records, credentials_env,
-                             sandbox_queue, wait_until, write_config)
-from _ha_harness import audit, ha_daemon, new_lease, ok_patches, wait_ops, wait_role
+from _daemon_harness import (FLAGGED_RULE, DaemonProcess, audit_records, credentials_env,
+                             wait_until, write_config)
+from _ha_harness import audit, flagged_call, ha_daemon, new_lease, ok_patches, wait_ops, wait_role
 from _postgres import PostgresServer, postgres  # noqa: F401  (fixture)
 from daemon.sandbox import Sandbox
 from daemon.service.audit import AuditLog, verify
@@ -64,16 +64,11 @@ def test_judge_unfinished() -> None:
 
 async def test_start_up_closes_decisions_left_without_an_outcome(sandbox: Sandbox, tmp_path: Path) -> None:
     """ha.backend none: the daemon's own trail, read at start-up before anything is sent."""
-    sandbox_queue(sandbox)
     w = sandbox.world
     agent = w.create_user("Agent").id
-    live = w.start_call(SALES)
-    w.connect_agent(live.id, agent)
-    live_cust = next(p for p in live.participants if p.purpose == "customer")
+    live, live_cust = flagged_call(sandbox, agent)
     w.set_attributes(live.id, live_cust.id, {"complianceFlag": "true"})  # still matches
-    removed = w.start_call(SALES)
-    w.connect_agent(removed.id, agent)
-    removed_cust = next(p for p in removed.participants if p.purpose == "customer")
+    removed, removed_cust = flagged_call(sandbox, agent)
     w.disconnect(removed.id, removed_cust.id, "client")  # the old PATCH landed
     gone_id = "0000dead-0000-4000-8000-000000000000"  # the call no longer exists
 
@@ -110,12 +105,9 @@ async def test_take_over_closes_the_old_leaders_unfinished_rows(
     """An old leader ("host-x", epoch 7) wrote a row for a PATCH and died before the answer.
     The new leader re-reads that call, closes the row and audits the closing outcome."""
     lease = new_lease()
-    sandbox_queue(sandbox)
     w = sandbox.world
     agent = w.create_user("Agent").id
-    conv = w.start_call(SALES)
-    w.connect_agent(conv.id, agent)
-    cust = next(p for p in conv.participants if p.purpose == "customer")
+    conv, cust = flagged_call(sandbox, agent)
     w.disconnect(conv.id, cust.id, "client")  # the old leader's PATCH landed
     conn = await asyncpg.connect(postgres.dsn)
     try:
