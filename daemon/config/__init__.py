@@ -592,6 +592,16 @@ def _env_first(names: tuple[str, ...], env: Mapping[str, str] | None = None) -> 
     return None
 
 
+def systemd_credential(name: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """The file of systemd credential `name` (`$CREDENTIALS_DIRECTORY/<name>`, as
+    `LoadCredential=` makes it), or None when the service was not given it."""
+    env = os.environ if env is None else env
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / name).is_file():
+        return Path(cred_dir) / name
+    return None
+
+
 def _read_secret_file(path: Path, what: str) -> str:
     try:
         value = path.read_text(encoding="utf-8").strip()
@@ -606,7 +616,6 @@ def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None
     """Find the client id and secret: config-named files, then environment, then systemd
     credentials (`$CREDENTIALS_DIRECTORY/genesys_client_id`, `.../genesys_client_secret`)."""
     env = os.environ if env is None else env
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
 
     def pick(file_setting: str | None, envs: tuple[str, ...], cred_name: str, what: str) -> str | None:
         if file_setting:
@@ -614,8 +623,9 @@ def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None
         from_env = _env_first(envs, env)
         if from_env:
             return from_env
-        if cred_dir and (Path(cred_dir) / cred_name).is_file():
-            return _read_secret_file(Path(cred_dir) / cred_name, what)
+        credential = systemd_credential(cred_name, env)
+        if credential is not None:
+            return _read_secret_file(credential, what)
         return None
 
     cid = pick(settings.client_id_file, CLIENT_ID_ENVS, "genesys_client_id", "client id")
@@ -636,7 +646,6 @@ def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None) -
     """The PostgreSQL DSN for `ha.backend: postgres`: `ha.dsn`, else `ha.dsn_file`, else the
     systemd credential `ha_dsn` (`$CREDENTIALS_DIRECTORY/ha_dsn`). Raises ConfigError naming
     where it looked (never the DSN itself: it may carry a password)."""
-    env = os.environ if env is None else env
     if settings.dsn:
         return settings.dsn
     if settings.dsn_file:
@@ -648,9 +657,9 @@ def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None) -
         if not value:
             raise ConfigError(f"ha.dsn_file: {path} is empty")
         return value
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / "ha_dsn").is_file():
-        value = (Path(cred_dir) / "ha_dsn").read_text(encoding="utf-8").strip()
+    credential = systemd_credential("ha_dsn", env)
+    if credential is not None:
+        value = credential.read_text(encoding="utf-8").strip()
         if value:
             return value
     raise ConfigError("ha.backend is postgres but no database is named: set ha.dsn or "

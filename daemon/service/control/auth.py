@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import Config
+from daemon.config import Config, systemd_credential
 from daemon.errors import ConfigError
 
 log = structlog.get_logger("confguard.control")
@@ -67,14 +66,12 @@ def _read_token(path: Path, name: str) -> str:
 def load_callers(cfg: Config, env: Mapping[str, str] | None = None) -> list[Caller]:
     """Every configured caller with its token digest. Raises ConfigError naming the caller
     (never the token) when a token cannot be found or read, or two callers share one."""
-    env = os.environ if env is None else env
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
     callers: list[Caller] = []
     for name, spec in cfg.control.callers.items():
         if spec.token_file:
             path = cfg.resolve_path(spec.token_file)
-        elif cred_dir and (Path(cred_dir) / f"{CREDENTIAL_PREFIX}{name}").is_file():
-            path = Path(cred_dir) / f"{CREDENTIAL_PREFIX}{name}"
+        elif (credential := systemd_credential(f"{CREDENTIAL_PREFIX}{name}", env)) is not None:
+            path = credential
         else:
             raise ConfigError(f"control.callers.{name}: no token: set token_file, or give the "
                               f"service the systemd credential {CREDENTIAL_PREFIX}{name} "
