@@ -246,6 +246,15 @@ def new_call(w: World, queue: str = SALES, agent: str | None = ALICE, *,
     return conv
 
 
+async def harmless_call(env: Env) -> Conversation:
+    """A recorded Sales call with a harmless external added (no rule breaks yet), once the
+    daemon's store has it."""
+    conv = new_call(env.world, recorded=True)
+    env.world.add_external(conv.id, HARMLESS)
+    await synced(env, [conv])
+    return conv
+
+
 def party(conv: Conversation, purpose: str, nth: int = 0) -> Party:
     return [p for p in conv.participants if p.purpose == purpose][nth]
 
@@ -562,9 +571,7 @@ async def test_disconnect_lands_exactly_once_through_429_and_5xx_bursts(
     rule = "flagged-party"
     async with env_for(populated, tmp_path) as env:
         w = env.world
-        conv = new_call(w, recorded=True)
-        w.add_external(conv.id, HARMLESS)
-        await synced(env, [conv])
+        conv = await harmless_call(env)
         target = party(conv, "customer")
         path = patch_path(conv.id, target.id)
         pattern = r"/participants/[^/]+$"
@@ -599,9 +606,7 @@ async def test_party_leaving_while_the_patch_is_in_flight_is_already_gone(
     rule = "flagged-party"
     async with env_for(populated, tmp_path) as env:
         w, sb = env.world, env.sb
-        conv = new_call(w, recorded=True)
-        w.add_external(conv.id, HARMLESS)
-        await synced(env, [conv])
+        conv = await harmless_call(env)
         target = party(conv, "customer")
         # Genesys refusing a PATCH for a party that is no longer connected; every API
         # request held 1 s before it is handled.
@@ -628,9 +633,7 @@ async def test_missing_permission_fails_loudly_then_rearmed_rule_acts_on_next_ev
     perm = "conversation:communication:disconnect"
     async with env_for(populated, tmp_path) as env:
         w, sb = env.world, env.sb
-        conv = new_call(w, recorded=True)
-        w.add_external(conv.id, HARMLESS)
-        await synced(env, [conv])
+        conv = await harmless_call(env)
         target = party(conv, "customer")
         w.clients[sb.client_id].permissions.discard(perm)
         w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
@@ -661,9 +664,7 @@ async def test_stop_drains_in_flight_disconnects_within_the_bound(
     await asyncio.wait_for(daemon.start(), timeout=20.0)
     try:
         env = Env(sb, daemon, audit_path)
-        conv = new_call(w, recorded=True)
-        w.add_external(conv.id, HARMLESS)
-        await synced(env, [conv])
+        conv = await harmless_call(env)
         sb.faults.latency = 30.0  # the PATCH will not be answered before the drain bound
         w.set_attributes(conv.id, party(conv, "customer").id, {"complianceFlag": "true"})
         await until(lambda: _count(daemon.metrics.event_to_request_seconds) == 1,
