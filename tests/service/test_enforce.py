@@ -181,6 +181,18 @@ async def accept_and_confirm(h: Harness, req: httpx.Request) -> httpx.Response:
     return error(500, "unexpected")
 
 
+def accept_and_confirm_after(release: asyncio.Event) -> Handler:
+    """A handler that holds every request until `release` is set, then accepts it (202)
+    and confirms the party gone soon after."""
+
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        await release.wait()
+        h.confirm_soon(req.url.path)
+        return httpx.Response(202)
+
+    return handler
+
+
 @pytest.fixture
 async def make(tmp_path: Path):  # type: ignore[no-untyped-def]
     made: list[Harness] = []
@@ -441,13 +453,7 @@ async def test_404_on_the_confirm_retry_means_our_first_patch_worked(make: Any) 
 
 async def test_single_in_flight_per_party(make: Any) -> None:
     release = asyncio.Event()
-
-    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
-        await release.wait()
-        h.confirm_soon(req.url.path)
-        return httpx.Response(202)
-
-    h = make(handler)
+    h = make(accept_and_confirm_after(release))
     # Two rules match the same party in one event, a third decision arrives while in flight.
     h.submit([decision("rule-a"), decision("rule-b")])
     await until(lambda: len(h.patches()) == 1)
@@ -698,13 +704,7 @@ async def test_gate_closing_before_the_patch_is_standby(make: Any) -> None:
 
 async def test_handle_reports_state_status_attempts_and_times(make: Any) -> None:
     release = asyncio.Event()
-
-    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
-        await release.wait()
-        h.confirm_soon(req.url.path)
-        return httpx.Response(202)
-
-    h = make(handler)
+    h = make(accept_and_confirm_after(release))
     r = h.enforcer.submit(decision())
     joined = h.enforcer.submit(decision("r2"))
     assert r.state == joined.state == "pending" and r.sent_at is None
