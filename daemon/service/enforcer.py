@@ -595,23 +595,35 @@ class Enforcer:
         if self.metrics is not None:
             self.metrics.event_to_request_seconds.observe(delay)
 
-    async def _read_call(self, action: _Action) -> bool | None:
-        """One GET of the action's call at ENFORCE priority, folded into the engine like any
-        other read (so decisions it causes are acted on and in-flight parties it shows final
-        are settled). True: the party is final or absent (404: the call is gone); False:
-        still there; None: the read failed."""
-        cid, pid = action.key
+    async def _fold_call(self, cid: ConversationId) -> Mapping[str, Any] | None:
+        """One GET of call `cid` at ENFORCE priority, folded into the engine like any other
+        read (so decisions it causes are acted on and in-flight parties it shows final are
+        settled). Returns the call, or None when the reply is not an object (not folded).
+        A 404 marks the call gone in the engine and raises NotFoundError; any other
+        ApiError is raised as it is."""
         try:
             conv = await self.client.get_call(cid, priority=Priority.ENFORCE)
         except NotFoundError:
             self.handle(self.engine.mark_gone(cid, self._clock()))
+            raise
+        if not isinstance(conv, Mapping):
+            return None
+        self.handle(self.engine.apply_conversation(conv, self._clock(), source="resync"))
+        return conv
+
+    async def _read_call(self, action: _Action) -> bool | None:
+        """One GET of the action's call (`_fold_call`). True: the party is final or absent
+        (404: the call is gone); False: still there; None: the read failed."""
+        cid, pid = action.key
+        try:
+            conv = await self._fold_call(cid)
+        except NotFoundError:
             return True
         except ApiError as exc:
             action.log.warning("enforce_confirm_get_failed", error=str(exc))
             return None
-        if not isinstance(conv, Mapping):
+        if conv is None:
             return None
-        self.handle(self.engine.apply_conversation(conv, self._clock(), source="resync"))
         if action.gone:
             return True
         listed = _listed_state(conv, pid)
@@ -643,16 +655,12 @@ class Enforcer:
             return True
         if exc.status != 400:
             return False
-        cid, pid = action.key
         try:
-            conv = await self.client.get_call(cid, priority=Priority.ENFORCE)
+            await self._fold_call(action.key[0])
         except NotFoundError:
-            self.handle(self.engine.mark_gone(cid, self._clock()))
             return True
         except ApiError:
             return False
-        if isinstance(conv, Mapping):
-            self.handle(self.engine.apply_conversation(conv, self._clock(), source="resync"))
         # Listed and final only: a party absent from the reply may never have been there.
         return action.gone
 
