@@ -19,6 +19,7 @@ from daemon.errors import SubscriptionError
 from daemon.core.ids import Topic
 from daemon.service.metrics import Metrics
 from daemon.sandbox import Sandbox
+from daemon.sandbox.world import Queue
 from daemon.genesys.stream import Backoff, StreamManager
 
 HB = 0.3  # sandbox heartbeat for the tests that need a fast one
@@ -54,11 +55,17 @@ async def queue_stream(sb: Sandbox, **kw: Any) -> AsyncIterator[
     q = sb.world.create_queue("Sales")
     col = Collector()
     async with client_for(sb) as client:
-        stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                               on_gap=col.on_gap, **kw)
+        stream = collecting(client, col, q, **kw)
         async with running(stream) as task:
             await wait_for(lambda: stream.ready, what="ready")
             yield q, col, client, stream, task
+
+
+def collecting(client: GenesysClient, col: Collector, *queues: Queue, **kw: Any) -> StreamManager:
+    """A StreamManager on the queues' call topics that hands every message and gap to `col`
+    (`kw`: the StreamManager's own settings)."""
+    return StreamManager(client, [Topic(queue_topic(q.id)) for q in queues],
+                         on_message=col.on_message, on_gap=col.on_gap, **kw)
 
 
 def topics_of(sb: Sandbox, channel_id: str) -> dict[str, str]:
@@ -129,8 +136,7 @@ async def test_missing_permission_is_named(sandbox: Sandbox) -> None:
     sandbox.world.clients[sandbox.client_id].permissions.discard("routing:queue:view")
     col = Collector()
     async with client_for(sandbox) as client:
-        stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                               on_gap=col.on_gap)
+        stream = collecting(client, col, q)
         with pytest.raises(SubscriptionError, match="routing:queue:view"):
             await stream.start()
 
@@ -147,8 +153,7 @@ async def test_stop_closes_sockets_and_deletes_subscriptions() -> None:
         q = sb.world.create_queue("Sales")
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            stream = collecting(client, col, q, heartbeat_interval=HB)
             await stream.start()
             task = asyncio.create_task(stream.run())
             ch = stream.channels[0]
@@ -169,8 +174,7 @@ async def test_dropped_socket_reconnects_and_signals_gap() -> None:
         col = Collector()
         metrics = Metrics()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB, metrics=metrics)
+            stream = collecting(client, col, q, heartbeat_interval=HB, metrics=metrics)
             async with running(stream):
                 ch = stream.channels[0]
                 await wait_for(lambda: stream.ready, what="ready")
@@ -209,8 +213,7 @@ async def test_ping_answered_keeps_connection() -> None:
         q = sb.world.create_queue("Sales")
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=0.2, ping_timeout=1.0)
+            stream = collecting(client, col, q, heartbeat_interval=0.2, ping_timeout=1.0)
             async with running(stream):
                 await wait_for(lambda: stream.pings_sent >= 3, what="three pings")
                 assert col.gaps == []
@@ -238,9 +241,8 @@ async def test_accept_and_drop_server_does_not_hot_loop(sandbox: Sandbox) -> Non
 
         async with client_for(sandbox, cls=Redirect) as client:
             col = Collector()
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB,
-                                   backoff=(0.2, 5.0))
+            stream = collecting(client, col, q, heartbeat_interval=HB,
+                                backoff=(0.2, 5.0))
             async with running(stream):
                 t0 = time.monotonic()
                 await wait_for(lambda: len(handshakes) >= 4, what="several reconnect attempts")
@@ -337,9 +339,8 @@ async def test_channel_refreshed_before_expiry_without_gap() -> None:
         col = Collector()
         metrics = Metrics()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB,
-                                   channel_refresh_before=2.0, metrics=metrics)
+            stream = collecting(client, col, q, heartbeat_interval=HB,
+                                channel_refresh_before=2.0, metrics=metrics)
             async with running(stream):
                 first = stream.channels[0]
                 assert f'channel="{first}"' in metrics.render().decode()
@@ -401,8 +402,7 @@ async def test_duplicate_and_reordered_events_leave_correct_state() -> None:
         engine = make_engine()
         col = Collector(engine=engine)
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            stream = collecting(client, col, q, heartbeat_interval=HB)
             async with running(stream):
                 await wait_for(lambda: stream.ready, what="ready")
                 sb.faults.configure({"duplicate": {"probability": 0.5},
@@ -443,9 +443,7 @@ async def test_update_topics_adds_and_removes_without_reconnecting() -> None:
         qa, qb, qc = (sb.world.create_queue(n) for n in ("A", "B", "C"))
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))],
-                                   on_message=col.on_message, on_gap=col.on_gap,
-                                   heartbeat_interval=HB)
+            stream = collecting(client, col, qa, qb, heartbeat_interval=HB)
             async with running(stream):
                 await wait_for(lambda: stream.ready, what="ready")
                 ch = stream.channels[0]
@@ -475,9 +473,7 @@ async def test_update_topics_opens_a_new_shard_when_full() -> None:
         qs = [sb.world.create_queue(f"Q{i}") for i in range(5)]
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id)) for q in qs[:2]],
-                                   on_message=col.on_message, on_gap=col.on_gap,
-                                   heartbeat_interval=HB, per_channel=2, max_channels=2)
+            stream = collecting(client, col, *qs[:2], heartbeat_interval=HB, per_channel=2, max_channels=2)
             async with running(stream):
                 first = stream.channels[0]
                 await stream.update_topics([Topic(queue_topic(q.id)) for q in qs[:4]])
@@ -496,8 +492,7 @@ async def test_update_topics_rejected_topic_is_reported() -> None:
         q = sb.world.create_queue("A")
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            stream = collecting(client, col, q, heartbeat_interval=HB)
             async with running(stream):
                 bad = queue_topic("00000000-0000-4000-8000-00000000dead")
                 with pytest.raises(SubscriptionError, match="Queue not found"):
@@ -511,9 +506,7 @@ async def test_topic_refused_after_start_is_loud_but_not_fatal() -> None:
         qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))],
-                                   on_message=col.on_message, on_gap=col.on_gap,
-                                   heartbeat_interval=HB)
+            stream = collecting(client, col, qa, qb, heartbeat_interval=HB)
             async with running(stream) as task:
                 await wait_for(lambda: stream.ready, what="ready")
                 deleted = sb.world.queues.pop(qb.id)  # queue B deleted in Genesys meanwhile
@@ -537,8 +530,7 @@ async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> N
         qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
         col = Collector()
         async with client_for(sb) as client:
-            stream = StreamManager(client, [Topic(queue_topic(qa.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=30.0, backoff=(1.0, 2.0))
+            stream = collecting(client, col, qa, heartbeat_interval=30.0, backoff=(1.0, 2.0))
             async with running(stream):
                 await wait_for(lambda: stream.ready, what="ready")
                 ch = stream.channels[0]
@@ -610,8 +602,7 @@ async def test_update_topics_during_a_handover_reaches_the_new_channel() -> None
         qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
         col = Collector()
         async with client_for(sb, cls=Paused) as client:
-            stream = StreamManager(client, [Topic(queue_topic(qa.id))], on_message=col.on_message,
-                                   on_gap=col.on_gap, heartbeat_interval=HB)
+            stream = collecting(client, col, qa, heartbeat_interval=HB)
             async with running(stream):
                 await wait_for(lambda: stream.ready, what="ready")
                 state["first"] = stream.channels[0]
