@@ -1,0 +1,143 @@
+"""REST round trip: the HTTP library under confguard's GenesysClient (httpx) vs bare aiohttp.
+
+    .venv/bin/python bench/rest_roundtrip.py [--requests 2000] [--rounds 3] [--smoke] [--json]
+
+One aiohttp server in its own process on 127.0.0.1 answers every request 202 with the
+`inin-ratelimit-*` headers. In this process, sequentially: `--requests` PATCHes
+`{"state": "disconnected"}` with an httpx.AsyncClient built as GenesysClient builds its own
+(one pool, explicit timeouts, default headers), then the same with an aiohttp.ClientSession
+(the burst bench's minimal client). Reported per client: p50/p90 round trip in ms (request
+call -> answer read), the best of `--rounds`; and whether `sniffio` is importable: httpcore
+(under httpx) looks it up 4 times a request, and when it is missing every lookup is a failed
+import that searches sys.path again (bench/RESULTS.md, "Request budget"). `--smoke`: 50
+requests, 1 round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+PATH = "/api/v2/conversations/calls/c1/participants/p1"
+BUDGET = {"inin-ratelimit-count": "1", "inin-ratelimit-allowed": "3000",
+          "inin-ratelimit-reset": "60"}
+
+
+def server_process(conn: Connection) -> None:
+    _common.run_quietly(_server_main, conn)
+
+
+async def _server_main(conn: Connection) -> None:
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=202, headers=BUDGET)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    conn.send(port)
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
+    await runner.cleanup()
+
+
+async def _httpx(url: str, n: int) -> list[float]:
+    import httpx
+
+    timeout = httpx.Timeout(connect=10.0, read=10.0, write=10.0, pool=10.0)
+    out: list[float] = []
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+                                 headers={"User-Agent": "confguard/0.1",
+                                          "Accept": "application/json"}) as c:
+        for i in range(n + 20):  # the first 20 warm the pool
+            t = time.perf_counter()
+            r = await c.request("PATCH", url, json={"state": "disconnected"},
+                                headers={"Authorization": "Bearer x"})
+            r.raise_for_status()
+            if i >= 20:
+                out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+async def _aiohttp(url: str, n: int) -> list[float]:
+    import aiohttp
+
+    out: list[float] = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(n + 20):
+            t = time.perf_counter()
+            async with s.patch(url, json={"state": "disconnected"},
+                               headers={"Authorization": "Bearer x"}) as r:
+                await r.read()
+                r.raise_for_status()
+            if i >= 20:
+                out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=server_process, args=(there,), daemon=True)
+    proc.start()
+    try:
+        if not await asyncio.get_running_loop().run_in_executor(None, here.poll, 30.0):
+            raise TimeoutError("server did not start")
+        url = f"http://127.0.0.1:{here.recv()}{PATH}"
+        best: dict[str, dict[str, float]] = {}
+        for _ in range(args.rounds):
+            for name, fn in (("httpx", _httpx), ("aiohttp", _aiohttp)):
+                lat = await fn(url, args.requests)
+                row = {"p50_ms": round(_common.pct(lat, 0.5), 3),
+                       "p90_ms": round(_common.pct(lat, 0.9), 3)}
+                if name not in best or row["p50_ms"] < best[name]["p50_ms"]:
+                    best[name] = row
+        here.send("stop")
+    finally:
+        _common.end_process(proc, 5.0)
+    return {"bench": "rest_roundtrip", "requests": args.requests, "rounds": args.rounds,
+            "sniffio": importlib.util.find_spec("sniffio") is not None, "load": _common.load(),
+            **best,
+            "extra_ms_p50": round(best["httpx"]["p50_ms"] - best["aiohttp"]["p50_ms"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="50 requests, 1 round")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.requests, args.rounds = 50, 1
+    r = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"REST round trip, {r['requests']} sequential PATCHes, best of {r['rounds']} "
+              f"(sniffio importable: {r['sniffio']}; load {r['load']})")
+        for who in ("httpx", "aiohttp"):
+            print(f"  {who:<8} p50 {r[who]['p50_ms']:.3f} ms  p90 {r[who]['p90_ms']:.3f} ms")
+        print(f"  httpx costs {r['extra_ms_p50']:.3f} ms more per request (p50)")
+
+
+if __name__ == "__main__":
+    main()
