@@ -30,3 +30,11 @@ def test_demo_installs_runtime_dependencies_only() -> None:
     runtime = " ".join(extras["dependencies"]).lower()
     for dev_only in ("mypy", "hypothesis", "purecloudplatformclientv2", "pytest"):
         assert dev_only not in runtime
+
+
+def test_sniffio_is_a_runtime_dependency() -> None:
+    """httpcore (under httpx) imports sniffio 4 times a request; when it is not installed
+    (anyio no longer requires it) each is a failed import that searches sys.path again,
+    ~0.1-0.2 ms per REST call (bench/RESULTS.md, "Request budget")."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(re.match(r"sniffio\b", d) for d in project["dependencies"])
