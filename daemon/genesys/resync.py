@@ -60,7 +60,7 @@ from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.engine import Step
 from daemon.core.model import Call, Decision
-from daemon.genesys.ratelimit import Priority, budget_share
+from daemon.genesys.ratelimit import Priority, RequestLimiter, budget_share
 from daemon.genesys.retry import RetryPolicy
 
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
@@ -496,7 +496,7 @@ class Reconciler:
     """
 
     def __init__(self, resyncer: Resyncer, *, interval: float, share: float,
-                 limiter: Any = None, metrics: Metrics | None = None,
+                 limiter: RequestLimiter | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] | None = None, concurrency: int = 4,
                  discover: bool = True, idle: float = 5.0, batch: int = 32,
                  window: float = 60.0) -> None:
@@ -631,12 +631,13 @@ class Reconciler:
             log.info("reconcile_discovered", calls=new)
 
     def _granted(self) -> int:
-        granted = getattr(self.limiter, "granted", None)
-        return int(granted["tag:" + RECONCILE_TAG]) if granted is not None else 0
+        return 0 if self.limiter is None else self.limiter.granted["tag:" + RECONCILE_TAG]
 
     def _report_share(self, seconds: float, requests: int) -> None:
-        allowed = getattr(self.limiter, "allowed", None)
-        if not allowed or seconds <= 0:
+        if self.limiter is None or seconds <= 0:
+            return
+        allowed = self.limiter.allowed
+        if not allowed:
             return
         share = min(1.0, requests / (allowed * seconds / self.window))
         self.stats.share_used = share
