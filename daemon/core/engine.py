@@ -102,9 +102,6 @@ class Step:
     rejected: tuple[str, ...] = ()
 
 
-Fed = Step  # the name of `feed`'s result before resync changes took the same path
-
-
 def message_kind(message: Message) -> str:
     """The `MESSAGE_KINDS` label of a message."""
     return _KIND_OF[type(message)]
