@@ -38,12 +38,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import structlog
 
 from daemon.errors import AuditError
+from daemon.core.enforcement import OUTCOMES, Outcome  # one definition, re-exported here
 from daemon.core.model import Decision
 from daemon.core.timefmt import format_time
 
@@ -63,11 +64,6 @@ ZERO_HASH = "0" * 64
 RESERVED = ("seq", "time", "prev_hash", "hash")
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
-Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
-                  "standby", "unknown"]
-OUTCOMES: frozenset[str] = frozenset(
-    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
-     "standby", "unknown"})  # the same set as daemon.core.enforcement.OUTCOMES
 
 
 # ---------------------------------------------------------------- canonical form and hashing
