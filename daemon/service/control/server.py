@@ -30,8 +30,8 @@ log = structlog.get_logger("confguard.control")
 
 MAX_BODY = 64 * 1024  # bytes
 ANONYMOUS = "-"  # the caller label of requests that did not authenticate
-CALLER = web.RequestKey("caller", str)
-AUTH_LOG_INTERVAL = 10.0  # seconds between control_auth_failed lines per remote and reason  # the authenticated caller's name, on the request
+CALLER = web.RequestKey("caller", str)  # the authenticated caller's name, on the request
+AUTH_LOG_INTERVAL = 10.0  # seconds between control_auth_failed lines per remote and reason
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           413: "body_too_large", 415: "unsupported_media_type", 429: "rate_limited",
