@@ -278,19 +278,12 @@ class HaNode:
         # A hard deadline of our own around the driver's timeouts: after a freeze (SIGSTOP)
         # or a connection torn down mid-query, the driver's cancel handshake can wait on a
         # dead socket; the lease loop must never wait with it.
-        work = asyncio.ensure_future(self._renew_or_take(was_leader))
-        done, _ = await asyncio.wait({work}, timeout=2 * self._timeout + 0.5)
         exc: BaseException | None = None
         view: LeaseView | None = None
-        if not done:
-            work.cancel()
-            work.add_done_callback(_retrieve)
-            exc = asyncio.TimeoutError(f"no answer within {2 * self._timeout + 0.5:.1f} s")
-        else:
-            try:
-                view = work.result()
-            except DB_ERRORS as caught:
-                exc = caught
+        try:
+            view = await within(self._renew_or_take(was_leader), 2 * self._timeout + 0.5)
+        except DB_ERRORS as caught:  # asyncio.TimeoutError (our deadline) included
+            exc = caught
         if view is None:
             self.policy.failed()
             if was_leader:
