@@ -134,8 +134,6 @@ KEPT: Final[tuple[Kept, ...]] = (
 assert all(f.kind == "ref" for f in KEPT[KEPT.index(next(f for f in KEPT if f.kind == "ref")):])
 
 _ATTRS: Final = tuple(f.attr for f in KEPT)
-_RAW_KEYS: Final = tuple(f.key for f in KEPT if f.kind != "ref")  # read straight off the party
-_REF_KEYS: Final = tuple(f.key for f in KEPT if f.kind == "ref")  # nested {"id": ...}
 _SLOT: Final = {f.attr: i for i, f in enumerate(KEPT)}  # attribute -> place in a signature
 _TIMES: Final = tuple(_SLOT[f.attr] for f in KEPT if f.kind == "time")
 _SIG_RANGE: Final = range(len(KEPT))
