@@ -54,9 +54,6 @@ HELD: Final = HELD_VALVE | HELD_STANDBY
 # decisions for calls the store never tracked, e.g. manual removals of untracked calls).
 MAX_CONVERSATIONS: Final = 100_000
 
-ORIGIN_RULES: Final = "rules"
-
-
 @dataclass(frozen=True, slots=True)
 class Meaning:
     """What an outcome means for the party and its rule.
