@@ -80,11 +80,6 @@ class ResyncClient(Protocol):
                                    since: float, until: float) -> list[dict[str, Any]]: ...
 
 
-class StoreLike(Protocol):
-    def tracked_ids(self) -> list[ConversationId]: ...
-    def get(self, conversation_id: ConversationId) -> Call | None: ...
-
-
 class EngineLike(Protocol):
     """The part of `daemon.engine.Engine` resync uses."""
 
