@@ -66,6 +66,7 @@ from daemon.commands.replay import Frame, replay
 from daemon.config import Config, ConfigSource, compose_with_positions, load_config
 from daemon.core.model import Decision
 from daemon.core.rules import parse_duration
+from daemon.core.timefmt import format_time
 from daemon.errors import ConfigError
 
 #: The virtual clock's zero (2026-01-01T00:00:00Z): `at: 10s` is this epoch + 10 s.
@@ -107,10 +108,7 @@ STEP_KEYS = ("at", "recording_state", "secure_pause", "parties")
 
 def iso(ts: float) -> str:
     """Genesys' time format: ISO-8601 UTC with milliseconds and a Z."""
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return format_time(ts)
 
 
 def fmt_seconds(t: float) -> str:
