@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Change, Decision, Participant
@@ -39,9 +39,7 @@ Mode = Literal["enforce", "observe"]
 
 Outcome = Literal["disconnected", "already_gone", "failed", "unconfirmed", "observed",
                   "suppressed", "standby", "unknown"]
-OUTCOMES: Final[frozenset[str]] = frozenset(
-    {"disconnected", "already_gone", "failed", "unconfirmed", "observed", "suppressed",
-     "standby", "unknown"})
+OUTCOMES: Final[frozenset[str]] = frozenset(get_args(Outcome))  # one list: the Literal's
 
 # Marks per (rule, party), as bit flags (one small int per rule per party).
 FIRED: Final = 1  # the rule decided for the party and has not been re-armed
