@@ -303,6 +303,22 @@ Duration = Annotated[float, BeforeValidator(_seconds), WithJsonSchema({"anyOf": 
     {"type": "string", "pattern": _DURATION_RE.pattern}]})]
 
 
+def _check_listen(v: str, example: str) -> str:
+    """`v` when it is HOST:PORT (port 0-65535), else a ValueError quoting `example`."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT such as {example}, got {v!r}")
+    return v
+
+
+def _listen_host(listen: str) -> str:
+    return listen.rpartition(":")[0].strip("[]")
+
+
+def _listen_port(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
 class OpsSettings(_Strict):
     listen: str = "127.0.0.1:9464"
     enabled: bool = True
@@ -314,18 +330,15 @@ class OpsSettings(_Strict):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, got {v!r}")
-        return v
+        return _check_listen(v, "127.0.0.1:9464")
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return _listen_host(self.listen)
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return _listen_port(self.listen)
 
 
 CALLER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -349,12 +362,7 @@ class ControlSettings(_Strict):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9465, got {v!r}")
-        return v
+        return v if v is None else _check_listen(v, "127.0.0.1:9465")
 
     @field_validator("callers")
     @classmethod
@@ -371,11 +379,11 @@ class ControlSettings(_Strict):
 
     @property
     def host(self) -> str:
-        return (self.listen or "").rpartition(":")[0].strip("[]")
+        return _listen_host(self.listen or "")
 
     @property
     def port(self) -> int:
-        return int((self.listen or ":0").rpartition(":")[2])
+        return _listen_port(self.listen or ":0")
 
 
 class LoggingSettings(_Strict):
