@@ -34,7 +34,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -343,8 +343,7 @@ class GenesysClient:
         url = self.api_origin + path
         # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
         delays = self.retry.backoff(self._rng)
-        conflict_delays = self.conflict_retry.replace(
-            max_attempts=retry_conflict + 1).backoff(self._rng)
+        conflict_delays: Iterator[float] | None = None  # made at the first 409 (rare)
         reauthed = False
         while True:
             token = await self.tokens.token()
@@ -394,6 +393,9 @@ class GenesysClient:
             if process_exception(err, conflicts=True) is not None:
                 raise err from None
             if isinstance(err, ConflictError):
+                if conflict_delays is None:
+                    conflict_delays = self.conflict_retry.replace(
+                        max_attempts=retry_conflict + 1).backoff(self._rng)
                 wait = next(conflict_delays, None)
                 if wait is None:
                     raise err
