@@ -70,7 +70,7 @@ log = structlog.get_logger(__name__)
 
 
 class ResyncClient(Protocol):
-    """The part of `daemon.api.GenesysClient` resync uses."""
+    """The part of `daemon.genesys.api.GenesysClient` resync uses."""
 
     async def get_call(self, conversation_id: ConversationId, *,
                        priority: Priority = Priority.RESYNC) -> dict[str, Any]: ...
@@ -81,7 +81,7 @@ class ResyncClient(Protocol):
 
 
 class EngineLike(Protocol):
-    """The part of `daemon.engine.Engine` resync uses."""
+    """The part of `daemon.core.engine.Engine` resync uses."""
 
     @property
     def store(self) -> Any: ...

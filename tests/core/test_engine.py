@@ -1,4 +1,4 @@
-"""daemon.engine.Engine: parse -> apply -> rules glue, with a stub rule evaluator."""
+"""daemon.core.engine.Engine: parse -> apply -> rules glue, with a stub rule evaluator."""
 
 from __future__ import annotations
 

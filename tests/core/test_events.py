@@ -1,4 +1,4 @@
-"""daemon.events: classification of notification frames; never raises."""
+"""daemon.core.events: classification of notification frames; never raises."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""daemon.state.CallStore: extraction, ordering, end and eviction, bounded memory."""
+"""daemon.core.state.CallStore: extraction, ordering, end and eviction, bounded memory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""daemon.resync.Resyncer against the real sandbox (REST over 127.0.0.1), with the real
+"""daemon.genesys.resync.Resyncer against the real sandbox (REST over 127.0.0.1), with the real
 Engine/CallStore and a real compiled rule. Bounded waits only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""daemon.scope: queue/user resolution (names over the sandbox's REST API) and sharding."""
+"""daemon.genesys.scope: queue/user resolution (names over the sandbox's REST API) and sharding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""daemon.stream.StreamManager against the real sandbox over real sockets (127.0.0.1).
+"""daemon.genesys.stream.StreamManager against the real sandbox over real sockets (127.0.0.1).
 
 Every wait is a bounded wait on a condition (`wait_for`, deadline 10 s)."""
 

@@ -109,7 +109,7 @@ class TokensLike(Protocol):
 
 
 class StreamClient(Protocol):
-    """The part of `daemon.api.GenesysClient` the stream uses."""
+    """The part of `daemon.genesys.api.GenesysClient` the stream uses."""
 
     @property
     def tokens(self) -> TokensLike: ...
