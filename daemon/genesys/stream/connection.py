@@ -29,7 +29,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from daemon.core.events import ChannelGone, Heartbeat, SocketClosing, parse_message
 from daemon.core.ids import ChannelId, Topic
-from daemon.core.topics import CALL_FRAME_PREFIXES, CALL_FRAME_PREFIXES_BYTES
+from daemon.core.topics import (CALL_FRAME_PREFIXES, CALL_FRAME_PREFIXES_BYTES, METADATA_TOPIC,
+                                SYSTEM_PREFIX)
 from daemon.errors import ApiError, ConfguardError, StreamError, SubscriptionError
 from daemon.genesys.retry import RetryPolicy, classify
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
@@ -77,7 +78,7 @@ log = structlog.get_logger("daemon.genesys.stream")
 
 CONTROL_PEEK_MAX: Final = 4096
 """Frames longer than this are never control messages (those are a few hundred bytes)."""
-_MARKERS_STR: Final = ("channel.metadata", "v2.system.", '"result"', "pong")
+_MARKERS_STR: Final = (METADATA_TOPIC, SYSTEM_PREFIX, '"result"', "pong")
 _MARKERS_BYTES: Final = tuple(m.encode() for m in _MARKERS_STR)
 _CALL_PREFIXES_STR: Final = CALL_FRAME_PREFIXES
 _CALL_PREFIXES_BYTES: Final = CALL_FRAME_PREFIXES_BYTES
