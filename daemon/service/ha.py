@@ -502,7 +502,12 @@ class HaNode:
             if not self._writes:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._writes_wake.wait(), timeout=5.0)
-            if not await self._flush_writes():
+            try:
+                flushed = await self._flush_writes()
+            except Exception:  # a bug here must not end the writer: rows would pile up unseen
+                log.exception("ha_writer_crashed", node=self.node)
+                flushed = False
+            if not flushed:
                 await asyncio.sleep(self.policy.poll_interval)
             if self.policy.is_leader and self._clock() - last_prune > 3600:
                 last_prune = self._clock()
@@ -514,14 +519,16 @@ class HaNode:
 
     async def recent_decisions(self, window: float) -> list[UnfinishedDecision]:
         """Rows of this lease decided in the last `window` seconds, or never closed (up to a
-        day back), oldest first. Raises the database error (the caller decides)."""
+        day back), oldest first; past 10,000 such rows the newest 10,000 (those matter most at
+        a take-over). Raises the database error (the caller decides)."""
         conn = await self._data_conn()
         rows = await conn.fetch(
             "SELECT id, node, epoch, conversation_id, participant_id, rule, outcome, "
             "extract(epoch FROM clock_timestamp() - decided_at)::float8 AS age "
             "FROM confguard_decisions WHERE lease = $1 AND (decided_at > clock_timestamp() - "
             "make_interval(secs => $2) OR (outcome IS NULL AND decided_at > clock_timestamp() - interval '1 day')) "
-            "ORDER BY id LIMIT 10000", self.lease, window, timeout=max(self._timeout, 2.0))
+            "ORDER BY id DESC LIMIT 10000", self.lease, window, timeout=max(self._timeout, 2.0))
+        rows = rows[::-1]  # oldest first
         return [UnfinishedDecision(int(r["id"]), r["node"], int(r["epoch"]),
                                    ConversationId(r["conversation_id"]), ParticipantId(r["participant_id"]),
                                    RuleName(r["rule"]), r["outcome"], float(r["age"]))

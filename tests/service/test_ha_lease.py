@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from _postgres import PostgresServer, postgres  # noqa: F401  (fixture)
 from daemon.core.lease import LeasePolicy, Role
@@ -208,6 +209,7 @@ async def test_decision_rows_are_visible_to_the_other_node(pair: Pair) -> None:
     rows = await b.recent_decisions(60)
     got = {(r.conversation_id, r.node, r.epoch, r.outcome) for r in rows}
     assert got == {("c1", "a", 1, None), ("c2", "a", 1, "disconnected")}
+    assert [r.conversation_id for r in rows] == ["c1", "c2"]  # oldest first
     open_row = next(r for r in rows if r.outcome is None)
     await b.close_decision(open_row.id, "unknown")
     rows = await b.recent_decisions(60)
@@ -243,3 +245,29 @@ def socket_port() -> object:
         yield s.getsockname()[1]
     finally:
         s.close()
+
+
+async def test_decision_writer_survives_a_crash_and_writes_the_rows_later(pair: Pair) -> None:
+    """A bug in the row writer (not a database error) is logged and the writer goes on:
+    queued rows are not left to pile up unseen. (Injected: a server cannot produce it.)"""
+    a = pair.node("a")
+    real = a._flush_writes
+    crashes = 0
+
+    async def flaky() -> bool:
+        nonlocal crashes
+        if crashes == 0 and a._writes:
+            crashes += 1
+            raise RuntimeError("injected bug")
+        return await real()
+
+    a._flush_writes = flaky  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        pair.run("a")
+        await until(a.may_send, 5, "a leader")
+        a.record_intent("c1", "p1", "flagged")
+        await until(lambda: not a._writes, 10, "row written after the crash")
+    assert crashes == 1
+    assert any(e["event"] == "ha_writer_crashed" for e in logs)
+    rows = await a.recent_decisions(60)
+    assert [r.conversation_id for r in rows] == ["c1"]
