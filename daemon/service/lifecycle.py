@@ -218,6 +218,8 @@ class Daemon:
         self.metrics.track_budget(self.client.limiter.snapshot)
         self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
                                  metrics=self.metrics, clock=self.clock)
+        # The enforcer's own confirming reads take the same path as every other Step.
+        self.enforcer.route_step = self._handle
         if cfg.ha.enabled:
             self._start_ha()
         if cfg.control.enabled:

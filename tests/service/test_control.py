@@ -379,3 +379,23 @@ def test_config_listen_without_callers_is_an_error(tmp_path: Path) -> None:
         parse_config("control: {listen: '127.0.0.1:9465'}\n", file="config.yaml", base_dir=tmp_path)
     cfg = parse_config("ops: {enabled: false}\n", file="config.yaml", base_dir=tmp_path)
     assert cfg.control.listen is None and cfg.control.max_requests_per_minute == 120
+
+
+async def test_a_malformed_confirming_read_is_counted(tmp_path: Path) -> None:
+    """The enforcer's own re-read of a call (its confirmation) takes the daemon's one path
+    for engine results: a wrong-typed field in that reply is counted and logged, as in a
+    frame. The call is not subscribed, so no frame can count it instead."""
+    async with control_stack(tmp_path) as (sb, daemon, api, q):
+        w = sb.world
+        conv = w.start_call(w.create_queue("Elsewhere").id)
+        ext = w.add_external(conv.id, "tel:+14155550778")
+        agent = w.connect_agent(conv.id, w.create_user("Agent").id)
+        agent.held = "yes"  # type: ignore[assignment]  # Genesys sends a boolean
+        before = _counter(daemon, "events_rejected", reason="bad_field")
+        with capture_logs() as logs:
+            st, body, _ = await api.eject({"conversationId": conv.id, "participantId": ext.id})
+            assert st == 202, body
+            final = await api.wait_final(body["id"])
+        assert final["state"] == "disconnected"
+        assert _counter(daemon, "events_rejected", reason="bad_field") > before
+        assert any(e["event"] == "event_rejected" and e.get("source") == "rest" for e in logs)
