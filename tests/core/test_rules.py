@@ -894,6 +894,10 @@ def test_bad_data_fails_one_rule_not_the_others(tmp_path: Path) -> None:
     got = eng.on_change(change(make_call(bad), T0), T0)
     assert [d.rule for d in got] == ["plain"]
     assert eng.evaluation_errors == 2
+    # An explanation of the same bad data judges those conditions false and records nothing.
+    verdicts = {v.rule: v for v in eng.explain(make_call(bad), bad, T0)}
+    assert not verdicts["picky"].holds and verdicts["plain"].holds
+    assert eng.evaluation_errors == 2
 
 
 def test_fused_plan_with_shared_subexpressions_matches_per_rule(tmp_path: Path) -> None:

@@ -329,9 +329,8 @@ class RuleEngine:
             for i, (text, pred) in enumerate(r.conditions):
                 try:
                     ok = bool(pred(call, party, now))
-                except Exception as exc:  # bad data: judged false, as on_change does
-                    self._failed(r, call, party, exc)
-                    ok = False
+                except Exception:  # bad data: judged false, as on_change does (but an
+                    ok = False     # explanation records nothing: no counter, no log line)
                 fields = r.condition_fields[i] if i < len(r.condition_fields) else ()
                 scope: Literal["party", "call"] = (
                     "call" if fields and all(f.label.startswith("call.") for f in fields) else "party")
