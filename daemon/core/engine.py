@@ -85,6 +85,11 @@ class RuleEvaluator(Protocol):
     def forget_call(self, conversation_id: ConversationId, /) -> None: ...
 
 
+#: `_apply`'s problems when the store raised: a sentinel compared by identity, never exposed
+#: (the Step carries no reasons for it; the failure is counted as `state_errors`).
+_APPLY_FAILED: tuple[str, ...] = ("state_apply_failed",)
+
+
 @dataclass(slots=True)
 class Step:
     """What one input did: the parsed message (None for REST input), the state change (None
@@ -134,6 +139,8 @@ class Engine:
             self.call_events[tk] = self.call_events.get(tk, 0) + 1
             change, problems = self._apply(message.body, now, "event")
             if change is None:
+                if problems is _APPLY_FAILED:  # counted as state_errors, not a duplicate
+                    return Step(message, None, [])
                 self.counters["duplicates"] += 1
                 return Step(message, None, [], (), problems)
             return self._judge(message, change, now, problems)
@@ -148,6 +155,8 @@ class Engine:
         exactly as a frame's."""
         change, problems = self._apply(conv, now, source)
         if change is None:
+            if problems is _APPLY_FAILED:  # counted as state_errors, not a duplicate
+                return Step(None, None, [])
             self.counters["duplicates"] += 1
             return Step(None, None, [], (), problems)
         return self._judge(None, change, now, problems)
@@ -210,7 +219,7 @@ class Engine:
             # A store bug must not take the stream down; the next resync re-reads the call.
             self.counters["state_errors"] += 1
             log.exception("state_apply_failed", source=source)
-            return None, ()
+            return None, _APPLY_FAILED
         problems = self.store.problems
         for reason in problems:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1

@@ -184,6 +184,7 @@ def test_store_errors_are_contained() -> None:
     assert isinstance(fed.message, CallEvent) and fed.change is None and fed.decisions == []
     assert engine.apply_conversation(body(party("a")), T0).decisions == []
     assert engine.counters["state_errors"] == 2 and rules.changes == []
+    assert engine.counters["duplicates"] == 0  # a failure is not also a duplicate
 
 
 # ------------------------------------------------------------------ malformed input, counted once
