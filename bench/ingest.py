@@ -36,6 +36,7 @@ import _common  # noqa: E402
 import orjson  # noqa: E402
 
 from daemon.core.engine import Engine  # noqa: E402
+from daemon.config import load_lists  # noqa: E402
 from daemon.core.rules import RuleEngine, compile_rules  # noqa: E402
 from daemon.sandbox.server import EXTRA_PREFIX, _message  # noqa: E402
 from daemon.sandbox.world import Conversation, World  # noqa: E402
@@ -121,7 +122,7 @@ def make_stream(n_calls: int, n_frames: int, seed: int = 7) -> list[tuple[bytes,
 
 def make_engine(config_path: Path) -> Engine:
     cfg = _common.load_bench_config(config_path)
-    return Engine(RuleEngine(compile_rules(cfg)), CallStore())
+    return Engine(RuleEngine(compile_rules(cfg, load_lists(cfg))), CallStore())
 
 
 def run_once(config_path: Path, frames: list[tuple[bytes, float]]) -> tuple[float, Engine]:

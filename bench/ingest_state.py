@@ -177,9 +177,10 @@ def run_store(stream: list[tuple[bytes, float]]) -> tuple[float, CallStore, int]
 def make_rules(config: str | None) -> RuleEvaluator:
     if config is None:
         return NoRules()
-    from daemon.config import load_config
+    from daemon.config import load_config, load_lists
     from daemon.core.rules import RuleEngine, compile_rules
-    return RuleEngine(compile_rules(load_config(config)))
+    cfg = load_config(config)
+    return RuleEngine(compile_rules(cfg, load_lists(cfg)))
 
 
 def run_engine(stream: list[tuple[bytes, float]], config: str | None = None) -> tuple[float, CallStore, int]:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.core.ids import ConversationId, ParticipantId
 from daemon.core.model import Call, Change, Participant
 from daemon.core.rules import RuleEngine, compile_rules
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(build_config(args.rules, Path(tmp)), base_dir=Path(tmp))
-        ruleset = compile_rules(cfg)
+        ruleset = compile_rules(cfg, load_lists(cfg))
     engine = RuleEngine(ruleset)
     call = build_call()
     change = Change(call=call, changed=tuple(call.participants.values()), call_changed=True,

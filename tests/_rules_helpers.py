@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.core.ids import ConversationId, ParticipantId
 from daemon.core.model import Call, Change, Participant
 from daemon.core.rules import RuleEngine, RuleSet, compile_rules
@@ -65,7 +65,8 @@ BLOCKED = "# blocked numbers\n+44 20 7946 0000  # fraud ring\ntel:+1-555-010-999
 def load(text: str, tmp_path: Path, files: dict[str, str] | None = None) -> RuleSet:
     for name, content in (files or {}).items():
         (tmp_path / name).write_text(content)
-    return compile_rules(parse_config(text, file="config.yaml", base_dir=tmp_path))
+    cfg = parse_config(text, file="config.yaml", base_dir=tmp_path)
+    return compile_rules(cfg, load_lists(cfg))
 
 
 def example(tmp_path: Path) -> RuleSet:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from daemon.genesys.api import GenesysClient
-from daemon.config import Credentials, GenesysSettings, parse_config
+from daemon.config import Credentials, GenesysSettings, load_lists, parse_config
 from daemon.core.engine import Engine
 from daemon.core.topics import queue_topic as queue_topic
 from daemon.core.model import Decision
@@ -33,7 +33,7 @@ rules:
 
 def make_engine() -> Engine:
     cfg = parse_config(RULES_YAML)
-    return Engine(RuleEngine(compile_rules(cfg)), CallStore())
+    return Engine(RuleEngine(compile_rules(cfg, load_lists(cfg))), CallStore())
 
 
 def settings_for(sb: Sandbox, *, rpm: int = 100_000, max_retries: int = 2) -> GenesysSettings:

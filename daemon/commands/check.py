@@ -30,14 +30,14 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticOmit, core_schema
 
 from daemon.genesys.api import GenesysClient
-from daemon.config import Config, load_config, resolve_credentials
+from daemon.config import DURATION_PATTERN, Config, load_config, load_lists, resolve_credentials
 from daemon.errors import ConfigError
 from daemon.core.rules import ATTRIBUTES, COMBINATORS, FIELDS, HAS_PARTY, FieldSpec, compile_rules
 from daemon.genesys.scope import resolve_scope, shard
 
 
 def summary(config: Config) -> str:
-    compile_rules(config)  # raises ConfigError with file:line:col for any rule or list problem
+    compile_rules(config, load_lists(config))  # raises ConfigError with file:line:col for any rule or list problem
     subs = config.subscriptions
     if not subs.queues and not subs.users:
         # `confguard run` refuses to start on this; check must not call it ok.
@@ -53,7 +53,7 @@ def summary(config: Config) -> str:
 
 
 async def online_check(config: Config, out: TextIO) -> int:
-    credentials = resolve_credentials(config.genesys)
+    credentials = resolve_credentials(config.genesys, base_dir=config.base_dir)
     async with GenesysClient(config.genesys, credentials) as client:
         await client.tokens.token()
         print(f"ok: token issued by {config.genesys.login_origin}", file=out)
@@ -216,7 +216,7 @@ def config_schema() -> dict[str, Any]:
     rule["call"] = {"$ref": "#/$defs/CallConditions"}
     rule["hold_for"] = {
         "description": "how long the conditions must hold before the rule fires",
-        "anyOf": [{"type": "string", "pattern": "^\\s*\\d+(\\.\\d+)?\\s*(ms|s|m|h)?\\s*$"},
+        "anyOf": [{"type": "string", "pattern": DURATION_PATTERN},
                   {"type": "number", "minimum": 0}, {"type": "null"}]}
     rule["when"]["description"] = "conditions on the party being judged"
     rule["call"]["description"] = "conditions on the call as a whole"

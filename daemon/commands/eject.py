@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(ec.eject_via_control(args.control, ec.read_token(args.token_file),
                                                 body, dry_run=bool(args.dry_run)))
     cfg = load_settings(args.config)
-    creds = resolve_credentials(cfg.genesys)
+    creds = resolve_credentials(cfg.genesys, base_dir=cfg.base_dir)
     return asyncio.run(eject(cfg, creds, conversation, selector, dry_run=bool(args.dry_run)))
 
 

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from daemon.config import Config, load_config, resolve_credentials
+from daemon.config import Config, load_config, load_lists, resolve_credentials
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Participant
 from daemon.core.rules import CompiledRule, RuleEngine, RuleSet, Verdict, compile_rules
@@ -111,7 +111,7 @@ async def fetch_call(config: Config, conversation_id: str) -> dict[str, Any]:
     """GET the call over REST with the config's Genesys settings."""
     from daemon.genesys.api import GenesysClient
 
-    credentials = resolve_credentials(config.genesys)
+    credentials = resolve_credentials(config.genesys, base_dir=config.base_dir)
     async with GenesysClient(config.genesys, credentials) as client:
         return await client.get_call(ConversationId(conversation_id))
 
@@ -281,7 +281,7 @@ def _instant(text: str | None) -> float:
 def explain_command(args: Any, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call: tests capture it
     config = load_config(args.config)
-    ruleset = compile_rules(config)
+    ruleset = compile_rules(config, load_lists(config))
     now = _instant(args.at)
     if args.call:
         conv = load_call_file(Path(args.call))

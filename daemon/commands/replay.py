@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from daemon.config import Config, compose_with_positions, load_config
+from daemon.config import Config, compose_with_positions, load_config, load_lists
 from daemon.core.engine import Engine
 from daemon.errors import ReplayError
 from daemon.core.model import Decision
@@ -99,7 +99,7 @@ class ReplayResult:
 def replay(config: Config, frames: Iterator[Frame], *, extend: float = 0.0,
            on_decision: Any = None) -> ReplayResult:
     """Feed frames through the real engine on a virtual clock; timers fire at their deadlines."""
-    rules = RuleEngine(compile_rules(config))
+    rules = RuleEngine(compile_rules(config, load_lists(config)))
     engine = Engine(rules, CallStore())
     result = ReplayResult()
     now = float("-inf")

@@ -45,7 +45,7 @@ import structlog
 from daemon.service import systemd
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog
-from daemon.config import Config, load_config, resolve_credentials
+from daemon.config import Config, load_config, load_lists, resolve_credentials
 from daemon.core.engine import Engine, Step
 from daemon.core.events import Rejected, excerpt
 from daemon.core.enforcement import SafetyValve
@@ -116,7 +116,7 @@ class Daemon:
         self.metrics = Metrics()
         self.state = State.STARTING
         self.metrics.daemon_state.state(self.state.value)
-        ruleset = compile_rules(config)
+        ruleset = compile_rules(config, load_lists(config))
         self.rules = RuleEngine(ruleset)  # its Enforcement holds the valve (safety.*)
         self.engine = Engine(self.rules, CallStore())
         self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
@@ -211,7 +211,7 @@ class Daemon:
         self.audit.open()
         # Before any new record: decisions of an earlier run with no outcome (closed below).
         self._unfinished = unfinished_in_audit(self.audit.path)
-        credentials = resolve_credentials(cfg.genesys)
+        credentials = resolve_credentials(cfg.genesys, base_dir=cfg.base_dir)
         self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
         self.client.limiter.on_rate_limited = \
             lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
@@ -460,7 +460,7 @@ class Daemon:
         systemd.reloading()
         try:
             new = load_config(self.config_path)
-            ruleset = compile_rules(new)
+            ruleset = compile_rules(new, load_lists(new))
             if self.stream is not None and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
                 if not scope.topics:  # as at start-up: never drop every subscription silently
@@ -503,7 +503,7 @@ class Daemon:
         lease loop runs until `_stop_ha`; until this node holds the lease and finished its
         take-over, the send gate is closed and decisions are audited `standby`."""
         ha = self.config.ha
-        node = HaNode(resolve_ha_dsn(ha), lease=ha.lease, node=ha.node_name,
+        node = HaNode(resolve_ha_dsn(ha, base_dir=self.config.base_dir), lease=ha.lease, node=ha.node_name,
                       policy=LeasePolicy(ha.takeover_after), metrics=self.metrics)
         self.failover = Failover(node, read_call=self._read_call_now, write=self.audit.write,
                                  on_open=self._enforcement_possible)

@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.errors import ConfigError
 from daemon.core.rules import compile_rules
 
@@ -53,7 +53,7 @@ def _check(text: str) -> None:
     """The property: a valid RuleSet, or a located ConfigError; nothing else escapes."""
     try:
         cfg = parse_config(text, file=FILE, base_dir=Path(_TMP))
-        compile_rules(cfg)
+        compile_rules(cfg, load_lists(cfg))
     except ConfigError as exc:
         assert exc.file == FILE, f"error without the file: {exc}"
         assert exc.line is not None and exc.col is not None, f"error without line:col: {exc}"
@@ -153,7 +153,7 @@ def test_plausible_but_wrong_configs_are_a_config_or_a_located_error(text: str) 
 
 def test_the_shipped_config_is_valid() -> None:
     cfg = parse_config(SHIPPED_TEXT, file=FILE, base_dir=Path(_TMP))
-    assert len(compile_rules(cfg).rules) == len(SHIPPED["rules"])
+    assert len(compile_rules(cfg, load_lists(cfg)).rules) == len(SHIPPED["rules"])
 
 
 def test_a_control_character_is_located_by_line_and_column() -> None:

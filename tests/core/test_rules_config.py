@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.errors import ConfigError
 from daemon.core.rules import compile_rules
 
@@ -150,7 +150,7 @@ def test_compile_without_source_positions(tmp_path: Path) -> None:
     cfg = parse_config(_rule("    when: {purpsoe: x}\n"), file="config.yaml", base_dir=tmp_path)
     cfg = cfg.model_copy(update={"source": None})
     with pytest.raises(ConfigError, match="unknown party field 'purpsoe'"):
-        compile_rules(cfg)
+        compile_rules(cfg, load_lists(cfg))
 
 
 def test_cli_style_load_config_error_from_file(tmp_path: Path) -> None:
@@ -159,5 +159,6 @@ def test_cli_style_load_config_error_from_file(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(_rule("    when:\n      name: {matches: '['}\n"))
     with pytest.raises(ConfigError) as info:
-        compile_rules(load_config(path))
+        cfg = load_config(path)
+        compile_rules(cfg, load_lists(cfg))
     assert str(info.value).startswith(f"{path}:6:23: bad regular expression")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.core.rules import (
     ATTRIBUTES, CALL_FIELDS, FIELDS, OPERATORS, PARTY_FIELDS, FieldSpec, compile_rules,
 )
@@ -43,7 +43,8 @@ def _compiles(tmp_path: Path, spec: FieldSpec, op: str) -> bool:
         rule["when"] = cond
     text = yaml.safe_dump({"lists": {"l": {"values": ["x"]}}, "rules": [rule]})
     try:
-        compile_rules(parse_config(text, file=str(tmp_path / "c.yaml"), base_dir=tmp_path))
+        cfg = parse_config(text, file=str(tmp_path / "c.yaml"), base_dir=tmp_path)
+        compile_rules(cfg, load_lists(cfg))
     except ConfigError:
         return False
     return True

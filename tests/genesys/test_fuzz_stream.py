@@ -28,7 +28,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import parse_config
+from daemon.config import load_lists, parse_config
 from daemon.core.engine import Engine, message_kind
 from daemon.core.events import Rejected, parse_message
 from daemon.service.logs import configure_logging
@@ -118,7 +118,8 @@ ops: {enabled: false}
 
 
 def _engine() -> Engine:
-    return Engine(RuleEngine(compile_rules(parse_config(RULES, "fuzz.yaml"))), CallStore())
+    cfg = parse_config(RULES, "fuzz.yaml")
+    return Engine(RuleEngine(compile_rules(cfg, load_lists(cfg))), CallStore())
 
 
 _ENGINE = _engine()

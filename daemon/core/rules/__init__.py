@@ -5,7 +5,7 @@ per job:
 
 - `fields`: the field registry (`FIELDS: Mapping[str, FieldSpec]`: name, scope party|call,
   type, valid operators; `OPERATORS`, `COMBINATORS`), the source of the rules' JSON Schema;
-- `compiler`: `compile_rules(cfg)` checks every rule (enabled or not) and returns a
+- `compiler`: `compile_rules(cfg, lists)` checks every rule (enabled or not) and returns a
   `RuleSet`; anything that cannot work is a `ConfigError` located `file:line:col`;
 - `codegen`: conditions as generated Python predicates, fused per party purpose;
 - `messages`: `{placeholder}` message templates;
@@ -15,11 +15,13 @@ per job:
   `swap`, `explain`); the edge state is the shared `daemon.core.enforcement.Enforcement`.
 
 The safety valve and "who was acted on" are the enforcement policy's
-(`daemon.core.enforcement`), list files are read by `daemon.config.load_lists`.
+(`daemon.core.enforcement`); list files are read by `daemon.config.load_lists`, whose
+result `compile_rules` takes.
 All times are epoch seconds (float). Nothing here does I/O, reads a clock or blocks.
 """
 
-from daemon.core.rules.compiler import compile_rules, parse_duration
+from daemon.config.values import parse_duration
+from daemon.core.rules.compiler import compile_rules
 from daemon.core.rules.engine import ConditionVerdict, RuleEngine, Verdict
 from daemon.core.rules.fields import (
     ATTRIBUTES,

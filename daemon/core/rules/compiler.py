@@ -1,11 +1,13 @@
 """The rule compiler: YAML rule specs -> checked `CompiledRule`s, errors located.
 
-`compile_rules(cfg)` checks every rule (enabled or not) and returns a `RuleSet` of
-generated predicates for the enabled ones. Anything that cannot work is a `ConfigError`
+`compile_rules(cfg, lists)` checks every rule (enabled or not) and returns a `RuleSet` of
+generated predicates for the enabled ones; `lists` are the loaded lists
+(`daemon.config.load_lists(cfg)`). Anything that cannot work is a `ConfigError`
 located `file:line:col` at the offending key or value (a wrong type, an operator that
 cannot work on a field, an unknown list or placeholder, a bad regex or duration...).
-Nothing of the YAML is interpreted per event. List contents are read by
-`daemon.config.load_lists` (the only file I/O); this module does none.
+Nothing of the YAML is interpreted per event. List contents are read by the caller
+(`daemon.config.load_lists`); this module reads no file. Durations are parsed by the one
+duration parser, `daemon.config.values.parse_duration` (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from daemon.config import Config, ConfigSource, RuleSpec, load_lists
+from daemon.config import Config, ConfigSource, RuleSpec
+from daemon.config.values import parse_duration
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Participant
 from daemon.core.rules.codegen import Namespace, Node, TooComplex, and_nodes, merge_fields, min_flip, time_flip
@@ -365,27 +368,6 @@ class _Compiler:
         return f"(s := {v}) is not None and s.startswith({x})"
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float | None:
-    """Seconds from "500ms", "10s", "2m", "1h", "10" or a number; None when not a duration."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        x = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            return None
-        x = float(m.group(1)) * _UNIT[m.group(2)]
-    else:
-        return None
-    return x if math.isfinite(x) and x >= 0 else None
-
-
-
 def _purpose_admits(preds: Sequence[Pred]) -> Callable[[str | None], bool]:
     if not preds:
         return lambda purpose: True
@@ -444,14 +426,15 @@ def _always(c: Call, p: Participant, n: float) -> bool:
     return True
 
 
-def compile_rules(cfg: Config) -> RuleSet:
-    """Check and compile every rule of `cfg`; load every declared list.
+def compile_rules(cfg: Config, lists: Mapping[str, frozenset[str]]) -> RuleSet:
+    """Check and compile every rule of `cfg` against the loaded `lists` (name -> values, as
+    `daemon.config.load_lists(cfg)` returns them; nothing is read here).
 
     Raises ConfigError `file:line:col: ...` at the offending key or value. Disabled rules
     are checked too (a typo is caught before someone enables the rule) but not run.
     """
     src = cfg.source or ConfigSource(file="<config>")
-    ctx = _Ctx(src=src, lists=load_lists(cfg))
+    ctx = _Ctx(src=src, lists=dict(lists))
     rules: list[CompiledRule] = []
     disabled: list[RuleName] = []
     for i, spec in enumerate(cfg.rules):

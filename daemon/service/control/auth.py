@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import Config, systemd_credential
+from daemon.config import Config, read_secret, systemd_credential
 from daemon.errors import ConfigError
 
 log = structlog.get_logger("confguard.control")
@@ -38,14 +38,7 @@ class Caller:
 
 
 def _read_token(path: Path, name: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"control.callers.{name}: cannot read the token file {path}: {reason}") from None
-    token = text.strip()
-    if not token:
-        raise ConfigError(f"control.callers.{name}: the token file {path} is empty")
+    token = read_secret(path, f"control.callers.{name}")
     if any(c.isspace() for c in token):
         raise ConfigError(f"control.callers.{name}: the token in {path} contains whitespace; "
                           f"a bearer token cannot (e.g. use `openssl rand -hex 32`)")

@@ -1,0 +1,152 @@
+"""Loading: config.yaml (a file or text) -> a validated `Config`, and the list files it names.
+
+Contract:
+- `load_config(path)` reads the file and returns `parse_config(text, file, base_dir=its
+  folder)`; `parse_config` returns a `Config` or raises `ConfigError` whose `str()` is
+  `FILE:LINE:COL: <what is wrong, what was expected>`. Unknown keys are errors everywhere.
+- `load_lists(cfg)` reads every list under `lists:` (files relative to config.yaml): the
+  loaded lists that `daemon.core.rules.compile_rules(cfg, lists)` takes. A list file that
+  cannot be read is a ConfigError located at its `file:` key. This is the only place list
+  files are read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from daemon.config.models import SCHEMA_VERSION, Config
+from daemon.config.source import ConfigSource, Path_, compose_with_positions
+from daemon.errors import ConfigError
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(err: Mapping[str, Any], path: Path_) -> str:
+    kind = err.get("type", "")
+    loc = _dotted(path)
+    if path and path[-1] == "hold_for":
+        return f"{loc}: expected a duration such as 10s, 2m, 500ms or a number of seconds, got {err.get('input')!r}"
+    if kind == "extra_forbidden":
+        return f"unknown key {str(err['loc'][-1])!r}; check the spelling (allowed keys are in the README's configuration reference)"
+    if kind == "missing":
+        where = f" in {loc}" if loc else ""
+        return f"missing required key {str(err['loc'][-1])!r}{where}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{loc}: got {err.get('input')!r}, expected one of {expected}"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _check_whole(cfg: Config, src: ConfigSource) -> None:
+    """What one model cannot see: unique rule names, one list source, one DSN source, callers."""
+    names: dict[str, int] = {}
+    for i, rule in enumerate(cfg.rules):
+        if rule.name in names:
+            raise src.error(("rules", i, "name"),
+                            f"duplicate rule name {rule.name!r} (first at rules[{names[rule.name]}]); names must be unique")
+        names[rule.name] = i
+    for name, spec in cfg.lists.items():
+        if (spec.file is None) == (spec.values is None):
+            raise src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'")
+    if cfg.ha.dsn is not None and cfg.ha.dsn_file is not None:
+        raise src.error(("ha", "dsn_file"), "ha: give one of 'dsn' or 'dsn_file', not both")
+    if cfg.control.listen is not None and not cfg.control.callers:
+        raise src.error(("control", "listen"),
+                        "control.listen is set but control.callers names no caller: nobody could "
+                        "use the API (add e.g. callers: {orchestrator: {token_file: orchestrator.token}})")
+
+
+def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = None) -> Config:
+    """Validate YAML text as a Config; raises ConfigError located at the first problem.
+    `base_dir` is the folder relative paths in the text are relative to (default: `.`)."""
+    data, src = compose_with_positions(text, file)
+    src.base_dir = base_dir or Path(".")
+    if not isinstance(data, dict):
+        raise src.error((), "the top level must be a mapping of sections (genesys, subscriptions, rules, ...)")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise src.error(("schema_version",),
+                        f"schema_version {version} is newer than this confguard understands "
+                        f"(up to {SCHEMA_VERSION}); upgrade confguard")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _data_path(data, tuple(first.get("loc", ())))
+        raise src.error(loc, _describe(first, loc), key=first.get("type") == "extra_forbidden") from None
+    _check_whole(cfg, src)
+    return cfg.model_copy(update={"source": src})
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
+    """The part of a pydantic error location that exists in the data (pydantic inserts
+    union-branch names such as 'str' that are not keys); an unknown key is kept last."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            out.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            out.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and not out[-1:] == [part]:
+            continue
+    return tuple(out)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError (never a traceback for bad input)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.__class__.__name__}: {exc}") from None
+    return parse_config(text, file=str(path), base_dir=p.parent)
+
+
+def load_list_file(path: Path) -> list[str]:
+    """One value a line; blank lines and '#' comments ignored; surrounding spaces stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"list file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read list file {path}: {exc}") from None
+    out = []
+    for line in lines:
+        value = line.split("#", 1)[0].strip()
+        if value:
+            out.append(value)
+    return out
+
+
+def load_lists(cfg: Config) -> dict[str, frozenset[str]]:
+    """The contents of every list under `lists:` (files resolved against the config's
+    folder). A file that cannot be read is a ConfigError located at its `file:` key."""
+    src = cfg.source or ConfigSource(file="<config>")
+    out: dict[str, frozenset[str]] = {}
+    for name, spec in cfg.lists.items():
+        if spec.file is not None:
+            try:
+                values = load_list_file(cfg.resolve_path(spec.file))
+            except ConfigError as exc:
+                raise src.error(("lists", name, "file"), f"list {name!r}: {exc.message}") from None
+        else:
+            values = [str(v) for v in spec.values or ()]
+        out[name] = frozenset(values)
+    return out

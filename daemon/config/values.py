@@ -1,0 +1,74 @@
+"""Value parsers shared by the config models, the rule compiler and `confguard check --schema`.
+
+- Durations: `parse_duration(value)` is THE duration parser ("500ms", "10s", "2m", "1h",
+  "10" or a number -> seconds, else None); `DURATION_PATTERN` is its text form for JSON
+  Schemas; `Duration` is the pydantic field type built on it.
+- Listen addresses: `check_listen(v, example)`, `listen_host`, `listen_port` (HOST:PORT).
+Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator, WithJsonSchema
+
+#: A duration as text: a number, optionally followed by ms, s, m or h (seconds without one).
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds from "500ms", "10s", "2m", "1h", "10" or a number; None when `value` is not a
+    duration (a bool, a negative or non-finite number, any other text or type)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            return None
+        x = float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+    else:
+        return None
+    return x if math.isfinite(x) and x >= 0 else None
+
+
+def _seconds(value: object) -> object:
+    """A config duration before pydantic's float check: text is parsed here; numbers are left
+    to pydantic (so its bounds give the message); anything else is rejected with the forms."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None:
+        raise ValueError(f"expected a duration such as 5s, 500ms, 2m or a number of seconds, got {value!r}")
+    return seconds
+
+
+#: A duration key: seconds as a number, or a string such as "15s", "500ms", "2m". (The
+#: JSON schema says both forms, so editors accept "15s"; the bounds are checked on load.)
+Duration = Annotated[float, BeforeValidator(_seconds), WithJsonSchema({"anyOf": [
+    {"type": "number", "exclusiveMinimum": 0},
+    {"type": "string", "pattern": DURATION_PATTERN}]})]
+
+
+def check_listen(v: str, example: str) -> str:
+    """`v` when it is HOST:PORT (port 0-65535), else a ValueError quoting `example`."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT such as {example}, got {v!r}")
+    return v
+
+
+def listen_host(listen: str) -> str:
+    """The host of HOST:PORT, without IPv6 brackets."""
+    return listen.rpartition(":")[0].strip("[]")
+
+
+def listen_port(listen: str) -> int:
+    """The port of HOST:PORT."""
+    return int(listen.rpartition(":")[2])
