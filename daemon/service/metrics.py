@@ -214,6 +214,12 @@ class Metrics:
         self.control_rate_limited: Counter = Counter(
             p + "control_rate_limited", "Control API requests refused 429 by the per-caller "
             "limit, by caller.", ["caller"], registry=r)
+        # -- the ops and control listeners (daemon.service.listener)
+        self.listener_rejections: Counter = Counter(
+            p + "listener_rejections", "Connections or requests the ops/control listeners "
+            "refused or cut, by listener (ops, control) and reason (over_capacity, "
+            "header_timeout, bad_request, body_timeout, handler_error, login_throttled).",
+            ["listener", "reason"], registry=r)
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})
@@ -225,6 +231,10 @@ class Metrics:
         self.budget_used.set_function(lambda: float(snapshot().used))
         self.budget_remaining.set_function(lambda: float(snapshot().remaining))
         self.budget_reset_seconds.set_function(lambda: float(snapshot().reset_seconds))
+
+    def note_listener_rejection(self, listener: str, reason: str) -> None:
+        """Count one listener rejection (the `Listener` `on_reject` hook)."""
+        self.listener_rejections.labels(listener=listener, reason=reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -10,7 +10,10 @@
   topics subscribed, not in a gap/resync), else 503 `{"status": "not_ready", "reason": ...}`.
 
 It binds exactly the host given (the config default is 127.0.0.1:9464, loopback only):
-nothing here is authenticated, so exposing it wider is an explicit operator choice.
+nothing here is authenticated, so exposing it wider is an explicit operator choice (with
+`ops.tls` for TLS; a non-loopback address without it is warned about at start-up). The
+listener is `daemon.service.listener.Listener`: header and idle timeouts, a connection cap,
+fixed error answers, rate-limited error lines.
 Access logging is off; scrapes every few seconds would drown the real log.
 """
 
@@ -24,11 +27,12 @@ import orjson
 import structlog
 from aiohttp import web
 
+from daemon.service.listener import Listener, ListenerLimits, TlsFiles
 from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["HealthStatus", "OpsServer", "listen", "tcp_addresses"]
+__all__ = ["HealthStatus", "OpsServer", "tcp_addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,33 +62,18 @@ def tcp_addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
             if isinstance(a, tuple) and len(a) >= 2]
 
 
-async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve `app` on exactly `host`:`port` (port 0 picks a free one), with no access log
-    and no signal handlers of aiohttp's own. Returns the runner (its `cleanup()` stops the
-    listener and closes connections) and the bound port. Raises OSError when the address is
-    taken or not local, leaving nothing behind. Shared by the ops and control listeners."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
-        await site.start()
-        bound = tcp_addresses(runner)
-        if not bound:
-            raise RuntimeError(f"no TCP socket listening on {host}:{port}")
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, bound[0][1]
-
-
 class OpsServer:
     """Serves metrics and health. `health` is called per request and must be cheap and
-    non-blocking (it runs on the event loop)."""
+    non-blocking (it runs on the event loop). `limits` and `tls`: the listener's
+    hardening (`daemon.service.listener`: header/idle timeouts, connection cap, TLS)."""
 
-    def __init__(self, metrics: Metrics, health: Callable[[], HealthStatus]) -> None:
+    def __init__(self, metrics: Metrics, health: Callable[[], HealthStatus], *,
+                 limits: ListenerLimits | None = None, tls: TlsFiles | None = None) -> None:
         self._metrics = metrics
         self._health = health
-        self._runner: web.AppRunner | None = None
+        self._limits = limits
+        self._tls = tls
+        self.listener: Listener | None = None
         self.port: int | None = None
         self.host: str | None = None
 
@@ -97,26 +86,28 @@ class OpsServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 9464) -> int:
         """Listen on exactly `host`:`port` (port 0 picks a free one). Returns the bound
-        port. Raises OSError when the address is taken or not local."""
-        if self._runner is not None:
+        port. Raises OSError when the address is taken or not local, ConfigError when the
+        TLS files cannot be loaded."""
+        if self.listener is not None:
             raise RuntimeError("OpsServer already started")
-        self._runner, bound = await listen(self._app(), host, port)
+        listener = Listener(self._app(), "ops", limits=self._limits, tls=self._tls,
+                            on_reject=self._metrics.note_listener_rejection)
+        bound = await listener.start(host, port)
+        self.listener = listener
         self.host, self.port = host, bound
-        log.info("ops_listening", host=host, port=bound)
+        log.info("ops_listening", host=host, port=bound, tls=self._tls is not None)
         return bound
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every listening socket; empty when stopped."""
-        if self._runner is None:
-            return []
-        return tcp_addresses(self._runner)
+        return self.listener.addresses if self.listener is not None else []
 
     async def stop(self) -> None:
         """Stop listening and close connections. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            await listener.close()
             log.info("ops_stopped")
 
     # -- handlers

@@ -11,8 +11,9 @@ for POST, DEBUG for GET) with the caller's name, never its token.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 import structlog
@@ -23,8 +24,8 @@ from daemon.service.control.auth import Authenticator, CallerLimiter
 from daemon.service.control.models import EjectionRequest, ErrorBody
 from daemon.service.control.openapi import document_bytes
 from daemon.service.control.service import Answer, ControlService, error
+from daemon.service.listener import Listener, ListenerLimits, TlsFiles, peer_common_name
 from daemon.service.metrics import Metrics
-from daemon.service.ops import listen
 
 log = structlog.get_logger("confguard.control")
 
@@ -34,6 +35,7 @@ CALLER = web.RequestKey("caller", str)  # the authenticated caller's name, on th
 AUTH_LOG_INTERVAL = 10.0  # seconds between control_auth_failed lines per remote and reason
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+          408: "body_timeout",
           413: "body_too_large", 415: "unsupported_media_type", 429: "rate_limited",
           500: "internal_error", 503: "unavailable"}
 
@@ -65,16 +67,61 @@ def _validation_message(exc: ValidationError) -> tuple[str, str]:
     return "invalid_request", f"{loc}: {msg}" if loc else msg
 
 
+class LoginThrottle:
+    """Failed logins per source address: `per_minute` failures a minute as a token bucket
+    (a burst of `per_minute`, then refilling evenly). While an address has no allowance
+    left, its requests are refused 429 before any token is looked at, so a client cannot
+    go on guessing tokens. Memory: at most `max_addresses` buckets (the fullest ones, i.e.
+    the least suspicious, are forgotten first when full)."""
+
+    def __init__(self, per_minute: int = 10, *, max_addresses: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (allowance, at)
+
+    def _allowance(self, address: str, now: float) -> float:
+        tokens, at = self._buckets.get(address, (self.capacity, now))
+        return min(self.capacity, tokens + (now - at) * self.rate)
+
+    def wait(self, address: str) -> float:
+        """0 when `address` may try to log in, else the seconds until it may."""
+        if address not in self._buckets:
+            return 0.0
+        tokens = self._allowance(address, self._clock())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def failed(self, address: str) -> None:
+        """Count one failed login from `address`."""
+        now = self._clock()
+        if address not in self._buckets and len(self._buckets) >= self.max_addresses:
+            fullest = max(self._buckets, key=lambda a: self._allowance(a, now))
+            del self._buckets[fullest]
+        self._buckets[address] = (max(0.0, self._allowance(address, now) - 1.0), now)
+
+
 class ControlServer:
-    """Serves the control API. `metrics`: a `Metrics` (or None)."""
+    """Serves the control API. `metrics`: a `Metrics` (or None). `limits`/`tls`: the
+    listener's hardening (`daemon.service.listener`); with `tls.client_ca_file` every
+    client must present a certificate from that CA, and `cert_callers` maps a
+    certificate's subject CN to the caller it identifies (no token needed then).
+    `throttle`: failed logins per source address (default 10 a minute)."""
 
     def __init__(self, service: ControlService, auth: Authenticator, limiter: CallerLimiter,
-                 *, metrics: Metrics | None = None) -> None:
+                 *, metrics: Metrics | None = None, limits: ListenerLimits | None = None,
+                 tls: TlsFiles | None = None, cert_callers: Mapping[str, str] | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
         self.service = service
         self.auth = auth
         self.limiter = limiter
         self.metrics = metrics
-        self._runner: web.AppRunner | None = None
+        self.limits = limits or ListenerLimits()
+        self.tls = tls
+        self.cert_callers = dict(cert_callers or {})
+        self.throttle = throttle or LoginThrottle()
+        self.listener: Listener | None = None
         self._auth_log: dict[tuple[str, str], tuple[float, int]] = {}  # (remote, reason) -> (logged at, skipped)
         self.host: str | None = None
         self.port: int | None = None
@@ -90,18 +137,22 @@ class ControlServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on exactly `host`:`port` (0: a free port). Returns the bound port; raises
         OSError when the address is taken or not local."""
-        if self._runner is not None:
+        if self.listener is not None:
             raise RuntimeError("ControlServer already started")
-        self._runner, bound = await listen(self.app(), host, port)
+        listener = Listener(self.app(), "control", limits=self.limits, tls=self.tls,
+                            on_reject=self.metrics.note_listener_rejection if self.metrics else None)
+        bound = await listener.start(host, port)
+        self.listener = listener
         self.host, self.port = host, bound
-        log.info("control_listening", host=host, port=bound)
+        log.info("control_listening", host=host, port=bound, tls=self.tls is not None,
+                 client_certificates=bool(self.tls and self.tls.client_ca_file))
         return bound
 
     async def stop(self) -> None:
         """Stop listening and close connections. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            await listener.close()
             log.info("control_stopped")
 
     # ------------------------------------------------------------------ middleware
@@ -111,9 +162,20 @@ class ControlServer:
         started = time.perf_counter()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "other"
-        caller, reason = self.auth.identify(request.headers.get("Authorization"))
         resp: web.StreamResponse
+        remote = request.remote or "?"
+        throttled = self.throttle.wait(remote)
+        if throttled > 0:
+            if self.listener is not None:
+                self.listener.guard.reject("login_throttled", remote=remote)
+            resp = _response(error(429, "too_many_failed_logins",
+                                   "too many failed logins from this address; wait and retry",
+                                   **{"Retry-After": CallerLimiter.retry_after(throttled)}))
+            self._account(request, None, route, resp.status, started)
+            return resp
+        caller, reason = self._identify(request)
         if caller is None:
+            self.throttle.failed(remote)
             assert reason is not None
             if self.metrics is not None:
                 self.metrics.control_auth_failures.labels(reason=reason).inc()
@@ -147,8 +209,8 @@ class ControlServer:
             message = exc.reason or "error"
             if status == 413:
                 message = f"the body is larger than {MAX_BODY} bytes"
-            elif status == 404:
-                message = f"no route {request.method} {request.path[:200]!r}"
+            elif status == 404:  # nothing of the request is quoted back
+                message = "no such route; see GET /v1/openapi.json"
             resp = _response(error(status, _CODES.get(status, "http_error"), message))
             allow = exc.headers.get("Allow")
             if allow:
@@ -157,6 +219,15 @@ class ControlServer:
         except Exception:  # a bug: one clear line, a JSON 500, and the daemon carries on
             log.exception("control_request_crashed", caller=caller, route=route)
             return _response(error(500, "internal_error", "internal error; see the daemon log"))
+
+    def _identify(self, request: web.Request) -> tuple[str | None, str | None]:
+        """The caller: the one its verified client certificate names (`cert_callers`, by
+        subject CN), else the one its bearer token belongs to."""
+        if self.cert_callers:
+            cn = peer_common_name(request)
+            if cn is not None and cn in self.cert_callers:
+                return self.cert_callers[cn], None
+        return self.auth.identify(request.headers.get("Authorization"))
 
     def _log_auth_failure(self, reason: str, request: web.Request, route: str) -> None:
         """One `control_auth_failed` line per remote address and reason every
@@ -188,7 +259,16 @@ class ControlServer:
     async def _post_ejection(self, request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
-        raw = await request.read()  # raises 413 past client_max_size (chunked bodies too)
+        try:  # a body trickling in is cut off like a slow header (the listener's limit)
+            async with asyncio.timeout(self.limits.header_timeout):
+                raw = await request.read()  # raises 413 past client_max_size (chunked bodies too)
+        except TimeoutError:
+            if self.listener is not None:
+                self.listener.guard.reject("body_timeout", "info")
+            resp = _response(error(408, "body_timeout", f"the body did not arrive within "
+                                                        f"{self.limits.header_timeout:g} s"))
+            resp.force_close()
+            return resp
         try:
             body = EjectionRequest.model_validate_json(raw)
         except ValidationError as exc:
@@ -208,4 +288,4 @@ class ControlServer:
         return web.Response(body=document_bytes(), content_type="application/json")
 
 
-__all__ = ["ControlServer", "MAX_BODY", "ErrorBody"]
+__all__ = ["ControlServer", "ErrorBody", "LoginThrottle", "MAX_BODY"]
