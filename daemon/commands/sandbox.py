@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any, TextIO
 
+from daemon.service.aws import region_from_queue_url
 from daemon.sandbox.scenario import SCENARIOS, load_scenario
 from daemon.sandbox.server import Sandbox
 
@@ -27,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per token per fixed 60 s window from its first request, "
                         "advertised in inin-ratelimit-* headers; 0 = unlimited, no headers "
                         "(default 300, as Genesys)")
+    p.add_argument("--eventbridge-queue-url", default=None, metavar="URL",
+                   help="also publish conversation detail events for every change into this SQS "
+                        "queue, as Genesys' Amazon EventBridge integration with a rule to SQS "
+                        "(AWS credentials: the standard AWS chain)")
+    p.add_argument("--eventbridge-endpoint-url", default=None, metavar="URL",
+                   help="the SQS endpoint (a local one such as moto; default: AWS)")
     p.add_argument("--client-id", default=None, help="fixed client id (default: random)")
     p.add_argument("--client-secret", default=None, help="fixed client secret (default: random)")
 
@@ -54,7 +61,10 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
         return 2
     sb = Sandbox(args.host, args.port, heartbeat_interval=args.heartbeat,
                  token_lifetime=args.token_lifetime, request_budget=args.budget or None,
-                 client_id=args.client_id, client_secret=args.client_secret)
+                 client_id=args.client_id, client_secret=args.client_secret,
+                 eventbridge_queue_url=args.eventbridge_queue_url,
+                 eventbridge_endpoint_url=args.eventbridge_endpoint_url,
+                 eventbridge_region=region_from_queue_url(args.eventbridge_queue_url or ""))
     summary = load_scenario(sb.world, args.scenario)
     try:
         await sb.start()
@@ -79,6 +89,8 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
         print(f"user:       {uid}  {name}", file=out)
     for cid in summary["calls"]:
         print(f"call:       {cid}", file=out)
+    if sb.eventbridge is not None:
+        print(f"eventbridge: {sb.eventbridge.queue_url}", file=out)
     out.flush()
     try:
         await stop.wait()

@@ -16,7 +16,8 @@ Synchronous use: `with Sandbox().run_in_thread() as sb: sb.call(sb.world.create_
 CLI: `confguard sandbox` or `python -m daemon.sandbox`.
 
 Modules: world (pure state and the SDK-shaped JSON), app (aiohttp routes), faults, journal,
-scenario (starting worlds and the /sandbox/ driver), server (`Sandbox`), cli.
+scenario (starting worlds and the /sandbox/ driver), server (`Sandbox`), eventbridge
+(detail events into an SQS queue, as Genesys' EventBridge integration), cli.
 
 Behaviour chosen where Genesys is not documented (documented here so tests can rely on it):
 PATCH {"state":"disconnected"} on an already-disconnected party answers 202 and changes

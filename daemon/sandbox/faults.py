@@ -12,6 +12,11 @@ Event faults (decided per delivery to one socket): duplicate, lose (drop silentl
 reorder (hold an event back and send it after the next), malformed (an extra broken frame
 before the event), each as a probability and/or "the next N"; `event_latency` seconds
 before each frame is written; `drop_every` seconds closes every socket periodically.
+
+Per-change losses (`lose_change`, the `lose_event` driver op): the next `count` changes
+(of one conversation, or of any) are lost on the WebSocket only (every socket and topic),
+on EventBridge only (every detail event of the change), or on both; `eventbridge_delay`
+seconds delay every EventBridge delivery (`delay_eventbridge`).
 """
 
 from __future__ import annotations
@@ -83,6 +88,21 @@ class Delivery:
     malformed: bool = False
 
 
+LOSS_CHANNELS = ("websocket", "eventbridge", "both")
+
+
+@dataclass(slots=True)
+class ChangeLoss:
+    """Lose the next `remaining` changes of `conversation_id` (None: of any call) on `on`."""
+
+    on: str
+    conversation_id: str | None
+    remaining: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"on": self.on, "conversationId": self.conversation_id, "remaining": self.remaining}
+
+
 @dataclass
 class Faults:
     latency: float = 0.0
@@ -96,6 +116,8 @@ class Faults:
     reorder: EventFault = field(default_factory=EventFault)
     malformed: EventFault = field(default_factory=EventFault)
     seed: int | None = None
+    eventbridge_delay: float = 0.0
+    losses: list[ChangeLoss] = field(default_factory=list)
     _windows: dict[str, Window] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,6 +132,31 @@ class Faults:
         self.bursts.clear()
         self.duplicate, self.lose = EventFault(), EventFault()
         self.reorder, self.malformed = EventFault(), EventFault()
+        self.eventbridge_delay = 0.0
+        self.losses.clear()
+
+    def lose_change(self, on: str, conversation_id: str | None = None, count: int = 1) -> list[ChangeLoss]:
+        """Lose the next `count` changes (of one call, or any) on `on` (`LOSS_CHANNELS`;
+        `both` is one loss on each)."""
+        if on not in LOSS_CHANNELS:
+            raise ValueError(f"on must be one of {', '.join(LOSS_CHANNELS)}: {on!r}")
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        made = [ChangeLoss(ch, conversation_id, int(count))
+                for ch in (("websocket", "eventbridge") if on == "both" else (on,))]
+        self.losses.extend(made)
+        return made
+
+    def take_loss(self, channel: str, conversation_id: str) -> bool:
+        """Whether this change of `conversation_id` is lost on `channel` (websocket |
+        eventbridge); counts it against the first matching loss."""
+        for loss in self.losses:
+            if loss.on == channel and loss.conversation_id in (None, conversation_id):
+                loss.remaining -= 1
+                if loss.remaining <= 0:
+                    self.losses.remove(loss)
+                return True
+        return False
 
     def add_burst(self, method: str, path: str, status: int, count: int,
                   retry_after: float | None = None) -> Burst:
@@ -180,7 +227,7 @@ class Faults:
 
         Keys: latency, eventLatency, budgetPerMinute (null = off), dropEvery (null = off),
         extraField, seed, burst {method, path, status, count, retryAfter},
-        duplicate/lose/reorder/malformed {probability, next}."""
+        duplicate/lose/reorder/malformed {probability, next}, eventbridgeDelay (seconds)."""
         for k, v in spec.items():
             if k == "latency":
                 self.latency = float(v)
@@ -197,6 +244,10 @@ class Faults:
             elif k == "burst":
                 self.add_burst(str(v.get("method", "*")), str(v.get("path", ".*")),
                                int(v["status"]), int(v.get("count", 1)), v.get("retryAfter"))
+            elif k == "eventbridgeDelay":
+                if float(v) < 0:
+                    raise ValueError("eventbridgeDelay must be >= 0 seconds")
+                self.eventbridge_delay = float(v)
             elif k in ("duplicate", "lose", "reorder", "malformed"):
                 setattr(self, k, EventFault(float(v.get("probability", 0.0)),
                                             int(v.get("next", 0))))
@@ -208,4 +259,5 @@ class Faults:
                 "budgetPerMinute": self.budget_per_minute, "dropEvery": self.drop_every,
                 "extraField": self.extra_field, "bursts": [b.as_dict() for b in self.bursts],
                 "duplicate": self.duplicate.as_dict(), "lose": self.lose.as_dict(),
-                "reorder": self.reorder.as_dict(), "malformed": self.malformed.as_dict()}
+                "reorder": self.reorder.as_dict(), "malformed": self.malformed.as_dict(),
+                "eventbridgeDelay": self.eventbridge_delay, "losses": [x.as_dict() for x in self.losses]}

@@ -24,7 +24,10 @@ forget_call {conversationId} (gone: REST answers 404),
 set_permissions {grant?, revoke?, clientId?}, configure {heartbeatInterval?, closingGrace?,
 patchFinalStatus?, channelLifetime?, tokenLifetime? (+ clientId?), budget? (requests per
 token per 60 s window, null = off)}, add_client {clientId?, secret?, tokenLifetime?},
-conference {queueId?, userId?, address?}: a ready three-party call.
+conference {queueId?, userId?, address?}: a ready three-party call,
+lose_event {on: websocket|eventbridge|both, conversationId?, count? (1)}: lose the next
+change(s) on that path only, delay_eventbridge {seconds}: EventBridge deliveries that much
+later (0: at once); both need `--eventbridge-queue-url` to matter for EventBridge.
 """
 
 from __future__ import annotations
@@ -155,6 +158,9 @@ def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "set_permissions": set_permissions,
         "configure": configure,
         "add_client": add_client,
+        "lose_event": lambda a: [x.as_dict() for x in sb.faults.lose_change(
+            str(_req(a, "on")), a.get("conversationId"), int(a.get("count", 1)))],
+        "delay_eventbridge": lambda a: sb.faults.configure({"eventbridgeDelay": _req(a, "seconds")}),
         "conference": lambda a: conference(
             w, a.get("queueId") or next(iter(w.queues)), a.get("userId") or next(iter(w.users)),
             a.get("address", "tel:+14155550123")).rest_body(),

@@ -30,6 +30,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from daemon.sandbox.eventbridge import EventBridgePublisher
 from daemon.sandbox.faults import Faults
 from daemon.sandbox.journal import Journal
 from daemon.sandbox.world import Conversation, World
@@ -97,7 +98,11 @@ class Sandbox:
     `request_budget` requests per token per fixed 60 s window from the token's first request,
     advertised in `inin-ratelimit-*` headers on every /api/v2 answer (None: unlimited and no
     headers; Genesys' default is 300);
-    `reap_interval` seconds between checks for expired channels and tokens.
+    `reap_interval` seconds between checks for expired channels and tokens;
+    `eventbridge_queue_url` (with `eventbridge_endpoint_url`, None: AWS itself, and
+    `eventbridge_region`): also publish every change's conversation detail events into
+    that SQS queue, as Genesys' EventBridge integration and a rule to SQS would
+    (`daemon.sandbox.eventbridge`; `self.eventbridge` is the publisher, else None).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
@@ -106,7 +111,9 @@ class Sandbox:
                  patch_final_status: int = 202, request_budget: int | None = None,
                  client_id: str | None = None, client_secret: str | None = None,
                  reap_interval: float = 0.1, extra_field: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, eventbridge_queue_url: str | None = None,
+                 eventbridge_endpoint_url: str | None = None,
+                 eventbridge_region: str | None = None) -> None:
         self.host = host
         self.port = port
         self.heartbeat_interval = heartbeat_interval
@@ -123,6 +130,12 @@ class Sandbox:
         self.conns: dict[str, Conn] = {}
         self.world.listeners.append(self.publish)
         self.world.channel_listeners.append(self._channel_removed)
+        self.eventbridge: EventBridgePublisher | None = None
+        if eventbridge_queue_url:
+            self.eventbridge = EventBridgePublisher(
+                eventbridge_queue_url, endpoint_url=eventbridge_endpoint_url,
+                region=eventbridge_region, faults=self.faults)
+            self.world.listeners.append(self.eventbridge.listener)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,9 +168,13 @@ class Sandbox:
             self.port = int(sockets[0].getsockname()[1])
         self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="sandbox-heartbeat"),
                        asyncio.create_task(self._reap_loop(), name="sandbox-reaper")]
+        if self.eventbridge is not None:
+            self.eventbridge.start()
         log.info("sandbox_started", base_url=self.base_url, client_id=self.client_id)
 
     async def stop(self) -> None:
+        if self.eventbridge is not None:
+            await self.eventbridge.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -240,6 +257,9 @@ class Sandbox:
         raw: bytes | None = None
         sockets = 0
         topics = conv.topics()
+        if self.faults.losses and self.faults.take_loss("websocket", conv.id):
+            self.journal.event(conv.id, corr, tuple(topics), 0, at, perf)
+            return
         clean = self.faults.events_clean
         for topic in topics:
             chans = self.world.topic_index.get(topic)
