@@ -35,6 +35,7 @@ from daemon.config.models import (
     Config,
     ControlCaller,
     ControlSettings,
+    EventBridgeSettings,
     GenesysSettings,
     HaSettings,
     ListSpec,
@@ -62,7 +63,7 @@ from daemon.errors import ConfigError, CredentialsError
 __all__ = [
     "CALLER_NAME_PATTERN", "CLIENT_ID_ENVS", "CLIENT_SECRET_ENVS", "DOMAINS", "DURATION_PATTERN",
     "REGIONS", "REGION_ENVS", "SCHEMA_VERSION", "AuditSettings", "Config", "ConfigError", "ConfigSource",
-    "ControlCaller", "ControlSettings", "Credentials", "CredentialsError", "Duration", "GenesysSettings", "HaSettings",
+    "ControlCaller", "ControlSettings", "Credentials", "CredentialsError", "Duration", "EventBridgeSettings", "GenesysSettings", "HaSettings",
     "ListSpec", "LoggingSettings", "OpsSettings", "Path_", "RuleSpec", "SafetySettings",
     "SubscriptionSettings", "compose_with_positions", "load_config", "load_list_file", "load_lists",
     "parse_config", "parse_duration", "read_secret", "resolve_credentials", "resolve_ha_dsn",

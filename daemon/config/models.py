@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from daemon.config.secrets import REGION_ENVS, env_first, resolve_path
 from daemon.config.source import ConfigSource
-from daemon.config.values import Duration, check_listen, listen_host, listen_port
+from daemon.config.values import Duration, check_listen, listen_host, listen_port, queue_region
 
 SCHEMA_VERSION = 1
 
@@ -263,6 +263,40 @@ class HaSettings(_Strict):
         return self.node or socket.gethostname()
 
 
+class EventBridgeSettings(_Strict):
+    """`eventbridge:`: Genesys conversation detail events through Amazon EventBridge and an
+    SQS queue, a durable second input beside the WebSocket (README "Durable input with
+    Amazon EventBridge"). Off unless `queue_url` is set. AWS credentials come from the
+    standard AWS chain (environment, shared config, instance or task role), never from here."""
+
+    queue_url: str | None = Field(default=None, description="The SQS queue this host consumes (its own queue: one per HA node); absent: off.")
+    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$",
+                               description="AWS region; default: taken from queue_url (else the AWS chain's).")
+    endpoint_url: str | None = Field(default=None, description="A local SQS endpoint (tests, the sandbox); null: AWS.")
+    wait_seconds: int = Field(default=20, ge=0, le=20, description="SQS long poll, seconds (0-20).")
+
+    @field_validator("queue_url", "endpoint_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL such as https://sqs.eu-west-1.amazonaws.com/123456789012/confguard-host-a")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.queue_url is not None
+
+    @property
+    def effective_region(self) -> str | None:
+        """`region`, else the one `queue_url` names, else None (the AWS chain decides)."""
+        if self.region is not None:
+            return self.region
+        return queue_region(self.queue_url) if self.queue_url else None
+
+
 class Config(_Strict):
     """The whole of config.yaml. `source` is attached after validation (positions)."""
 
@@ -280,6 +314,7 @@ class Config(_Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     ha: HaSettings = Field(default_factory=HaSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    eventbridge: EventBridgeSettings = Field(default_factory=EventBridgeSettings)
 
     source: ConfigSource | None = Field(default=None, exclude=True)
 

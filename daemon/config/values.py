@@ -4,6 +4,7 @@
   "10" or a number -> seconds, else None); `DURATION_PATTERN` is its text form for JSON
   Schemas; `Duration` is the pydantic field type built on it.
 - Listen addresses: `check_listen(v, example)`, `listen_host`, `listen_port` (HOST:PORT).
+- AWS: `queue_region(url)`, the region an SQS queue URL names (None: not an AWS host).
 Pure functions: no I/O.
 """
 
@@ -72,3 +73,26 @@ def listen_host(listen: str) -> str:
 def listen_port(listen: str) -> int:
     """The port of HOST:PORT."""
     return int(listen.rpartition(":")[2])
+
+
+# https://sqs.eu-west-1.amazonaws.com/123456789012/name, https://sqs.us-gov-west-1.amazonaws.com/..,
+# https://sqs.cn-north-1.amazonaws.com.cn/.., the legacy https://eu-west-1.queue.amazonaws.com/..
+_QUEUE_HOST = re.compile(
+    r"^(?:sqs[.-](?P<a>[a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?"
+    r"|(?P<b>[a-z]{2}(?:-[a-z]+)+-\d+)\.queue\.amazonaws\.com(?:\.cn)?)$"
+)
+
+
+def queue_region(url: str) -> str | None:
+    """The AWS region named by an SQS queue URL's host, or None (a local endpoint, a VPC
+    endpoint, anything else: then the region must be configured or come from the AWS chain)."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return None
+    m = _QUEUE_HOST.match(host)
+    if m is None:
+        return None
+    return m.group("a") or m.group("b")

@@ -19,10 +19,11 @@ same everywhere. Timeouts are seconds; `read_timeout` must exceed the longest SQ
 
 from __future__ import annotations
 
-import re
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from daemon.config.values import queue_region
 
 __all__ = [
     "AwsFailure",
@@ -34,24 +35,10 @@ __all__ = [
 
 AwsService = Literal["sqs", "s3"]
 
-# https://sqs.eu-west-1.amazonaws.com/123456789012/name, https://sqs.us-gov-west-1.amazonaws.com/..,
-# https://sqs.cn-north-1.amazonaws.com.cn/.., the legacy https://eu-west-1.queue.amazonaws.com/..
-_QUEUE_HOST = re.compile(
-    r"^(?:sqs[.-](?P<a>[a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?"
-    r"|(?P<b>[a-z]{2}(?:-[a-z]+)+-\d+)\.queue\.amazonaws\.com(?:\.cn)?)$"
-)
-
-
 def region_from_queue_url(url: str) -> str | None:
     """The AWS region named by an SQS queue URL's host, or None (a local endpoint, a VPC
-    endpoint, anything else: then the region must be configured)."""
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url).hostname or "").lower()
-    m = _QUEUE_HOST.match(host)
-    if m is None:
-        return None
-    return m.group("a") or m.group("b")
+    endpoint, anything else: then the region must be configured). `config.values.queue_region`."""
+    return queue_region(url)
 
 
 def aws_client(

@@ -139,3 +139,35 @@ def test_ops_shutdown_timeout_schema_accepts_both_forms() -> None:
         assert not list(validator.iter_errors({"ops": {"shutdown_timeout": value}})), value
     for value in ("soon", 0, True):
         assert list(validator.iter_errors({"ops": {"shutdown_timeout": value}})), value
+
+
+# ------------------------------------------------------------------ eventbridge (issue 19)
+
+
+def test_eventbridge_is_off_by_default_and_takes_the_region_from_the_queue_url(tmp_path: Path) -> None:
+    from daemon.config import EventBridgeSettings, parse_config
+
+    assert not parse_config("{}\n").eventbridge.enabled
+    eb = parse_config(
+        "eventbridge:\n"
+        "  queue_url: https://sqs.eu-west-1.amazonaws.com/123456789012/confguard-host-a\n"
+        "  region: null\n  endpoint_url: null\n  wait_seconds: 20\n").eventbridge
+    assert eb.enabled and eb.effective_region == "eu-west-1" and eb.wait_seconds == 20
+    local = EventBridgeSettings(queue_url="http://127.0.0.1:5000/123456789012/q",
+                                endpoint_url="http://127.0.0.1:5000")
+    assert local.effective_region is None
+    assert EventBridgeSettings(queue_url="http://127.0.0.1:5000/1/q", region="us-west-2").effective_region == "us-west-2"
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("eventbridge:\n  queue_url: sqs-queue\n", "2:14"),
+    ("eventbridge:\n  queue_url: https://sqs.eu-west-1.amazonaws.com/1/q\n  wait_seconds: 21\n", "3:17"),
+    ("eventbridge:\n  queue_url: https://sqs.eu-west-1.amazonaws.com/1/q\n  region: Europe\n", "3:11"),
+    ("eventbridge:\n  queue_url: https://sqs.eu-west-1.amazonaws.com/1/q\n  visibility: 30\n", "3:3"),
+])
+def test_eventbridge_errors_name_the_line(text: str, where: str) -> None:
+    from daemon.config import parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert f":{where}:" in str(e.value), str(e.value)
