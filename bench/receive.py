@@ -186,7 +186,7 @@ async def run_baseline(remote: _common.SandboxProcess, info: dict[str, Any], n: 
 async def run_confguard(remote: _common.SandboxProcess, info: dict[str, Any], n: int) -> float:
     from daemon.genesys.api import GenesysClient
     from daemon.config import Credentials, GenesysSettings
-    from daemon.core.events import parse_message
+    from daemon.core.events import Message, parse_message
     from daemon.genesys.stream import StreamManager
 
     settings = GenesysSettings(api_base_url=info["base"], login_base_url=info["base"])
@@ -195,13 +195,14 @@ async def run_confguard(remote: _common.SandboxProcess, info: dict[str, Any], n:
     done = asyncio.Event()
     count = [0]
 
-    def on_message(raw: bytes | str, received_at: float) -> None:
-        parse_message(raw)
+    def on_message(raw: bytes | str, received_at: float) -> Message:
+        msg = parse_message(raw)  # the consumer's one parse; the stream reads control from it
         count[0] += 1
         if count[0] == 1 or count[0] >= n:
             times.append(time.perf_counter())
             if count[0] >= n:
                 done.set()
+        return msg
 
     stream = StreamManager(client, [info["topic"]], on_message=on_message, on_gap=lambda reason: None)
     await stream.start()

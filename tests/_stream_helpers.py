@@ -15,6 +15,7 @@ import orjson
 from daemon.genesys.api import GenesysClient
 from daemon.config import Credentials, GenesysSettings, load_lists, parse_config
 from daemon.core.engine import Engine
+from daemon.core.events import Message, parse_message
 from daemon.core.topics import queue_topic as queue_topic
 from daemon.core.model import Decision
 from daemon.core.rules import RuleEngine, compile_rules
@@ -77,7 +78,9 @@ class Collector:
     conversation_ids: set[str] = field(default_factory=set)
     decisions: list[Decision] = field(default_factory=list)
 
-    def on_message(self, raw: bytes | str, received_at: float) -> None:
+    def on_message(self, raw: bytes | str, received_at: float) -> Message:
+        """Record the frame; return it parsed (the stream reads its control messages from
+        what the consumer returns)."""
         self.frames.append((raw, received_at))
         try:
             msg = orjson.loads(raw)
@@ -93,6 +96,9 @@ class Collector:
         if self.engine is not None:
             fed = self.engine.feed(raw, received_at)
             self.decisions.extend(fed.decisions)
+            assert fed.message is not None
+            return fed.message
+        return parse_message(raw)
 
     def on_gap(self, reason: str) -> None:
         self.gaps.append(reason)

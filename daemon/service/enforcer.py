@@ -272,7 +272,9 @@ class Enforcer:
     `Decision.received_at`. `confirm_timeout`: seconds to wait for a change showing the
     party gone before asking the API. `conflict_retry`: the 409 policy (`max_attempts`
     PATCHes per action). `gate`: the `SendGate` (HA; default always open; a plain
-    attribute, may be replaced at any time).
+    attribute, may be replaced at any time). `note_step(step)`: called with each engine
+    result of the enforcer's own confirming reads before it handles it (the daemon's
+    accounting: malformed input counted, gauges, timers).
 
     Must be used from one event loop. See the module docstring for the full contract.
     """
@@ -281,7 +283,8 @@ class Enforcer:
                  mode: Mode, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, confirm_timeout: float = 5.0,
                  conflict_retry: RetryPolicy | None = None, log: Logger | None = None,
-                 gate: SendGate | None = None) -> None:
+                 gate: SendGate | None = None,
+                 note_step: Callable[[Step], None] | None = None) -> None:
         if mode not in ("enforce", "observe"):
             raise ValueError(f"mode must be 'enforce' or 'observe', got {mode!r}")
         if confirm_timeout < 0:
@@ -299,10 +302,7 @@ class Enforcer:
         self._log: Logger = log if log is not None else structlog.get_logger(__name__)
         self._accepting = True
         self._actions: dict[PartyKey, _Action] = {}
-        #: Where the engine results of the enforcer's own reads go. The daemon sets it to its
-        #: one path for every Step (counting malformed input, gauges, timers), which calls
-        #: `handle` in turn; left alone, `handle` directly.
-        self.route_step: Callable[[Step], object] = self.handle
+        self._note_step = note_step
 
     # ------------------------------------------------------------------ public
 
@@ -608,12 +608,19 @@ class Enforcer:
         try:
             conv = await self.client.get_call(cid, priority=Priority.ENFORCE)
         except NotFoundError:
-            self.route_step(self.engine.mark_gone(cid, self._clock()))
+            self._route(self.engine.mark_gone(cid, self._clock()))
             raise
         if not isinstance(conv, Mapping):
             return None
-        self.route_step(self.engine.apply_conversation(conv, self._clock(), source="resync"))
+        self._route(self.engine.apply_conversation(conv, self._clock(), source="resync"))
         return conv
+
+    def _route(self, step: Step) -> None:
+        """An engine result of the enforcer's own read: accounted like every other step
+        (`note_step`, the router's `StepAccounts`), then handled here."""
+        if self._note_step is not None:
+            self._note_step(step)
+        self.handle(step)
 
     async def _read_call(self, action: _Action) -> bool | None:
         """One GET of the action's call (`_fold_call`). True: the party is final or absent

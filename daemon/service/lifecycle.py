@@ -31,23 +31,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import logging
+import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from daemon.service import systemd
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog
 from daemon.config import Config, load_config, load_lists, resolve_credentials
-from daemon.core.engine import Engine, Step
-from daemon.core.events import Rejected, excerpt
+from daemon.core.engine import Engine
 from daemon.core.enforcement import SafetyValve
 from daemon.service.enforcer import Enforcer
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
@@ -60,10 +58,11 @@ from daemon.core.rules import RuleEngine, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
 from daemon.genesys.stream import StreamManager
+from daemon.service.assembly import SOURCES, SourceContext, SourceFactory
+from daemon.service.router import EventRouter, Recorder, StepAccounts
+from daemon.service.sources import Source, WebSocketSource
 from daemon.config import resolve_ha_dsn
 from daemon.core.lease import LeasePolicy
-from daemon.errors import NotFoundError
-from daemon.genesys.ratelimit import Priority
 from daemon.service.ha import Failover, HaNode, within
 from daemon.service.recovery import Unfinished, close_unfinished, unfinished_in_audit
 
@@ -75,13 +74,6 @@ event_log = structlog.get_logger("confguard.event")
 
 GAP_RESYNC_RETRY = RetryPolicy(initial=1.0, factor=2.0, cap=60.0, jitter=0.0)
 """Between failed resyncs after a gap: 1 s doubling to 60 s, unbounded (the gap stays open)."""
-
-
-def _debug_enabled() -> bool:
-    """Whether debug lines are emitted, so the hot path builds its per-event line only then."""
-    bound = structlog.get_logger("confguard.event").bind()
-    check = getattr(bound, "is_enabled_for", None)
-    return bool(check(logging.DEBUG)) if callable(check) else True
 
 
 class State(enum.Enum):
@@ -106,8 +98,10 @@ class Daemon:
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
                  observe: bool = False, record_path: str | os.PathLike[str] | None = None,
-                 drain_timeout: float | None = None, clock: Callable[[], float] = time.time) -> None:
+                 drain_timeout: float | None = None, clock: Callable[[], float] = time.time,
+                 sources: Sequence[SourceFactory] = SOURCES) -> None:
         self.config = config
+        self._source_factories = tuple(sources)
         self._startup_config = config  # what the client, audit, ops and stream were built from
         self.config_path = Path(config_path) if config_path else None
         self.observe_flag = observe
@@ -125,7 +119,7 @@ class Daemon:
         self.metrics.audit_unsynced_seconds.set_function(self.audit.unsynced_seconds)
         self.client: GenesysClient | None = None
         self.enforcer: Enforcer | None = None
-        self.stream: StreamManager | None = None
+        self.stream: StreamManager | None = None  # the WebSocket source's stream
         self.resyncer: Resyncer | None = None
         self.reconciler: Reconciler | None = None
         self.ops: OpsServer | None = None
@@ -134,10 +128,10 @@ class Daemon:
         # Set by HA: () -> (role: leader | standby | no-lease, leader node or None); the control
         # API answers 503 unless leader. None: no HA, this daemon always acts.
         self.ha_role: Callable[[], tuple[str, str | None]] | None = None
-        try:
-            self._record: IO[bytes] | None = open(record_path, "ab") if record_path else None  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigError(f"cannot open the --record file {record_path}: {exc.strerror or exc}") from None
+        self._recorder = Recorder(record_path) if record_path else None
+        self.accounts = StepAccounts(self.engine, self.metrics, clock=clock, wake=self._maybe_reschedule)
+        self.router: EventRouter | None = None
+        self.sources: list[Source] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._timer_wake = asyncio.Event()
@@ -147,7 +141,6 @@ class Daemon:
         self._signals = 0
         self._force = asyncio.Event()
         self.forced = False  # force_exit() was called: stop() cut short, run() returns 1
-        self._trace_events = _debug_enabled()
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
         self._stop_requested = asyncio.Event()
@@ -180,8 +173,10 @@ class Daemon:
         systemd.status(f"{new.value}" + (f": {why.get('reason')}" if why.get("reason") else ""))
 
     def health(self) -> HealthStatus:
-        ready = (self.state in (State.RUNNING, State.RELOADING) and self.stream is not None
-                 and self.stream.ready and self._gap_reason is None)
+        sources = {s.name: s.health() for s in self.sources}
+        ready = (self.state in (State.RUNNING, State.RELOADING) and bool(sources)
+                 and all(h.ready for s, h in zip(self.sources, sources.values()) if s.required)
+                 and self._gap_reason is None)
         reason = None if ready else (self._gap_reason or self.state.value)
         details: dict[str, Any] = {
             "mode": self.mode,
@@ -192,7 +187,8 @@ class Daemon:
         if self.client is not None:
             details["budget"] = self.client.limiter.snapshot().as_dict()
         return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details,
-                            ha=self.failover.node.health() if self.failover is not None else None)
+                            ha=self.failover.node.health() if self.failover is not None else None,
+                            sources={name: h.as_dict() for name, h in sources.items()})
 
     async def start(self) -> None:
         """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
@@ -217,9 +213,10 @@ class Daemon:
             lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
         self.metrics.track_budget(self.client.limiter.snapshot)
         self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
-                                 metrics=self.metrics, clock=self.clock)
-        # The enforcer's own confirming reads take the same path as every other Step.
-        self.enforcer.route_step = self._handle
+                                 metrics=self.metrics, clock=self.clock,
+                                 note_step=self.accounts.note_rest)
+        self.router = EventRouter(self.engine, self.enforcer, self.accounts, self.client, self.metrics,
+                                  on_gap=self._on_gap, recorder=self._recorder, clock=self.clock)
         if cfg.ha.enabled:
             self._start_ha()
         if cfg.control.enabled:
@@ -236,22 +233,26 @@ class Daemon:
         self._set_state(State.SUBSCRIBING)
         scope = await resolve_scope(self.client, cfg.subscriptions)
         self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
-        self.stream = StreamManager(self.client, list(scope.topics), on_message=self._on_message,
-                                    on_gap=self._on_gap, metrics=self.metrics,
-                                    heartbeat_timeout_factor=cfg.subscriptions.heartbeat_timeout_factor,
-                                    channel_refresh_before=cfg.subscriptions.channel_refresh_before)
+        client, router = self.client, self.router
+        built = (make(SourceContext(cfg, client, router, self.metrics, scope, self.clock))
+                 for make in self._source_factories)
+        self.sources = [source for source in built if source is not None]
         self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
-                                 metrics=self.metrics, on_step=self._handle, clock=self.clock)
-        await self.stream.start()
-        stream_task = asyncio.create_task(self.stream.run(), name="stream")
-        stream_task.add_done_callback(self._stream_ended)
-        self._tasks.append(stream_task)
+                                 metrics=self.metrics, on_step=router.step, clock=self.clock)
+        for source in self.sources:
+            if isinstance(source, WebSocketSource):
+                self.stream = source.stream
+            await source.start()
+            task = asyncio.create_task(source.run(), name=f"source-{source.name}")
+            task.add_done_callback(functools.partial(self._source_ended, source.name))
+            self._tasks.append(task)
 
         self._set_state(State.RESYNCING)
         if cfg.subscriptions.resync_on_start:
             await self.resyncer.resync("startup")
         self._gap_reason = None
-        self.stream.mark_resynced()
+        for source in self.sources:
+            source.resynced(None)
         self._tasks.append(asyncio.create_task(self._gap_watch(), name="gap-watch"))
         if cfg.subscriptions.reconcile_interval > 0:
             self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
@@ -312,8 +313,8 @@ class Daemon:
         if self.failover is not None:  # after the drain: in-flight removals finish under the lease
             await self._bounded(self._stop_ha(), max(0.2, left(_final_reserve(timeout))), "ha_release")
         self._stop.set()
-        if self.stream is not None:
-            await self._bounded(self.stream.stop(), left(_final_reserve(timeout)), "stream_close")
+        for source in self.sources:
+            await self._bounded(source.stop(), left(_final_reserve(timeout)), f"{source.name}_close")
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -326,8 +327,10 @@ class Daemon:
             log.info("audit_closed", seq=self.audit.seq, synced=not self.audit.needs_sync)
         except Exception as exc:  # noqa: BLE001 - the rest of the shutdown still runs
             log.critical("audit_close_failed", error=str(exc), error_type=type(exc).__name__)
-        if self._record is not None:
-            self._record.close()
+        if self.router is not None:
+            self.router.close()
+        elif self._recorder is not None:
+            self._recorder.close()
         if self.client is not None:
             await self._bounded(self.client.aclose(), max(0.2, left()), "client_close")
         if self.ops is not None:
@@ -414,16 +417,17 @@ class Daemon:
             raise self._fatal
         return 1 if self.forced else 0
 
-    def _stream_ended(self, task: asyncio.Task[Any]) -> None:
-        """The stream task should only end when we stop it. If it fails, stop the daemon
+    def _source_ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        """A source's task should only end when we stop it. If it fails, stop the daemon
         with an error so systemd (Restart=on-failure) starts a fresh one."""
         if task.cancelled() or self._stop.is_set():
             return
         exc = task.exception()
-        log.critical("stream_failed", error=str(exc) if exc else "stream ended unexpectedly",
+        log.critical("stream_failed", source=name,
+                     error=str(exc) if exc else "stream ended unexpectedly",
                      error_type=type(exc).__name__ if exc else None)
         self._fatal = exc if isinstance(exc, ConfguardError) else StreamError(
-            f"the notification stream stopped unexpectedly: {exc!r}")
+            f"the {name} source stopped unexpectedly: {exc!r}")
         self._stop_requested.set()
 
     def resume_enforcement(self) -> None:
@@ -461,13 +465,14 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             ruleset = compile_rules(new, load_lists(new))
-            if self.stream is not None and self.client is not None:
+            if self.sources and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
                 if not scope.topics:  # as at start-up: never drop every subscription silently
                     raise SubscriptionError(
                         "nothing to subscribe: subscriptions.queues and subscriptions.users are "
                         "both empty in the new configuration")
-                await self.stream.update_topics(list(scope.topics))
+                for source in self.sources:
+                    await source.apply_scope(scope)
                 self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave us stuck in RELOADING
             log.error("reload_rejected", error=str(exc), error_type=type(exc).__name__,
@@ -505,7 +510,8 @@ class Daemon:
         ha = self.config.ha
         node = HaNode(resolve_ha_dsn(ha, base_dir=self.config.base_dir), lease=ha.lease, node=ha.node_name,
                       policy=LeasePolicy(ha.takeover_after), metrics=self.metrics)
-        self.failover = Failover(node, read_call=self._read_call_now, write=self.audit.write,
+        assert self.router is not None
+        self.failover = Failover(node, read_call=self.router.read_call, write=self.audit.write,
                                  on_open=self._enforcement_possible)
         self.audit.stamp = self.failover.stamp
         self.audit.observers.append(self.failover.observe)
@@ -533,98 +539,25 @@ class Daemon:
             self.enforcer.act_now(reason)
             self._maybe_reschedule()
 
-    async def _read_call_now(self, conversation_id: str) -> dict[str, Any] | None:
-        """GET one call at ENFORCE priority and fold it into the state (None: 404)."""
-        assert self.client is not None
-        try:
-            conv = await self.client.get_call(conversation_id, priority=Priority.ENFORCE)
-        except NotFoundError:
-            self._handle(self.engine.mark_gone(conversation_id, self.clock()))
-            return None
-        if not isinstance(conv, dict):
-            raise ValueError("the call reply is not a JSON object")
-        self._handle(self.engine.apply_conversation(conv, self.clock(), source="resync"))
-        return conv
-
     async def _close_unfinished(self) -> None:
         """Close this host's decisions of an earlier run that have no outcome record."""
         items, self._unfinished = self._unfinished, []
+        assert self.router is not None
         log.warning("unfinished_decisions_found", count=len(items), audit=str(self.audit.path))
         try:
-            await asyncio.wait_for(close_unfinished(items, read_call=self._read_call_now,
+            await asyncio.wait_for(close_unfinished(items, read_call=self.router.read_call,
                                                     write=self.audit.write, closed_on="startup"),
                                    timeout=30.0)
         except asyncio.TimeoutError:  # a stuck API must not keep the daemon from starting
             log.error("unfinished_decisions_timeout", count=len(items),
                       detail="the rest are closed at the next start")
 
-    # ------------------------------------------------------------------ hot path
-
-    def _on_message(self, raw: bytes | str, received_at: float) -> None:
-        """Called by the stream for every frame, synchronously: parse, apply, decide, act."""
-        if self._record is not None:
-            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            self._record.write(orjson.dumps({"ts": received_at, "raw": text}) + b"\n")
-            # Now, not when a buffer fills: a recording matters most when the process dies.
-            self._record.flush()
-        fed = self.engine.feed(raw, received_at)
-        self._account(fed.message, received_at)
-        self._handle(fed, raw)
-        if self._trace_events:  # the canonical line per processed event (at debug level)
-            change = fed.change
-            event_log.debug("event", kind=type(fed.message).__name__,
-                            topic=getattr(fed.message, "topic", None),
-                            conversation_id=change.call.id if change else None,
-                            changed=[p.id for p in change.changed] if change else [],
-                            decisions=[d.rule for d in fed.decisions],
-                            processing_us=round((self.clock() - received_at) * 1e6, 1))
-
-    def _account(self, message: Any, received_at: float) -> None:
-        topic = getattr(message, "topic", None)
-        if topic is not None and getattr(message, "reason", None) is None:
-            self.metrics.events_received.labels(topic=topic).inc()
-
-    def _rejected(self, step: Step, raw: bytes | str | None) -> None:
-        """Malformed input, counted by reason and logged once: a frame refused whole, or a
-        snapshot (frame or REST reply) applied in part (`applied` true: a participant
-        skipped, a wrong-typed field ignored)."""
-        for reason in step.rejected:
-            self.metrics.events_rejected.labels(reason=reason).inc()
-        message = step.message
-        text = getattr(message, "excerpt", None)
-        if text is None:
-            text = excerpt(raw) if raw is not None else ""
-        log.warning("event_rejected", reason=step.rejected[0], reasons=list(step.rejected),
-                    applied=not isinstance(message, Rejected),
-                    source="stream" if message is not None else "rest",
-                    conversation_id=step.change.call.id if step.change is not None else None,
-                    excerpt=text)
-
-    def _handle(self, step: Step, raw: bytes | str | None = None) -> None:
-        """Every engine result (frame, resync read, 404) takes this one path to enforcement."""
-        if step.rejected:
-            self._rejected(step, raw)
-        if step.change is not None:
-            self.metrics.tracked_calls.set(len(self.engine.store))
-        self._observe_latency(step.decisions)
-        if self.enforcer is not None:
-            self.enforcer.handle(step)
-        self._maybe_reschedule()
+    # ------------------------------------------------------------------ input
 
     def _submit(self, decisions: list[Decision]) -> None:
         """Decisions with no state change behind them (timers, a reload's re-evaluation)."""
-        self._observe_latency(decisions)
-        if self.enforcer is not None:
-            self.enforcer.submit_all(decisions)
-        self._maybe_reschedule()
-
-    def _observe_latency(self, decisions: list[Decision]) -> None:
-        if not decisions:
-            return
-        now = self.clock()
-        for d in decisions:
-            if d.received_at is not None:
-                self.metrics.event_to_decision_seconds.observe(max(0.0, now - d.received_at))
+        if self.router is not None:
+            self.router.submit(decisions)
 
     def _on_response(self, method: str, route: str, status: int, seconds: float) -> None:
         self.metrics.api_requests.labels(method=method, route=route, status=str(status)).inc()
@@ -664,8 +597,8 @@ class Daemon:
             self.metrics.tracked_calls.set(len(self.engine.store))
             if not flag.is_set():  # no newer gap arrived while resyncing
                 self._gap_reason = None
-                if self.stream is not None:
-                    self.stream.mark_resynced(started_at=started)
+                for source in self.sources:
+                    source.resynced(started)
                 if self.state is State.DEGRADED:
                     self._set_state(State.RUNNING, reason="resynced")
 

@@ -94,7 +94,9 @@ class Metrics:
             p + "events_received", "Notification messages received, by topic.", ["topic"],
             registry=r)
         self.events_rejected: Counter = Counter(
-            p + "events_rejected", "Malformed or unusable messages, by reason.", ["reason"],
+            p + "events_rejected",
+            "Malformed or unusable messages, by source (websocket, rest, ...) and reason.",
+            ["source", "reason"],
             registry=r)
         self.event_to_decision_seconds: Histogram = Histogram(
             p + "event_to_decision_seconds",

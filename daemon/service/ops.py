@@ -41,13 +41,15 @@ class HealthStatus:
     (`starting`, `running`, ...); `reason` says why not ready; `details` is free-form
     JSON-able data (e.g. subscribed topic count, tracked calls). `ha`: with
     `ha.backend: postgres`, the top-level `/healthz` keys `role`, `epoch`, `node` and
-    `lease_age` (seconds); None on a single host."""
+    `lease_age` (seconds); None on a single host. `sources`: each input's health by name
+    (`daemon.service.sources.SourceHealth.as_dict`), the `/healthz` key `sources`."""
 
     state: str
     ready: bool
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     ha: dict[str, Any] | None = None
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _json(data: dict[str, Any], status: int) -> web.Response:
@@ -133,6 +135,8 @@ class OpsServer:
         body: dict[str, Any] = {**(st.ha or {}), "status": "ok", "state": st.state}
         if "budget" in st.details:  # the request budget (daemon.genesys.ratelimit.BudgetSnapshot)
             body["budget"] = st.details["budget"]
+        if st.sources:
+            body["sources"] = st.sources
         return _json(body, 200)
 
     async def _get_readyz(self, request: web.Request) -> web.Response:

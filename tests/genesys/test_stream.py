@@ -576,21 +576,30 @@ async def test_401_on_head_renews_token_and_channel() -> None:
         await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
 
 
-def test_control_peek_is_cheap_and_finds_control_frames() -> None:
-    from daemon.genesys.stream import CONTROL_PEEK_MAX, _maybe_control
+def test_control_frames_are_recognised_from_the_consumers_one_parse() -> None:
+    """The stream parses nothing: the consumer's `on_message` returns the parsed frame and
+    the pump tells the supervisor about the control messages among those (formerly a
+    second, peeking parse in the pump)."""
+    from daemon.core.events import parse_message
+    from daemon.genesys.stream.connection import _CONTROL_KINDS
+    from daemon.genesys.stream.supervisor import ControlKind
 
     event = '{"topicName":"v2.routing.queues.q1.conversations.calls","eventBody":{"id":"c","note":"pong"}}'
     user_event = b'{"topicName":"v2.users.u1.conversations.calls","eventBody":{"x":"channel.metadata"}}'
     heartbeat = '{"topicName":"channel.metadata","version":"2","eventBody":{"message":"WebSocket Heartbeat"}}'
     closing = b'{"topicName":"v2.system.socket_closing","eventBody":{"message":"closing"}}'
     gone = '{"result":"404","message":"channel not found"}'
-    pong = b'{"message":"pong"}'
     other_order = '{"eventBody":{"message":"WebSocket Heartbeat"},"topicName":"channel.metadata"}'
-    big_other = '{"eventBody":{"x":"' + "a" * CONTROL_PEEK_MAX + '"},"topicName":"channel.metadata"}'
-    assert not _maybe_control(event) and not _maybe_control(user_event)
-    for frame in (heartbeat, closing, gone, pong, other_order):
-        assert _maybe_control(frame), frame
-    assert not _maybe_control(big_other)  # control frames are never this long
+    big_other = '{"eventBody":{"x":"' + "a" * 5000 + '"},"topicName":"channel.metadata"}'
+
+    def kind(frame: str | bytes) -> ControlKind | None:
+        return _CONTROL_KINDS.get(type(parse_message(frame)))
+
+    assert kind(event) is None and kind(user_event) is None and kind(big_other) is None
+    assert kind(heartbeat) is kind(other_order) is ControlKind.HEARTBEAT
+    assert kind(closing) is ControlKind.SOCKET_CLOSING
+    assert kind(gone) is ControlKind.CHANNEL_GONE
+    assert kind(b'{"message":"pong"}') is None  # a sign of life (every frame is), not a control
 
 
 async def test_update_topics_during_a_handover_reaches_the_new_channel() -> None:

@@ -19,16 +19,11 @@ Lifecycle:
 - `await stop()`: closes the sockets and deletes the channels' subscriptions (best effort,
   bounded by `stop_timeout` seconds).
 
-Hot path: `on_message(raw, received_at)` is called synchronously for EVERY data frame, with
-the frame exactly as received and `clock()` at receipt (epoch seconds). The stream does not
-parse call events: the consumer (the engine) parses each frame once. The stream only needs
-control messages (heartbeat, pong, socket_closing, `"result": "404"`), so it peeks:
-a frame that starts `{"topicName":"v2.routing.queues.` or `{"topicName":"v2.users.` (how
-the service lays out call events) is a call event and is not looked at further (~0.1 us);
-any other frame of at most `CONTROL_PEEK_MAX` bytes that contains a control marker
-(`channel.metadata`, `v2.system.`, `"result"`, `pong`) is parsed with
-`daemon.core.events.parse_message`. So a call event is never parsed twice unless it comes with
-another key order, is short and contains a marker, which is harmless (and cheap) anyway.
+Hot path: `on_message(raw, received_at) -> Message` is called synchronously for EVERY data
+frame, with the frame exactly as received and `clock()` at receipt (epoch seconds), and
+returns the frame parsed (`daemon.core.events.Message`: the consumer, the engine, parses
+each frame once). The stream reads the control messages it needs (heartbeat,
+`socket_closing`, `"result": "404"`) from that return value and parses nothing itself.
 Every frame, whatever it is, counts as a sign of life for the watchdog.
 
 Self-healing (per shard): every decision below is made by a sans-I/O `ShardSupervisor`
@@ -70,12 +65,10 @@ gap (`topics_added`): calls already live on a newly covered queue must be found 
 """
 
 from daemon.genesys.stream.connection import (
-    CONTROL_PEEK_MAX,
     StreamClient,
     StreamManager,
     TokensLike,
     TopicStateLike,
-    _maybe_control,
 )
 from daemon.genesys.stream.supervisor import (
     RECONNECT_RETRY,
@@ -86,7 +79,6 @@ from daemon.genesys.stream.supervisor import (
 )
 
 __all__ = [
-    "CONTROL_PEEK_MAX", "RECONNECT_RETRY", "Backoff", "ChannelLike", "ShardSupervisor",
+    "RECONNECT_RETRY", "Backoff", "ChannelLike", "ShardSupervisor",
     "StreamClient", "StreamManager", "SupervisorSettings", "TokensLike", "TopicStateLike",
-    "_maybe_control",
 ]

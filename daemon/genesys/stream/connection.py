@@ -8,8 +8,8 @@ Per shard: one driver task (`_drive`) takes events from the shard's inbox (or a 
 every `SupervisorSettings.tick` seconds, and at each back-off deadline), hands them to the
 supervisor and runs the actions it returns: bookkeeping at once, the one I/O step
 (HEAD / create / subscribe / connect) as a task that posts its answer to the inbox. One
-pump task per socket delivers every frame to `on_message` and reports control frames and
-the socket's end. A reload (`update_topics`) plans with `plan_topics` and tells each
+pump task per socket delivers every frame to `on_message`, reports the control messages
+among what it returns (the frame parsed once, by the consumer) and the socket's end. A reload (`update_topics`) plans with `plan_topics` and tells each
 supervisor its new topic set (`TopicsChanged`).
 """
 
@@ -27,10 +27,8 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from daemon.core.events import ChannelGone, Heartbeat, SocketClosing, parse_message
+from daemon.core.events import ChannelGone, Heartbeat, Message, SocketClosing
 from daemon.core.ids import ChannelId, Topic
-from daemon.core.topics import (CALL_FRAME_PREFIXES, CALL_FRAME_PREFIXES_BYTES, METADATA_TOPIC,
-                                SYSTEM_PREFIX)
 from daemon.errors import ApiError, ConfguardError, StreamError, SubscriptionError
 from daemon.genesys.retry import RetryPolicy, classify
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
@@ -76,12 +74,10 @@ if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the
 
 log = structlog.get_logger("daemon.genesys.stream")
 
-CONTROL_PEEK_MAX: Final = 4096
-"""Frames longer than this are never control messages (those are a few hundred bytes)."""
-_MARKERS_STR: Final = (METADATA_TOPIC, SYSTEM_PREFIX, '"result"', "pong")
-_MARKERS_BYTES: Final = tuple(m.encode() for m in _MARKERS_STR)
-_CALL_PREFIXES_STR: Final = CALL_FRAME_PREFIXES
-_CALL_PREFIXES_BYTES: Final = CALL_FRAME_PREFIXES_BYTES
+#: The parsed messages (what `on_message` returns) the shard's supervisor is told about.
+_CONTROL_KINDS: Final[dict[type, ControlKind]] = {
+    Heartbeat: ControlKind.HEARTBEAT, SocketClosing: ControlKind.SOCKET_CLOSING,
+    ChannelGone: ControlKind.CHANNEL_GONE}
 _PING: Final = '{"message":"ping"}'
 
 # The errors an I/O step may meet and the supervisor decides about; anything else is a bug.
@@ -186,7 +182,7 @@ class StreamManager:
     replaces the whole `RetryPolicy` (its `max_attempts` is ignored: reconnects never stop)."""
 
     def __init__(self, client: StreamClient, topics: Sequence[Topic | str], *,
-                 on_message: Callable[[bytes | str, float], None],
+                 on_message: Callable[[bytes | str, float], Message],
                  on_gap: Callable[[str], None],
                  heartbeat_interval: float = 30.0,
                  heartbeat_timeout_factor: float = 2.0,
@@ -718,11 +714,14 @@ class StreamManager:
             async for data in ws:
                 note_frame(cid, monotonic())
                 try:
-                    on_message(data, clock())
+                    msg = on_message(data, clock())
                 except Exception:  # the consumer's bug must not take the stream down
                     clog.exception("stream_on_message_failed")
-                if _maybe_control(data):
-                    self._control(conn, data)
+                    continue
+                control = _CONTROL_KINDS.get(type(msg))
+                if control is not None and not conn.retired:
+                    text = msg.message if isinstance(msg, ChannelGone) else None
+                    conn.shard.inbox.put_nowait(Control(cid, control, text))
         except ConnectionClosed as exc:
             if conn.end_reason is None:
                 conn.end_reason = "closed"
@@ -737,19 +736,6 @@ class StreamManager:
             if not conn.retired and not self._stopping:
                 conn.shard.inbox.put_nowait(
                     Closed(conn.id, conn.end_reason, self._token_expires_at()))
-
-    def _control(self, conn: _Conn, data: bytes | str) -> None:
-        msg = parse_message(data)
-        if isinstance(msg, Heartbeat):
-            kind, text = ControlKind.HEARTBEAT, None
-        elif isinstance(msg, SocketClosing):
-            kind, text = ControlKind.SOCKET_CLOSING, None
-        elif isinstance(msg, ChannelGone):
-            kind, text = ControlKind.CHANNEL_GONE, msg.message
-        else:
-            return
-        if not conn.retired:
-            conn.shard.inbox.put_nowait(Control(conn.id, kind, text))
 
     async def _ping(self, conn: _Conn) -> None:
         with contextlib.suppress(ConnectionClosed, OSError):  # the pump sees the close
@@ -834,19 +820,6 @@ class _Missing:
     state: str = "Missing"
     rejection_reason: str | None = "not listed by GET subscriptions after PUT"
     missing_permissions: tuple[str, ...] = ()
-
-
-def _maybe_control(data: bytes | str) -> bool:
-    """Could this frame be a control message? Cheap: a prefix test settles call events as
-    the service lays them out (~0.1 us); other frames are scanned for markers only when
-    short enough to be control messages."""
-    if isinstance(data, str):
-        if data.startswith(_CALL_PREFIXES_STR):
-            return False
-        return len(data) <= CONTROL_PEEK_MAX and any(m in data for m in _MARKERS_STR)
-    if data.startswith(_CALL_PREFIXES_BYTES):
-        return False
-    return len(data) <= CONTROL_PEEK_MAX and any(m in data for m in _MARKERS_BYTES)
 
 
 def _rejection_error(rejected: Sequence[TopicStateLike]) -> SubscriptionError:
