@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import structlog
 
-from daemon.config import Credentials, parse_config
+from daemon.config import Credentials, load_lists, parse_config
 from daemon.core.engine import Engine
 from daemon.core.rules import RuleEngine, compile_rules
 from daemon.core.state import CallStore
@@ -32,7 +32,7 @@ def _router(tmp_path: Path) -> EventRouter:
             "rules:\n  - name: r\n    when: {purpose: external}\n    action: observe\n"
             "audit: {path: audit.jsonl}\nops: {enabled: false}\n")
     cfg = parse_config(text, file=str(tmp_path / "config.yaml"), base_dir=tmp_path)
-    engine = Engine(RuleEngine(compile_rules(cfg)), CallStore())
+    engine = Engine(RuleEngine(compile_rules(cfg, load_lists(cfg))), CallStore())
     metrics = Metrics()
     client = GenesysClient(cfg.genesys, Credentials("id", "secret"))
     audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
