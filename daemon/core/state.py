@@ -294,6 +294,24 @@ def _has_live_party(parts: list[object]) -> tuple[bool, int]:
     return live, missing
 
 
+def _note_queues(call: Call, p: Participant, raw: dict[str, Any]) -> bool:
+    """Add the queue `p` names to `call.queue_ids` (an ACD party may name it only in its
+    routing data, `conversationRoutingData.queue.id`); whether the set grew."""
+    grew = False
+    qid = p.queue_id
+    if qid and qid not in call.queue_ids:
+        call.queue_ids.add(qid)
+        grew = True
+    if p.purpose == "acd":
+        crd = raw.get("conversationRoutingData")
+        cq = crd.get("queue") if crd.__class__ is dict else None
+        rq = cq.get("id") if cq.__class__ is dict else None
+        if rq.__class__ is str and rq and rq not in call.queue_ids:
+            call.queue_ids.add(_intern(rq))
+            grew = True
+    return grew
+
+
 class _Entry:
     __slots__ = ("call", "sigs")
 
@@ -384,133 +402,162 @@ class CallStore:
         """Fold one conversation snapshot in. None: nothing changed (or the input is unusable,
         which is counted in `stats`). `received_at` defaults to `now`. What was wrong with the
         snapshot, if anything, is in `problems` until the next `apply` (`PROBLEMS` tokens,
-        each once)."""
-        stats = self.stats
+        each once, in the order met).
+
+        The steps: find (or open) the call's entry; fold each participant
+        (`_fold_participant`); note the queues it names; fold the call-level fields; end or
+        revive the call; report the change."""
         self.problems = ()
         cid = conv.get("id")
         parts = conv.get("participants")
         if cid.__class__ is not str or not cid or parts.__class__ is not list:
-            stats["conversations_rejected"] += 1
+            self.stats["conversations_rejected"] += 1
             self._problem("bad_conversation")
             return None
         entry = self._calls.get(cid)
         new_call = entry is None
         if entry is None:
-            if cid in self._evicted:
-                live, missing = _has_live_party(parts)
-                if missing:
-                    self._problem("participant_missing_id")
-                if not live:
-                    stats["late_after_evict"] += 1
-                    return None
-                del self._evicted[cid]
-                stats["retracked_after_evict"] += 1
-            entry = _Entry(Call(ConversationId(cid), last_update=now))
+            entry = self._open(cid, parts, now)
+            if entry is None:
+                return None
+        call = entry.call
+        changed, queues_changed = self._fold_participants(entry, parts)
+        call_changed = self._fold_call_fields(conv, call) or queues_changed or new_call
+        if (changed or new_call) and self._update_end(entry, cid, now):
+            call_changed = True
+        if new_call:
+            self._calls[cid] = entry
+        elif not changed and not call_changed:
+            self.stats["duplicates"] += 1
+            return None
+        call.last_update = now
+        if len(changed) > 1 and len({p.id for p in changed}) < len(changed):
+            # The same id listed twice in one snapshot: report its last version once.
+            parties = call.participants
+            changed = list({p.id: parties[p.id] for p in changed}.values())
+        return Change(call, tuple(changed), call_changed, source,
+                      received_at if received_at is not None else now)
+
+    def _open(self, cid: str, parts: list[object], now: float) -> _Entry | None:
+        """A new entry for an untracked call (not stored yet), or None when the call was
+        evicted and the snapshot names no live party (a late event: counted, dropped)."""
+        if cid in self._evicted:
+            live, missing = _has_live_party(parts)
+            if missing:
+                self._problem("participant_missing_id")
+            if not live:
+                self.stats["late_after_evict"] += 1
+                return None
+            del self._evicted[cid]
+            self.stats["retracked_after_evict"] += 1
+        return _Entry(Call(ConversationId(cid), last_update=now))
+
+    def _fold_participants(self, entry: _Entry, parts: list[object]) -> tuple[list[Participant], bool]:
+        """Fold every listed participant into `entry`: the participants that changed, in
+        snapshot order, and whether the call's queue set grew. Unusable participants are
+        counted and skipped."""
         call = entry.call
         # Keys are ParticipantIds (NewType of str); plain str views avoid a cast() per party.
         parties: dict[str, Participant] = call.participants  # type: ignore[assignment]
         sigs: dict[str, Sig] = entry.sigs  # type: ignore[assignment]
         changed: list[Participant] = []
-        call_changed = new_call
-        dict_ = dict
+        queues_changed = False
+        fold = self._fold_participant
         for p in parts:
-            if p.__class__ is not dict_:
-                stats["participants_dropped"] += 1
+            if p.__class__ is not dict:
+                self.stats["participants_dropped"] += 1
                 self._problem("bad_participant")
                 continue
-            get = p.get
-            pid = get("id")
+            pid = p.get("id")
             if pid.__class__ is not str or not pid:
-                stats["participants_dropped"] += 1
+                self.stats["participants_dropped"] += 1
                 self._problem("participant_missing_id")
                 continue
-            old = parties.get(pid)
-            # Only live participants keep a signature: known and without one means final.
-            old_sig = sigs.get(pid) if old is not None else None
-            if old is not None and old_sig is None:
-                state = get("state")
-                if state.__class__ is str and not is_final_state(state):
-                    stats["revival_blocked"] += 1
+            newp = fold(p, pid, parties, sigs)
+            if newp is None:
                 continue
-            sig = _signature(get)
-            a = get("attributes")
-            if old is not None:
-                same_attrs = a == old.attributes if a is not None else not old.attributes
-                if same_attrs and sig == old_sig:
-                    continue
-            else:
-                same_attrs = False
-            norm, bad = _normalize(sig) if old_sig is None else _normalize_from(sig, old_sig)
-            if same_attrs:
-                attrs = old.attributes  # type: ignore[union-attr]
-            else:
-                attrs, bad_attrs = _clean_attributes(a)
-                bad += bad_attrs
-                if old is not None and attrs == old.attributes:
-                    attrs = old.attributes
-                    same_attrs = True
-            if bad:
-                stats["fields_ignored"] += bad
-                self._problem("bad_field")
-            if same_attrs and norm == old_sig:
-                continue  # differed only by ignored (wrong-typed) values
-            newp = _build(cast(ParticipantId, pid) if old is None else old.id,
-                          norm, attrs, old, old_sig)
-            parties[newp.id] = newp
-            if newp.is_final:
-                sigs.pop(newp.id, None)
-            else:
-                sigs[newp.id] = norm
             changed.append(newp)
-            qid = newp.queue_id
-            if qid and qid not in call.queue_ids:
-                call.queue_ids.add(qid)
-                call_changed = True
-            if newp.purpose == "acd":
-                # An ACD party may name its queue only in its routing data.
-                crd = get("conversationRoutingData")
-                cq = crd.get("queue") if crd.__class__ is dict_ else None
-                rq = cq.get("id") if cq.__class__ is dict_ else None
-                if rq.__class__ is str and rq and rq not in call.queue_ids:
-                    call.queue_ids.add(_intern(rq))
-                    call_changed = True
+            if _note_queues(call, newp, p):
+                queues_changed = True
+        return changed, queues_changed
 
+    def _fold_participant(self, p: dict[str, Any], pid: str, parties: dict[str, Participant],
+                          sigs: dict[str, Sig]) -> Participant | None:
+        """Fold one participant object (with a usable id) into `parties`/`sigs`; the new
+        `Participant`, or None when nothing of what is kept changed (a duplicate, a value of
+        the wrong type only, or a frozen final participant)."""
+        get = p.get
+        old = parties.get(pid)
+        # Only live participants keep a signature: known and without one means final.
+        old_sig = sigs.get(pid) if old is not None else None
+        if old is not None and old_sig is None:
+            state = get("state")
+            if state.__class__ is str and not is_final_state(state):
+                self.stats["revival_blocked"] += 1
+            return None
+        sig = _signature(get)
+        a = get("attributes")
+        if old is None:
+            same_attrs = False
+        else:
+            same_attrs = a == old.attributes if a is not None else not old.attributes
+            if same_attrs and sig == old_sig:
+                return None
+        norm, bad = _normalize(sig) if old_sig is None else _normalize_from(sig, old_sig)
+        if same_attrs:
+            attrs = old.attributes  # type: ignore[union-attr]
+        else:
+            attrs, bad_attrs = _clean_attributes(a)
+            bad += bad_attrs
+            if old is not None and attrs == old.attributes:
+                attrs = old.attributes
+                same_attrs = True
+        if bad:
+            self.stats["fields_ignored"] += bad
+            self._problem("bad_field")
+        if same_attrs and norm == old_sig:
+            return None  # differed only by ignored (wrong-typed) values
+        newp = _build(cast(ParticipantId, pid) if old is None else old.id, norm, attrs, old, old_sig)
+        parties[newp.id] = newp
+        if newp.is_final:
+            sigs.pop(newp.id, None)
+        else:
+            sigs[newp.id] = norm
+        return newp
+
+    def _fold_call_fields(self, conv: Mapping[str, Any], call: Call) -> bool:
+        """Fold the call-level fields (`recordingState`, `securePause`; a wrong type is
+        ignored and counted); whether they changed."""
         rs = conv.get("recordingState")
         if rs is not None and rs.__class__ is not str:
-            stats["fields_ignored"] += 1
+            self.stats["fields_ignored"] += 1
             self._problem("bad_field")
             rs = None
         sp = conv.get("securePause")
         if sp is not None and sp is not True and sp is not False:
-            stats["fields_ignored"] += 1
+            self.stats["fields_ignored"] += 1
             self._problem("bad_field")
             sp = None
-        if rs != call.recording_state or sp != call.secure_pause:
-            call.recording_state = _intern(rs) if rs is not None else None
-            call.secure_pause = sp
-            call_changed = True
+        if rs == call.recording_state and sp == call.secure_pause:
+            return False
+        call.recording_state = _intern(rs) if rs is not None else None
+        call.secure_pause = sp
+        return True
 
-        if changed or new_call:
-            if sigs:  # some party is live (only live ones keep a signature)
-                if call.ended_at is not None:
-                    call.ended_at = None
-                    call_changed = True
-            elif call.ended_at is None:
-                call.ended_at = now
-                self._ended.append((now, cid))
-                call_changed = True
-
-        if new_call:
-            self._calls[cid] = entry
-        elif not changed and not call_changed:
-            stats["duplicates"] += 1
-            return None
-        call.last_update = now
-        if len(changed) > 1 and len({p.id for p in changed}) < len(changed):
-            # The same id listed twice in one snapshot: report its last version once.
-            changed = list({p.id: parties[p.id] for p in changed}.values())
-        return Change(call, tuple(changed), call_changed, source,
-                      received_at if received_at is not None else now)
+    def _update_end(self, entry: _Entry, cid: str, now: float) -> bool:
+        """End the call when no party is live, revive it when one is; whether `ended_at`
+        changed. Only live parties keep a signature, so `entry.sigs` says which."""
+        call = entry.call
+        if entry.sigs:
+            if call.ended_at is None:
+                return False
+            call.ended_at = None
+            return True
+        if call.ended_at is not None:
+            return False
+        call.ended_at = now
+        self._ended.append((now, cid))
+        return True
 
     def mark_gone(self, conversation_id: str, now: float) -> Change | None:
         """REST answered 404 for this call: every live party becomes final ("disconnected",
