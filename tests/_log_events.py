@@ -87,21 +87,26 @@ class _Bindings:
                 local = self.local(fn)
                 for node in ast.walk(fn):
                     if isinstance(node, ast.Call):
-                        callee = _holder_name(node.func) or ""
-                        for i, arg in enumerate(node.args):  # a bound logger passed along
-                            keys = self.value(arg, local)
-                            if keys is not None and i < len(params.get(callee, [])):
-                                self.params[(callee, params[callee][i])] = keys
-                        for k in node.keywords:
-                            keys = self.value(k.value, local) if k.arg else None
-                            if keys is not None and k.arg:
-                                self.attrs[k.arg] = keys
-                                self.params[(callee, k.arg)] = keys
+                        self._passed(node, local, params)
                     elif isinstance(node, ast.Assign):
                         keys = self.value(node.value, local)
                         for t in node.targets:
                             if keys is not None and isinstance(t, ast.Attribute):
                                 self.attrs[t.attr] = keys
+
+    def _passed(self, node: ast.Call, local: dict[str, set[str]], params: dict[str, list[str]]) -> None:
+        """A call passing a bound logger on: the callee's parameter (by position or
+        keyword) and, for a keyword, the attribute of that name hold its keys."""
+        callee = _holder_name(node.func) or ""
+        for i, arg in enumerate(node.args):
+            keys = self.value(arg, local)
+            if keys is not None and i < len(params.get(callee, [])):
+                self.params[(callee, params[callee][i])] = keys
+        for k in node.keywords:
+            keys = self.value(k.value, local) if k.arg else None
+            if keys is not None and k.arg:
+                self.attrs[k.arg] = keys
+                self.params[(callee, k.arg)] = keys
 
     def value(self, node: ast.expr, local: dict[str, set[str]]) -> set[str] | None:
         """The bound keys of the logger `node` evaluates to, if it is a known bound one."""

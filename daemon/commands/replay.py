@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from daemon.config import Config, compose_with_positions, load_config, load_lists
+from daemon.config import Config, ConfigSource, Path_, compose_with_positions, load_config, load_lists
 from daemon.core.engine import Engine
 from daemon.errors import ReplayError
 from daemon.core.model import Decision
@@ -173,30 +173,40 @@ def load_expectations(path: Path, config: Config, first_ts: float | None) -> tup
             items = spec.get(key) or []
             if not isinstance(items, list):
                 raise src.error(("rules", rule, key), f"{key} must be a list")
-            for i, item in enumerate(items):
-                path_ = ("rules", rule, key, i)
-                if isinstance(item, str):
-                    item = {"participant": item}
-                if not isinstance(item, dict) or not isinstance(item.get("participant"), str) or \
-                        set(item) - {"participant", "conversation", "by"}:
-                    raise src.error(path_, "expected {participant: ID, conversation: ID (optional), by: 5s or ISO time (optional)}")
-                by_raw = item.get("by")
-                by: float | None = None
-                if by_raw is not None:
-                    if must is False:
-                        raise src.error(path_ + ("by",), "'by' only applies to acted_on")
-                    seconds = parse_duration(by_raw)
-                    if seconds is not None:
-                        by = (first_ts or 0.0) + seconds
-                    else:
-                        by = parse_time(str(by_raw))
-                        if by is None:
-                            raise src.error(path_ + ("by",), f"'by' must be a duration such as 5s or an "
-                                            f"ISO-8601 time, got {by_raw!r}")
-                out.append(Expectation(rule, item["participant"], item.get("conversation"), by,
-                                       None if by_raw is None else str(by_raw), must,
-                                       f"{path}:{src.position(path_)[0] or 1}"))
+            out += [_expectation(rule, item, must, ("rules", rule, key, i), src, path, first_ts)
+                    for i, item in enumerate(items)]
     return out, silent
+
+
+def _expectation(rule: str, item: object, must: bool, path_: Path_, src: ConfigSource, path: Path,
+                 first_ts: float | None) -> Expectation:
+    """One item of an `acted_on`/`not_acted_on` list: a participant id, or a mapping with
+    `participant`, optional `conversation` and (acted_on only) `by`."""
+    if isinstance(item, str):
+        item = {"participant": item}
+    if not isinstance(item, dict) or not isinstance(item.get("participant"), str) or \
+            set(item) - {"participant", "conversation", "by"}:
+        raise src.error(path_, "expected {participant: ID, conversation: ID (optional), by: 5s or ISO time (optional)}")
+    by_raw = item.get("by")
+    by: float | None = None
+    if by_raw is not None:
+        if must is False:
+            raise src.error(path_ + ("by",), "'by' only applies to acted_on")
+        by = _deadline(by_raw, path_ + ("by",), src, first_ts)
+    return Expectation(rule, item["participant"], item.get("conversation"), by,
+                       None if by_raw is None else str(by_raw), must,
+                       f"{path}:{src.position(path_)[0] or 1}")
+
+
+def _deadline(by_raw: object, where: Path_, src: ConfigSource, first_ts: float | None) -> float:
+    """`by:` as epoch seconds: a duration after the first frame, or an ISO-8601 time."""
+    seconds = parse_duration(by_raw)
+    if seconds is not None:
+        return (first_ts or 0.0) + seconds
+    by = parse_time(str(by_raw))
+    if by is None:
+        raise src.error(where, f"'by' must be a duration such as 5s or an ISO-8601 time, got {by_raw!r}")
+    return by
 
 
 def check_expectations(result: ReplayResult, expectations: list[Expectation], silent: set[str]) -> list[str]:

@@ -130,26 +130,40 @@ def parse_message(raw: bytes | str) -> Message:
     if data.__class__ is not dict:
         return Rejected("not_object", excerpt(raw))
     topic = data.get("topicName")
-    if topic is None:
-        # Control replies come without a topicName.
-        if _is_gone(data):
-            return _gone(data)
-        if data.get("message") == "pong":
-            return _PONG
-        return Rejected("no_topic", excerpt(raw))
     if topic.__class__ is not str:
-        return Rejected("bad_topic", excerpt(raw))
-    body = data.get("eventBody")
+        return _without_topic(data, raw) if topic is None else Rejected("bad_topic", excerpt(raw))
     if CALL_TOPIC_RE.fullmatch(topic) is not None:
-        if body.__class__ is not dict:
-            return Rejected("bad_event_body", excerpt(raw))
-        cid = body.get("id")
-        if cid.__class__ is not str or not cid:
-            return Rejected("missing_id", excerpt(raw))
-        if body.get("participants").__class__ is not list:
-            return Rejected("bad_participants", excerpt(raw))
-        return CallEvent(topic, body)
+        return _call_event(topic, data.get("eventBody"), raw)
+    return _other_topic(topic, data, raw)
+
+
+def _call_event(topic: str, body: object, raw: bytes | str) -> CallEvent | Rejected:
+    """A call topic's frame: a CallEvent when its body has a string id and a participant
+    list (the hot path: checked once here, the store type-checks the rest)."""
+    if body.__class__ is not dict:
+        return Rejected("bad_event_body", excerpt(raw))
+    cid = body.get("id")
+    if cid.__class__ is not str or not cid:
+        return Rejected("missing_id", excerpt(raw))
+    if body.get("participants").__class__ is not list:
+        return Rejected("bad_participants", excerpt(raw))
+    return CallEvent(topic, body)
+
+
+def _without_topic(data: dict[str, Any], raw: bytes | str) -> Message:
+    """A frame without a topicName: a control reply (channel gone, pong) or a rejection."""
+    if _is_gone(data):
+        return _gone(data)
+    if data.get("message") == "pong":
+        return _PONG
+    return Rejected("no_topic", excerpt(raw))
+
+
+def _other_topic(topic: str, data: dict[str, Any], raw: bytes | str) -> Message:
+    """A frame of a topic that is not a call topic: the channel metadata (heartbeat,
+    pong), socket closing, channel gone, or any other topic."""
     if topic == METADATA_TOPIC:
+        body = data.get("eventBody")
         if body.__class__ is not dict:
             return Rejected("bad_event_body", excerpt(raw))
         text = body.get("message")

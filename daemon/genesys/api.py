@@ -340,7 +340,6 @@ class GenesysClient:
                        on_send: Callable[[], None] | None = None) -> httpx.Response:
         """Send one logical request with the retry policy of the module docstring."""
         path = route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
-        url = self.api_origin + path
         # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
         delays = self.retry.backoff(self._rng)
         conflict_delays: Iterator[float] | None = None  # made at the first 409 (rare)
@@ -350,29 +349,13 @@ class GenesysClient:
             headers = {"Authorization": f"Bearer {token}"}
             self.limiter.note_token(hash(token))  # a new token has a new budget window
             err: ApiError
-            resp: httpx.Response | None
-            seconds = 0.0
             async with self.limiter.slot(priority):
                 if on_send is not None:
                     on_send()
-                started = time.monotonic()
-                try:
-                    resp = await self._http.request(method, url, headers=headers, json=json,
-                                                    params=query)
-                    self.limiter.observe(resp.headers)
-                except httpx.HTTPError as exc:
-                    seconds = time.monotonic() - started
-                    self._report(method, route, 0, seconds)
-                    log.debug("api_request", method=method, route=route, status=0,
-                              seconds=round(seconds, 3), error=exc.__class__.__name__)
-                    err = TransportError(
-                        f"no answer from the Genesys API at {self.api_origin} "
-                        f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
-                        method=method, path=path)
-                    resp = None
-                else:
-                    seconds = time.monotonic() - started
-            if resp is not None:
+                resp, seconds = await self._send(method, route, path, headers, token, json=json, query=query)
+            if isinstance(resp, TransportError):
+                err = resp
+            else:
                 status = resp.status_code
                 self._report(method, route, status, seconds)
                 log.debug("api_request", method=method, route=route, status=status,
@@ -413,6 +396,27 @@ class GenesysClient:
                 self.limiter.rate_limited(priority, wait)
                 continue
             await asyncio.sleep(wait)
+
+    async def _send(self, method: str, route: str, path: str, headers: dict[str, str], token: str, *,
+                    json: Any, query: Mapping[str, str] | None) -> tuple[httpx.Response | TransportError, float]:
+        """One HTTP exchange (the caller holds the limiter slot): the answer (its headers
+        handed to the limiter) or, when none came, a reported and logged TransportError;
+        and the seconds it took."""
+        started = time.monotonic()
+        try:
+            resp = await self._http.request(method, self.api_origin + path, headers=headers, json=json,
+                                            params=query)
+        except httpx.HTTPError as exc:
+            seconds = time.monotonic() - started
+            self._report(method, route, 0, seconds)
+            log.debug("api_request", method=method, route=route, status=0,
+                      seconds=round(seconds, 3), error=exc.__class__.__name__)
+            return TransportError(
+                f"no answer from the Genesys API at {self.api_origin} "
+                f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
+                method=method, path=path), seconds
+        self.limiter.observe(resp.headers)
+        return resp, time.monotonic() - started
 
     def _report(self, method: str, route: str, status: int, seconds: float) -> None:
         if self.on_response is None:

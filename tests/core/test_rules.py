@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -744,18 +745,7 @@ def _ref_op(field: str, op: str, arg: Any, v: Any) -> bool:
         present = bool(v) if field == "call.queue_ids" else v is not None
         return present is arg
     if field == "call.queue_ids":
-        items = set(v)
-        if op in ("equals", "contains"):
-            return arg in items
-        if op == "in":
-            return bool(items & set(arg))
-        if op == "in_list":
-            return bool(items & set(_LIST[arg]))
-        if op == "matches":
-            return any(re.fullmatch(arg, x) for x in items)
-        if op == "starts_with":
-            return any(x.startswith(arg) for x in items)
-        raise AssertionError(op)
+        return _ref_set_op(op, arg, set(v))
     if v is None:
         return False
     if op in ("gt", "gte", "lt", "lte"):
@@ -764,23 +754,7 @@ def _ref_op(field: str, op: str, arg: Any, v: Any) -> bool:
             return False
         return {"gt": x > arg, "gte": x >= arg, "lt": x < arg, "lte": x <= arg}[op]
     if op in ("equals", "in"):
-        wanted = [arg] if op == "equals" else arg
-        for w in wanted:
-            if isinstance(v, bool) or isinstance(w, bool):
-                if field.startswith("attributes.") and isinstance(w, bool):
-                    if v == ("true" if w else "false"):
-                        return True
-                elif v is w:
-                    return True
-            elif isinstance(w, (int, float)) and isinstance(v, str):
-                if _ref_num(v) == w:
-                    return True
-            elif isinstance(w, (int, float)):
-                if v == w:
-                    return True
-            elif norm(v) == norm(w):
-                return True
-        return False
+        return any(_ref_equal(field, v, w, norm) for w in ([arg] if op == "equals" else arg))
     if op == "in_list":
         return norm(v) in {norm(x) for x in _LIST[arg]}
     if op == "matches":
@@ -790,6 +764,35 @@ def _ref_op(field: str, op: str, arg: Any, v: Any) -> bool:
     if op == "starts_with":
         return norm(v).startswith(norm(arg))
     raise AssertionError(op)
+
+
+def _ref_set_op(op: str, arg: Any, items: set[str]) -> bool:
+    """An operator on a set-valued field (call.queue_ids): true when any item satisfies it."""
+    if op in ("equals", "contains"):
+        return arg in items
+    if op == "in":
+        return bool(items & set(arg))
+    if op == "in_list":
+        return bool(items & set(_LIST[arg]))
+    if op == "matches":
+        return any(re.fullmatch(arg, x) for x in items)
+    if op == "starts_with":
+        return any(x.startswith(arg) for x in items)
+    raise AssertionError(op)
+
+
+def _ref_equal(field: str, v: Any, w: Any, norm: Callable[[str], str]) -> bool:
+    """`equals` for one wanted value `w`: booleans by identity (attributes: "true"/"false"),
+    numbers by value (text parsed), text after `norm` (phone normalisation)."""
+    if isinstance(v, bool) or isinstance(w, bool):
+        if field.startswith("attributes.") and isinstance(w, bool):
+            return bool(v == ("true" if w else "false"))
+        return v is w
+    if isinstance(w, (int, float)) and isinstance(v, str):
+        return _ref_num(v) == w
+    if isinstance(w, (int, float)):
+        return bool(v == w)
+    return bool(norm(v) == norm(w))
 
 
 def _ref_group(cond: dict[str, Any], call: Any, p: Any, now: float) -> bool:
