@@ -15,7 +15,7 @@ spelt out from the rule field registry (`daemon.core.rules.FIELDS`), so an edito
 language server) can complete and check field names, operators and value types. The
 committed copy is docs/config.schema.json (tests/commands/test_schema.py keeps it current).
 
-Exit codes: 0 ok, 1 online check found problems (rejected topics), 2 invalid configuration,
+Exit codes: 0 ok, 1 online check found problems (a queue name not found, rejected topics), 2 invalid configuration,
 4 credentials refused or permission missing, 5 API or network failure.
 """
 
@@ -233,7 +233,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "check", help="validate config.yaml (and with --online, against Genesys Cloud)",
         description="Validate config.yaml offline; --online also checks credentials, queue names and topic permissions.",
-        epilog="exit codes: 0 ok, 1 topics rejected, 2 invalid config, 4 credentials or permission refused, 5 API/network failure")
+        epilog="exit codes: 0 ok, 1 a queue name not found or a topic rejected, 2 invalid config, 4 credentials or permission refused, 5 API/network failure")
     p.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
     p.add_argument("--online", action="store_true", help="also check against Genesys Cloud, then clean up")
     p.add_argument("--schema", action="store_true",

@@ -11,7 +11,7 @@ import sys
 from typing import Any, TextIO
 
 from daemon.service.aws import region_from_queue_url
-from daemon.sandbox.scenario import SCENARIOS, load_scenario
+from daemon.sandbox.scenario import SCENARIOS, load_scenario, ops_reference
 from daemon.sandbox.server import Sandbox
 
 
@@ -38,10 +38,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-secret", default=None, help="fixed client secret (default: random)")
 
 
+EPILOG = f"""driver: JSON over HTTP, no authentication (it is the test harness, not Genesys)
+  POST {{base}}/sandbox/OPERATION with a JSON object of its fields (? = optional); the
+  answer is {{"result": ...}}. GET {{base}}/sandbox/ops describes each, with an example.
+  curl -sS -X POST http://127.0.0.1:8080/sandbox/start_call \\
+       -H 'Content-Type: application/json' -d '{{"queueId": "<queue id>"}}'
+
+operations:
+{ops_reference()}
+
+also: GET /sandbox/state, GET /sandbox/calls/ID, GET|DELETE /sandbox/journal,
+GET|POST /sandbox/faults, POST /sandbox/faults/ACTION (reset, drop_sockets,
+socket_closing, expire_channel, expire_tokens, revoke_tokens, send_raw).
+Reference: docs/sandbox.md
+"""
+
+
 def register(subparsers: Any) -> None:
     """Add the `sandbox` subcommand to confguard's argparse subparsers."""
     p = subparsers.add_parser("sandbox", help="run a local fake Genesys Cloud for testing",
-                              description=__doc__)
+                              description=__doc__, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -103,6 +120,7 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m daemon.sandbox", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m daemon.sandbox", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

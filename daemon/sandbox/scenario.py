@@ -3,6 +3,7 @@
 Driver (JSON in, JSON out, no auth: it is the test harness, not Genesys):
 
     GET    /sandbox/state                      queues, users, client id/secret, counts
+    GET    /sandbox/ops                        every operation: fields, answer, example
     POST   /sandbox/{op}                       op in OPS below, body = keyword arguments
     GET    /sandbox/calls/{cid}                the conversation as GET /api/v2 shows it
     GET    /sandbox/journal?sinceRequest=&sinceEvent=     DELETE /sandbox/journal
@@ -12,28 +13,20 @@ Driver (JSON in, JSON out, no auth: it is the test harness, not Genesys):
                                                expire_channel | expire_tokens | revoke_tokens |
                                                send_raw
 
-OPS: create_queue {name}, create_user {name}, start_call {queueId, ani?, dnis?,
-customerName?}, connect_agent {conversationId, userId}, add_external {conversationId,
-address?, name?}, add_agent {conversationId, userId}, add_supervisor {conversationId, userId,
-targetParticipantId, mode: monitor|coach|barge}, set_attributes {conversationId,
-participantId, attributes}, set_flag {conversationId, participantId, reason|null},
-set_party_state {conversationId, participantId, held?, muted?, confined?, recording?},
-set_recording {conversationId, state}, hangup {conversationId, participantId,
-disconnectType?}, end_call {conversationId}, touch {conversationId} (republish unchanged),
-forget_call {conversationId} (gone: REST answers 404),
-set_permissions {grant?, revoke?, clientId?}, configure {heartbeatInterval?, closingGrace?,
-patchFinalStatus?, channelLifetime?, tokenLifetime? (+ clientId?), budget? (requests per
-token per 60 s window, null = off)}, add_client {clientId?, secret?, tokenLifetime?},
-conference {queueId?, userId?, address?}: a ready three-party call,
-lose_event {on: websocket|eventbridge|both, conversationId?, count? (1)}: lose the next
-change(s) on that path only, delay_eventbridge {seconds}: EventBridge deliveries that much
-later (0: at once); both need `--eventbridge-queue-url` to matter for EventBridge.
+Operations (`OPS` below: each with its fields, what it answers and an example; `confguard
+sandbox --help`, `GET /sandbox/ops` and docs/sandbox.md list them; an unknown operation
+answers 404 naming every one): calls (start_call, connect_agent, add_external, add_agent,
+add_supervisor, conference, set_attributes, set_flag, set_party_state, set_recording,
+hangup, end_call, touch, forget_call), the directory (create_queue, create_user) and the
+org (set_permissions, add_client, configure), delivery faults (lose_event,
+delay_eventbridge).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -45,6 +38,131 @@ if TYPE_CHECKING:
     from daemon.sandbox.server import Sandbox
 
 SCENARIOS = ("default", "empty", "conference")
+
+
+@dataclass(frozen=True, slots=True)
+class OpField:
+    """One field of a driver operation's JSON body."""
+
+    name: str
+    required: bool
+    meaning: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """A driver operation: `POST /sandbox/{name}` with a JSON object of `fields`; the answer
+    is `{"result": ...}` as `answers` says. `example` is a body that works against the
+    default scenario once the ids in angle brackets are filled in."""
+
+    name: str
+    summary: str
+    fields: tuple[OpField, ...]
+    answers: str
+    example: dict[str, Any]
+
+
+def _f(name: str, meaning: str, required: bool = False) -> OpField:
+    return OpField(name, required, meaning)
+
+
+_CONV = _f("conversationId", "the call's id", True)
+_PART = _f("participantId", "the party's participant id", True)
+_CALL_ANSWER = "the conversation as GET /api/v2/conversations/calls/{id} shows it"
+_PARTY_ANSWER = "the new party (participant), as in the conversation"
+
+#: Every driver operation, in the order an operator meets them. The docs list the same
+#: (tests/test_docs.py checks docs/sandbox.md against this).
+OPS: tuple[OpSpec, ...] = (
+    OpSpec("start_call", "a customer calls into a queue: customer and acd parties, published on the queue's topic",
+           (_f("queueId", "the queue's id", True), _f("ani", "the caller's number (default tel:+14155550100)"),
+            _f("dnis", "the number dialled (default tel:+18005550199)"),
+            _f("customerName", "the customer's name (default Customer)")),
+           _CALL_ANSWER, {"queueId": "<queue id>", "ani": "tel:+442079460000"}),
+    OpSpec("connect_agent", "an agent answers from the queue: the acd party ends, the agent connects",
+           (_CONV, _f("userId", "the agent's user id", True)),
+           _PARTY_ANSWER, {"conversationId": "<call id>", "userId": "<user id>"}),
+    OpSpec("add_external", "conference in an outside number (purpose external)",
+           (_CONV, _f("address", "the number (default tel:+14155550123)"), _f("name", "the party's name")),
+           _PARTY_ANSWER, {"conversationId": "<call id>", "address": "tel:+442079460999"}),
+    OpSpec("add_agent", "conference in another agent",
+           (_CONV, _f("userId", "the agent's user id", True)),
+           _PARTY_ANSWER, {"conversationId": "<call id>", "userId": "<user id>"}),
+    OpSpec("add_supervisor", "a supervisor who monitors, coaches or barges a party",
+           (_CONV, _f("userId", "the supervisor's user id", True),
+            _f("targetParticipantId", "the participant id monitored, coached or barged", True),
+            _f("mode", "monitor (default), coach or barge")),
+           _PARTY_ANSWER,
+           {"conversationId": "<call id>", "userId": "<user id>", "targetParticipantId": "<agent participant id>",
+            "mode": "monitor"}),
+    OpSpec("conference", "a ready three-party call in one step: customer, agent, external",
+           (_f("queueId", "the queue (default: the first one)"), _f("userId", "the agent (default: the first user)"),
+            _f("address", "the external number (default tel:+14155550123)")),
+           _CALL_ANSWER, {"address": "tel:+442079460999"}),
+    OpSpec("set_attributes", "set participant data (string to string; merged into the party's attributes)",
+           (_CONV, _PART, _f("attributes", "an object of strings", True)),
+           "null", {"conversationId": "<call id>", "participantId": "<participant id>",
+                                      "attributes": {"complianceFlag": "true"}}),
+    OpSpec("set_flag", "flag a party (flaggedReason) or clear the flag",
+           (_CONV, _PART, _f("reason", "general (default), or null to clear")),
+           "null", {"conversationId": "<call id>", "participantId": "<participant id>"}),
+    OpSpec("set_party_state", "hold, mute, confine or record one party",
+           (_CONV, _PART, _f("held", "true/false"), _f("muted", "true/false"),
+            _f("confined", "true/false"), _f("recording", "true/false")),
+           "null", {"conversationId": "<call id>", "participantId": "<participant id>", "held": True}),
+    OpSpec("set_recording", "the call's recordingState",
+           (_CONV, _f("state", "none, active or paused", True)),
+           "null", {"conversationId": "<call id>", "state": "paused"}),
+    OpSpec("hangup", "one party hangs up (the call ends when fewer than two stay connected)",
+           (_CONV, _PART, _f("disconnectType", "endpoint (default), client, system, ...")),
+           "true, or false when the party had already left",
+           {"conversationId": "<call id>", "participantId": "<participant id>"}),
+    OpSpec("end_call", "end the whole call (every party disconnected)",
+           (_CONV,), "null", {"conversationId": "<call id>"}),
+    OpSpec("touch", "publish the call again unchanged (a duplicate event)",
+           (_CONV,), "null", {"conversationId": "<call id>"}),
+    OpSpec("forget_call", "the call disappears at once, with no event: REST answers 404 for it from now on",
+           (_CONV,), "null", {"conversationId": "<call id>"}),
+    OpSpec("create_queue", "a queue (a given id, or a new one)",
+           (_f("name", "the queue's name", True), _f("id", "the queue's id (default: a new UUID)")),
+           "{id, name}", {"name": "Customer Service"}),
+    OpSpec("create_user", "a user (agent or supervisor)",
+           (_f("name", "the user's name", True), _f("id", "the user's id (default: a new UUID)")),
+           "{id, name}", {"name": "Dana Agent"}),
+    OpSpec("set_permissions", "grant or revoke permissions of an OAuth client (topics, lookups and removals are checked against them)",
+           (_f("grant", "permissions to add"), _f("revoke", "permissions to remove"),
+            _f("clientId", "the client (default: the sandbox's own)")),
+           "{clientId, permissions}", {"revoke": ["conversation:communication:disconnect"]}),
+    OpSpec("add_client", "another OAuth client (client credentials), with the default permissions",
+           (_f("clientId", "its id (default: random)"), _f("secret", "its secret (default: random)"),
+            _f("tokenLifetime", "seconds its tokens live")),
+           "{clientId, clientSecret}", {"clientId": "second-client"}),
+    OpSpec("configure", "change the sandbox's timings and limits while it runs",
+           (_f("heartbeatInterval", "seconds between WebSocket heartbeats"),
+            _f("closingGrace", "seconds from v2.system.socket_closing to the close"),
+            _f("patchFinalStatus", "the HTTP status the participant PATCH answers"),
+            _f("channelLifetime", "seconds a notification channel lives"),
+            _f("tokenLifetime", "seconds a new token lives (for clientId, default the sandbox's client)"),
+            _f("clientId", "the client tokenLifetime applies to"),
+            _f("budget", "requests per token per 60 s window; null: off")),
+           "the settings now in force", {"heartbeatInterval": 5}),
+    OpSpec("lose_event", "lose the next change(s) on one delivery path only (the WebSocket, EventBridge, or both)",
+           (_f("on", "websocket, eventbridge or both", True), _f("conversationId", "only changes of this call (default: any)"),
+            _f("count", "how many changes (default 1)")),
+           "the losses armed: [{on, conversationId, remaining}]", {"on": "websocket"}),
+    OpSpec("delay_eventbridge", "deliver every EventBridge event this much later (needs --eventbridge-queue-url)",
+           (_f("seconds", "the delay; 0: at once", True),),
+           "null", {"seconds": 2}),
+)
+
+
+def ops_reference() -> str:
+    """The operations as text, for `confguard sandbox --help` and the unknown-op answer."""
+    lines = []
+    for spec in OPS:
+        fields = ", ".join(f.name if f.required else f"{f.name}?" for f in spec.fields)
+        lines.append(f"  {spec.name} {{{fields}}}: {spec.summary}")
+    return "\n".join(lines)
 
 
 def load_scenario(world: World, name: str) -> dict[str, Any]:
@@ -205,7 +323,9 @@ def add_driver_routes(app: web.Application) -> None:
         name = request.match_info["op"]
         fn = _ops(sb).get(name)
         if fn is None:
-            raise WorldError(404, "not.found", f"unknown sandbox op {name!r}")
+            raise WorldError(404, "not.found",
+                             f"unknown sandbox op {name!r}; operations: {', '.join(s.name for s in OPS)} "
+                             "(GET /sandbox/ops describes each; see docs/sandbox.md)")
         try:
             result = fn(await _args(request))
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -263,6 +383,13 @@ def add_driver_routes(app: web.Application) -> None:
         return _out({"action": action, "affected": n})
 
     r = app.router
+    async def ops_list(request: web.Request) -> web.Response:
+        return _out({"operations": [
+            {"name": s.name, "path": f"/sandbox/{s.name}", "summary": s.summary, "answers": s.answers,
+             "fields": [{"name": f.name, "required": f.required, "meaning": f.meaning} for f in s.fields],
+             "example": s.example} for s in OPS]})
+
+    r.add_get("/sandbox/ops", ops_list)
     r.add_get("/sandbox/state", state)
     r.add_get("/sandbox/calls/{cid}", call)
     r.add_get("/sandbox/journal", journal)

@@ -504,7 +504,7 @@ class Daemon:
     # ------------------------------------------------------------------ HA
 
     def _start_ha(self) -> None:
-        """ha.backend: postgres: contend for the lease (README "High availability"). The
+        """ha.backend: postgres: contend for the lease (docs/ha.md). The
         lease loop runs until `_stop_ha`; until this node holds the lease and finished its
         take-over, the send gate is closed and decisions are audited `standby`."""
         ha = self.config.ha

@@ -1,5 +1,5 @@
 """Loose ends: decisions whose removal outcome was never written, closed on start-up or
-take-over (README "High availability", "What each failure does").
+take-over (docs/ha.md, "What each failure does").
 
 A process killed between a PATCH and its answer leaves a `decision` record (enforce mode,
 action disconnect) with no `outcome` record after it: the trail cannot show whether the

@@ -188,8 +188,8 @@ def test_config_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_readme_example_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Testing rules"):]
+    readme = (ROOT / "docs" / "rules.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Testing rules"):]
     example = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
     assert example.startswith("# rules.test.yaml")
     path = tmp_path / "rules.test.yaml"

@@ -154,11 +154,11 @@ def test_every_event_name_is_a_stable_snake_case_identifier() -> None:
 
 
 def test_readme_lists_every_event() -> None:
-    """README.md's event table is the one the code implies (names, levels, fields). After
+    """docs/log-events.md's event table is the one the code implies (names, levels, fields). After
     adding or changing a log line: `.venv/bin/python tests/_log_events.py --write`."""
     import _log_events
 
-    listed = _log_events.readme_table(_log_events.README.read_text())
-    assert listed is not None, "README.md lost its log-events markers"
+    listed = _log_events.readme_table(_log_events.DOC.read_text())
+    assert listed is not None, "docs/log-events.md lost its log-events markers"
     assert listed == _log_events.table(_log_events.inventory()), (
-        "README.md's log event table is stale: run .venv/bin/python tests/_log_events.py --write")
+        "docs/log-events.md's log event table is stale: run .venv/bin/python tests/_log_events.py --write")

@@ -1,6 +1,6 @@
 """Compliance rules: YAML rule specs compiled once into predicates, and a sans-I/O engine.
 
-Contract (see docs/architecture.md and the README section "Compliance rules"). One module
+Contract (see docs/architecture.md and docs/rules.md). One module
 per job:
 
 - `fields`: the field registry (`FIELDS: Mapping[str, FieldSpec]`: name, scope party|call,

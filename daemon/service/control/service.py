@@ -191,7 +191,7 @@ class ControlService:
 
     async def eject(self, caller: str, request: EjectionRequest,
                     idempotency_key: str | None = None) -> Answer:
-        """Resolve one live party and submit its removal. See the README for the answers."""
+        """Resolve one live party and submit its removal. See docs/control-api.md for the answers."""
         if idempotency_key is None:
             return await self._eject(caller, request)
         key = idempotency_key.strip()
