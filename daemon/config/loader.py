@@ -37,7 +37,7 @@ def _describe(err: Mapping[str, Any], path: Path_) -> str:
     if path and path[-1] == "hold_for":
         return f"{loc}: expected a duration such as 10s, 2m, 500ms or a number of seconds, got {err.get('input')!r}"
     if kind == "extra_forbidden":
-        return f"unknown key {str(err['loc'][-1])!r}; check the spelling (allowed keys are in the README's configuration reference)"
+        return f"unknown key {str(err['loc'][-1])!r}; check the spelling (allowed keys are in docs/configuration.md)"
     if kind == "missing":
         where = f" in {loc}" if loc else ""
         return f"missing required key {str(err['loc'][-1])!r}{where}"

@@ -233,7 +233,7 @@ class LoggingSettings(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 class HaSettings(_Strict):
-    """`ha:`: a hot standby with a PostgreSQL lease (README "High availability").
+    """`ha:`: a hot standby with a PostgreSQL lease (docs/ha.md).
     `backend: none` (the default) is one host, as before: no database is used."""
 
     backend: Literal["none", "postgres"] = "none"

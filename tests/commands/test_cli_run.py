@@ -77,7 +77,7 @@ async def test_run_with_a_bad_config_exits_2_with_its_position(tmp_path: Path) -
     assert code == 2 and out == ""
     line = cfg.read_text().splitlines().index("modee: observe") + 1
     assert err == f"{cfg}:{line}:1: unknown key 'modee'; check the spelling (allowed keys are " \
-                  "in the README's configuration reference)\n"
+                  "in docs/configuration.md)\n"
     code, out, err = await run_cli("run", "--config", str(tmp_path / "missing.yaml"))
     assert code == 2 and err == f"confguard: config file not found: {tmp_path / 'missing.yaml'}\n"
 

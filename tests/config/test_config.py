@@ -63,7 +63,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"{bad}:4:3: unknown key 'max_disconnect_per_minute'; check the "
-                                   "spelling (allowed keys are in the README's configuration reference)")
+                                   "spelling (allowed keys are in docs/configuration.md)")
     assert "Traceback" not in proc.stderr
 
 
