@@ -1,5 +1,12 @@
 """`confguard sandbox` / `python -m daemon.sandbox`: run the fake Genesys Cloud until
-SIGINT/SIGTERM, printing its base URL, client credentials and the ids it created."""
+SIGINT/SIGTERM, printing its base URL, client credentials and the ids it created.
+
+`--seed-from config.yaml` also creates what that configuration names: every queue of
+`subscriptions.queues` (a name becomes a queue of that name, an id a queue with that id),
+every user of `subscriptions.users`, and the queue and user ids the rules compare
+`queue_id`/`user_id` with (inline or through a list). It then prints the two lines to set
+under `genesys:` and the credentials to export, so the config runs against the sandbox
+with nothing else changed."""
 
 from __future__ import annotations
 
@@ -8,8 +15,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
+from daemon.config import Config, load_config
+from daemon.errors import ConfigError
+from daemon.genesys.scope import looks_like_uuid
+from daemon.sandbox.world import World
 from daemon.service.aws import region_from_queue_url
 from daemon.sandbox.scenario import SCENARIOS, load_scenario, ops_reference
 from daemon.sandbox.server import Sandbox
@@ -34,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(AWS credentials: the standard AWS chain)")
     p.add_argument("--eventbridge-endpoint-url", default=None, metavar="URL",
                    help="the SQS endpoint (a local one such as moto; default: AWS)")
+    p.add_argument("--seed-from", default=None, metavar="CONFIG",
+                   help="create the queues (by name, or with the given ids) and users that this "
+                        "config.yaml names, and print the api_base_url/login_base_url lines and "
+                        "credentials that make it run against the sandbox")
     p.add_argument("--client-id", default=None, help="fixed client id (default: random)")
     p.add_argument("--client-secret", default=None, help="fixed client secret (default: random)")
 
@@ -52,6 +68,79 @@ GET|POST /sandbox/faults, POST /sandbox/faults/ACTION (reset, drop_sockets,
 socket_closing, expire_channel, expire_tokens, revoke_tokens, send_raw).
 Reference: docs/sandbox.md
 """
+
+
+_ID_FIELDS = ("queue_id", "user_id")
+
+
+def _rule_ids(node: Any, lists: dict[str, list[str]], found: dict[str, set[str]],
+              field: str | None = None) -> None:
+    """Collect the ids compared with `queue_id`/`user_id` anywhere in a rule's conditions
+    (bare values, `equals`, `in`, `in_list`/`not_in_list` through `lists`)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            key = str(key)
+            if field is not None and key in ("in_list", "not_in_list") and isinstance(value, str):
+                found[field].update(lists.get(value, []))
+            elif key in _ID_FIELDS:
+                _rule_ids(value, lists, found, key)
+            else:
+                _rule_ids(value, lists, found, field)
+    elif isinstance(node, list):
+        for item in node:
+            _rule_ids(item, lists, found, field)
+    elif field is not None and isinstance(node, str) and looks_like_uuid(node):
+        found[field].add(node)
+
+
+def _list_values(config: Config) -> dict[str, list[str]]:
+    """The values of each list of the config (inline or from its file; a file that cannot
+    be read counts as empty here: `check` reports it)."""
+    out: dict[str, list[str]] = {}
+    base = Path(config.source.base_dir) if config.source is not None else Path()
+    for name, spec in config.lists.items():
+        if spec.values is not None:
+            out[name] = [str(v) for v in spec.values]
+        elif spec.file is not None:
+            try:
+                text = (base / spec.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = ""
+            out[name] = [v for line in text.splitlines() if (v := line.split("#", 1)[0].strip())]
+    return out
+
+
+def seed_world(world: World, config: Config) -> dict[str, list[tuple[str, str]]]:
+    """Create in `world` the queues and users `config` names; returns what was created or
+    found as {"queues": [(id, name)], "users": [(id, name)]}."""
+    out: dict[str, list[tuple[str, str]]] = {"queues": [], "users": []}
+    by_name = {q.name.casefold(): q for q in world.queues.values()}
+    wanted: dict[str, set[str]] = {"queue_id": set(), "user_id": set()}
+    lists = _list_values(config)
+    for rule in config.rules:
+        _rule_ids(rule.when, lists, wanted)
+        _rule_ids(rule.call, lists, wanted)
+    queue_ids: list[str] = []
+    for raw in config.subscriptions.queues:
+        entry = str(raw).strip()
+        if not entry:
+            continue
+        if looks_like_uuid(entry):
+            queue_ids.append(entry)
+            continue
+        q = by_name.get(entry.casefold()) or world.create_queue(entry)
+        by_name[q.name.casefold()] = q
+        out["queues"].append((q.id, q.name))
+    for qid in [*queue_ids, *sorted(wanted["queue_id"] - set(queue_ids))]:
+        q = world.queues.get(qid) or world.create_queue(f"Queue {qid[:8]}", qid)
+        out["queues"].append((q.id, q.name))
+    users = [str(u).strip() for u in config.subscriptions.users]
+    for uid in [*users, *sorted(wanted["user_id"] - set(users))]:
+        if not looks_like_uuid(uid):
+            continue  # check and run refuse it with a clear message; nothing to create
+        u = world.users.get(uid) or world.create_user(f"User {uid[:8]}", uid)
+        out["users"].append((u.id, u.name))
+    return out
 
 
 def register(subparsers: Any) -> None:
@@ -83,6 +172,13 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
                  eventbridge_endpoint_url=args.eventbridge_endpoint_url,
                  eventbridge_region=region_from_queue_url(args.eventbridge_queue_url or ""))
     summary = load_scenario(sb.world, args.scenario)
+    seeded: dict[str, list[tuple[str, str]]] | None = None
+    if getattr(args, "seed_from", None):
+        try:
+            seeded = seed_world(sb.world, load_config(args.seed_from))
+        except ConfigError as e:
+            print(f"confguard sandbox: --seed-from: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     try:
         await sb.start()
     except OSError as e:
@@ -108,6 +204,17 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
         print(f"call:       {cid}", file=out)
     if sb.eventbridge is not None:
         print(f"eventbridge: {sb.eventbridge.queue_url}", file=out)
+    if seeded is not None:
+        for qid, name in seeded["queues"]:
+            print(f"seeded queue: {qid}  {name}", file=out)
+        for uid, name in seeded["users"]:
+            print(f"seeded user: {uid}  {name}", file=out)
+    print("to use it, set under genesys: in config.yaml", file=out)
+    print(f"  api_base_url: {sb.base_url}", file=out)
+    print(f"  login_base_url: {sb.base_url}", file=out)
+    print("and export", file=out)
+    print(f"  GENESYSCLOUD_OAUTHCLIENT_ID={sb.client_id}", file=out)
+    print(f"  GENESYSCLOUD_OAUTHCLIENT_SECRET={sb.client_secret}", file=out)
     out.flush()
     try:
         await stop.wait()
