@@ -99,7 +99,7 @@ async def _sandbox_main(conn: Connection) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
     from daemon.genesys.ratelimit import RequestLimiter
-    from daemon.genesys.resync import Reconciler
+    from daemon.genesys.reconcile import Reconciler
     from daemon.service.lifecycle import Daemon
 
     scale = float(args.scale)

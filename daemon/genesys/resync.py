@@ -27,9 +27,12 @@ counts, since the stream stays in its gap until a resync succeeds);
 after that `resync` raises the `ConfguardError` and the caller retries later (the stream
 stays in its gap until a resync completes).
 
-Reconciliation (`Reconciler`, the periodic anti-entropy pass) re-reads only the calls that
-had neither an event nor a read for `reconcile_interval`, riskiest first, within
-`subscriptions.reconcile_share` of every budget window; see its docstring.
+Public API (used by the daemon and by `daemon.genesys.reconcile.Reconciler`, the periodic
+anti-entropy pass, which reads through it): `resync(reason)`, `request(reason)`,
+`set_scope(scope)` (a `daemon.genesys.scope.Scope` value; reload replaces it, the next
+discovery reads it), `discover(now) -> Discovered` (the one analytics discovery step),
+`read(cid, report) -> Step | None` (one GET applied to the engine), `deliver(step, cid)`
+(hand a read's `Step` on), `store`, `clock`, `last_read`, `aclose()`.
 
 Coalescing: a resync requested while one runs schedules exactly one more after it, shared by
 every request that arrived meanwhile; all of them await that next run's report.
@@ -44,8 +47,6 @@ seconds (the same clock the engine is fed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import random
 import time
 from collections import deque
@@ -59,9 +60,10 @@ import structlog
 from daemon.errors import ApiError, ConfguardError, NotFoundError
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.engine import Step
-from daemon.core.model import Call, Decision
-from daemon.genesys.ratelimit import Priority, RequestLimiter, budget_share
+from daemon.core.model import Decision
+from daemon.genesys.ratelimit import Priority
 from daemon.genesys.retry import RetryPolicy
+from daemon.genesys.scope import Scope
 
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
     from daemon.service.metrics import Metrics
@@ -113,12 +115,21 @@ class ResyncReport:
     reasons: list[str] = field(default_factory=list)
 
 
-class Resyncer:
-    """See the module docstring. `scope_queue_ids`/`scope_user_ids` are read at each resync
-    (the daemon may update them in place on reload)."""
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """What one analytics discovery found: live parties per conversation (`analytics_parties`,
+    the highest when a call is listed twice), in the order analytics listed them; and how
+    many entries were malformed (no conversationId: logged, skipped)."""
 
-    def __init__(self, client: ResyncClient, engine: EngineLike,
-                 scope_queue_ids: Sequence[QueueId | str], scope_user_ids: Sequence[UserId | str], *,
+    parties: dict[ConversationId, int] = field(default_factory=dict)
+    rejected: int = 0
+
+
+class Resyncer:
+    """See the module docstring. `scope` (a `Scope` value) is read at each discovery;
+    `set_scope` replaces it (reload)."""
+
+    def __init__(self, client: ResyncClient, engine: EngineLike, scope: Scope, *,
                  on_decisions: Callable[[list[Decision]], None] | None = None,
                  on_step: Callable[[Step], None] | None = None,
                  metrics: Metrics | None = None,
@@ -136,12 +147,12 @@ class Resyncer:
             raise ValueError("concurrency must be at least 1")
         self._client = client
         self._engine = engine
-        self.scope_queue_ids = scope_queue_ids
-        self.scope_user_ids = scope_user_ids
+        self.scope = scope
         self._on_decisions = on_decisions
         self._on_step = on_step
         self._metrics = metrics
-        self._clock = clock
+        #: Epoch seconds (the engine's clock); what reads stamp `last_read` with.
+        self.clock = clock
         self.lookback = lookback
         self.lookahead = lookahead
         self.concurrency = concurrency
@@ -162,9 +173,38 @@ class Resyncer:
 
     # ------------------------------------------------------------------ public
 
-    def set_scope(self, queue_ids: Sequence[QueueId | str], user_ids: Sequence[UserId | str]) -> None:
-        self.scope_queue_ids = queue_ids
-        self.scope_user_ids = user_ids
+    def set_scope(self, scope: Scope) -> None:
+        """Read `scope` from the next discovery on (reload); a resync under way keeps the
+        calls it already found."""
+        self.scope = scope
+
+    @property
+    def store(self) -> Any:
+        """The engine's call store (`daemon.core.state.CallStore`)."""
+        return self._engine.store
+
+    async def discover(self, now: float) -> Discovered:
+        """The calls analytics reports active in scope around `now` (epoch s): one
+        `active_conversations` query from `now - lookback` to `now + lookahead`. Empty
+        (and no request) when the scope names no queue and no user. Raises what the
+        client raises (ConfguardError)."""
+        found: list[Any] = []
+        scope = self.scope
+        if scope.queue_ids or scope.user_ids:
+            found = await self._client.active_conversations(
+                queue_ids=list(scope.queue_ids), user_ids=list(scope.user_ids),
+                since=now - self.lookback, until=now + self.lookahead)
+        parties: dict[ConversationId, int] = {}
+        rejected = 0
+        for conv in found:
+            cid = conv.get("conversationId") if isinstance(conv, dict) else None
+            if not isinstance(cid, str) or not cid:
+                rejected += 1
+                log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
+                continue
+            key = ConversationId(cid)
+            parties[key] = max(parties.get(key, 0), analytics_parties(conv))
+        return Discovered(parties, rejected)
 
     async def resync(self, reason: str) -> ResyncReport:
         """Run a resync (or join the one scheduled next) and return its report.
@@ -227,7 +267,7 @@ class Resyncer:
             except ConfguardError as exc:
                 self.failed += 1
                 if self._metrics is not None:
-                    self._metrics.resync_errors.labels(kind=_error_kind(reasons)).inc()
+                    self._metrics.resync_errors.labels(kind=error_kind(reasons)).inc()
                 wait = next(delays, None)
                 if wait is None:
                     log.error("resync_failed", reasons=reasons, attempts=attempt, error=str(exc))
@@ -239,30 +279,14 @@ class Resyncer:
     # ------------------------------------------------------------------ one resync
 
     async def _run_once(self, reasons: list[str]) -> ResyncReport:
-        started = self._clock()
+        started = self.clock()
         mono = time.monotonic()
         report = ResyncReport(reason=reasons[0], started_at=started, reasons=list(reasons))
         log.info("resync_start", reasons=reasons)
-        queue_ids = [QueueId(str(q)) for q in self.scope_queue_ids]
-        user_ids = [UserId(str(u)) for u in self.scope_user_ids]
-        found: list[dict[str, Any]] = []
-        if queue_ids or user_ids:
-            found = await self._client.active_conversations(
-                queue_ids=queue_ids, user_ids=user_ids,
-                since=started - self.lookback, until=started + self.lookahead)
-
-        parties: dict[ConversationId, int] = {}
-        order: dict[ConversationId, int] = {}
-        for conv in found:
-            cid = conv.get("conversationId") if isinstance(conv, dict) else None
-            if not isinstance(cid, str) or not cid:
-                report.rejected += 1
-                log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
-                continue
-            n = analytics_parties(conv)
-            key = ConversationId(cid)
-            parties[key] = max(parties.get(key, 0), n)
-            order.setdefault(key, len(order))
+        discovered = await self.discover(started)
+        parties = dict(discovered.parties)
+        order = {cid: i for i, cid in enumerate(parties)}
+        report.rejected = discovered.rejected
         report.discovered = len(order)
 
         store = self._engine.store
@@ -282,9 +306,9 @@ class Resyncer:
                  tracked=report.tracked, conferences=report.conferences)
 
         todo: deque[ConversationId] = deque(ids)
-        await _run_workers(min(self.concurrency, len(ids)), partial(self._worker, todo, report))
+        await run_workers(min(self.concurrency, len(ids)), partial(self._worker, todo, report))
 
-        report.finished_at = self._clock()
+        report.finished_at = self.clock()
         report.seconds = time.monotonic() - mono
         self.last = report
         self.completed += 1
@@ -314,13 +338,13 @@ class Resyncer:
                 # date after this resync began: a GET would tell nothing new. Saves budget.
                 report.fresh += 1
                 continue
-            step = await self._read_one(cid, report)
+            step = await self.read(cid, report)
             if step is None:
                 continue
             report.decisions += len(step.decisions)
-            self._deliver(step, cid)
+            self.deliver(step, cid)
 
-    def _deliver(self, step: Step, cid: ConversationId) -> None:
+    def deliver(self, step: Step, cid: ConversationId) -> None:
         """Hand one read's `Step` on (the same path as a frame's); never raises."""
         try:
             if self._on_step is not None:
@@ -330,7 +354,11 @@ class Resyncer:
         except Exception:
             log.exception("resync_on_decisions_failed", conversation_id=cid)
 
-    async def _read_one(self, cid: ConversationId, report: ResyncReport) -> Step | None:
+    async def read(self, cid: ConversationId, report: ResyncReport) -> Step | None:
+        """GET the call at `Priority.RESYNC` and apply it (`engine.apply_conversation`,
+        source "resync"); the resulting `Step`, or None. A 404 marks the call gone (its
+        `Step`); other failures are logged and counted in `report` and
+        `resync_errors{kind}`, never raised. Stamps `last_read[cid]` on success."""
         try:
             conv = await self._client.get_call(cid, priority=Priority.RESYNC)
         except NotFoundError:
@@ -341,7 +369,7 @@ class Resyncer:
         except ApiError as exc:
             report.errors += 1
             if self._metrics is not None:
-                self._metrics.resync_errors.labels(kind=_error_kind(report.reasons)).inc()
+                self._metrics.resync_errors.labels(kind=error_kind(report.reasons)).inc()
             log.warning("resync_call_failed", conversation_id=cid, status=exc.status, error=str(exc))
             return None
         if not isinstance(conv, dict):
@@ -349,18 +377,18 @@ class Resyncer:
             log.warning("resync_call_rejected", conversation_id=cid, reason="reply is not an object")
             return None
         try:
-            step = self._engine.apply_conversation(conv, self._clock(), source="resync")
+            step = self._engine.apply_conversation(conv, self.clock(), source="resync")
         except Exception:  # the core must not crash; if it does, one call must not stop resync
             report.errors += 1
             log.exception("resync_apply_failed", conversation_id=cid)
             return None
         report.updated += 1
-        self.last_read[cid] = self._clock()
+        self.last_read[cid] = self.clock()
         return step
 
     def _mark_gone(self, cid: ConversationId) -> Step | None:
         try:
-            return self._engine.mark_gone(cid, self._clock())
+            return self._engine.mark_gone(cid, self.clock())
         except Exception:
             log.exception("resync_mark_gone_failed", conversation_id=cid)
         return None
@@ -401,7 +429,7 @@ def analytics_parties(conv: Mapping[str, Any]) -> int:
     return live if any_segments else listed
 
 
-async def _run_workers(count: int, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
+async def run_workers(count: int, worker: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run `count` tasks of `worker()` (they share one queue) until all return. The first
     error (or a cancellation of the caller) cancels the others, waits for them to end, and
     is raised as it is: no task outlives the call."""
@@ -421,222 +449,7 @@ def _retrieve(fut: asyncio.Future[ResyncReport]) -> None:
         fut.exception()
 
 
-def _error_kind(reasons: Sequence[str]) -> str:
+def error_kind(reasons: Sequence[str]) -> str:
     """The `kind` label of `resync_errors`: `reconcile` when the pass was only the periodic
     anti-entropy one, else `resync` (start-up, gaps, or those coalesced with a reconcile)."""
     return "reconcile" if reasons and all(r == "reconcile" for r in reasons) else "resync"
-
-
-# ---------------------------------------------------------------------- reconciliation
-
-RECONCILE_TAG = "reconcile"
-"""The limiter tag of every request reconciliation makes (see `ratelimit.budget_share`)."""
-_OUTSIDE_PURPOSES = frozenset({"customer", "external"})
-
-
-def reconcile_class(call: Call) -> int:
-    """How likely a call is to break a rule, as a sort key (lower first): 0 a conference
-    (3+ connected parties), 1 a call with a live customer or external party, 2 the rest."""
-    if call.connected_parties >= 3:
-        return 0
-    if any(p.is_live and p.purpose in _OUTSIDE_PURPOSES for p in call.participants.values()):
-        return 1
-    return 2
-
-
-@dataclass(slots=True)
-class ReconcileStats:
-    """What reconciliation did since start (counters) and at its last scan (gauges).
-
-    `share_used`: fraction of the allowance reconciliation used over its last full
-    interval (the `confguard_reconcile_budget_share` gauge)."""
-
-    reads: int = 0  # GETs answered and applied
-    gone: int = 0
-    errors: int = 0
-    decisions: int = 0
-    discoveries: int = 0  # analytics passes
-    discovered_unknown: int = 0  # live in-scope calls analytics knew and the store did not
-    scans: int = 0
-    last_due: int = 0  # calls due at the last scan
-    last_fresh: int = 0  # calls skipped at the last scan: an event or read within the interval
-    share_used: float = 0.0
-
-
-class Reconciler:
-    """Anti-entropy that scales: Genesys never reports a lost event, so calls are re-read
-    over REST, within a share of the request budget, riskiest first.
-
-    - A live tracked call is due once it has had neither an event that changed it nor a
-      REST read for `interval` seconds (a call that had an event since its last read is
-      fresh, and skipped).
-    - Due calls are read in order: conferences (3+ connected parties), then calls with a
-      live customer or external party, then the rest (`reconcile_class`); within a class,
-      the one longest without an event or read first. Calls analytics reports live in
-      scope that the store does not know (their events were all lost) go first of all.
-    - Every request it makes is tagged `reconcile` with `share` in the shared limiter
-      (`ratelimit.budget_share`), so per budget window it spends at most
-      max(1, floor(share x allowed)) requests, at `Priority.RESYNC`, never the removals'
-      reserve. When the share is spent it waits for the next window; nothing else waits.
-    - Every `interval` it runs the analytics discovery (`discover`), and sets
-      `confguard_reconcile_budget_share` to the fraction of the allowance it used over the
-      interval just ended.
-
-    Replies go through `resyncer`'s read path (`engine.apply_conversation`, the `Step` to its
-    `on_step` at once; 404 marks the call gone; other errors are logged and counted as
-    `resync_errors{kind="reconcile"}`). `clock` is epoch seconds (the engine's); `idle`
-    bounds how long it sleeps between scans when nothing is due (seconds); `batch` calls are
-    taken per scan, `concurrency` read at a time; `window` is the budget window's length in
-    `clock` seconds (60), for the share gauge.
-    """
-
-    def __init__(self, resyncer: Resyncer, *, interval: float, share: float,
-                 limiter: RequestLimiter | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] | None = None, concurrency: int = 4,
-                 discover: bool = True, idle: float = 5.0, batch: int = 32,
-                 window: float = 60.0) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be positive")
-        if not 0.0 < share <= 1.0:
-            raise ValueError("share must be within (0, 1]")
-        self.resyncer = resyncer
-        self.interval = interval
-        self.share = share
-        self.limiter = limiter
-        self._metrics = metrics
-        self._clock = clock or resyncer._clock
-        self.concurrency = max(1, concurrency)
-        self.discover = discover
-        self.idle = idle
-        self.batch = max(1, batch)
-        self.window = window  # seconds of `clock` per budget window, for the share gauge
-        self.stats = ReconcileStats()
-        self._unknown: dict[ConversationId, int] = {}  # discovered, not tracked: parties
-        self.next_due = math.inf  # when the freshest skipped call falls due (engine clock)
-
-    # ------------------------------------------------------------------ scheduling
-
-    def due(self, now: float) -> list[ConversationId]:
-        """The calls to re-read now, in order (see the class docstring)."""
-        store = self.resyncer._engine.store
-        last_read = self.resyncer.last_read
-        ranked: list[tuple[int, float, ConversationId]] = []
-        fresh = 0
-        next_due = math.inf
-        live: set[ConversationId] = set()
-        for cid in list(store.tracked_ids()):
-            call = store.get(cid)
-            if call is None or call.is_ended:
-                continue
-            live.add(cid)
-            seen = max(call.last_update, last_read.get(cid, 0.0))
-            if seen > now - self.interval:
-                fresh += 1
-                next_due = min(next_due, seen + self.interval)
-                continue
-            ranked.append((reconcile_class(call), seen, cid))
-        for cid in [c for c in self._unknown if c in live]:
-            del self._unknown[cid]  # an event brought it in meanwhile
-        for cid, parties in self._unknown.items():
-            ranked.append((-2 if parties >= 3 else -1, 0.0, cid))
-        for cid in [c for c in last_read if c not in live]:
-            del last_read[cid]  # ended or evicted: forget it
-        ranked.sort()
-        self.stats.last_due = len(ranked)
-        self.stats.last_fresh = fresh
-        self.stats.scans += 1
-        self.next_due = next_due
-        return [cid for _, _, cid in ranked]
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Reconcile until `stop` is set (or the task is cancelled)."""
-        budget_share.set((RECONCILE_TAG, self.share))  # this task and the workers it starts
-        start = self._clock()
-        next_discovery = start + self.interval  # start-up resync has just discovered
-        period_start, granted0 = start, self._granted()
-        while not stop.is_set():
-            now = self._clock()
-            if now - period_start >= self.interval:
-                self._report_share(now - period_start, self._granted() - granted0)
-                period_start, granted0 = now, self._granted()
-            if self.discover and now >= next_discovery:
-                next_discovery = now + self.interval
-                await self._discover(now)
-            todo = self.due(now)[:self.batch]
-            if not todo:
-                wake = min(self.next_due, period_start + self.interval,
-                           next_discovery if self.discover else math.inf)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(),
-                                           timeout=max(0.01, min(self.idle, wake - now)))
-                continue
-            queue: deque[ConversationId] = deque(todo)
-            await _run_workers(min(self.concurrency, len(todo)), partial(self._worker, queue))
-
-    # ------------------------------------------------------------------ internals
-
-    async def _worker(self, queue: deque[ConversationId]) -> None:
-        store = self.resyncer._engine.store
-        while queue:
-            cid = queue.popleft()
-            call = store.get(cid)
-            if call is not None and (call.is_ended or max(
-                    call.last_update, self.resyncer.last_read.get(cid, 0.0)) > self._clock() - self.interval):
-                continue  # an event came (or the call ended) while it waited for the share
-            report = ResyncReport(reason=RECONCILE_TAG, started_at=self._clock(),
-                                  reasons=[RECONCILE_TAG])
-            step = await self.resyncer._read_one(cid, report)
-            self._unknown.pop(cid, None)
-            self.stats.reads += report.updated
-            self.stats.gone += report.gone
-            self.stats.errors += report.errors
-            if step is not None:
-                self.stats.decisions += len(step.decisions)
-                self.resyncer._deliver(step, cid)
-
-    async def _discover(self, now: float) -> None:
-        rs = self.resyncer
-        queue_ids = [QueueId(str(q)) for q in rs.scope_queue_ids]
-        user_ids = [UserId(str(u)) for u in rs.scope_user_ids]
-        if not queue_ids and not user_ids:
-            return
-        try:
-            found = await rs._client.active_conversations(
-                queue_ids=queue_ids, user_ids=user_ids,
-                since=now - rs.lookback, until=now + rs.lookahead)
-        except ConfguardError as exc:
-            if self._metrics is not None:
-                self._metrics.resync_errors.labels(kind=RECONCILE_TAG).inc()
-            log.warning("reconcile_discovery_failed", error=str(exc))
-            return
-        self.stats.discoveries += 1
-        store = rs._engine.store
-        new = 0
-        for conv in found:
-            cid = conv.get("conversationId") if isinstance(conv, dict) else None
-            if not isinstance(cid, str) or not cid:
-                log.warning("resync_analytics_entry_rejected", reason="missing conversationId")
-                continue
-            key = ConversationId(cid)
-            if store.get(key) is None and key not in self._unknown:
-                self._unknown[key] = analytics_parties(conv)
-                new += 1
-        self.stats.discovered_unknown += new
-        if new:
-            log.info("reconcile_discovered", calls=new)
-
-    def _granted(self) -> int:
-        return 0 if self.limiter is None else self.limiter.granted["tag:" + RECONCILE_TAG]
-
-    def _report_share(self, seconds: float, requests: int) -> None:
-        if self.limiter is None or seconds <= 0:
-            return
-        allowed = self.limiter.allowed
-        if not allowed:
-            return
-        share = min(1.0, requests / (allowed * seconds / self.window))
-        self.stats.share_used = share
-        if self._metrics is not None:
-            self._metrics.reconcile_budget_share.set(share)
-        log.info("reconcile_share", share=round(share, 3), requests=requests,
-                 seconds=round(seconds, 1), due=self.stats.last_due, fresh=self.stats.last_fresh)

@@ -52,7 +52,8 @@ from daemon.errors import ConfigError, ConfguardError, StreamError, Subscription
 from daemon.service.metrics import Metrics
 from daemon.core.model import Decision
 from daemon.service.ops import HealthStatus, OpsServer
-from daemon.genesys.resync import Reconciler, Resyncer
+from daemon.genesys.reconcile import Reconciler
+from daemon.genesys.resync import Resyncer
 from daemon.genesys.retry import RetryPolicy
 from daemon.core.rules import RuleEngine, compile_rules
 from daemon.genesys.scope import resolve_scope
@@ -145,8 +146,6 @@ class Daemon:
         self._reload_again = False
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
-        self._queue_ids: list[str] = []
-        self._user_ids: list[str] = []
         # HA (ha.backend: postgres): the lease, the send gate, take-over; None on one host.
         self.failover: Failover | None = None
         self._ha_stop = asyncio.Event()
@@ -232,12 +231,11 @@ class Daemon:
             await self._close_unfinished()
         self._set_state(State.SUBSCRIBING)
         scope = await resolve_scope(self.client, cfg.subscriptions)
-        self._queue_ids, self._user_ids = list(scope.queue_ids), list(scope.user_ids)
         client, router = self.client, self.router
         built = (make(SourceContext(cfg, client, router, self.metrics, scope, self.clock))
                  for make in self._source_factories)
         self.sources = [source for source in built if source is not None]
-        self.resyncer = Resyncer(self.client, self.engine, self._queue_ids, self._user_ids,
+        self.resyncer = Resyncer(self.client, self.engine, scope,
                                  metrics=self.metrics, on_step=router.step, clock=self.clock)
         for source in self.sources:
             if isinstance(source, WebSocketSource):
@@ -473,7 +471,8 @@ class Daemon:
                         "both empty in the new configuration")
                 for source in self.sources:
                     await source.apply_scope(scope)
-                self._queue_ids[:], self._user_ids[:] = list(scope.queue_ids), list(scope.user_ids)
+                if self.resyncer is not None:
+                    self.resyncer.set_scope(scope)
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave us stuck in RELOADING
             log.error("reload_rejected", error=str(exc), error_type=type(exc).__name__,
                       detail="the previous configuration stays in force")
@@ -605,7 +604,7 @@ class Daemon:
     async def _reconcile(self) -> None:
         """Anti-entropy: Genesys never reports a lost event, so calls without an event or a
         read for `reconcile_interval` seconds are re-read, riskiest first, within
-        `reconcile_share` of the budget (`daemon.genesys.resync.Reconciler`). The stream's
+        `reconcile_share` of the budget (`daemon.genesys.reconcile.Reconciler`). The stream's
         gap state is left alone."""
         assert self.resyncer is not None and self.client is not None
         subs = self.config.subscriptions

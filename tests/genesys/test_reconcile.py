@@ -13,7 +13,9 @@ from _stream_helpers import client_for, make_engine, wait_for
 from daemon.core.ids import ConversationId, ParticipantId, QueueId
 from daemon.core.model import Call, Participant
 from daemon.genesys.ratelimit import Priority
-from daemon.genesys.resync import Reconciler, Resyncer, reconcile_class
+from daemon.genesys.reconcile import Reconciler, reconcile_class
+from daemon.genesys.scope import Scope
+from daemon.genesys.resync import Resyncer
 from daemon.sandbox import Sandbox
 
 CALLS = "/api/v2/conversations/calls/"
@@ -58,7 +60,7 @@ async def test_riskiest_first_fresh_skipped_unknown_found(sandbox_factory: Any) 
     lost = w.start_call(q)  # a call whose every event was lost: only analytics knows it
     w.connect_agent(lost.id, agent)
     async with client_for(sb) as client:
-        rs = Resyncer(client, engine, [QueueId(q)], [], on_decisions=lambda d: None,
+        rs = Resyncer(client, engine, Scope(queue_ids=(QueueId(q),)), on_decisions=lambda d: None,
                       clock=lambda: now[0])
         rec = Reconciler(rs, interval=300.0, share=1.0, limiter=client.limiter,
                          clock=lambda: now[0], concurrency=1, discover=True, idle=0.05)
@@ -66,7 +68,7 @@ async def test_riskiest_first_fresh_skipped_unknown_found(sandbox_factory: Any) 
         # the one longest without an event first.
         assert rec.due(now[0]) == [conf_old.id, conf_new.id, routed_old.id]
         assert rec.stats.last_fresh == 1
-        await rec._discover(now[0])
+        await rec.discover_unknown(now[0])
         assert rec.stats.discovered_unknown == 1
         assert rec.due(now[0])[0] == lost.id  # unknown to the store: read first of all
         stop = asyncio.Event()
@@ -101,7 +103,7 @@ async def test_reconciliation_stays_within_its_share(sandbox_factory: Any) -> No
     async with client_for(sb, rpm=300) as client:
         await client.get_call(calls[0].id, priority=Priority.NORMAL)  # learn the allowance
         assert client.limiter.allowed == 40
-        rs = Resyncer(client, engine, [QueueId(q)], [], on_decisions=lambda d: None,
+        rs = Resyncer(client, engine, Scope(queue_ids=(QueueId(q),)), on_decisions=lambda d: None,
                       clock=lambda: now[0])
         rec = Reconciler(rs, interval=300.0, share=0.25, limiter=client.limiter,
                          clock=lambda: now[0], discover=False)
@@ -139,8 +141,23 @@ async def test_a_gap_resync_skips_calls_updated_since_it_began(sandbox_factory: 
     # An event for `fresh` lands after the resync began (its clock reads now).
     engine.apply_conversation(w.get_call(fresh.id).rest_body(), now[0] + 5, source="resync")
     async with client_for(sb) as client:
-        rs = Resyncer(client, engine, [QueueId(q)], [], on_decisions=lambda d: None,
+        rs = Resyncer(client, engine, Scope(queue_ids=(QueueId(q),)), on_decisions=lambda d: None,
                       clock=lambda: now[0])
         report = await asyncio.wait_for(rs.resync("reconnect"), 10)
     assert report.calls == 2 and report.fresh == 1 and report.updated == 1
     assert _gets(sb) == [stale.id]
+
+
+def test_reconciler_uses_only_the_resyncers_public_api() -> None:
+    """Issue 17: reconciliation reads, discovers and delivers through `Resyncer`'s public
+    API; daemon/genesys/reconcile.py touches no private member of another object."""
+    import ast
+    from pathlib import Path
+
+    import daemon.genesys.reconcile as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    private = [f"{ast.unparse(n)} (line {n.lineno})" for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
+    assert private == []

@@ -14,6 +14,7 @@ from _stream_helpers import Collector, client_for, make_engine, queue_topic, wai
 from daemon.errors import ConfguardError
 from daemon.core.ids import QueueId, Topic
 from daemon.service.metrics import Metrics
+from daemon.genesys.scope import Scope
 from daemon.genesys.resync import Resyncer, ResyncReport, analytics_parties
 from daemon.sandbox import Sandbox
 from daemon.genesys.stream import StreamManager
@@ -51,7 +52,7 @@ async def test_resync_after_drop_finds_call_started_during_outage() -> None:
                 assert stream is not None
                 stream.mark_resynced(report.started_at)
 
-            resyncer = Resyncer(client, engine, [QueueId(q.id)], [], on_decisions=col.on_decisions,
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions,
                                 on_resynced=resynced)
             def on_gap(reason: str) -> None:
                 col.on_gap(reason)
@@ -112,7 +113,7 @@ async def test_conferences_are_read_first_and_decisions_flow_immediately() -> No
 
         sb.faults.latency = 0.02  # each REST call takes a moment, so the order is visible
         async with client_for(sb) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=on_decisions,
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=on_decisions,
                                 concurrency=1)
             report = await asyncio.wait_for(resyncer.resync("test"), 10)
         order = call_gets(sb)
@@ -137,7 +138,7 @@ async def test_tracked_calls_are_reread_and_404_marks_gone() -> None:
         assert not engine.store.get(ghost).is_ended  # type: ignore[union-attr]
         col = Collector()
         async with client_for(sb) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions)
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions)
             report = await asyncio.wait_for(resyncer.resync("test"), 10)
         assert report.tracked == 1 and report.discovered == 1 and report.calls == 2
         assert report.gone == 1 and report.updated == 1 and report.errors == 0
@@ -155,7 +156,7 @@ async def test_overlapping_requests_coalesce_into_one_more_run() -> None:
         col = Collector()
         sb.faults.latency = 0.05
         async with client_for(sb) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions,
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions,
                                 concurrency=1)
             first = asyncio.create_task(resyncer.resync("a"))
             await wait_for(lambda: resyncer.running, what="first resync running")
@@ -176,7 +177,7 @@ async def test_discovery_failure_retries_then_raises_then_recovers() -> None:
         col = Collector()
         metrics = Metrics()
         async with client_for(sb, max_retries=1) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions,
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions,
                                 attempts=2, retry_initial=0.05, metrics=metrics)
             sb.faults.add_burst("POST", "analytics", 503, 100)
             with pytest.raises(ConfguardError) as err:
@@ -200,7 +201,7 @@ async def test_single_call_errors_are_counted_not_fatal() -> None:
         col = Collector()
         metrics = Metrics()
         async with client_for(sb, max_retries=0) as client:
-            resyncer = Resyncer(client, engine, [q.id], [], on_decisions=col.on_decisions,
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions,
                                 metrics=metrics)
             sb.faults.add_burst("GET", f"/calls/{bad}$", 500, 10)
             report = await asyncio.wait_for(resyncer.resync("gap"), 10)
@@ -213,17 +214,16 @@ async def test_single_call_errors_are_counted_not_fatal() -> None:
         assert engine.store.get(bad) is None
 
 
-async def test_scope_lists_are_read_at_each_resync() -> None:
+async def test_set_scope_is_read_at_the_next_resync() -> None:
     async with own_sandbox() as sb:
         qa, qb = sb.world.create_queue("A"), sb.world.create_queue("B")
         ca, cb = sb.world.start_call(qa.id).id, sb.world.start_call(qb.id).id
         engine = make_engine()
-        queues: list[QueueId] = [QueueId(qa.id)]
         async with client_for(sb) as client:
-            resyncer = Resyncer(client, engine, queues, [], on_decisions=lambda d: None)
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(qa.id),)), on_decisions=lambda d: None)
             await asyncio.wait_for(resyncer.resync("x"), 10)
             assert engine.store.get(ca) is not None and engine.store.get(cb) is None
-            queues[:] = [QueueId(qb.id)]  # what the daemon does on reload
+            resyncer.set_scope(Scope(queue_ids=(QueueId(qb.id),)))  # what the daemon does on reload
             await asyncio.wait_for(resyncer.resync("reload"), 10)
             assert engine.store.get(cb) is not None
 
@@ -242,7 +242,7 @@ async def test_resync_timing_metrics_for_n_calls() -> None:
         col = Collector()
         metrics = Metrics()
         async with client_for(sb) as client:
-            resyncer = Resyncer(client, engine, [q.id for q in qs], [],
+            resyncer = Resyncer(client, engine, Scope(queue_ids=tuple(QueueId(q.id) for q in qs)),
                                 on_decisions=col.on_decisions, metrics=metrics)
             t0 = time.monotonic()
             report = await asyncio.wait_for(resyncer.resync("timing"), 30)
