@@ -26,8 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+#: The tree whose daemon code and config.yaml are measured: this one, or the one named by
+#: CONFGUARD_BENCH_ROOT (budget_burst.py --against: the code before a change, same scripts).
+ROOT = Path(os.environ.get("CONFGUARD_BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+elif sys.path.index(str(ROOT)) > 0:  # ahead of a bench script's own folder's parent
+    sys.path.remove(str(ROOT))
     sys.path.insert(0, str(ROOT))
 
 from daemon.config import Config, load_config  # noqa: E402

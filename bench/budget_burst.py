@@ -41,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+import _hops  # noqa: E402
 
 QUEUE = "Customer Service"
 
@@ -54,7 +55,7 @@ def sandbox_process(conn: Connection, budget: int) -> None:
 async def _sandbox_main(conn: Connection, budget: int) -> None:
     from daemon.sandbox import Sandbox
 
-    sb = Sandbox(heartbeat_interval=30.0, request_budget=budget, seed=11)
+    sb = Sandbox(heartbeat_interval=30.0, request_budget=budget or None, seed=11)
     await sb.start()
     w = sb.world
     queue = w.create_queue(QUEUE).id
@@ -66,7 +67,7 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
     calls: list[tuple[str, str, str]] = []  # (conversation id, customer id, external id)
     names = {sb.client_id: "confguard", minimal.id: "minimal"}
 
-    async def burst(n: int, gap: float, settle: float) -> dict[str, Any]:
+    async def burst(n: int, gap: float, settle: float, raw: bool) -> dict[str, Any]:
         seq0 = sb.journal._req_seq
         flags: list[tuple[str, str, str, int]] = []
         t0 = time.monotonic()
@@ -99,6 +100,9 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
                 first.setdefault((r.client_id, r.path), r.perf_ns)
         out: dict[str, Any] = {"flags": len(flags), "inject_seconds": round(inject, 2),
                                "load": _common.load()}
+        if raw:  # per flag: conversation, publish ns, confguard's first PATCH ns (for --hops)
+            out["raw"] = [[f[0], f[3], first.get((sb.client_id, base.format(f[0], f[1])))]
+                          for f in flags]
         for client_id, who in names.items():
             lat = []
             for f in flags:
@@ -126,7 +130,7 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
                 calls.append((conv.id, conv.participants[0].id, ext.id))
             conn.send(len(calls))
         elif op == "burst":
-            conn.send(await burst(cmd["n"], cmd["gap"], cmd["settle"]))
+            conn.send(await burst(cmd["n"], cmd["gap"], cmd["settle"], cmd.get("raw", False)))
         else:
             await sb.stop()
             conn.send(True)
@@ -217,15 +221,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             with _common.daemon_folder() as tmp:
                 path = _common.config_for_sandbox(
                     tmp, info, n_rules=6, queues=[QUEUE],
-                    overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning"})
+                    overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning",
+                               **dict(_setting(x) for x in args.set)})
+                # Before the Daemon is made: the stream keeps the bound `_on_message`.
+                probe = _hops.install() if args.hops else None
                 daemon = Daemon(load_config(path), config_path=path)
                 await daemon.start()
                 try:
                     await remote.ask({"op": "setup", "conferences": args.conferences})
                     results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.conferences, 60)
                     await asyncio.sleep(1.0)
-                    r = await remote.ask({"op": "burst", "n": args.conferences,
-                                          "gap": args.gap_ms / 1000.0, "settle": args.settle})
+                    profiler = _profiler(args.profile)
+                    try:
+                        r = await remote.ask({"op": "burst", "n": args.conferences,
+                                              "gap": args.gap_ms / 1000.0, "settle": args.settle,
+                                              "raw": probe is not None})
+                    finally:
+                        if profiler is not None:
+                            profiler.stop()
+                            Path(args.profile).write_text(profiler.output_text(show_all=False))
+                            results["profile"] = args.profile
+                        if probe is not None:
+                            probe.uninstall()
+                    raw = r.pop("raw", None)
+                    if probe is not None and raw:
+                        results["hops"] = _hops.breakdown(
+                            probe.rows(), {c: ev for c, ev, _ in raw},
+                            {c: ns for c, _, ns in raw if ns is not None})
                     assert daemon.client is not None
                     snap = daemon.client.limiter.snapshot()
                     r["confguard"]["learnt_allowed"] = snap.allowed
@@ -249,6 +271,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _profiler(path: str | None) -> Any:
+    """A started pyinstrument Profiler (1 ms sampling) when `path` is given, else None."""
+    if not path:
+        return None
+    from pyinstrument import Profiler
+
+    prof = Profiler(interval=0.001, async_mode="disabled")
+    prof.start()
+    return prof
+
+
 def summary(r: dict[str, Any]) -> str:
     lines = [f"burst: {r['conferences']} conferences, customers flagged {r['gap_ms']} ms apart, "
              f"sandbox budget {r['budget_per_minute']}/min, load {r.get('load')}"]
@@ -262,6 +295,131 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  confguard in-daemon (frame received -> PATCH sent): {r['confguard']['in_daemon_ms']}")
     if "ratio_p99" in r:
         lines.append(f"  confguard p99 / minimal p99 = {r['ratio_p99']}")
+    h = r.get("hops") or {}
+    if h.get("n"):
+        lines.append(f"  hops (p50 ms since the previous one, {h['n']} removals): "
+                     + ", ".join(f"{k} {v['p50']:.3f}" for k, v in h["hops_ms"].items()))
+        lines.append(f"  frame handed over -> PATCH written: {h['on_message_to_written_ms']}")
+    return "\n".join(lines)
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """`--set dotted.key=VALUE` (VALUE read as YAML: 1, true, 5s, ...) -> (key, value)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set wants dotted.key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _one_run(root: Path, args: argparse.Namespace, sets: list[str]) -> dict[str, Any]:
+    """One single-run of this script in its own process (a fresh sandbox and interpreter),
+    with the daemon's code taken from `root` (CONFGUARD_BENCH_ROOT) and `sets` as --set."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--json",
+           "--conferences", str(args.conferences), "--gap-ms", str(args.gap_ms),
+           "--budget", str(args.budget), "--settle", str(args.settle)]
+    cmd += [a for x in sets for a in ("--set", x)]
+    if args.hops:
+        cmd.append("--hops")
+    env = {**os.environ, "CONFGUARD_BENCH_ROOT": str(root)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed ({root}, {sets}):\n{done.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _med(values: list[float]) -> float | None:
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return round(xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2, 3)
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median (and min-max) over `runs` of the figures that decide the target."""
+    def col(*path: str) -> list[float]:
+        out = []
+        for r in runs:
+            x: Any = r
+            for k in path:
+                x = x.get(k) if isinstance(x, dict) else None
+            if isinstance(x, (int, float)):
+                out.append(float(x))
+        return out
+
+    ratios = col("ratio_p99")
+    agg: dict[str, Any] = {
+        "runs": len(runs),
+        "ratio_p99": {"median": _med(ratios), "min": min(ratios, default=None),
+                      "max": max(ratios, default=None), "all": ratios},
+        "confguard_p50_ms": _med(col("confguard", "p50_ms")),
+        "confguard_p99_ms": _med(col("confguard", "p99_ms")),
+        "minimal_p50_ms": _med(col("minimal", "p50_ms")),
+        "minimal_p99_ms": _med(col("minimal", "p99_ms")),
+        "in_daemon_p50_ms": _med(col("confguard", "in_daemon_ms", "p50")),
+        "in_daemon_p99_ms": _med(col("confguard", "in_daemon_ms", "p99")),
+        "patched": [r.get("confguard", {}).get("patched") for r in runs],
+        "status_429": [r.get("confguard", {}).get("status_429") for r in runs],
+        "load": [r.get("load") for r in runs],
+    }
+    hops = [r["hops"] for r in runs if r.get("hops", {}).get("n")]
+    if hops:
+        agg["hops_p50_ms"] = {h: _med([x["hops_ms"][h]["p50"] for x in hops if h in x["hops_ms"]])
+                              for h in hops[0]["hops_ms"]}
+        agg["hops_order"] = [x["order"] for x in hops]
+        agg["on_message_to_written_p50_ms"] = _med(
+            [x["on_message_to_written_ms"]["p50"] for x in hops])
+    return agg
+
+
+def alternate(args: argparse.Namespace) -> dict[str, Any]:
+    """`--runs N` rounds; each round one run of this tree (A) and, with `--against DIR` or
+    `--b-set`, one of variant B (DIR's daemon code and/or other settings), in alternating
+    order (A B, B A, ...) so that the shared machine's drift hits both alike."""
+    here = _common.ROOT
+    variants = {"A": (here, list(args.set))}
+    if args.against or args.b_set:
+        root_b = Path(args.against).resolve() if args.against else here
+        variants["B"] = (root_b, list(args.set) + list(args.b_set))
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for i in range(args.runs):
+        order = list(variants) if i % 2 == 0 else list(reversed(variants))
+        for k in order:
+            r = _one_run(variants[k][0], args, variants[k][1])
+            runs[k].append(r)
+            print(f"round {i + 1} {k}: ratio {r.get('ratio_p99')} confguard p99 "
+                  f"{_common.fmt(r.get('confguard', {}).get('p99_ms'), 2)} minimal p99 "
+                  f"{_common.fmt(r.get('minimal', {}).get('p99_ms'), 2)} in-daemon "
+                  f"{(r.get('confguard') or {}).get('in_daemon_ms')} load {r.get('load')}",
+                  file=sys.stderr, flush=True)
+    return {"bench": "budget_burst", "conferences": args.conferences, "gap_ms": args.gap_ms,
+            "budget_per_minute": args.budget, "rounds": args.runs,
+            "variants": {k: {"root": str(v[0]), "set": v[1], **_aggregate(runs[k]),
+                             "each": runs[k]} for k, v in variants.items()},
+            "target": "median ratio_p99 <= 1.5"}
+
+
+def alternate_summary(r: dict[str, Any]) -> str:
+    lines = [f"burst x{r['rounds']} rounds: {r['conferences']} conferences, {r['gap_ms']} ms apart, "
+             f"sandbox budget {r['budget_per_minute'] or 'off (no inin-ratelimit-* headers)'}"]
+    for k, v in r["variants"].items():
+        rat = v["ratio_p99"]
+        lines.append(f"  {k} ({v['root']} {' '.join(v['set'])}): p99 ratio median {rat['median']} "
+                     f"(range {rat['min']}-{rat['max']}, all {rat['all']})")
+        lines.append(f"     confguard p50/p99 {v['confguard_p50_ms']}/{v['confguard_p99_ms']} ms, "
+                     f"minimal {v['minimal_p50_ms']}/{v['minimal_p99_ms']} ms, in-daemon p50/p99 "
+                     f"{v['in_daemon_p50_ms']}/{v['in_daemon_p99_ms']} ms, patched {v['patched']}, "
+                     f"429s {v['status_429']}")
+        if "hops_p50_ms" in v:
+            lines.append(f"     hops p50 ms {v['hops_p50_ms']}; frame -> written p50 "
+                         f"{v['on_message_to_written_p50_ms']}")
     return "\n".join(lines)
 
 
@@ -269,13 +427,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conferences", type=int, default=200)
     ap.add_argument("--gap-ms", type=float, default=10.0)
-    ap.add_argument("--budget", type=int, default=300, help="sandbox requests per token per 60 s")
+    ap.add_argument("--budget", type=int, default=300,
+                    help="sandbox requests per token per 60 s; 0: no budget (no inin-ratelimit-* headers)")
     ap.add_argument("--settle", type=float, default=90.0, help="seconds to wait for the PATCHes")
     ap.add_argument("--smoke", action="store_true", help="10 conferences: check the script runs")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a daemon config setting (dotted key, YAML value); repeatable")
+    ap.add_argument("--hops", action="store_true",
+                    help="per-hop timestamps of confguard's path (bench/_hops.py)")
+    ap.add_argument("--profile", metavar="FILE", help="pyinstrument profile of the burst to FILE")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="rounds, each in its own process: medians and spread (>= 5 to judge)")
+    ap.add_argument("--against", metavar="DIR",
+                    help="alternate each round with the daemon code in DIR (e.g. a git archive "
+                         "of the commit before)")
+    ap.add_argument("--b-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="settings of the alternated variant B (with or without --against)")
     args = ap.parse_args()
     if args.smoke:
         args.conferences, args.settle = 10, 15.0
+    if args.runs > 1 or args.against or args.b_set:
+        r = alternate(args)
+        print(json.dumps(r) if args.json else alternate_summary(r))
+        return
     r = asyncio.run(run(args))
     print(json.dumps(r) if args.json else summary(r))
 

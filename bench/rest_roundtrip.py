@@ -58,12 +58,21 @@ async def _server_main(conn: Connection) -> None:
     await runner.cleanup()
 
 
-async def _httpx(url: str, n: int) -> list[float]:
+async def _httpx(url: str, n: int, transport_name: str = "httpcore") -> list[float]:
     import httpx
 
     timeout = httpx.Timeout(connect=10.0, read=10.0, write=10.0, pool=10.0)
+    transport: httpx.AsyncBaseTransport | None = None  # httpx's own: httpcore on anyio
+    if transport_name == "httpx_aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport()
+    elif transport_name == "confguard":
+        from daemon.genesys.transport import AiohttpTransport as Ours
+
+        transport = Ours()
     out: list[float] = []
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport,
                                  headers={"User-Agent": "confguard/0.1",
                                           "Accept": "application/json"}) as c:
         for i in range(n + 20):  # the first 20 warm the pool
@@ -71,6 +80,42 @@ async def _httpx(url: str, n: int) -> list[float]:
             r = await c.request("PATCH", url, json={"state": "disconnected"},
                                 headers={"Authorization": "Bearer x"})
             r.raise_for_status()
+            if i >= 20:
+                out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+async def _httpx_aiohttp(url: str, n: int) -> list[float]:
+    """httpx over the `httpx-aiohttp` package's AiohttpTransport (not a dependency: skipped
+    when it is not installed)."""
+    return await _httpx(url, n, "httpx_aiohttp")
+
+
+async def _httpx_confguard(url: str, n: int) -> list[float]:
+    """httpx over confguard's own aiohttp transport (`daemon.genesys.transport`)."""
+    return await _httpx(url, n, "confguard")
+
+
+async def _genesys(url: str, n: int) -> list[float]:
+    """The whole of confguard's client: `GenesysClient.disconnect_participant` (limiter slot,
+    token, retry policy, metrics hook, the transport GenesysClient picks) against the
+    same server; the token comes from a MockTransport-free stub (no OAuth round trip)."""
+    from daemon.config import Credentials, GenesysSettings
+    from daemon.genesys.api import GenesysClient
+
+    origin = url.split("/api/v2/", 1)[0]
+    settings = GenesysSettings(api_base_url=origin, login_base_url=origin)
+    client = GenesysClient(settings, Credentials(client_id="x", client_secret="y"))
+
+    async def token() -> str:
+        return "x"
+
+    client.tokens.token = token  # type: ignore[method-assign]
+    out: list[float] = []
+    async with client:
+        for i in range(n + 20):
+            t = time.perf_counter()
+            await client.disconnect_participant("c1", "p1")
             if i >= 20:
                 out.append((time.perf_counter() - t) * 1000.0)
     return out
@@ -102,8 +147,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise TimeoutError("server did not start")
         url = f"http://127.0.0.1:{here.recv()}{PATH}"
         best: dict[str, dict[str, float]] = {}
-        for _ in range(args.rounds):
-            for name, fn in (("httpx", _httpx), ("aiohttp", _aiohttp)):
+        fns = {"httpx": _httpx, "httpx_aiohttp": _httpx_aiohttp,
+               "httpx_confguard": _httpx_confguard, "genesys": _genesys, "aiohttp": _aiohttp}
+        if importlib.util.find_spec("httpx_aiohttp") is None:
+            del fns["httpx_aiohttp"]
+        for i in range(args.rounds):
+            order = [c for c in args.clients if c in fns]
+            for name in order if i % 2 == 0 else reversed(order):  # alternated
+                fn = fns[name]
                 lat = await fn(url, args.requests)
                 row = {"p50_ms": round(_common.pct(lat, 0.5), 3),
                        "p90_ms": round(_common.pct(lat, 0.9), 3)}
@@ -115,7 +166,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "rest_roundtrip", "requests": args.requests, "rounds": args.rounds,
             "sniffio": importlib.util.find_spec("sniffio") is not None, "load": _common.load(),
             **best,
-            "extra_ms_p50": round(best["httpx"]["p50_ms"] - best["aiohttp"]["p50_ms"], 3)}
+            "extra_ms_p50": round(best["httpx"]["p50_ms"] - best["aiohttp"]["p50_ms"], 3)
+            if "httpx" in best and "aiohttp" in best else None}
 
 
 def main() -> None:
@@ -124,19 +176,33 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="50 requests, 1 round")
+    ap.add_argument("--clients", nargs="+",
+                    default=["httpx", "httpx_aiohttp", "httpx_confguard", "genesys", "aiohttp"],
+                    help="which clients, alternated round by round: httpx (its own transport, "
+                         "httpcore), httpx_aiohttp (the httpx-aiohttp package's transport, when "
+                         "installed), httpx_confguard (daemon.genesys.transport), genesys "
+                         "(GenesysClient whole), aiohttp (bare)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         args.requests, args.rounds = 50, 1
-    r = asyncio.run(run(args))
+    import os
+
+    from daemon.service.logs import configure_logging
+
+    with open(os.devnull, "w") as devnull:  # as the daemon runs: warning and up, JSON
+        configure_logging("warning", "json", stream=devnull)
+        r = asyncio.run(run(args))
     if args.json:
         print(json.dumps(r))
     else:
         print(f"REST round trip, {r['requests']} sequential PATCHes, best of {r['rounds']} "
               f"(sniffio importable: {r['sniffio']}; load {r['load']})")
-        for who in ("httpx", "aiohttp"):
-            print(f"  {who:<8} p50 {r[who]['p50_ms']:.3f} ms  p90 {r[who]['p90_ms']:.3f} ms")
-        print(f"  httpx costs {r['extra_ms_p50']:.3f} ms more per request (p50)")
+        for who in (c for c in ("httpx", "httpx_aiohttp", "httpx_confguard", "genesys", "aiohttp")
+                    if c in r):
+            print(f"  {who:<16} p50 {r[who]['p50_ms']:.3f} ms  p90 {r[who]['p90_ms']:.3f} ms")
+        if r["extra_ms_p50"] is not None:
+            print(f"  httpx costs {r['extra_ms_p50']:.3f} ms more per request (p50)")
 
 
 if __name__ == "__main__":
