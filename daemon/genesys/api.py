@@ -50,6 +50,7 @@ from daemon.errors import (ApiError, ConflictError, RateLimitedError, TransportE
 from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
 from daemon.genesys.ratelimit import Priority, RequestLimiter
 from daemon.genesys.retry import RetryPolicy, process_exception
+from daemon.genesys.transport import default_transport
 from daemon.core.timefmt import format_time, parse_time
 
 log = structlog.get_logger(__name__)
@@ -97,7 +98,8 @@ class TopicState:
 class GenesysClient:
     """Async Genesys Cloud REST client. Use as `async with GenesysClient(settings, creds) as c:`.
 
-    `transport` replaces the network (httpx.MockTransport in tests). `limiter` may be shared
+    `transport` replaces the network (httpx.MockTransport in tests); by default requests go
+    out through aiohttp (`daemon.genesys.transport`) under the same httpx API. `limiter` may be shared
     with other clients of the same OAuth client; by default one is made from
     `settings.requests_per_minute`. `retry_base_delay`/`retry_max_delay` shape the
     jittered exponential back-off (seconds) of `self.retry` (a `RetryPolicy` with
@@ -122,7 +124,8 @@ class GenesysClient:
         timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                                 write=settings.read_timeout, pool=settings.connect_timeout)
         self._http = httpx.AsyncClient(
-            transport=transport, timeout=timeout, follow_redirects=False,
+            transport=transport if transport is not None else default_transport(),
+            timeout=timeout, follow_redirects=False,
             headers={"User-Agent": "confguard/0.1", "Accept": "application/json"})
         self.api_origin = settings.api_origin.rstrip("/")
         self.tokens = TokenManager(self._http, settings.login_origin, credentials,
