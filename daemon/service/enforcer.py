@@ -14,10 +14,11 @@ Contract:
 - `submit(decision) -> Removal` (and `submit_all`) is SYNCHRONOUS and called from the
   WebSocket receive callback, the resync, the timers, or the control API (a manual decision:
   `daemon.core.enforcement.manual_decision`, carrying an `Origin` that the audit records).
-  For each decision: count it (`metrics.decisions`), log one line `decision` carrying every
-  decision field (INFO for rules of severity info, else WARNING), write the audit `decision`
-  record (in the page cache BEFORE any PATCH for it exists), then act as
-  `Enforcement.admit` says:
+  For each decision: count it (`metrics.decisions`), write the audit `decision` record (in
+  the page cache BEFORE any PATCH for it exists), log one line `decision` carrying every
+  decision field (INFO for rules of severity info, else WARNING; when a PATCH task is
+  started, the line is written on the loop's next iteration, after the task's first step,
+  so that building it does not delay the PATCH), then act as `Enforcement.admit` says:
     * rule action `observe`, or `observe` mode: an `observed` outcome; nothing is sent;
     * draining (`stop_accepting`): `suppressed`, "daemon stopping";
     * the party has an action in flight: the decision JOINS it (nothing sent twice; its
@@ -405,10 +406,10 @@ class Enforcer:
         mode = self.mode
         dlog = self._bound(d)
         self._count_decision(d, mode)
-        self._log_decision(d, mode, dlog)
         try:
             self.audit.write(decision_record(d, mode=mode))
         except Exception as exc:
+            self._log_decision(d, mode, dlog)
             dlog.critical("audit_write_failed", record="decision", detail="decision not acted on",
                           error=f"{exc.__class__.__name__}: {exc}")
             self._count_outcome(d, "failed")
@@ -426,9 +427,16 @@ class Enforcer:
             action = _Action(adm.flight, removal, log=dlog)
             self._actions[action.key] = action
             # Created in this turn of the loop; runs at the loop's next iteration.
-            action.task = asyncio.get_running_loop().create_task(
+            loop = asyncio.get_running_loop()
+            action.task = loop.create_task(
                 self._run(action), name=f"disconnect {d.conversation_id}/{d.participant_id}")
+            # The `decision` line right after the task's first step (callbacks run in the
+            # order scheduled), which writes the PATCH unless it has to wait (limiter, token):
+            # building and writing the line is the costliest part of a submit, and the
+            # audit record, not the log line, is what must exist before the PATCH.
+            loop.call_soon(self._log_decision, d, mode, dlog)
             return
+        self._log_decision(d, mode, dlog)
         if adm.verdict == "joined":
             assert adm.flight is not None
             leader = self._actions[adm.flight.key]

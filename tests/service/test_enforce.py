@@ -244,6 +244,30 @@ async def test_disconnect_audits_first_then_one_patch_then_confirmed(make: Any) 
         assert k in kw
 
 
+async def test_decision_line_is_written_after_the_patch_goes_out(make: Any) -> None:
+    """Building the `decision` line is the costliest part of a submit: it is written on the
+    loop's next iteration, after the PATCH task's first step has handed the PATCH to the
+    transport (the audit record, not the line, is what must exist before the PATCH)."""
+    lines_at_send: list[list[str]] = []
+
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        if req.method == "PATCH":
+            lines_at_send.append([e for e, _ in h.log.at("warning") if e == "decision"])
+            h.confirm_soon(req.url.path)
+        return httpx.Response(202)
+
+    h = make(handler)
+    h.submit([decision()])
+    assert [e for e, _ in h.log.at("warning") if e == "decision"] == []  # not in submit's turn
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert lines_at_send == [[]]
+    assert [e for e, _ in h.log.at("warning") if e == "decision"] == ["decision"]  # once
+    # A verdict that sends nothing logs the line at once, in submit's turn.
+    h.enforcer.stop_accepting()
+    h.submit([decision(pid="p2")])
+    assert [kw["participant_id"] for e, kw in h.log.at("warning") if e == "decision"] == ["p1", "p2"]
+
+
 async def test_confirmation_by_get_when_no_event_comes(make: Any) -> None:
     async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
         if req.method == "PATCH":
