@@ -16,6 +16,7 @@ Redaction (`redact_secrets`) runs last before rendering, over nested dicts/lists
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -46,13 +47,27 @@ _JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
 _PARAM = re.compile(r"(?i)\b(access_token|refresh_token|id_token|client_secret|password|token)=([^&\s\"']+)")
 
 
+
+
+def _maybe_secret(s: str) -> bool:
+    """False when none of the three patterns above can change `s`: each needs `bearer` or
+    `basic` (any case), `eyJ`, or an `=`. Plain substring tests, far cheaper than the
+    regular expressions on the strings of a log line (ids, names, messages)."""
+    if "=" in s or "eyJ" in s:
+        return True
+    low = s.lower()
+    return "bearer" in low or "basic" in low
+
+
+@functools.lru_cache(maxsize=4096)
 def _secret_key(key: str) -> bool:
+    """Does `key` name a secret? Cached: log lines reuse a small set of field names."""
     k = key.lower()
     return bool(_SECRET_KEY.search(k)) and not _HARMLESS_SUFFIX.search(k)
 
 
 def _scrub_str(s: str) -> str:
-    if len(s) < 8:
+    if len(s) < 8 or not _maybe_secret(s):
         return s
     s = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", s)
     s = _JWT.sub(REDACTED, s)

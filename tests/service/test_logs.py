@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 import structlog
+from hypothesis import given, settings, strategies as st
 from structlog.testing import capture_logs
 
 from daemon.service.logs import REDACTED, configure_logging, redact_secrets
@@ -162,3 +163,23 @@ def test_readme_lists_every_event() -> None:
     assert listed is not None, "docs/log-events.md lost its log-events markers"
     assert listed == _log_events.table(_log_events.inventory()), (
         "docs/log-events.md's log event table is stale: run .venv/bin/python tests/_log_events.py --write")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("aAbBeEirRsScCtTokKnNyYjJpPwWdD=_. -+/x0")),
+               max_size=40)
+       | st.builds(lambda a, w, b: a + w + b, st.text(max_size=8),
+                   st.sampled_from(["Bearer abcdefgh", "BASIC xyz123==", "eyJa.eyJb.c",
+                                    "token=abc", "client_secret=s3", "password=pw",
+                                    "bearer", "basic", "eyj", "="]),
+                   st.text(max_size=8)))
+def test_redaction_prefilter_never_skips_a_string_a_pattern_would_change(s: str) -> None:
+    """`_scrub_str` skips the three regular expressions for strings `_maybe_secret` rules
+    out; any string they would change must not be ruled out."""
+    from daemon.service import logs
+
+    full = logs._PARAM.sub(lambda m: f"{m.group(1)}=***",
+                           logs._JWT.sub("***", logs._BEARER.sub(lambda m: f"{m.group(1)} ***", s)))
+    if full != s:
+        assert logs._maybe_secret(s)
+    assert logs._scrub_str(s) == (full if len(s) >= 8 else s)
