@@ -8,8 +8,9 @@ stamps). Hops, per flagged conversation (its first removal only):
 
     rx          websockets' protocol got bytes from the socket (`Connection.data_received`;
                 the last call before the frame was handed over)
-    on_message  the stream handed the frame to the daemon (`Daemon._on_message`; the
-                daemon's own `received_at` is taken just before, by the stream)
+    on_message  the stream handed the frame to the daemon (`EventRouter.frame`, or
+                `Daemon._on_message` in trees before the router; the daemon's own
+                `received_at` is taken just before, by the stream)
     fed         `Engine.feed` returned: parsed, applied to the state, rules evaluated
     submit      `Enforcer.submit` entered (metrics and `_handle`'s gauges before it)
     logged      the `decision` log line built and written (`Enforcer._log_decision` returned)
@@ -76,7 +77,6 @@ def install() -> Probe:
     from daemon.core.engine import Engine
     from daemon.service import enforcer as enf
     from daemon.service.audit import AuditLog
-    from daemon.service.lifecycle import Daemon
 
     p = Probe()
     now = time.perf_counter_ns
@@ -88,10 +88,10 @@ def install() -> Probe:
         return f
 
     def on_message(orig: Any) -> Any:
-        def f(self: Any, raw: Any, received_at: float) -> None:
+        def f(self: Any, raw: Any, received_at: float, **kw: Any) -> Any:
             p.frame = {"rx": p.last_rx, "on_message": now()}
             try:
-                orig(self, raw, received_at)
+                return orig(self, raw, received_at, **kw)
             finally:
                 p.frame = None
         return f
@@ -182,7 +182,14 @@ def install() -> Probe:
         return f
 
     p._patch(wsconn.Connection, "data_received", data_received)
-    p._patch(Daemon, "_on_message", on_message)
+    try:
+        from daemon.service.router import EventRouter
+    except ImportError:  # a tree before the router (the code before a change)
+        from daemon.service.lifecycle import Daemon
+
+        p._patch(Daemon, "_on_message", on_message)
+    else:
+        p._patch(EventRouter, "frame", on_message)
     p._patch(Engine, "feed", feed)
     p._patch(enf.Enforcer, "submit", submit)
     p._patch(enf.Enforcer, "_log_decision", log_decision)
@@ -201,6 +208,12 @@ def _transport_classes() -> list[type]:
     import httpx
 
     out: list[type] = [httpx.AsyncHTTPTransport]
+    try:
+        from daemon.genesys.transport import AiohttpTransport as Ours
+    except ImportError:  # a tree before it
+        pass
+    else:
+        out.append(Ours)
     try:
         from httpx_aiohttp import AiohttpTransport
     except ImportError:

@@ -17,8 +17,9 @@ Contract:
   For each decision: count it (`metrics.decisions`), write the audit `decision` record (in
   the page cache BEFORE any PATCH for it exists), log one line `decision` carrying every
   decision field (INFO for rules of severity info, else WARNING; when a PATCH task is
-  started, the line is written on the loop's next iteration, after the task's first step,
-  so that building it does not delay the PATCH), then act as `Enforcement.admit` says:
+  started, the line is written two loop iterations later, after the PATCH's first step and
+  its body writer, so that building it does not delay the PATCH), then act as
+  `Enforcement.admit` says:
     * rule action `observe`, or `observe` mode: an `observed` outcome; nothing is sent;
     * draining (`stop_accepting`): `suppressed`, "daemon stopping";
     * the party has an action in flight: the decision JOINS it (nothing sent twice; its
@@ -430,11 +431,13 @@ class Enforcer:
             loop = asyncio.get_running_loop()
             action.task = loop.create_task(
                 self._run(action), name=f"disconnect {d.conversation_id}/{d.participant_id}")
-            # The `decision` line right after the task's first step (callbacks run in the
-            # order scheduled), which writes the PATCH unless it has to wait (limiter, token):
-            # building and writing the line is the costliest part of a submit, and the
-            # audit record, not the log line, is what must exist before the PATCH.
-            loop.call_soon(self._log_decision, d, mode, dlog)
+            # The `decision` line two loop iterations on (callbacks run in the order
+            # scheduled): after the task's first step and after the writer task aiohttp
+            # starts in it for the body (Python < 3.12), which together write the PATCH
+            # unless it has to wait (limiter, token, a new connection). Building and writing
+            # the line is the costliest part of a submit, and the audit record, not the log
+            # line, is what must exist before the PATCH.
+            loop.call_soon(loop.call_soon, self._log_decision, d, mode, dlog)
             return
         self._log_decision(d, mode, dlog)
         if adm.verdict == "joined":
