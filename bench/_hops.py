@@ -79,129 +79,138 @@ def install() -> Probe:
     from daemon.service.audit import AuditLog
 
     p = Probe()
-    now = time.perf_counter_ns
-
-    def data_received(orig: Any) -> Any:
-        def f(self: Any, data: bytes) -> None:
-            p.last_rx = now()
-            orig(self, data)
-        return f
-
-    def on_message(orig: Any) -> Any:
-        def f(self: Any, raw: Any, received_at: float, **kw: Any) -> Any:
-            p.frame = {"rx": p.last_rx, "on_message": now()}
-            try:
-                return orig(self, raw, received_at, **kw)
-            finally:
-                p.frame = None
-        return f
-
-    def feed(orig: Any) -> Any:
-        def f(self: Any, *a: Any, **kw: Any) -> Any:
-            out = orig(self, *a, **kw)
-            if p.frame is not None:
-                p.frame["fed"] = now()
-            return out
-        return f
-
-    def submit(orig: Any) -> Any:
-        def f(self: Any, decision: Any) -> Any:
-            t = now()
-            cid = str(decision.conversation_id)
-            if p.frame is not None and cid not in p.by_cid and decision.action == "disconnect":
-                p.by_cid[cid] = {**p.frame, "submit": t}
-            out = orig(self, decision)
-            p.stamp(cid, "submitted")
-            return out
-        return f
-
-    def log_decision(orig: Any) -> Any:
-        def f(self: Any, d: Any, *a: Any, **kw: Any) -> Any:
-            out = orig(self, d, *a, **kw)
-            p.stamp(str(d.conversation_id), "logged")
-            return out
-        return f
-
-    def audit_write(orig: Any) -> Any:
-        def f(self: Any, record: dict[str, Any]) -> Any:
-            out = orig(self, record)
-            if record.get("type") == "decision":
-                p.stamp(str(record.get("conversation_id")), "audited")
-            return out
-        return f
-
-    def run(orig: Any) -> Any:
-        async def f(self: Any, action: Any) -> None:
-            p.stamp(str(action.key[0]), "task")
-            await orig(self, action)
-        return f
-
-    def sending(orig: Any) -> Any:
-        def f(self: Any, action: Any) -> None:
-            p.stamp(str(action.key[0]), "on_send")
-            orig(self, action)
-        return f
-
-    def _cid_of(url: Any) -> str | None:
-        parts = str(url).split("/conversations/calls/", 1)
-        return parts[1].split("/", 1)[0] if len(parts) == 2 else None
-
-    def send(orig: Any) -> Any:
-        async def f(self: Any, request: Any, **kw: Any) -> Any:
-            cid = _cid_of(request.url) if request.method == "PATCH" else None
-            if cid is not None:
-                p.stamp(cid, "send")
-            return await orig(self, request, **kw)
-        return f
-
-    def handle(orig: Any) -> Any:
-        async def f(self: Any, request: Any) -> Any:
-            cid = _cid_of(request.url) if request.method == "PATCH" else None
-            if cid is not None:
-                p.stamp(cid, "transport")
-            return await orig(self, request)
-        return f
-
-    def _written(data: Any) -> None:
-        if bytes(data[:len(_PATCH)]) == _PATCH:
-            head = bytes(data[len(_PATCH):len(_PATCH) + 80])
-            p.stamp(head.split(b"/", 1)[0].decode("ascii", "replace"), "written")
-
-    def write(orig: Any) -> Any:
-        def f(self: Any, data: Any) -> None:
-            _written(data)
-            orig(self, data)
-        return f
-
-    def writelines(orig: Any) -> Any:  # aiohttp writes headers and body in one call
-        def f(self: Any, chunks: Any) -> None:
-            chunks = list(chunks)
-            if chunks:
-                _written(chunks[0])
-            orig(self, chunks)
-        return f
-
-    p._patch(wsconn.Connection, "data_received", data_received)
+    p._patch(wsconn.Connection, "data_received", lambda orig: _data_received(p, orig))
     try:
         from daemon.service.router import EventRouter
     except ImportError:  # a tree before the router (the code before a change)
         from daemon.service.lifecycle import Daemon
 
-        p._patch(Daemon, "_on_message", on_message)
+        p._patch(Daemon, "_on_message", lambda orig: _on_message(p, orig))
     else:
-        p._patch(EventRouter, "frame", on_message)
-    p._patch(Engine, "feed", feed)
-    p._patch(enf.Enforcer, "submit", submit)
-    p._patch(enf.Enforcer, "_log_decision", log_decision)
-    p._patch(AuditLog, "write", audit_write)
-    p._patch(enf.Enforcer, "_run", run)
-    p._patch(enf.Enforcer, "_sending", sending)
-    p._patch(httpx.AsyncClient, "send", send)
+        p._patch(EventRouter, "frame", lambda orig: _on_message(p, orig))
+    p._patch(Engine, "feed", lambda orig: _feed(p, orig))
+    p._patch(enf.Enforcer, "submit", lambda orig: _submit(p, orig))
+    p._patch(enf.Enforcer, "_log_decision", lambda orig: _after(p, orig, "logged"))
+    p._patch(AuditLog, "write", lambda orig: _audit_write(p, orig))
+    p._patch(enf.Enforcer, "_run", lambda orig: _run(p, orig))
+    p._patch(enf.Enforcer, "_sending", lambda orig: _sending(p, orig))
+    p._patch(httpx.AsyncClient, "send", lambda orig: _request_hop(p, orig, "send"))
     for cls in _transport_classes():
-        p._patch(cls, "handle_async_request", handle)
-    p._patch(asyncio.selector_events._SelectorSocketTransport, "write", write)
-    p._patch(asyncio.selector_events._SelectorSocketTransport, "writelines", writelines)
+        p._patch(cls, "handle_async_request", lambda orig: _request_hop(p, orig, "transport"))
+    sock = asyncio.selector_events._SelectorSocketTransport
+    p._patch(sock, "write", lambda orig: _write(p, orig))
+    p._patch(sock, "writelines", lambda orig: _writelines(p, orig))
     return p
+
+
+_now = time.perf_counter_ns
+
+
+def _data_received(p: Probe, orig: Any) -> Any:
+    def f(self: Any, data: bytes) -> None:
+        p.last_rx = _now()
+        orig(self, data)
+    return f
+
+
+def _on_message(p: Probe, orig: Any) -> Any:
+    def f(self: Any, raw: Any, received_at: float, **kw: Any) -> Any:
+        p.frame = {"rx": p.last_rx, "on_message": _now()}
+        try:
+            return orig(self, raw, received_at, **kw)
+        finally:
+            p.frame = None
+    return f
+
+
+def _feed(p: Probe, orig: Any) -> Any:
+    def f(self: Any, *a: Any, **kw: Any) -> Any:
+        out = orig(self, *a, **kw)
+        if p.frame is not None:
+            p.frame["fed"] = _now()
+        return out
+    return f
+
+
+def _submit(p: Probe, orig: Any) -> Any:
+    def f(self: Any, decision: Any) -> Any:
+        t = _now()
+        cid = str(decision.conversation_id)
+        if p.frame is not None and cid not in p.by_cid and decision.action == "disconnect":
+            p.by_cid[cid] = {**p.frame, "submit": t}
+        out = orig(self, decision)
+        p.stamp(cid, "submitted")
+        return out
+    return f
+
+
+def _after(p: Probe, orig: Any, hop: str) -> Any:
+    def f(self: Any, d: Any, *a: Any, **kw: Any) -> Any:
+        out = orig(self, d, *a, **kw)
+        p.stamp(str(d.conversation_id), hop)
+        return out
+    return f
+
+
+def _audit_write(p: Probe, orig: Any) -> Any:
+    def f(self: Any, record: dict[str, Any]) -> Any:
+        out = orig(self, record)
+        if record.get("type") == "decision":
+            p.stamp(str(record.get("conversation_id")), "audited")
+        return out
+    return f
+
+
+def _run(p: Probe, orig: Any) -> Any:
+    async def f(self: Any, action: Any) -> None:
+        p.stamp(str(action.key[0]), "task")
+        await orig(self, action)
+    return f
+
+
+def _sending(p: Probe, orig: Any) -> Any:
+    def f(self: Any, action: Any) -> None:
+        p.stamp(str(action.key[0]), "on_send")
+        orig(self, action)
+    return f
+
+
+def _cid_of(request: Any) -> str | None:
+    if request.method != "PATCH":
+        return None
+    parts = str(request.url).split("/conversations/calls/", 1)
+    return parts[1].split("/", 1)[0] if len(parts) == 2 else None
+
+
+def _request_hop(p: Probe, orig: Any, hop: str) -> Any:
+    async def f(self: Any, request: Any, **kw: Any) -> Any:
+        cid = _cid_of(request)
+        if cid is not None:
+            p.stamp(cid, hop)
+        return await orig(self, request, **kw)
+    return f
+
+
+def _written(p: Probe, data: Any) -> None:
+    if bytes(data[:len(_PATCH)]) == _PATCH:
+        head = bytes(data[len(_PATCH):len(_PATCH) + 80])
+        p.stamp(head.split(b"/", 1)[0].decode("ascii", "replace"), "written")
+
+
+def _write(p: Probe, orig: Any) -> Any:
+    def f(self: Any, data: Any) -> None:
+        _written(p, data)
+        orig(self, data)
+    return f
+
+
+def _writelines(p: Probe, orig: Any) -> Any:  # aiohttp may write headers and body in one call
+    def f(self: Any, chunks: Any) -> None:
+        chunks = list(chunks)
+        if chunks:
+            _written(p, chunks[0])
+        orig(self, chunks)
+    return f
 
 
 def _transport_classes() -> list[type]:

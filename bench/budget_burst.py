@@ -104,18 +104,8 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             out["raw"] = [[f[0], f[3], first.get((sb.client_id, base.format(f[0], f[1])))]
                           for f in flags]
         for client_id, who in names.items():
-            lat = []
-            for f in flags:
-                ev_ns = f[3]
-                ns = first.get((client_id, base.format(f[0], f[target[client_id]])))
-                if ns is not None:
-                    lat.append((ns - ev_ns) / 1e6)
-            c = per.get(who, Counter())
-            out[who] = {"patched": len(lat), "p50_ms": _common.pct(lat, 0.5),
-                        "p99_ms": _common.pct(lat, 0.99), "max_ms": max(lat) if lat else None,
-                        "requests": c.get("requests", 0),
-                        "status_429": sum(v for k, v in c.items() if k.endswith(" 429")),
-                        "statuses": {k: v for k, v in c.items() if k != "requests"}}
+            out[who] = _client_figures(flags, first, client_id, target[client_id], base,
+                                       per.get(who, Counter()))
         return out
 
     while True:
@@ -135,6 +125,22 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             await sb.stop()
             conn.send(True)
             return
+
+
+def _client_figures(flags: list[tuple[str, str, str, int]],
+                    first: dict[tuple[str | None, str], int], client_id: str, which: int,
+                    base: str, counts: Counter[str]) -> dict[str, Any]:
+    """One client's latencies (publish -> its first 2xx PATCH of its party, ms) and counts."""
+    lat = []
+    for f in flags:
+        ns = first.get((client_id, base.format(f[0], f[which])))
+        if ns is not None:
+            lat.append((ns - f[3]) / 1e6)
+    return {"patched": len(lat), "p50_ms": _common.pct(lat, 0.5),
+            "p99_ms": _common.pct(lat, 0.99), "max_ms": max(lat) if lat else None,
+            "requests": counts.get("requests", 0),
+            "status_429": sum(v for k, v in counts.items() if k.endswith(" 429")),
+            "statuses": {k: v for k, v in counts.items() if k != "requests"}}
 
 
 # ----------------------------------------------------------------------------- minimal client
