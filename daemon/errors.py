@@ -127,12 +127,16 @@ class ConflictError(ApiError):
 
 
 class RateLimitedError(ApiError):
-    """429. `retry_after` is the server's `Retry-After` in seconds, when it gave one."""
+    """429. `retry_after` is the server's `Retry-After` in seconds, when it gave one;
+    `limit` the body's `limit` object (`{"key", "namespace", "value"}`), when it had one
+    (Genesys since June 2023, "not guaranteed")."""
 
     status = 429
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 limit: dict[str, object] | None = None, **kw: object) -> None:
         self.retry_after = retry_after
+        self.limit = limit
         super().__init__(message, **kw)  # type: ignore[arg-type]
 
 

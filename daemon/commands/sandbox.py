@@ -37,9 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-lifetime", type=float, default=86400.0, metavar="S",
                    help="access token lifetime in seconds (default 86400)")
     p.add_argument("--budget", type=int, default=300, metavar="N",
-                   help="requests per token per fixed 60 s window from its first request, "
-                        "advertised in inin-ratelimit-* headers; 0 = unlimited, no headers "
-                        "(default 300, as Genesys)")
+                   help="requests per token per sliding 60 s window, then 429 with "
+                        "Retry-After and the limit object; 0 = unlimited (default 300, as Genesys)")
+    p.add_argument("--legacy-ratelimit-headers", action="store_true",
+                   help="count the budget in a fixed 60 s window from the token's first "
+                        "request and send inin-ratelimit-* headers on every answer, as Genesys "
+                        "did before June 2021 (default: off, as Genesys today)")
     p.add_argument("--eventbridge-queue-url", default=None, metavar="URL",
                    help="also publish conversation detail events for every change into this SQS "
                         "queue, as Genesys' Amazon EventBridge integration with a rule to SQS "
@@ -170,7 +173,8 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
                  client_id=args.client_id, client_secret=args.client_secret,
                  eventbridge_queue_url=args.eventbridge_queue_url,
                  eventbridge_endpoint_url=args.eventbridge_endpoint_url,
-                 eventbridge_region=region_from_queue_url(args.eventbridge_queue_url or ""))
+                 eventbridge_region=region_from_queue_url(args.eventbridge_queue_url or ""),
+                 legacy_ratelimit_headers=args.legacy_ratelimit_headers)
     summary = load_scenario(sb.world, args.scenario)
     seeded: dict[str, list[tuple[str, str]]] | None = None
     if getattr(args, "seed_from", None):

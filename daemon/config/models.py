@@ -62,7 +62,8 @@ class GenesysSettings(_Strict):
     client_secret_file: str | None = None
     requests_per_minute: int = Field(
         default=300, ge=1, le=100_000,
-        description="Requests per 60 s window assumed until Genesys' inin-ratelimit-* headers say otherwise.")
+        description="Requests per token per sliding 60 s window, until the limits API or a "
+                    "429's limit.value says otherwise.")
     enforce_reserve: float = Field(
         default=0.2, ge=0.0, lt=1.0,
         description="Fraction of every budget window kept for removals (PATCHes); resync, "

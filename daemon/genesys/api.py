@@ -3,7 +3,8 @@
 Every request:
 1. waits for a `RequestLimiter` slot at its priority (enforcement PATCHes go first; see
    `daemon.genesys.ratelimit` for the budget model) and, once answered, hands the answer's
-   `inin-ratelimit-*` headers to the limiter (errors included);
+   headers to the limiter (legacy `inin-ratelimit-*` ones refine its books if a server
+   still sends them; Genesys stopped in 2021);
 2. carries `Authorization: Bearer <token>` from the `TokenManager`;
 3. reports `(method, route template, status, seconds)` to `on_response` (status 0 when no
    HTTP answer came), for metrics;
@@ -13,7 +14,8 @@ Failure handling (bounded; `settings.max_retries` retries at most), decided by t
 retry policy of `daemon.genesys.retry` (`process_exception`, `RetryPolicy.backoff()`):
 - 401: `tokens.invalidate(token)` and exactly one retry with a fresh token; a second 401
   raises `UnauthorizedError` ("the credentials were refused").
-- 429: wait `Retry-After` seconds (capped at `retry_after_cap`, default 60 s) by pausing the
+- 429: a body `limit` object for the token budget (`TOKEN_LIMIT_KEYS`, or namespace
+  `platform.api`) teaches the limiter the allowance (`limit.value`); then wait `Retry-After` seconds (capped at `retry_after_cap`, default 60 s) by pausing the
   shared limiter for this request's priority and every lower one (a 429 earned by resync
   pauses resync; removals go on as far as the window allows); then retry. Without a
   Retry-After, the wait is the next back-off delay.
@@ -45,8 +47,9 @@ import structlog
 
 from daemon.genesys.auth import TokenManager
 from daemon.config import Credentials, GenesysSettings
-from daemon.errors import (ApiError, ConflictError, RateLimitedError, TransportError,
-                           UnauthorizedError, api_error_for_status)
+from daemon.errors import (ApiError, ConflictError, ForbiddenError, NotFoundError,
+                           RateLimitedError, TransportError, UnauthorizedError,
+                           api_error_for_status)
 from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
 from daemon.genesys.ratelimit import Priority, RequestLimiter
 from daemon.genesys.retry import RetryPolicy, process_exception
@@ -65,6 +68,11 @@ ROUTE_CHANNEL = "/api/v2/notifications/channels/{channelId}"
 ROUTE_SUBSCRIPTIONS = "/api/v2/notifications/channels/{channelId}/subscriptions"
 ROUTE_QUEUES = "/api/v2/routing/queues"
 ROUTE_ANALYTICS = "/api/v2/analytics/conversations/details/query"
+ROUTE_LIMITS = "/api/v2/organizations/limits/namespaces/{namespaceName}"
+LIMITS_NAMESPACE = "platform.api"
+TOKEN_LIMIT_KEYS = frozenset({"client.credentials.token.rate.per.minute"})
+"""`limit.key`s that name the per-token request budget (the limiter's allowance); other keys
+(a service's org-wide limit, e.g. `user.rate.per.minute` in `directory`) are not it."""
 
 ANALYTICS_PAGE_SIZE = 100
 # Ids per analytics query (one segment-filter predicate each); keeps request bodies small.
@@ -390,12 +398,15 @@ class GenesysClient:
             wait = next(delays, None)
             if wait is None:
                 if isinstance(err, RateLimitedError):  # counted even when not retried
+                    self._learn_from_429(err)
                     self.limiter.rate_limited(priority, err.retry_after or 0.0)
                 raise err from None
             if isinstance(err, RateLimitedError):
+                self._learn_from_429(err)
                 if err.retry_after is not None:
                     wait = err.retry_after
-                log.warning("api_rate_limited", route=route, retry_after=round(wait, 2))
+                log.warning("api_rate_limited", route=route, retry_after=round(wait, 2),
+                            limit=err.limit)
                 self.limiter.rate_limited(priority, wait)
                 continue
             await asyncio.sleep(wait)
@@ -420,6 +431,35 @@ class GenesysClient:
                 method=method, path=path), seconds
         self.limiter.observe(resp.headers)
         return resp, time.monotonic() - started
+
+    def _learn_from_429(self, err: RateLimitedError) -> None:
+        """A 429 body's `limit` for the token budget sets the limiter's allowance."""
+        limit = err.limit
+        if limit is None:
+            return
+        if limit.get("key") in TOKEN_LIMIT_KEYS or limit.get("namespace") == LIMITS_NAMESPACE:
+            self.limiter.learn_allowance(limit.get("value"), "429")
+
+    async def read_budget_limit(self) -> int | None:
+        """The org's per-token request budget from the limits API
+        (`GET /api/v2/organizations/limits/namespaces/platform.api`, `LimitsEntityListing`:
+        `{"entities": [{"key", "namespace", "value"}]}`), handed to the limiter. None when
+        unknown: the OAuth client may lack the permission (403), or the entry is missing.
+        Raises ApiError other than 403/404 (the caller logs it; never fatal)."""
+        try:
+            resp = await self._request("GET", ROUTE_LIMITS, {"namespaceName": LIMITS_NAMESPACE},
+                                       priority=Priority.NORMAL)
+        except (ForbiddenError, NotFoundError) as exc:
+            log.info("budget_limits_unknown", status=exc.status, error=str(exc)[:200])
+            return None
+        body = self._json_object(resp, "GET", ROUTE_LIMITS)
+        for item in _entities(body):
+            if item.get("key") in TOKEN_LIMIT_KEYS:
+                value = item.get("value")
+                return value if self.limiter.learn_allowance(value, "limits_api") else None
+        log.info("budget_limits_unknown", status=resp.status_code,
+                 error="no client.credentials.token.rate.per.minute entry")
+        return None
 
     def _report(self, method: str, route: str, status: int, seconds: float) -> None:
         if self.on_response is None:
@@ -465,7 +505,9 @@ class GenesysClient:
         kw: dict[str, Any] = dict(status=status, code=code, correlation_id=correlation,
                                   method=method, path=path, details=details)
         if cls is RateLimitedError:
-            return RateLimitedError(message, retry_after=self._retry_after(resp), **kw)
+            limit = body.get("limit") if isinstance(body, dict) else None
+            return RateLimitedError(message, retry_after=self._retry_after(resp),
+                                    limit=limit if isinstance(limit, dict) else None, **kw)
         return cls(message, **kw)
 
     def _retry_after(self, resp: httpx.Response) -> float | None:

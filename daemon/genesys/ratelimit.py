@@ -1,19 +1,22 @@
-"""One request budget per process, spent the way Genesys counts it.
+"""One request budget per process, counted the conservative way.
 
-Genesys counts requests per access token in a fixed window (about 60 s, starting with the
-token's first request) and says where the client stands on every REST answer, errors
-included: `inin-ratelimit-allowed` (the window's allowance), `inin-ratelimit-count`
-(requests counted in the window) and `inin-ratelimit-reset` (whole seconds until it
-resets). `RequestLimiter` keeps the same books:
+Genesys allows about 300 requests a minute per OAuth token and does not document how the
+minute is counted; it no longer says where a client stands (the `inin-ratelimit-*` headers
+were removed in June 2021). Only a 429 tells: `Retry-After` seconds, the code
+`too.many.requests.retry.after` and, not guaranteed, a `limit` object with the allowance
+(`{"key", "namespace", "value"}`). `RequestLimiter` therefore keeps its own books:
 
-- Before the first answer, and while answers carry no such headers, it assumes
-  `per_minute` requests per `window` seconds (60), the window starting with the first
-  request it grants. Every answer that carries the headers replaces the assumption:
-  `allowed` is taken as said (a raised or lowered org limit is followed with no config
-  change), `count` plus the requests still in flight becomes the window's use (never less
-  than what this process granted itself in the window), and `reset` moves the window's end.
-  `note_token(key)` with a key that differs from the last one starts a new window (a new
-  token has its own budget).
+- It counts the requests it granted for the current token in a SLIDING window: a grant
+  counts for `window` x (1 + `ASSUMED_WINDOW_MARGIN`) seconds (61 s) from the moment it was
+  granted, the conservative reading of an undocumented window (any fixed window Genesys
+  could use never holds more than a sliding one). `note_token(key)` with a key that differs
+  from the last one forgets the grants (a new token has its own budget).
+- The allowance is `per_minute` (`genesys.requests_per_minute`) until something better is
+  known: `learn_allowance(value, source)` takes a 429 body's `limit.value` or the limits
+  API's (`GET /api/v2/organizations/limits/namespaces/platform.api`), lower or higher.
+- If a server still sends `inin-ratelimit-*` headers, `observe(headers)` lets them refine
+  the books (allowance as said; a count above ours is taken as other users of the token
+  until the advertised reset), but nothing depends on them.
 - No pacing of its own: while the window has room a request goes at once, so a burst of
   removals goes out as fast as the window allows.
 - Reserve: the last `reserve` = floor(`enforce_reserve` x allowed) requests of every window
@@ -24,7 +27,7 @@ resets). `RequestLimiter` keeps the same books:
   priority. A waiter held back only by its own tag's share does not hold back the others.
 - `pause(seconds, priority)` (after a 429): that priority and every lower one get no slot
   until then; a 429 earned by resync traffic therefore pauses resync, and removals go on as
-  far as the window allows (the 429's own headers, if any, say how far). Pauses only extend.
+  far as the window allows. Pauses only extend.
 
 A slot is taken when granted and counted as in flight until its `async with` block ends.
 A waiter cancelled before it is granted leaves the queue; one cancelled in the instant after
@@ -40,7 +43,7 @@ import contextvars
 import itertools
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -54,12 +57,9 @@ log = structlog.get_logger(__name__)
 WINDOW_SECONDS = 60.0
 """Genesys' budget window (per minute per token)."""
 ASSUMED_WINDOW_MARGIN = 1.0 / 60.0
-"""Fraction of `window` added to an assumed window's end (1 s a minute): Genesys starts
-counting when our first request arrives, a little after we sent it, so its window ends a
-little after ours would."""
-SAME_WINDOW_SLACK = 2.0
-"""Two reset estimates within this many seconds describe the same window (`reset` is whole
-seconds, rounded)."""
+"""Fraction of `window` added to how long a grant counts (1 s a minute): Genesys counts a
+request when it arrives, a little after we granted it, so it leaves Genesys' window a
+little after it would leave ours."""
 
 budget_share: contextvars.ContextVar[tuple[str, float] | None] = contextvars.ContextVar(
     "budget_share", default=None)
@@ -70,6 +70,7 @@ method, counts against its share."""
 HEADER_COUNT = "inin-ratelimit-count"
 HEADER_ALLOWED = "inin-ratelimit-allowed"
 HEADER_RESET = "inin-ratelimit-reset"
+"""Legacy headers (removed by Genesys in June 2021); used only if a server still sends them."""
 
 
 class Priority(IntEnum):
@@ -88,15 +89,16 @@ class Priority(IntEnum):
 class BudgetSnapshot:
     """Where the budget stands now (what metrics and `/healthz` show).
 
-    `allowed`: requests allowed in the current window; `used`: counted in it (ours and, as
-    Genesys reports, any other user of the token); `remaining`: allowed - used (>= 0);
-    `reset_seconds`: until the window resets (0 when no window is under way); `learnt`:
-    whether `allowed` came from Genesys' headers (else it is `per_minute`, assumed);
-    `reserve`: the part of every window kept for removals; `in_flight`: granted, not yet
-    answered; `paused_seconds`: pause left per priority label; `rate_limited`: 429s seen
-    per priority label; `headers_rejected`: answers whose budget headers were unusable.
+    `allowed`: requests allowed per window; `used`: counted in the sliding window now (ours,
+    plus other users of the token when legacy headers said so); `remaining`: allowed - used
+    (>= 0); `reset_seconds`: until the oldest counted request leaves the window, i.e. until
+    one more request frees up (0 when nothing is counted); `learnt`: whether `allowed` came
+    from Genesys (a 429's `limit.value`, the limits API, legacy headers) rather than
+    `per_minute`; `reserve`: the part of every window kept for removals; `in_flight`: granted,
+    not yet answered; `paused_seconds`: pause left per priority label; `rate_limited`: 429s
+    seen per priority label; `headers_rejected`: unusable budget values (legacy headers, a
+    429's `limit.value`) that were ignored.
     """
-
     allowed: int
     used: int
     remaining: int
@@ -134,7 +136,7 @@ class RequestLimiter:
 
     `per_minute`: the allowance assumed per window until Genesys says otherwise.
     `enforce_reserve`: fraction (0..1) of every window only ENFORCE may spend.
-    `window`: seconds of an assumed window (60; tests shorten it).
+    `window`: seconds of the sliding window (60; tests shorten it).
     `on_rate_limited(priority)`: called for each 429 reported with `rate_limited`.
     """
 
@@ -155,10 +157,12 @@ class RequestLimiter:
         self._clock = clock
         self._allowed = per_minute
         self._learnt = False
-        self._used = 0
-        self._window_end: float | None = None  # None: no window under way
+        # Our grants in the sliding window: (when it stops counting, tag), oldest first.
+        self._grants: deque[tuple[float, str | None]] = deque()
+        self._tag_used: Counter[str] = Counter()  # grants in the window, by tag
+        self._extra = 0  # other users of the token, as legacy headers said ...
+        self._extra_until = 0.0  # ... until this (monotonic)
         self._in_flight = 0
-        self._tag_used: Counter[str] = Counter()
         self._token_key: object = None
         self._paused_until = {p: 0.0 for p in Priority}
         self._queue: list[_Waiter] = []  # sorted by (priority, seq)
@@ -169,7 +173,15 @@ class RequestLimiter:
         self.granted: Counter[str] = Counter()  # slots granted since start, by priority label and tag
         self.rate_limited_count: Counter[str] = Counter()  # 429s by priority label
         self.headers_rejected = 0
-        self.windows = 0  # windows begun (assumed or learnt)
+
+    @property
+    def _span(self) -> float:
+        """Seconds one grant counts."""
+        return self.window * (1.0 + ASSUMED_WINDOW_MARGIN)
+
+    @property
+    def _used(self) -> int:
+        return len(self._grants) + self._extra
 
     # ------------------------------------------------------------------ public
 
@@ -187,10 +199,28 @@ class RequestLimiter:
             raise ValueError("share must be within (0, 1]")
         return self._slot(Priority(priority), tag, share)
 
+    def learn_allowance(self, value: object, source: str) -> bool:
+        """Take `value` as the allowance per window (lower or higher than the current one):
+        a 429 body's `limit.value` (`source` "429") or the limits API's ("limits_api").
+        An unusable value (not a positive integer) is logged, counted in
+        `headers_rejected` and ignored. Returns whether it was taken."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.headers_rejected += 1
+            log.warning("budget_limit_rejected", source=source, value=str(value)[:40])
+            return False
+        if value != self._allowed:
+            log.info("budget_allowance_learnt", allowed=value, previous=self._allowed,
+                     assumed=not self._learnt, source=source)
+        self._allowed = value
+        self._learnt = True
+        self._dispatch()
+        return True
+
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn from one answer's headers (call it while still holding the slot, so the
-        answer's own request counts as in flight). Answers without budget headers change
-        nothing; unusable values are logged and counted (`headers_rejected`), never raised."""
+        """Refine the books from one answer's legacy `inin-ratelimit-*` headers, if a server
+        still sends them (call it while still holding the slot, so the answer's own request
+        counts as in flight). Answers without them (Genesys today) change nothing; unusable
+        values are logged and counted (`headers_rejected`), never raised."""
         raw = {h: headers.get(h) for h in (HEADER_COUNT, HEADER_ALLOWED, HEADER_RESET)}
         if all(v is None for v in raw.values()):
             return
@@ -209,47 +239,34 @@ class RequestLimiter:
             vals[h] = n
         now = self._clock()
         self._roll(now)
-        others = max(0, self._in_flight - 1)  # requests sent, not answered: maybe counted
         if HEADER_ALLOWED in vals:
             if vals[HEADER_ALLOWED] != self._allowed:
                 log.info("budget_allowance_learnt", allowed=vals[HEADER_ALLOWED],
-                         previous=self._allowed, assumed=not self._learnt)
+                         previous=self._allowed, assumed=not self._learnt, source="headers")
             self._allowed = vals[HEADER_ALLOWED]
             self._learnt = True
         count = vals.get(HEADER_COUNT)
-        if HEADER_RESET in vals:
-            end = now + vals[HEADER_RESET]
-            if self._window_end is None or abs(end - self._window_end) > SAME_WINDOW_SLACK:
-                # Genesys is in a window other than the one we assumed: take its books.
-                if self._window_end is None or end > self._window_end:
-                    self._tag_used.clear()
-                    self.windows += 1
-                self._window_end = end
-                if count is not None:
-                    self._used = count + others
-            else:
-                self._window_end = min(self._window_end, end)  # both round up: the lower is closer
-                if count is not None:
-                    self._used = max(self._used, count + others)
-        elif count is not None:
-            self._used = max(self._used, count + others)
-            if self._window_end is None:  # a count with no reset: assume a whole window left
-                self._window_end = now + self.window * (1.0 + ASSUMED_WINDOW_MARGIN)
-                self.windows += 1
+        if count is not None:
+            # Requests sent and not yet answered may be counted there already; what the server
+            # counts beyond ours is another user of the token, until its window resets.
+            others = max(0, self._in_flight - 1)
+            self._extra = max(0, count + others - len(self._grants))
+            reset = vals.get(HEADER_RESET)
+            self._extra_until = now + (reset if reset is not None else self._span)
         self._dispatch()
 
     def note_token(self, key: object) -> None:
         """The token about to be used (an opaque key, never the token itself). A token other
-        than the last one starts a new window: Genesys counts per token."""
+        than the last one starts with an empty window: Genesys counts per token."""
         if key == self._token_key:
             return
         first = self._token_key is None
         self._token_key = key
         if first:
             return
-        self._window_end = None
-        self._used = 0
+        self._grants.clear()
         self._tag_used.clear()
+        self._extra = 0
         log.info("budget_new_token_window")
         self._dispatch()
 
@@ -281,7 +298,7 @@ class RequestLimiter:
         return self._waiting[priority]
 
     def tag_used(self, tag: str) -> int:
-        """Slots granted to `tag` in the current window."""
+        """Slots granted to `tag` in the current sliding window."""
         self._roll(self._clock())
         return self._tag_used[tag]
 
@@ -305,14 +322,15 @@ class RequestLimiter:
 
     @property
     def available(self) -> int:
-        """Requests left in the current window (any priority)."""
+        """Requests left in the sliding window now (any priority)."""
         self._roll(self._clock())
         return max(0, self._allowed - self._used)
 
     def snapshot(self) -> BudgetSnapshot:
         now = self._clock()
         self._roll(now)
-        reset = 0.0 if self._window_end is None else max(0.0, self._window_end - now)
+        nxt = self._next_free()
+        reset = 0.0 if nxt == math.inf else max(0.0, nxt - now)
         return BudgetSnapshot(
             allowed=self._allowed, used=self._used, remaining=max(0, self._allowed - self._used),
             reset_seconds=reset, learnt=self._learnt, reserve=self.reserve,
@@ -344,21 +362,47 @@ class RequestLimiter:
             if w.fut.done() and not w.fut.cancelled():
                 # Granted in the same instant we were cancelled: give the slot back.
                 self._in_flight -= 1
-                self._used = max(0, self._used - 1)
-                if tag is not None:
-                    self._tag_used[tag] = max(0, self._tag_used[tag] - 1)
+                self._give_back(tag)
             else:
                 w.fut.cancel()
                 self._waiting[priority] -= 1
             self._dispatch()
             raise
 
+    def _give_back(self, tag: str | None) -> None:
+        """Forget the newest grant of `tag` (a slot granted and never used)."""
+        for i in range(len(self._grants) - 1, -1, -1):
+            if self._grants[i][1] == tag:
+                del self._grants[i]
+                if tag is not None:
+                    self._tag_used[tag] = max(0, self._tag_used[tag] - 1)
+                return
+
     def _roll(self, now: float) -> None:
-        """End the window once its reset time has passed; the next grant begins a new one."""
-        if self._window_end is not None and now >= self._window_end:
-            self._window_end = None
-            self._used = 0
-            self._tag_used.clear()
+        """Drop the grants that left the sliding window (and expired legacy counts)."""
+        grants = self._grants
+        while grants and grants[0][0] <= now:
+            _, tag = grants.popleft()
+            if tag is not None:
+                self._tag_used[tag] -= 1
+                if self._tag_used[tag] <= 0:
+                    del self._tag_used[tag]
+        if self._extra and now >= self._extra_until:
+            self._extra = 0
+
+    def _next_free(self, tag: str | None = None) -> float:
+        """When the next counted request (of `tag`, if given) leaves the window (inf: none)."""
+        at = math.inf
+        if tag is not None:
+            for until, t in self._grants:
+                if t == tag:
+                    at = until
+                    break
+        elif self._grants:
+            at = self._grants[0][0]
+        if tag is None and self._extra:
+            at = min(at, self._extra_until)
+        return at
 
     def _blocked_until(self, w: _Waiter, now: float) -> float | None:
         """None if `w` may go now, else when to look again (monotonic; inf: on an answer)."""
@@ -367,11 +411,12 @@ class RequestLimiter:
         left = self._allowed - self._used
         if w.priority != Priority.ENFORCE:
             left -= self.reserve
-        if w.tag is not None and w.share is not None:
-            left = min(left, self.tag_cap(w.share) - self._tag_used[w.tag])
-        if left >= 1:
-            return None
-        return self._window_end if self._window_end is not None else math.inf
+        if left < 1:
+            return self._next_free()
+        if w.tag is not None and w.share is not None and \
+                self.tag_cap(w.share) - self._tag_used[w.tag] < 1:
+            return self._next_free(w.tag)
+        return None
 
     def _dispatch(self) -> None:
         """Grant every queued waiter that may go, in priority order; arm a timer for the rest."""
@@ -387,10 +432,7 @@ class RequestLimiter:
                 keep.append(w)
                 wake = min(wake, until)
                 continue
-            if self._window_end is None:
-                self._window_end = now + self.window * (1.0 + ASSUMED_WINDOW_MARGIN)
-                self.windows += 1
-            self._used += 1
+            self._grants.append((now + self._span, w.tag))
             self._in_flight += 1
             if w.tag is not None:
                 self._tag_used[w.tag] += 1

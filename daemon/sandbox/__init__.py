@@ -30,11 +30,17 @@ query matches conversations that started within `interval` and omits `conversati
 nothing matches. Events carry one extra unknown key `sandboxExtra<n>` (and a participant
 key `sandboxExtraFlag`) unless `faults.extra_field` is False. Request budget (when on:
 `request_budget`, `--budget`, the `configure {budget}` op or the `budgetPerMinute` fault):
-a 60 s window per access token from its first /api/v2 request; every /api/v2 answer to a
-valid token (errors included) carries `inin-ratelimit-count` (accepted requests in the
-window), `inin-ratelimit-allowed` and `inin-ratelimit-reset` (whole seconds to the reset,
-rounded up); past the allowance, 429 with `Retry-After` (seconds to the reset) and code
-`too.many.requests.retry.after`, not counted. Injected bursts are not counted either.
+requests per access token counted in a sliding 60 s window; no answer carries
+`inin-ratelimit-*` headers (Genesys removed them in 2021); past the allowance, 429 with
+`Retry-After` (seconds until the oldest counted request leaves the window), code
+`too.many.requests.retry.after` and `"limit": {"key":
+"client.credentials.token.rate.per.minute", "namespace": "platform.api", "value": N}`, not
+counted. `GET /api/v2/organizations/limits/namespaces/platform.api` lists that limit.
+Legacy mode (`legacy_ratelimit_headers`, `--legacy-ratelimit-headers`, `configure
+{legacyRatelimitHeaders: true}` or the `legacyRatelimitHeaders` fault): a fixed 60 s window
+per token from its first /api/v2 request, and every /api/v2 answer to a valid token (errors
+included) carries `inin-ratelimit-count`, `-allowed` and `-reset` (whole seconds to the
+reset, rounded up); its 429 has no `limit`. Injected bursts are not counted either.
 """
 
 from daemon.sandbox.server import Sandbox

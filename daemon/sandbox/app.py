@@ -42,10 +42,11 @@ _STATUS_CODES = {400: "bad.request", 401: "bad.credentials", 403: "missing.permi
 
 
 def error_response(status: int, message: str, code: str | None = None, *,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None,
+                   extra: dict[str, Any] | None = None) -> web.Response:
     corr = str(uuid.uuid4())
     body = {"message": message, "code": code or _STATUS_CODES.get(status, "error"),
-            "status": status, "contextId": corr, "details": [], "errors": []}
+            "status": status, "contextId": corr, "details": [], "errors": [], **(extra or {})}
     h = {"inin-correlation-id": corr, **(headers or {})}
     return web.Response(status=status, body=orjson.dumps(body), headers=h,
                         content_type="application/json")
@@ -111,7 +112,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                 raise _Reply(error_response(
                     429, "Rate limit exceeded the maximum. Retry the request in "
                     f"[{int(retry)}] seconds", "too.many.requests.retry.after",
-                    headers={"Retry-After": str(int(retry))}))
+                    headers={"Retry-After": str(int(retry))},
+                    extra=None if sb.faults.legacy_headers else {"limit": sb.faults.limit()}))
         resp = await handler(request)
     except _Reply as r:
         resp = r.response
@@ -127,7 +129,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         log.exception("sandbox_handler_failed", method=request.method, path=path)
         resp = error_response(500, "The sandbox failed to handle this request")
     if counted is not None:
-        # Genesys puts the budget on every answer, errors included.
+        # Legacy mode only: the budget on every answer, errors included (as before 2021).
         resp.headers.update(sb.faults.budget_headers(counted))
     if path == "/oauth/token":
         # never journal credentials a client may put in the form body
@@ -470,6 +472,16 @@ async def analytics_query(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def org_limits(request: web.Request) -> web.Response:
+    """GET /api/v2/organizations/limits/namespaces/{namespaceName}: `LimitsEntityListing`
+    `{"entities": [{"key", "namespace", "value"}]}`; the per-token budget (when on) in
+    `platform.api`, nothing elsewhere. (A 403 for a client without the permission: a burst.)"""
+    faults = _sb(request).faults
+    entities = ([faults.limit()] if request.match_info["namespace"] == "platform.api"
+                and faults.budget_per_minute is not None else [])
+    return json_response({"entities": entities})
+
+
 async def api_not_found(request: web.Request) -> web.Response:
     return error_response(404, f"No resource at {request.method} {request.path}")
 
@@ -503,6 +515,7 @@ def build_app(sb: Sandbox) -> web.Application:
     r.add_route("*", "/api/v2/conversations/conferences{tail:.*}", conferences)
     r.add_get("/api/v2/routing/queues", queues)
     r.add_post("/api/v2/analytics/conversations/details/query", analytics_query)
+    r.add_get("/api/v2/organizations/limits/namespaces/{namespace}", org_limits)
     add_driver_routes(app)
     r.add_route("*", "/api/v2/{tail:.*}", api_not_found)
     return app

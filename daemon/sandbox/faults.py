@@ -3,10 +3,14 @@ the server asks `Faults` what to do with each request and each event delivery.
 
 REST faults: `latency` seconds added to every /api/v2 request; `bursts` answer the next N
 requests matching a method and a path regex with a chosen status (429 with Retry-After, 5xx);
-`budget_per_minute` is a per-token request budget counted as Genesys does (see `Window`):
-a fixed 60 s window that starts with the token's first request, `inin-ratelimit-count`,
-`-allowed` and `-reset` headers on every /api/v2 answer, and 429 + Retry-After (seconds to
-the reset) + code `too.many.requests.retry.after` once the window's allowance is spent.
+`budget_per_minute` is a per-token request budget. By default it is counted in a sliding
+60 s window (Genesys does not document its window; sliding is the strictest reading), no
+answer says where the token stands, and past the allowance the answer is today's 429:
+`Retry-After` (whole seconds until the oldest counted request leaves the window), code
+`too.many.requests.retry.after` and the `limit` object (`LIMIT_KEY`, `LIMIT_NAMESPACE`,
+the allowance). `legacy_headers` brings back the pre-2021 behaviour for tests of that path
+(see `Window`): a fixed 60 s window from the token's first request and
+`inin-ratelimit-count`, `-allowed` and `-reset` headers on every /api/v2 answer.
 
 Event faults (decided per delivery to one socket): duplicate, lose (drop silently),
 reorder (hold an event back and send it after the next), malformed (an extra broken frame
@@ -25,6 +29,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +48,15 @@ class Burst:
 
 
 WINDOW_SECONDS = 60.0
-"""Length of one per-token budget window (Genesys: per minute, from the token's first request)."""
+"""Length of one per-token budget window (Genesys: per minute)."""
+LIMIT_KEY = "client.credentials.token.rate.per.minute"
+LIMIT_NAMESPACE = "platform.api"
+"""The `limit` a 429 names, and the limits API lists, for the per-token budget."""
 
 
 @dataclass(slots=True)
 class Window:
-    """One token's current budget window: `count` requests accepted since `started`
+    """(legacy mode) One token's current fixed budget window: `count` requests accepted since `started`
     (monotonic seconds); it ends at `started + WINDOW_SECONDS`, and the token's next request
     after that starts a new one. Requests refused with 429 are not counted."""
 
@@ -108,6 +116,7 @@ class Faults:
     latency: float = 0.0
     event_latency: float = 0.0
     budget_per_minute: int | None = None
+    legacy_headers: bool = False
     drop_every: float | None = None
     extra_field: bool = True
     bursts: list[Burst] = field(default_factory=list)
@@ -118,7 +127,8 @@ class Faults:
     seed: int | None = None
     eventbridge_delay: float = 0.0
     losses: list[ChangeLoss] = field(default_factory=list)
-    _windows: dict[str, Window] = field(default_factory=dict)
+    _windows: dict[str, Window] = field(default_factory=dict)  # legacy: fixed windows
+    _sliding: dict[str, deque[float]] = field(default_factory=dict)  # accepted request times
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -177,10 +187,19 @@ class Faults:
 
     def spend(self, token: str, now: float | None = None) -> float | None:
         """Count one request against the token's budget. None if allowed, else the
-        Retry-After seconds (whole seconds to the window's reset)."""
+        Retry-After seconds (whole seconds, at least 1: until the oldest counted request
+        leaves the sliding window; legacy: to the fixed window's reset)."""
         if self.budget_per_minute is None:
             return None
         now = time.monotonic() if now is None else now
+        if not self.legacy_headers:
+            times = self._sliding.setdefault(token, deque())
+            while times and times[0] <= now - WINDOW_SECONDS:
+                times.popleft()
+            if len(times) >= self.budget_per_minute:
+                return float(max(1, math.ceil(times[0] + WINDOW_SECONDS - now)))
+            times.append(now)
+            return None
         win = self._windows.get(token)
         if win is None or now >= win.started + WINDOW_SECONDS:
             win = self._windows[token] = Window(started=now)
@@ -190,9 +209,10 @@ class Faults:
         return None
 
     def budget_headers(self, token: str | None, now: float | None = None) -> dict[str, str]:
-        """The `inin-ratelimit-*` headers for an answer to `token` (after `spend`); empty
-        when the budget is off or the token has made no counted request yet."""
-        if self.budget_per_minute is None or token is None:
+        """(legacy mode only) The `inin-ratelimit-*` headers for an answer to `token` (after
+        `spend`); empty by default, when the budget is off or the token made no counted
+        request yet."""
+        if self.budget_per_minute is None or token is None or not self.legacy_headers:
             return {}
         now = time.monotonic() if now is None else now
         win = self._windows.get(token)
@@ -204,6 +224,17 @@ class Faults:
         return {"inin-ratelimit-count": str(win.count),
                 "inin-ratelimit-allowed": str(self.budget_per_minute),
                 "inin-ratelimit-reset": str(win.reset_in(now))}
+
+    def limit(self) -> dict[str, Any]:
+        """The `limit` object of a 429 body (and the limits API's entry) for the budget."""
+        return {"key": LIMIT_KEY, "namespace": LIMIT_NAMESPACE, "value": self.budget_per_minute}
+
+    def set_legacy_headers(self, on: bool) -> None:
+        """Switch between today's budget (sliding window, no headers) and the legacy one
+        (fixed window, `inin-ratelimit-*` headers). Counts under way are forgotten."""
+        self.legacy_headers = bool(on)
+        self._windows.clear()
+        self._sliding.clear()
 
     def set_budget(self, per_minute: int | None) -> None:
         """Change the allowance (None: off). Windows under way keep their count and end."""
@@ -225,7 +256,8 @@ class Faults:
     def configure(self, spec: dict[str, Any]) -> None:
         """Apply a JSON fault spec (the /sandbox/faults body). Unknown keys raise ValueError.
 
-        Keys: latency, eventLatency, budgetPerMinute (null = off), dropEvery (null = off),
+        Keys: latency, eventLatency, budgetPerMinute (null = off), legacyRatelimitHeaders,
+        dropEvery (null = off),
         extraField, seed, burst {method, path, status, count, retryAfter},
         duplicate/lose/reorder/malformed {probability, next}, eventbridgeDelay (seconds)."""
         for k, v in spec.items():
@@ -235,6 +267,8 @@ class Faults:
                 self.event_latency = float(v)
             elif k == "budgetPerMinute":
                 self.set_budget(None if v is None else int(v))
+            elif k == "legacyRatelimitHeaders":
+                self.set_legacy_headers(bool(v))
             elif k == "dropEvery":
                 self.drop_every = None if v is None else float(v)
             elif k == "extraField":
@@ -256,7 +290,8 @@ class Faults:
 
     def as_dict(self) -> dict[str, Any]:
         return {"latency": self.latency, "eventLatency": self.event_latency,
-                "budgetPerMinute": self.budget_per_minute, "dropEvery": self.drop_every,
+                "budgetPerMinute": self.budget_per_minute,
+                "legacyRatelimitHeaders": self.legacy_headers, "dropEvery": self.drop_every,
                 "extraField": self.extra_field, "bursts": [b.as_dict() for b in self.bursts],
                 "duplicate": self.duplicate.as_dict(), "lose": self.lose.as_dict(),
                 "reorder": self.reorder.as_dict(), "malformed": self.malformed.as_dict(),

@@ -144,7 +144,10 @@ OPS: tuple[OpSpec, ...] = (
             _f("channelLifetime", "seconds a notification channel lives"),
             _f("tokenLifetime", "seconds a new token lives (for clientId, default the sandbox's client)"),
             _f("clientId", "the client tokenLifetime applies to"),
-            _f("budget", "requests per token per 60 s window; null: off")),
+            _f("budget", "requests per token per sliding 60 s window; null: off"),
+            _f("legacyRatelimitHeaders", "true: a fixed window from the token's first request and "
+               "inin-ratelimit-* headers on every answer, as Genesys before 2021; false (the "
+               "default): no headers, as today")),
            "the settings now in force", {"heartbeatInterval": 5}),
     OpSpec("lose_event", "lose the next change(s) on one delivery path only (the WebSocket, EventBridge, or both)",
            (_f("on", "websocket, eventbridge or both", True), _f("conversationId", "only changes of this call (default: any)"),
@@ -233,9 +236,12 @@ def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
             if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
                 raise WorldError(400, "bad.request", "budget must be a whole number >= 1 or null")
             sb.faults.set_budget(b)
+        if "legacyRatelimitHeaders" in a:
+            sb.faults.set_legacy_headers(bool(a["legacyRatelimitHeaders"]))
         return {"heartbeatInterval": sb.heartbeat_interval, "closingGrace": sb.closing_grace,
                 "patchFinalStatus": sb.patch_final_status,
-                "channelLifetime": w.channel_lifetime, "budget": sb.faults.budget_per_minute}
+                "channelLifetime": w.channel_lifetime, "budget": sb.faults.budget_per_minute,
+                "legacyRatelimitHeaders": sb.faults.legacy_headers}
 
     def add_client(a: dict[str, Any]) -> Any:
         c = w.add_client(a.get("clientId"), a.get("secret"),

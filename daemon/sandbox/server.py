@@ -95,9 +95,10 @@ class Sandbox:
     `channel_lifetime` seconds (24 h); `closing_grace` seconds between
     v2.system.socket_closing and the close; `patch_final_status` what PATCH on an
     already-disconnected party answers (202: idempotent no-op, the default; or e.g. 400);
-    `request_budget` requests per token per fixed 60 s window from the token's first request,
-    advertised in `inin-ratelimit-*` headers on every /api/v2 answer (None: unlimited and no
-    headers; Genesys' default is 300);
+    `request_budget` requests per token per sliding 60 s window, 429 past it with today's
+    body (None: unlimited; Genesys' default is 300); `legacy_ratelimit_headers` counts a
+    fixed window from the token's first request instead and advertises it in
+    `inin-ratelimit-*` headers on every /api/v2 answer, as Genesys did before 2021;
     `reap_interval` seconds between checks for expired channels and tokens;
     `eventbridge_queue_url` (with `eventbridge_endpoint_url`, None: AWS itself, and
     `eventbridge_region`): also publish every change's conversation detail events into
@@ -113,7 +114,8 @@ class Sandbox:
                  reap_interval: float = 0.1, extra_field: bool = True,
                  seed: int | None = None, eventbridge_queue_url: str | None = None,
                  eventbridge_endpoint_url: str | None = None,
-                 eventbridge_region: str | None = None) -> None:
+                 eventbridge_region: str | None = None,
+                 legacy_ratelimit_headers: bool = False) -> None:
         self.host = host
         self.port = port
         self.heartbeat_interval = heartbeat_interval
@@ -122,7 +124,7 @@ class Sandbox:
         self.reap_interval = reap_interval
         self.world = World(token_lifetime=token_lifetime, channel_lifetime=channel_lifetime)
         self.faults = Faults(seed=seed, budget_per_minute=request_budget,
-                             extra_field=extra_field)
+                             extra_field=extra_field, legacy_headers=legacy_ratelimit_headers)
         self.journal = Journal()
         client = self.world.add_client(client_id, client_secret)
         self.client_id = client.id

@@ -211,6 +211,7 @@ class Daemon:
         self.client.limiter.on_rate_limited = \
             lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
         self.metrics.track_budget(self.client.limiter.snapshot)
+        self._tasks.append(asyncio.create_task(self._read_budget_limit(), name="budget-limit"))
         self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
                                  metrics=self.metrics, clock=self.clock,
                                  note_step=self.accounts.note_rest)
@@ -258,6 +259,15 @@ class Daemon:
         if self.failover is not None:
             self.failover.mark_ready()
         systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
+
+    async def _read_budget_limit(self) -> None:
+        """Once at start-up: the org's per-token budget from the limits API (optional; a
+        403 or any failure is logged once and the limiter keeps `requests_per_minute`)."""
+        assert self.client is not None
+        try:
+            await self.client.read_budget_limit()
+        except ConfguardError as exc:
+            log.info("budget_limits_unknown", error=str(exc)[:200])
 
     async def stop(self) -> None:
         """Shut down within one deadline, `ops.shutdown_timeout` seconds from the call

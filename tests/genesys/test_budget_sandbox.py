@@ -1,5 +1,7 @@
 """The request budget over real sockets against the sandbox, which counts as Genesys does
-(fixed 60 s window per token, inin-ratelimit-* headers, 429 past the allowance).
+today (sliding 60 s window per token, no inin-ratelimit-* headers, 429 past the allowance
+with Retry-After and the `limit` object; the limits API) or, with
+`legacy_ratelimit_headers`, as before 2021 (fixed window, headers on every answer).
 
 Each "Done when" bullet of issue 11 has a test here: the allowance is learnt from the
 headers with no config (180 and 3,000); 200 flags in 2 s give 200 PATCHes with no wait of
@@ -38,7 +40,7 @@ def _statuses(sb: Sandbox) -> list[int]:
 
 @pytest.mark.parametrize("allowance", [180, 3000])
 async def test_allowance_is_learnt_from_the_headers(sandbox_factory: Any, allowance: int) -> None:
-    sb: Sandbox = await sandbox_factory(request_budget=allowance)
+    sb: Sandbox = await sandbox_factory(request_budget=allowance, legacy_ratelimit_headers=True)
     conv = sb.world.start_call(sandbox_queue(sb))
     async with _client(sb) as c:
         assert c.limiter.allowed == 300 and not c.limiter.snapshot().learnt  # the assumption
@@ -51,6 +53,47 @@ async def test_allowance_is_learnt_from_the_headers(sandbox_factory: Any, allowa
     assert 55 <= snap.reset_seconds <= 61
 
 
+@pytest.mark.parametrize("allowance", [180, 3000])
+async def test_allowance_is_learnt_from_the_limits_api_without_headers(
+        sandbox_factory: Any, allowance: int) -> None:
+    sb: Sandbox = await sandbox_factory(request_budget=allowance)
+    conv = sb.world.start_call(sandbox_queue(sb))
+    async with _client(sb) as c:
+        await c.get_call(conv.id)
+        assert not c.limiter.snapshot().learnt  # nothing in a plain answer says anything
+        assert await c.read_budget_limit() == allowance
+        snap = c.limiter.snapshot()
+    assert snap.learnt and snap.allowed == allowance and snap.reserve == allowance // 5
+    assert snap.used == 2 and 55 <= snap.reset_seconds <= 61  # our own count, sliding
+
+
+async def test_a_403_from_the_limits_api_is_unknown_not_fatal(sandbox_factory: Any) -> None:
+    sb: Sandbox = await sandbox_factory(request_budget=300)
+    sb.faults.add_burst("GET", r"/organizations/limits/", 403, 1)
+    async with _client(sb) as c:
+        assert await c.read_budget_limit() is None
+        snap = c.limiter.snapshot()
+    assert not snap.learnt and snap.allowed == 300
+
+
+async def test_allowance_is_learnt_from_a_429_limit_body(sandbox_factory: Any) -> None:
+    """We assume 300, the org allows 20: our own count says go, Genesys says 429 with
+    `limit.value` 20; from then on the limiter counts against 20 (and honours Retry-After)."""
+    sb: Sandbox = await sandbox_factory(request_budget=20)
+    conv = sb.world.start_call(sandbox_queue(sb))
+    async with _client(sb) as c:
+        for _ in range(20):
+            await c.get_call(conv.id, priority=Priority.RESYNC)
+        late = asyncio.create_task(c.get_call(conv.id, priority=Priority.RESYNC))
+        await wait_until(lambda: c.limiter.snapshot().learnt, 5, "the 429's limit to be learnt")
+        snap = c.limiter.snapshot()
+        assert snap.allowed == 20 and snap.reserve == 4 and snap.rate_limited == {"resync": 1}
+        assert snap.paused_seconds.get("resync", 0) > 50  # Retry-After: until the oldest leaves
+        late.cancel()
+        await asyncio.gather(late, return_exceptions=True)
+    assert _statuses(sb).count(429) == 1
+
+
 async def test_a_resync_storm_that_spends_its_share_leaves_removals_able_to_go(
         sandbox_factory: Any) -> None:
     sb: Sandbox = await sandbox_factory(request_budget=20)  # reserve: 4 for removals
@@ -60,7 +103,7 @@ async def test_a_resync_storm_that_spends_its_share_leaves_removals_able_to_go(
     target = calls[0]
     customer = target.participants[0]
     async with _client(sb) as c:
-        await c.get_call(calls[1].id)  # the first answer teaches the allowance
+        assert await c.read_budget_limit() == 20  # the limits API teaches the allowance
         storm = [asyncio.create_task(c.get_call(x.id, priority=Priority.RESYNC)) for x in calls]
         await wait_until(lambda: c.limiter.waiting(Priority.RESYNC) == 30 - 15, 10,
                          "the storm to reach the reserve")
@@ -74,7 +117,7 @@ async def test_a_resync_storm_that_spends_its_share_leaves_removals_able_to_go(
         await asyncio.gather(*storm, return_exceptions=True)
     assert target.party(customer.id).state == "disconnected"
     assert 429 not in _statuses(sb)
-    assert len(_statuses(sb)) == 17  # 1 + 15 GETs + 1 PATCH: nothing past the allowance
+    assert len(_statuses(sb)) == 17  # limits + 15 GETs + 1 PATCH: nothing past the allowance
 
 
 async def test_a_429_on_a_resync_get_does_not_delay_a_removal(sandbox_factory: Any) -> None:

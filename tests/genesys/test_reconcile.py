@@ -101,7 +101,8 @@ async def test_reconciliation_stays_within_its_share(sandbox_factory: Any) -> No
     for c in calls:
         engine.apply_conversation(w.get_call(c.id).rest_body(), now[0] - 1000, source="resync")
     async with client_for(sb, rpm=300) as client:
-        await client.get_call(calls[0].id, priority=Priority.NORMAL)  # learn the allowance
+        await client.get_call(calls[0].id, priority=Priority.NORMAL)
+        assert await client.read_budget_limit() == 40  # learn the allowance (no headers today)
         assert client.limiter.allowed == 40
         rs = Resyncer(client, engine, Scope(queue_ids=(QueueId(q),)), on_decisions=lambda d: None,
                       clock=lambda: now[0])
