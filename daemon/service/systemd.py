@@ -17,6 +17,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -31,6 +32,8 @@ __all__ = [
     "watchdog_ping",
     "watchdog_interval",
     "run_watchdog",
+    "extend_timeout",
+    "run_progress",
 ]
 
 
@@ -148,5 +151,46 @@ async def run_watchdog(stop_event: asyncio.Event, *, interval: float | None = No
         watchdog_ping()
         try:
             await asyncio.wait_for(stop_event.wait(), timeout=period)
+        except TimeoutError:
+            pass
+
+
+def extend_timeout(seconds: float) -> bool:
+    """`EXTEND_TIMEOUT_USEC=`: the start-up (or shutdown) is still making progress; systemd
+    lets it run until at least `seconds` from now, whatever `TimeoutStartSec=` said
+    (systemd >= 236)."""
+    return notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
+
+
+async def run_progress(stop_event: asyncio.Event, ready: Callable[[], bool],
+                       progress: Callable[[], str | None], *, extend_after: float = 60.0,
+                       extend_every: float = 30.0, extend_by: float = 90.0,
+                       interval: float = 5.0,
+                       clock: Callable[[], float] = time.monotonic) -> None:
+    """Until `stop_event` is set, every `interval` seconds: send `STATUS=<progress()>` when
+    the text changed (None: nothing to say), and, while `ready()` is still False
+    `extend_after` seconds after the call, `EXTEND_TIMEOUT_USEC=` of `extend_by` seconds
+    every `extend_every` seconds, so a slow start that is making progress is not killed by
+    `TimeoutStartSec=` (each extension covers the next `extend_by` s; with the defaults two
+    are always pending). Times are seconds; `clock` is monotonic."""
+    started = clock()
+    last_text: str | None = None
+    last_extend: float | None = None
+    while not stop_event.is_set():
+        now = clock()
+        if not ready() and now - started >= extend_after and (
+                last_extend is None or now - last_extend >= extend_every):
+            extend_timeout(extend_by)
+            last_extend = now
+        try:
+            text = progress()
+        except Exception:  # a progress line must never take the loop down
+            log.exception("sd_notify_progress_failed")
+            text = None
+        if text is not None and text != last_text:
+            status(text)
+            last_text = text
+        try:
+            await asyncio.wait_for(stop_event.wait(), timeout=interval)
         except TimeoutError:
             pass

@@ -179,3 +179,56 @@ def test_shutdown_deadline_is_below_the_units_stop_timeout() -> None:
     assert stop == ["20"]
     assert OpsSettings().shutdown_timeout == 15.0
     assert OpsSettings().shutdown_timeout < float(stop[0])
+
+
+def test_extend_timeout_datagram(path_socket: socket.socket) -> None:
+    assert systemd.extend_timeout(90)
+    assert _recv(path_socket) == b"EXTEND_TIMEOUT_USEC=90000000"
+
+
+async def _arecv(sock: socket.socket, timeout: float = 5.0) -> bytes | None:
+    """The next datagram without blocking the event loop; None when none came in time."""
+    sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return sock.recv(4096)
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    return None
+
+
+async def test_run_progress_status_on_change_and_extend_while_not_ready(
+        path_socket: socket.socket) -> None:
+    """STATUS= only when the text changes; EXTEND_TIMEOUT_USEC from `extend_after` on, every
+    `extend_every`, while not ready; none once ready. A fake monotonic clock, real socket."""
+    now = [0.0]
+    ready = [False]
+    text = ["resync 0/10 calls read, 0/2 conferences"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(systemd.run_progress(
+        stop, lambda: ready[0], lambda: text[0], extend_after=60, extend_every=30,
+        extend_by=90, interval=0.01, clock=lambda: now[0]))
+    assert await _arecv(path_socket) == b"STATUS=resync 0/10 calls read, 0/2 conferences"
+    now[0] = 59.0
+    assert await _arecv(path_socket, 0.2) is None  # same text, not 60 s yet
+    now[0] = 60.0
+    assert await _arecv(path_socket) == b"EXTEND_TIMEOUT_USEC=90000000"
+    assert await _arecv(path_socket, 0.2) is None  # the next one is due 30 s later
+    now[0] = 75.0
+    text[0] = "resync 5/10 calls read, 2/2 conferences"
+    assert await _arecv(path_socket) == b"STATUS=resync 5/10 calls read, 2/2 conferences"
+    now[0] = 90.0
+    assert await _arecv(path_socket) == b"EXTEND_TIMEOUT_USEC=90000000"
+    ready[0] = True
+    now[0] = 200.0
+    assert await _arecv(path_socket, 0.2) is None  # ready: no more extensions
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+def test_unit_sets_timeout_start_sec_with_a_comment() -> None:
+    lines = UNIT.read_text().splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith("TimeoutStartSec="))
+    assert lines[i] == "TimeoutStartSec=90" and lines[i - 1].startswith("#")
+    assert "EXTEND_TIMEOUT_USEC" in "\n".join(lines[i - 6:i])
