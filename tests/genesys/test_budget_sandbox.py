@@ -108,6 +108,8 @@ async def test_a_resync_storm_that_spends_its_share_leaves_removals_able_to_go(
         await wait_until(lambda: c.limiter.waiting(Priority.RESYNC) == 30 - 15, 10,
                          "the storm to reach the reserve")
         assert c.limiter.available == 4
+        # The 15 granted GETs answered (a cancel below must not cut one short mid-flight).
+        await wait_until(lambda: c.limiter.snapshot().in_flight == 0, 10, "the granted GETs")
         # The window has 4 requests left, all of them for removals: one goes at once.
         status = await asyncio.wait_for(c.disconnect_participant(target.id, customer.id), 5)
         assert status == 202
