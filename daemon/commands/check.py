@@ -7,7 +7,9 @@ list file, placeholders; any problem is printed as `file:line:col: message` and 
 queue names, creates a notification channel, subscribes every topic with
 `ignoreErrors=true`, reports each Rejected topic with its reason and missing permissions,
 then removes the subscriptions again (a channel cannot be deleted; unconnected, it
-expires by itself and is the first one Genesys retires).
+expires by itself and is the first one Genesys retires). With an `eventbridge:` section it
+also checks the SQS queue (exists, attributes readable; its visibility timeout and redrive
+policy named, a missing dead-letter queue warned about; no message is received).
 
 `--schema` prints the JSON Schema of config.yaml (draft 2020-12) and exits 0: generated
 from the pydantic models of `daemon.config`, with the rules' `when`/`call` conditions
@@ -15,8 +17,9 @@ spelt out from the rule field registry (`daemon.core.rules.FIELDS`), so an edito
 language server) can complete and check field names, operators and value types. The
 committed copy is docs/config.schema.json (tests/commands/test_schema.py keeps it current).
 
-Exit codes: 0 ok, 1 online check found problems (a queue name not found, rejected topics), 2 invalid configuration,
-4 credentials refused or permission missing, 5 API or network failure.
+Exit codes: 0 ok, 1 online check found problems (a queue name not found, rejected topics, no such
+SQS queue), 2 invalid configuration, 4 credentials refused or permission missing, 5 API or network
+failure.
 """
 
 from __future__ import annotations
@@ -83,8 +86,31 @@ async def online_check(config: Config, out: TextIO) -> int:
         if problems:
             print(f"FAIL: {problems} topic(s) rejected: compliance coverage would have a gap", file=out)
             return 1
-        print("ok: online check passed; subscriptions removed again", file=out)
-        return 0
+    if config.eventbridge.enabled:
+        code = await check_eventbridge(config, out)
+        if code:
+            return code
+    print("ok: online check passed; subscriptions removed again", file=out)
+    return 0
+
+
+async def check_eventbridge(config: Config, out: TextIO) -> int:
+    """The `eventbridge:` queue: it exists and its attributes are readable; its visibility
+    timeout and redrive policy are named. 0 ok, 1 no such queue, 4 access or credentials
+    refused, 5 unreachable or another AWS failure."""
+    from daemon.service.aws import describe_aws_error
+    from daemon.service.eventbridge import check_queue
+
+    try:
+        report = await check_queue(config.eventbridge)
+    except Exception as exc:  # noqa: BLE001 - every AWS failure is reported, none is a crash
+        failure = describe_aws_error(exc)
+        print(f"FAIL: eventbridge queue {config.eventbridge.queue_url}: {failure.kind}: "
+              f"{failure.code}: {failure.message}", file=out)
+        return {"not_found": 1, "access_denied": 4, "credentials": 4}.get(failure.kind, 5)
+    for line in report.lines():
+        print(line, file=out)
+    return 0
 
 
 # ---------------------------------------------------------------------- JSON Schema

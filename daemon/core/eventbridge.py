@@ -282,6 +282,10 @@ class DetailDecider:
             seen.popitem(last=False)
         return False
 
+    def forget(self, event_id: str) -> None:
+        """Forget an envelope id (its handling failed: the next delivery is decided again)."""
+        self._seen.pop(event_id, None)
+
     def decide(self, event: DetailEvent, state: CallState, *, queues: Collection[str],
                users: Collection[str]) -> Verdict:
         """The verdict for one event, given the call state and the scope (queue and user

@@ -16,6 +16,8 @@ from daemon.core.events import Message
 from daemon.genesys.api import GenesysClient
 from daemon.genesys.scope import Scope
 from daemon.genesys.stream import StreamManager
+from daemon.core.eventbridge import CallState
+from daemon.service.eventbridge import eventbridge_source
 from daemon.service.metrics import Metrics
 from daemon.service.sources import Sink, Source, WebSocketSource
 
@@ -24,8 +26,9 @@ from daemon.service.sources import Sink, Source, WebSocketSource
 class SourceContext:
     """What a source factory gets: the loaded configuration, the Genesys client, the sink
     to deliver into (the event router), the metrics, the scope resolved at start-up (a
-    reload hands a source its new scope through `Source.apply_scope`) and the clock (epoch
-    seconds)."""
+    reload hands a source its new scope through `Source.apply_scope`), the clock (epoch
+    seconds) and the call state (read only: a source that judges what the state already
+    shows, the EventBridge queue)."""
 
     config: Config
     client: GenesysClient
@@ -33,6 +36,7 @@ class SourceContext:
     metrics: Metrics
     scope: Scope
     clock: Callable[[], float] = time.time
+    state: CallState | None = None
 
 
 SourceFactory = Callable[[SourceContext], "Source | None"]
@@ -55,4 +59,5 @@ def websocket_source(ctx: SourceContext) -> Source:
 #: Every input of the daemon, in start order (one line per source).
 SOURCES: tuple[SourceFactory, ...] = (
     websocket_source,
+    eventbridge_source,  # daemon.service.eventbridge: only with an `eventbridge:` section
 )

@@ -233,7 +233,8 @@ class Daemon:
         self._set_state(State.SUBSCRIBING)
         scope = await resolve_scope(self.client, cfg.subscriptions)
         client, router = self.client, self.router
-        built = (make(SourceContext(cfg, client, router, self.metrics, scope, self.clock))
+        built = (make(SourceContext(cfg, client, router, self.metrics, scope, self.clock,
+                                    state=self.engine.store))
                  for make in self._source_factories)
         self.sources = [source for source in built if source is not None]
         self.resyncer = Resyncer(self.client, self.engine, scope,

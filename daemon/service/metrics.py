@@ -45,6 +45,9 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 #: Seconds. A resync reads every tracked call: tenths of a second to minutes.
 RESYNC_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+#: Seconds. Events from a queue arrive in about a second; EventBridge retries for four days.
+EVENT_AGE_BUCKETS: tuple[float, ...] = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400, 345600)
+
 DAEMON_STATES: tuple[str, ...] = (
     "starting", "subscribing", "resyncing", "running", "degraded", "reloading", "draining",
     "stopped",
@@ -222,6 +225,29 @@ class Metrics:
             "refused or cut, by listener (ops, control) and reason (over_capacity, "
             "header_timeout, bad_request, body_timeout, handler_error, login_throttled).",
             ["listener", "reason"], registry=r)
+        # -- event sources beside the WebSocket (daemon.service.eventbridge)
+        self.source_messages: Counter = Counter(
+            p + "source_messages", "Messages of a queue source, by source and stage (received, "
+            "handled, rejected, deleted).", ["source", "stage"], registry=r)
+        self.source_event_age_seconds: Histogram = Histogram(
+            p + "source_event_age_seconds", "Age of an event when it arrived from a queue source "
+            "(now - the event's publish time), seconds.", ["source"], buckets=EVENT_AGE_BUCKETS,
+            registry=r)
+        self.source_rereads: Counter = Counter(
+            p + "source_rereads", "Calls re-read because a queue source's event showed what the "
+            "state did not, by source and reason (unknown_participant, attributes_differ, "
+            "ended_but_connected, unseen_call_in_scope).", ["source", "reason"], registry=r)
+        self.source_skipped: Counter = Counter(
+            p + "source_skipped", "Queue-source events that cost no request, by source and reason "
+            "(reflected, older, duplicate, out_of_scope, ended_call, not_tracked).",
+            ["source", "reason"], registry=r)
+        self.source_errors: Counter = Counter(
+            p + "source_errors", "Failed calls of a queue source to its queue, by source and kind "
+            "(unreachable, access_denied, credentials, not_found, throttled, other).",
+            ["source", "kind"], registry=r)
+        self.source_up: Gauge = Gauge(
+            p + "source_up", "1 while a queue source is receiving, 0 while it is down, degraded "
+            "or stopped.", ["source"], registry=r)
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})
