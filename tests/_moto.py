@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -167,6 +168,7 @@ def moto_server() -> Iterator[MotoServer]:
             mp.setenv(key, value)
         for key in _UNSET:
             mp.delenv(key, raising=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         server = MotoServer()
         server.start()
         try:

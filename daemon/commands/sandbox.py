@@ -43,10 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="count the budget in a fixed 60 s window from the token's first "
                         "request and send inin-ratelimit-* headers on every answer, as Genesys "
                         "did before June 2021 (default: off, as Genesys today)")
-    p.add_argument("--eventbridge-queue-url", default=None, metavar="URL",
+    p.add_argument("--eventbridge-queue-url", default=None, metavar="URL", action="append",
                    help="also publish conversation detail events for every change into this SQS "
                         "queue, as Genesys' Amazon EventBridge integration with a rule to SQS "
-                        "(AWS credentials: the standard AWS chain)")
+                        "(AWS credentials: the standard AWS chain); repeat it for a rule with "
+                        "several targets (one queue per HA node)")
     p.add_argument("--eventbridge-endpoint-url", default=None, metavar="URL",
                    help="the SQS endpoint (a local one such as moto; default: AWS)")
     p.add_argument("--seed-from", default=None, metavar="CONFIG",
@@ -173,7 +174,7 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
                  client_id=args.client_id, client_secret=args.client_secret,
                  eventbridge_queue_url=args.eventbridge_queue_url,
                  eventbridge_endpoint_url=args.eventbridge_endpoint_url,
-                 eventbridge_region=region_from_queue_url(args.eventbridge_queue_url or ""),
+                 eventbridge_region=region_from_queue_url((args.eventbridge_queue_url or [""])[0]),
                  legacy_ratelimit_headers=args.legacy_ratelimit_headers)
     summary = load_scenario(sb.world, args.scenario)
     seeded: dict[str, list[tuple[str, str]]] | None = None
@@ -207,7 +208,8 @@ async def serve(args: argparse.Namespace, out: TextIO = sys.stdout,
     for cid in summary["calls"]:
         print(f"call:       {cid}", file=out)
     if sb.eventbridge is not None:
-        print(f"eventbridge: {sb.eventbridge.queue_url}", file=out)
+        for url in sb.eventbridge.queue_urls:
+            print(f"eventbridge: {url}", file=out)
     if seeded is not None:
         for qid, name in seeded["queues"]:
             print(f"seeded queue: {qid}  {name}", file=out)

@@ -37,7 +37,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -200,21 +200,26 @@ class PublisherStats:
     emitted: int = 0
     lost: int = 0
     sent: int = 0
+    """Events sent, counted once per queue."""
     send_errors: int = 0
     sent_log: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=100_000))
-    """(time sent, conversation id, kind) of the last events sent."""
+    """(time sent, conversation id, kind) of the last events sent to the first queue."""
 
 
 class EventBridgePublisher:
     """Sends the world's detail events to one SQS queue (see the module docstring).
 
-    `queue_url`, `endpoint_url` (None: AWS itself), `region` (None: `AWS_REGION` or
+    `queue_url`: one queue, or several (a rule with several targets: every queue gets
+    every event, with the same envelope id); `endpoint_url` (None: AWS itself), `region` (None: `AWS_REGION` or
     `AWS_DEFAULT_REGION`, else `us-east-1`); `faults` for `take_loss` and `eventbridge_delay`; `clock` epoch s."""
 
-    def __init__(self, queue_url: str, *, endpoint_url: str | None, region: str | None, faults: Faults,
+    def __init__(self, queue_url: str | Sequence[str], *, endpoint_url: str | None, region: str | None,
+                 faults: Faults,
                  org_id: str | None = None, clock: Callable[[], float] = time.time,
                  retry_interval: float = 0.5) -> None:
-        self.queue_url = queue_url
+        self.queue_urls: list[str] = [queue_url] if isinstance(queue_url, str) else list(queue_url)
+        if not self.queue_urls:
+            raise ValueError("EventBridgePublisher needs at least one queue URL")
         self.endpoint_url = endpoint_url
         self.region = (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                        or "us-east-1")
@@ -224,7 +229,7 @@ class EventBridgePublisher:
         self.retry_interval = retry_interval
         self.emitter = DetailEmitter()
         self.stats = PublisherStats()
-        self._ready: deque[tuple[str, str, bytes]] = deque()
+        self._ready: dict[str, deque[tuple[str, str, bytes]]] = {u: deque() for u in self.queue_urls}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
@@ -257,13 +262,19 @@ class EventBridgePublisher:
             self._enqueue(bodies)
 
     def _enqueue(self, bodies: list[tuple[str, str, bytes]]) -> None:
-        self._ready.extend(bodies)
+        for ready in self._ready.values():
+            ready.extend(bodies)
         self._wake.set()
 
     @property
+    def queue_url(self) -> str:
+        """The first (usually the only) queue."""
+        return self.queue_urls[0]
+
+    @property
     def pending(self) -> int:
-        """Events waiting to be sent (delayed ones not counted)."""
-        return len(self._ready)
+        """Events waiting to be sent, over every queue (delayed ones not counted)."""
+        return sum(len(r) for r in self._ready.values())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sandbox-eventbridge")
@@ -288,26 +299,33 @@ class EventBridgePublisher:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while self._ready:
-                    batch = [self._ready[i] for i in range(min(10, len(self._ready)))]
-                    entries = [{"Id": str(i), "MessageBody": body.decode()} for i, (_, _, body) in enumerate(batch)]
-                    try:
-                        out = await sqs.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
-                    except Exception as e:  # the queue is unreachable: keep the events, retry
-                        self.stats.send_errors += 1
-                        log.warning("sandbox_eventbridge_send_failed", error=type(e).__name__)
-                        await asyncio.sleep(self.retry_interval)
-                        continue
-                    failed = {int(f["Id"]) for f in out.get("Failed", [])}
-                    now = self.clock()
-                    for i, (cid, kind, _) in enumerate(batch):
-                        if i not in failed:
-                            self.stats.sent += 1
-                            self.stats.sent_log.append((now, cid, kind))
-                    for _ in batch:
-                        self._ready.popleft()
-                    if failed:  # put the refused ones back in front, in order
-                        self.stats.send_errors += 1
-                        for i in sorted(failed, reverse=True):
-                            self._ready.appendleft(batch[i])
-                        await asyncio.sleep(self.retry_interval)
+                while any(self._ready.values()):
+                    for url, ready in self._ready.items():
+                        if ready and not await self._send_batch(sqs, url, ready):
+                            await asyncio.sleep(self.retry_interval)
+
+    async def _send_batch(self, sqs: Any, url: str, ready: deque[tuple[str, str, bytes]]) -> bool:
+        """Send up to 10 events of `ready` to `url`; False when (part of) it failed."""
+        batch = [ready[i] for i in range(min(10, len(ready)))]
+        entries = [{"Id": str(i), "MessageBody": body.decode()} for i, (_, _, body) in enumerate(batch)]
+        try:
+            out = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        except Exception as e:  # the queue is unreachable: keep the events, retry
+            self.stats.send_errors += 1
+            log.warning("sandbox_eventbridge_send_failed", error=type(e).__name__)
+            return False
+        failed = {int(f["Id"]) for f in out.get("Failed", [])}
+        now = self.clock()
+        for i, (cid, kind, _) in enumerate(batch):
+            if i not in failed:
+                self.stats.sent += 1
+                if url == self.queue_urls[0]:
+                    self.stats.sent_log.append((now, cid, kind))
+        for _ in batch:
+            ready.popleft()
+        if failed:  # put the refused ones back in front, in order
+            self.stats.send_errors += 1
+            for i in sorted(failed, reverse=True):
+                ready.appendleft(batch[i])
+            return False
+        return True

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -100,7 +100,8 @@ class Sandbox:
     fixed window from the token's first request instead and advertises it in
     `inin-ratelimit-*` headers on every /api/v2 answer, as Genesys did before 2021;
     `reap_interval` seconds between checks for expired channels and tokens;
-    `eventbridge_queue_url` (with `eventbridge_endpoint_url`, None: AWS itself, and
+    `eventbridge_queue_url` (one URL, or several: a rule with several targets; with
+    `eventbridge_endpoint_url`, None: AWS itself, and
     `eventbridge_region`): also publish every change's conversation detail events into
     that SQS queue, as Genesys' EventBridge integration and a rule to SQS would
     (`daemon.sandbox.eventbridge`; `self.eventbridge` is the publisher, else None).
@@ -112,7 +113,7 @@ class Sandbox:
                  patch_final_status: int = 202, request_budget: int | None = None,
                  client_id: str | None = None, client_secret: str | None = None,
                  reap_interval: float = 0.1, extra_field: bool = True,
-                 seed: int | None = None, eventbridge_queue_url: str | None = None,
+                 seed: int | None = None, eventbridge_queue_url: str | Sequence[str] | None = None,
                  eventbridge_endpoint_url: str | None = None,
                  eventbridge_region: str | None = None,
                  legacy_ratelimit_headers: bool = False) -> None:
