@@ -16,8 +16,20 @@ metric, if that matters.)
 
 Durability: `write` hands the line to the OS before it returns (so a crash of the process
 loses nothing; the caller writes the decision record BEFORE sending the disconnect).
-`fsync` (surviving a power loss) happens within `fsync_interval` seconds, from
+`fdatasync` (surviving a power loss) happens within `fsync_interval` seconds, from
 `run_syncer` in a worker thread so the event loop never waits on the disk, and on `close`.
+`await wait_durable()` returns once every record written before the call is on disk: the
+enforcer awaits it before each removal's first PATCH. Concurrent waiters share one
+fdatasync (group commit): decisions written while a sync runs are covered by the next one.
+
+No silent loss (issue 20): a torn last line (a write cut by a power loss) is moved to a
+quarantine file beside the trail (`<file>.quarantine.<YYYYmmddTHHMMSSZ>.<offset>`) and the
+chain continues with a `type: truncated` record naming the file, the offset, the length
+and SHA-256 of the quarantined bytes. The writer never reuses a `seq`: `open` takes the
+highest of the trail's last seq and the seq recorded in the checkpoint state file beside
+the trail (`<stem>.checkpoint.json`, written by `daemon.service.checkpoint`); when the
+trail holds less than that (it was cut), a `type: gap` record says which seqs are missing
+(`skipped: [first, last]`), carries the seq after them, and `verify` reports the gap.
 
 Rotation: when the next line would take the live file past `max_bytes`, the live file is
 renamed to `<stem>.<YYYYmmddTHHMMSSZ>.<last seq, 12 digits>.jsonl` in the same folder and
@@ -34,8 +46,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +74,8 @@ __all__ = [
 
 ZERO_HASH = "0" * 64
 RESERVED = ("seq", "time", "prev_hash", "hash")
+#: Record types that may skip seqs (a declared gap: `skipped: [first, last]`).
+GAP_TYPES = ("gap",)
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
@@ -92,6 +106,36 @@ def _normalise(record: dict[str, Any]) -> dict[str, Any]:
 
 def _stem(path: Path) -> str:
     return path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+
+
+def checkpoint_state_path(path: Path) -> Path:
+    """Where the last checkpoint of the trail at `path` (its live file) is kept."""
+    return path.with_name(f"{_stem(path)}.checkpoint.json")
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any] | None:
+    """The checkpoint state beside the trail at `path`: `{"checkpoint": {...}, "record_seq":
+    N}` (N: the seq of the checkpoint's own record in the trail), or None when there is none.
+    An unreadable or malformed file is logged (`audit_checkpoint_state_unusable`) and
+    treated as absent: the off-host checkpoints still catch what it would have."""
+    state_path = checkpoint_state_path(path)
+    try:
+        raw = state_path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("audit_checkpoint_state_unusable", path=str(state_path), error=exc.strerror or str(exc))
+        return None
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        log.error("audit_checkpoint_state_unusable", path=str(state_path), error=str(exc))
+        return None
+    if (not isinstance(state, dict) or not isinstance(state.get("checkpoint"), dict)
+            or not isinstance(state.get("record_seq"), int)):
+        log.error("audit_checkpoint_state_unusable", path=str(state_path), error="unexpected shape")
+        return None
+    return state
 
 
 _ROTATED = re.compile(r"^(?P<stem>.+)\.(?P<ts>\d{8}T\d{6}Z)\.(?P<seq>\d+)\.jsonl$")
@@ -143,6 +187,11 @@ class AuditLog:
         self._on_record = on_record
         self.stamp: Callable[[], dict[str, Any]] | None = None
         self.observers: list[Callable[[dict[str, Any]], None]] = []
+        #: Called (no arguments) right before the live file is rotated, so a checkpoint
+        #: record can close the file (`daemon.service.checkpoint`). May call `write`.
+        self.before_rotate: Callable[[], None] | None = None
+        self._rotating = False
+        self._sync_task: asyncio.Future[None] | None = None
         self._fd: int | None = None
         self._size = 0
         self._seq = 0
@@ -188,8 +237,11 @@ class AuditLog:
         """Create the folder (0o750) and live file (0o640) as needed, and resume the chain
         from the last record of the live file, or of the newest rotated file.
 
-        Raises AuditError (naming file and line) when that last record is truncated or
-        corrupt: appending after it would hide the damage, so an operator must look first.
+        A torn last line of the live file is quarantined and a `truncated` record written
+        (module docstring); when the checkpoint state says a higher seq was written than
+        the trail holds, a `gap` record is written. Raises AuditError (naming file and line)
+        when the last complete record is corrupt: appending after it would hide the damage,
+        so an operator must look first.
         """
         if self._fd is not None:
             return
@@ -200,8 +252,10 @@ class AuditLog:
                              f"{exc.strerror or exc}") from None
         seq, last_hash = 0, ZERO_HASH
         size = 0
+        torn: dict[str, Any] | None = None
         try:
             if self.path.exists():
+                torn = _quarantine_torn_tail(self.path, self._clock())
                 size = self.path.stat().st_size
             source = self.path if size > 0 else None
             if source is None:
@@ -215,6 +269,35 @@ class AuditLog:
         self._fd, self._size, self._seq, self._last_hash = fd, size, seq, last_hash
         self._written_gen = self._synced_gen = 0
         log.info("audit_opened", path=str(self.path), seq=seq, size=size)
+        if torn is not None:
+            log.error("audit_tail_quarantined", **torn)
+            self.write({"type": "truncated", **torn,
+                        "detail": "the last line was incomplete (a write cut short, e.g. by a "
+                                  "power loss); its bytes were moved to the quarantine file"})
+        self._continue_after_checkpoint()
+
+    def _continue_after_checkpoint(self) -> None:
+        """Never reuse a seq: when the checkpoint state names a higher seq than the trail
+        holds, write a `gap` record carrying the next seq after it."""
+        state = read_checkpoint_state(self.path)
+        if state is None:
+            return
+        floor = int(state["record_seq"])
+        if floor <= self._seq:
+            return
+        cp = state["checkpoint"]
+        first = self._seq + 1
+        log.critical("audit_trail_cut", trail_seq=self._seq, checkpoint_seq=floor,
+                     missing=floor - self._seq, path=str(self.path),
+                     detail="the trail holds fewer records than its last checkpoint covered")
+        self._seq = floor  # the gap record gets floor + 1
+        gap = {"type": "gap", "skipped": [first, floor],
+               "checkpoint": {"seq": cp.get("seq"), "time": cp.get("time"),
+                              "head_hash": cp.get("head_hash")},
+               "detail": f"records seq {first} to {floor} were written (the last checkpoint "
+                         f"covered them) but the trail no longer holds them"}
+        # write() uses _seq + 1 and the chain's last hash: the chain stays linked.
+        self.write(gap)
 
     def close(self) -> None:
         """fsync and close. Idempotent."""
@@ -254,7 +337,17 @@ class AuditLog:
         rec["prev_hash"] = self._last_hash
         rec["hash"] = _record_hash(rec)
         line = _canonical(rec) + b"\n"
-        if self._size > 0 and self._size + len(line) > self.max_bytes:
+        if self._size > 0 and self._size + len(line) > self.max_bytes and not self._rotating:
+            if self.before_rotate is not None:
+                self._rotating = True
+                try:
+                    self.before_rotate()  # writes into the file about to be rotated
+                except Exception:  # a failed checkpoint must not lose the record itself
+                    log.exception("audit_before_rotate_failed")
+                finally:
+                    self._rotating = False
+                self._rotate()
+                return self.write(record)  # seq/prev_hash may have moved on: build it again
             self._rotate()
         self._append(line)
         self._seq = rec["seq"]
@@ -326,7 +419,7 @@ class AuditLog:
             captured_at = self._clock()
             fd = os.dup(self._fd)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and the file's size: what reading it back needs
         except OSError as exc:
             raise AuditError(f"cannot fsync audit trail {self.path}: {exc.strerror or exc}") from None
         finally:
@@ -337,6 +430,22 @@ class AuditLog:
             # `captured_at`, so the age reported stays an upper bound.
             self._unsynced_since = None if self._written_gen == self._synced_gen else captured_at
         self.last_sync = self._clock()
+
+    async def wait_durable(self) -> None:
+        """Return once every record written before the call is on disk (fdatasync).
+
+        Group commit: one sync runs at a time, in a worker thread; callers arriving while it
+        runs wait for it and then share the next one, which covers every record written
+        meanwhile. Raises AuditError when the sync fails (the caller must not act as if the
+        record were durable)."""
+        target = self._written_gen
+        while self._synced_gen < target and self._fd is not None:
+            task = self._sync_task
+            if task is None or task.done():
+                task = asyncio.ensure_future(asyncio.to_thread(self.sync))
+                task.add_done_callback(_retrieve)
+                self._sync_task = task
+            await asyncio.shield(task)
 
     async def run_syncer(self, stop_event: asyncio.Event) -> None:
         """fsync (in a worker thread) at most `fsync_interval` seconds after any write,
@@ -354,6 +463,54 @@ class AuditLog:
                     log.error("audit_fsync_failed", error=str(exc))
         if self.needs_sync:
             await asyncio.to_thread(self.sync)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a shared sync's exception as seen (its waiters got it, or none was left)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _quarantine_torn_tail(path: Path, now: float) -> dict[str, Any] | None:
+    """When the last line of `path` has no end of line (a write cut short), move its bytes
+    to `<name>.quarantine.<YYYYmmddTHHMMSSZ>.<offset>` beside it (fsynced, then the live
+    file is cut back to the end of its last complete line and fsynced). Returns the facts
+    for the `truncated` record (file, offset, bytes, sha256, quarantine), or None when
+    the file ends cleanly."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return None
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return None
+        # Find the start of the torn line: the byte after the last newline.
+        pos, cut = end, 0
+        while pos > 0:
+            step = min(64 * 1024, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            i = block.rfind(b"\n")
+            if i != -1:
+                cut = pos + i + 1
+                break
+        f.seek(cut)
+        torn = f.read(end - cut)
+        stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = path.with_name(f"{path.name}.quarantine.{stamp}.{cut}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, torn)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": path.name, "offset": cut, "bytes": len(torn),
+            "sha256": hashlib.sha256(torn).hexdigest(), "quarantine": target.name}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -497,12 +654,27 @@ def outcome_record(decision: Decision, *, outcome: str, http_status: int | None,
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     """`ok` when every record is intact and linked; `problem` is the first break as
-    `file:line: what`. `records`/`files` count what was read up to the break."""
+    `file:line: what`. `records`/`files` count what was read up to the break. `gaps`:
+    declared losses found on the way (a quarantined torn line: `truncated`; seqs a `gap`
+    record says are missing), each as `file:line: what`; a chain with gaps is still `ok`
+    (linked), the caller decides what a gap means. `last_seq`/`last_hash`: of the last
+    record read. `heads`: for each seq asked for in `want`, (hash, records read up to and
+    including it, `file:line`). `checkpoints`: the `checkpoint` records' signed checkpoints
+    with their `file:line`. `first_time`/`last_time`: of the first and last record."""
 
     ok: bool
     records: int
     files: int
     problem: str | None = None
+    gaps: tuple[str, ...] = ()
+    truncated: int = 0
+    skipped: tuple[tuple[int, int], ...] = ()
+    last_seq: int = 0
+    last_hash: str = ZERO_HASH
+    heads: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    checkpoints: tuple[tuple[dict[str, Any], str], ...] = ()
+    first_time: str | None = None
+    last_time: str | None = None
 
 
 def audit_files(paths: Sequence[Path]) -> list[Path]:
@@ -535,45 +707,102 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
-def verify(paths: Sequence[Path]) -> VerifyReport:
+def verify(paths: Sequence[Path], *, want: Collection[int] = ()) -> VerifyReport:
     """Check the chain over `paths` (files, or folders of audit files) in order.
 
     Each line must parse, be in canonical form, hash to its `hash`; `seq` must go up by
-    exactly 1 from 1, and `prev_hash` must equal the previous record's hash (64 zeros for
-    seq 1). The first break is reported as `file:line: what`. Raises AuditError when input
+    exactly 1 from 1 (a `gap` record may skip the seqs its `skipped: [first, last]` names,
+    reported in `gaps`), and `prev_hash` must equal the previous record's hash (64 zeros
+    for seq 1). The first break is reported as `file:line: what`. `want`: seqs whose hash
+    to collect in `heads` (checkpoints to compare with). Raises AuditError when input
     cannot be read at all (missing file, permission), so callers can tell "unreadable"
     from "broken".
     """
     files = audit_files(paths)
-    records = 0
-    prev_seq = 0
-    prev_hash = ZERO_HASH
+    wanted = set(want)
+    st = _Scan()
     for n_file, path in enumerate(files, start=1):
         try:
             for line_no, raw in enumerate(_lines(path), start=1):
-                where = f"{path}:{line_no}"
-                problem, rec = _check_line(raw)
-                if problem is not None or rec is None:
-                    return VerifyReport(False, records, n_file, f"{where}: {problem}")
-                seq = rec["seq"]
-                if seq != prev_seq + 1 or rec["prev_hash"] != prev_hash:
-                    if prev_seq == 0:
-                        what = (f"record seq {seq} has prev_hash {rec['prev_hash']} but the "
-                                f"chain must start at seq 1 with prev_hash {ZERO_HASH}; "
-                                f"earlier records or files are missing")
-                    else:
-                        gap = ""
-                        if seq > prev_seq + 1:
-                            gap = f" ({seq - prev_seq - 1} record(s) missing)"
-                        elif seq <= prev_seq:
-                            gap = " (seq went backwards or repeated)"
-                        what = (f"record seq {seq} follows seq {prev_seq}{gap} and has "
-                                f"prev_hash {rec['prev_hash']} but the previous record's hash "
-                                f"is {prev_hash}; a record was deleted or changed")
-                    return VerifyReport(False, records, n_file, f"{where}: {what}")
-                records += 1
-                prev_seq = seq
-                prev_hash = rec["hash"]
+                problem = st.step(raw, f"{path}:{line_no}", wanted)
+                if problem is not None:
+                    return st.report(False, n_file, problem)
         except OSError as exc:
             raise AuditError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return VerifyReport(True, records, len(files), None)
+    return st.report(True, len(files), None)
+
+
+class _Scan:
+    """The running state of `verify` over one chain."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.prev_seq = 0
+        self.prev_hash = ZERO_HASH
+        self.gaps: list[str] = []
+        self.truncated = 0
+        self.skipped: list[tuple[int, int]] = []
+        self.heads: dict[int, tuple[str, int, str]] = {}
+        self.checkpoints: list[tuple[dict[str, Any], str]] = []
+        self.first_time: str | None = None
+        self.last_time: str | None = None
+
+    def report(self, ok: bool, files: int, problem: str | None) -> VerifyReport:
+        return VerifyReport(ok, self.records, files, problem, tuple(self.gaps), self.truncated,
+                            tuple(self.skipped), self.prev_seq, self.prev_hash, self.heads,
+                            tuple(self.checkpoints), self.first_time, self.last_time)
+
+    def step(self, raw: bytes, where: str, wanted: set[int]) -> str | None:
+        """Take one line; the problem as `file:line: what`, or None."""
+        problem, rec = _check_line(raw)
+        if problem is not None or rec is None:
+            return f"{where}: {problem}"
+        seq = rec["seq"]
+        declared = _declared_skip(rec, self.prev_seq) if seq != self.prev_seq + 1 else None
+        if (seq != self.prev_seq + 1 and declared is None) or rec["prev_hash"] != self.prev_hash:
+            return f"{where}: {_link_problem(seq, rec['prev_hash'], self.prev_seq, self.prev_hash)}"
+        if declared is not None:
+            self.skipped.append(declared)
+            self.gaps.append(f"{where}: records seq {declared[0]} to {declared[1]} are missing "
+                             f"(declared by a gap record: {rec.get('detail', '')})")
+        kind = rec.get("type")
+        if kind == "truncated":
+            self.truncated += 1
+            self.gaps.append(f"{where}: {rec.get('bytes')} byte(s) of a torn record at offset "
+                             f"{rec.get('offset')} of {rec.get('file')} were quarantined in "
+                             f"{rec.get('quarantine')} (sha256 {rec.get('sha256')})")
+        elif kind == "checkpoint" and isinstance(rec.get("checkpoint"), dict):
+            self.checkpoints.append((rec["checkpoint"], where))
+        self.records += 1
+        self.prev_seq = seq
+        self.prev_hash = rec["hash"]
+        t = rec.get("time")
+        if isinstance(t, str):
+            self.first_time = self.first_time or t
+            self.last_time = t
+        if seq in wanted:
+            self.heads[seq] = (rec["hash"], self.records, where)
+        return None
+
+
+def _declared_skip(rec: dict[str, Any], prev_seq: int) -> tuple[int, int] | None:
+    """(first, last) when `rec` is a `gap` record whose `skipped` names exactly the seqs
+    between `prev_seq` and its own."""
+    skipped = rec.get("skipped")
+    if (rec.get("type") in GAP_TYPES and isinstance(skipped, list) and len(skipped) == 2
+            and skipped[0] == prev_seq + 1 and skipped[1] == rec["seq"] - 1 and prev_seq > 0):
+        return int(skipped[0]), int(skipped[1])
+    return None
+
+
+def _link_problem(seq: int, prev_hash: str, prev_seq: int, expected: str) -> str:
+    if prev_seq == 0:
+        return (f"record seq {seq} has prev_hash {prev_hash} but the chain must start at "
+                f"seq 1 with prev_hash {ZERO_HASH}; earlier records or files are missing")
+    gap = ""
+    if seq > prev_seq + 1:
+        gap = f" ({seq - prev_seq - 1} record(s) missing)"
+    elif seq <= prev_seq:
+        gap = " (seq went backwards or repeated)"
+    return (f"record seq {seq} follows seq {prev_seq}{gap} and has prev_hash {prev_hash} but "
+            f"the previous record's hash is {expected}; a record was deleted or changed")

@@ -160,16 +160,22 @@ def test_resume_from_rotated_file_when_live_missing(tmp_path: Path) -> None:
     assert verify([tmp_path]).ok
 
 
-def test_open_refuses_truncated_last_line(tmp_path: Path) -> None:
+def test_open_quarantines_torn_last_line_and_refuses_a_corrupt_one(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, max_bytes=1 << 20)
     log.open()
     _write_n(log, 3)
     log.close()
     data = path.read_bytes()
-    path.write_bytes(data[:-10])  # crash mid-write
-    with pytest.raises(AuditError, match=rf"{path}:3: last audit record is incomplete"):
-        AuditLog(path, max_bytes=1 << 20).open()
+    path.write_bytes(data[:-10])  # crash mid-write: quarantined, the chain goes on (issue 20)
+    log = AuditLog(path, max_bytes=1 << 20)
+    log.open()
+    log.close()
+    recs = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+    assert [r["seq"] for r in recs] == [1, 2, 3]
+    assert recs[2]["type"] == "truncated" and recs[2]["bytes"] == len(data.splitlines(True)[2]) - 10
+    quarantined = tmp_path / recs[2]["quarantine"]
+    assert quarantined.read_bytes() == data.splitlines(True)[2][:-10]
     path.write_bytes(data.replace(b'"i":2', b'"i":7'))
     with pytest.raises(AuditError, match=rf"{path}:3: last audit record is unusable"):
         AuditLog(path, max_bytes=1 << 20).open()
