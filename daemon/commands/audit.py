@@ -1,4 +1,5 @@
-"""`confguard audit verify PATH...`: check the hash chain of audit files."""
+"""`confguard audit verify|keygen|report`: check the trail (and its signed checkpoints),
+make a signing key pair, report on the trail for compliance officers (docs/audit.md)."""
 
 from __future__ import annotations
 
@@ -11,37 +12,120 @@ from typing import Any
 from daemon.errors import AuditError
 from daemon.service.audit import verify
 
+VERIFY_HELP = ("Check that audit records are intact and linked. PATH may be a file or a folder "
+               "(all its audit files, oldest first). With --public-key, every checkpoint "
+               "(the trail's own and those given with --checkpoints) must carry a valid "
+               "signature, and the trail must hold every record up to the last checkpoint. "
+               "Exit 0: intact; 1: broken, a checkpoint contradicted or badly signed, or "
+               "records declared missing (gap); 2: unreadable input; 3: intact, but a torn "
+               "record was quarantined at start-up (a declared loss of one incomplete write).")
+
 
 def register(subparsers: Any) -> None:
-    """Add `audit verify PATH...` to an argparse subparsers object. The parser's
-    `func(args) -> int` gives the exit status: 0 intact, 1 broken, 2 unreadable input."""
+    """Add `audit verify|keygen|report` to an argparse subparsers object. The parser's
+    `func(args) -> int` gives the exit status (each command's help says which)."""
     audit = subparsers.add_parser("audit", help="audit trail tools")
     sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
-    v = sub.add_parser("verify", help="check the hash chain of audit files",
-                       description="Check that audit records are intact and linked. PATH may be "
-                                   "a file or a folder (all its audit files, oldest first). "
-                                   "Exit 0: intact; 1: broken (first break as file:line); "
-                                   "2: unreadable input.")
+    v = sub.add_parser("verify", help="check the hash chain and the signed checkpoints",
+                       description=VERIFY_HELP)
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    v.add_argument("--public-key", type=Path, metavar="FILE",
+                   help="PEM Ed25519 public key (confguard audit keygen) checking the checkpoints")
+    v.add_argument("--checkpoints", action="append", default=[], metavar="FILE|postgres://...|s3://bucket/prefix",
+                   help="checkpoints kept off the host: the daemon's exported log lines, the HA "
+                        "database, or an S3 bucket/prefix (repeatable)")
+    v.add_argument("--node", help="only checkpoints of this node (default: the trail's own)")
+    v.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS; the AWS "
+                   "chain's AWS_ENDPOINT_URL_S3 also works)")
+    v.add_argument("--s3-region", default=None, help="S3 region (default: the AWS chain's)")
     v.set_defaults(func=run_verify)
+    k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing checkpoints",
+                       description="Write a new Ed25519 key pair as PEM: PRIVATE_KEY_FILE "
+                                   "(mode 0600; give it to the daemon as audit.signing_key_file "
+                                   "or the systemd credential audit_signing_key) and "
+                                   "PUBLIC_KEY_FILE (for `audit verify --public-key`). Existing "
+                                   "files are never overwritten. Exit 0: written; 2: error.")
+    k.add_argument("private_key", type=Path, metavar="PRIVATE_KEY_FILE")
+    k.add_argument("public_key", type=Path, metavar="PUBLIC_KEY_FILE")
+    k.set_defaults(func=run_keygen)
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from daemon.service.checkpoint import generate_keypair
+
+    try:
+        kid = generate_keypair(args.private_key, args.public_key)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.private_key} (private, mode 0600) and {args.public_key} (public); key id {kid}")
+    return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """`confguard audit verify` body; prints one line."""
+    """`confguard audit verify` body; prints what was checked and what could not be."""
+    if args.public_key is None:
+        if args.checkpoints:
+            print("error: --checkpoints needs --public-key (checkpoints are trusted only by their "
+                  "signature)", file=sys.stderr)
+            return 2
+        return _verify_chain_only(args)
+    from daemon.service.audit_check import check, describe, load_checkpoints
+    from daemon.service.checkpoint import key_id, load_public_key
+
+    try:
+        public = load_public_key(args.public_key)
+        external = []
+        for spec in args.checkpoints:
+            external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
+        result = check(list(args.paths), public, external, node=args.node)
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = result.report
+    if report.ok:
+        print(f"chain: {report.records} records in {report.files} files, seq 1 to "
+              f"{report.last_seq}, linked")
+    else:
+        print(f"broken: {report.problem}")
+    for gap in report.gaps:
+        print(f"gap: {gap}")
+    print(f"checkpoints: {result.checkpoints} with a valid signature by key {key_id(public)} "
+          f"({len(external)} read from {len(args.checkpoints)} outside source(s))")
+    if result.last is not None and not result.problems:
+        print(f"covered: the trail holds every record up to seq {result.covered_to}, as "
+              f"{describe(result.last.checkpoint, result.last.origin)} signed")
+    for problem in result.problems:
+        print(f"contradicted: {problem}")
+    for note in result.notes:
+        print(f"note: {note}")
+    status = result.status
+    print({0: "ok", 1: "FAILED", 3: "ok with a declared gap (quarantined torn record)"}[status])
+    return status
+
+
+def _verify_chain_only(args: argparse.Namespace) -> int:
     try:
         report = verify(list(args.paths))
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if report.ok:
-        print(f"ok: {report.records} records in {report.files} files, chain intact")
-        return 0
-    print(f"broken: {report.problem}")
-    return 1
+    if not report.ok:
+        print(f"broken: {report.problem}")
+        return 1
+    for gap in report.gaps:
+        print(f"gap: {gap}")
+    if report.skipped:
+        print(f"broken: {report.records} records in {report.files} files linked, but records "
+              f"were declared missing")
+        return 1
+    print(f"ok: {report.records} records in {report.files} files, chain intact"
+          + (" (with a quarantined torn record)" if report.truncated else ""))
+    return 3 if report.truncated else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m daemon.commands.audit verify PATH...`)."""
+    """Standalone entry (`python -m daemon.commands.audit verify|keygen|report ...`)."""
     parser = argparse.ArgumentParser(prog="confguard")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)

@@ -658,8 +658,8 @@ class VerifyReport:
     declared losses found on the way (a quarantined torn line: `truncated`; seqs a `gap`
     record says are missing), each as `file:line: what`; a chain with gaps is still `ok`
     (linked), the caller decides what a gap means. `last_seq`/`last_hash`: of the last
-    record read. `heads`: for each seq asked for in `want`, (hash, records read up to and
-    including it, `file:line`). `checkpoints`: the `checkpoint` records' signed checkpoints
+    record read. `heads`: for each seq asked for in `want`, (hash, prev_hash, `file:line`,
+    the record's `checkpoint_hash` field or None). `checkpoints`: the `checkpoint` records' signed checkpoints
     with their `file:line`. `first_time`/`last_time`: of the first and last record."""
 
     ok: bool
@@ -671,7 +671,7 @@ class VerifyReport:
     skipped: tuple[tuple[int, int], ...] = ()
     last_seq: int = 0
     last_hash: str = ZERO_HASH
-    heads: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    heads: dict[int, tuple[str, str, str, str | None]] = field(default_factory=dict)
     checkpoints: tuple[tuple[dict[str, Any], str], ...] = ()
     first_time: str | None = None
     last_time: str | None = None
@@ -742,7 +742,7 @@ class _Scan:
         self.gaps: list[str] = []
         self.truncated = 0
         self.skipped: list[tuple[int, int]] = []
-        self.heads: dict[int, tuple[str, int, str]] = {}
+        self.heads: dict[int, tuple[str, str, str, str | None]] = {}
         self.checkpoints: list[tuple[dict[str, Any], str]] = []
         self.first_time: str | None = None
         self.last_time: str | None = None
@@ -781,7 +781,9 @@ class _Scan:
             self.first_time = self.first_time or t
             self.last_time = t
         if seq in wanted:
-            self.heads[seq] = (rec["hash"], self.records, where)
+            cp_hash = rec.get("checkpoint_hash")
+            self.heads[seq] = (rec["hash"], rec["prev_hash"], where,
+                               cp_hash if isinstance(cp_hash, str) else None)
         return None
 
 
