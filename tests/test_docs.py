@@ -42,7 +42,7 @@ RULES_DOC = DOCS / "rules.md"
 #: for links and wording only).
 OPERATOR_DOCS = ("commands.md", "configuration.md", "rules.md", "enforcement.md", "operations.md",
                  "log-events.md", "runbook.md", "ha.md", "control-api.md", "sandbox.md",
-                 "how-it-works.md")
+                 "how-it-works.md", "audit.md")
 MAX_README_LINES = 600
 #: Flags of other programs that the docs show in commands (curl, systemctl, pip, ...).
 FOREIGN_FLAGS = frozenset({

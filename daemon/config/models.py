@@ -156,10 +156,39 @@ class RuleSpec(_Strict):
     message: str | None = None
 
 
+class CheckpointS3Settings(_Strict):
+    """`audit.checkpoint_s3:` one object per signed checkpoint in an S3 bucket with Object
+    Lock (docs/audit.md). Credentials: the standard AWS chain, never from here."""
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$",
+                        description="The bucket (created with Object Lock and a default retention, compliance mode recommended).")
+    prefix: str = Field(default="confguard", max_length=500, description="Key prefix; objects are <prefix>/<node>/<seq>-<hash>.json.")
+    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$",
+                               description="AWS region; default: the AWS chain's.")
+    endpoint_url: str | None = Field(default=None, description="Another S3 endpoint (tests, S3-compatible stores); null: AWS.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL such as https://s3.eu-west-1.amazonaws.com")
+        return v
+
+
 class AuditSettings(_Strict):
     path: str = "audit/confguard-audit.jsonl"
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     fsync_interval: float = Field(default=1.0, gt=0, le=1.0)
+    checkpoint_interval: Duration = Field(
+        default=60.0, ge=0.1, le=86400,
+        description="Signed checkpoints of the trail: this often (and at rotation and shutdown) when records were written. Needs a signing key.")
+    signing_key_file: str | None = Field(
+        default=None, description="Ed25519 private key (PEM, `confguard audit keygen`); or the systemd credential audit_signing_key. None of both: no checkpoints.")
+    checkpoint_s3: CheckpointS3Settings | None = Field(
+        default=None, description="Also store each checkpoint in this S3 bucket (Object Lock).")
 
 
 class OpsSettings(_Strict):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from daemon.errors import ConfguardError, ConfigError, CredentialsError
 
 if TYPE_CHECKING:
-    from daemon.config.models import GenesysSettings, HaSettings
+    from daemon.config.models import AuditSettings, GenesysSettings, HaSettings
 
 CLIENT_ID_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_ID", "GENESYS_CLOUD_CLIENT_ID")
 CLIENT_SECRET_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_SECRET", "GENESYS_CLOUD_CLIENT_SECRET")
@@ -151,3 +151,13 @@ def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None, *
         return read_secret(credential, "systemd credential ha_dsn")
     raise ConfigError("ha.backend is postgres but no database is named: set ha.dsn or "
                       "ha.dsn_file, or the systemd credential ha_dsn")
+
+
+def resolve_signing_key_file(settings: AuditSettings, env: Mapping[str, str] | None = None, *,
+                             base_dir: Path | None = None) -> Path | None:
+    """The audit checkpoint signing key's file: `audit.signing_key_file` (relative to
+    `base_dir`), else the systemd credential `audit_signing_key`, else None (no
+    checkpoints). Only the path: the key is read by `daemon.service.checkpoint`."""
+    if settings.signing_key_file:
+        return resolve_path(settings.signing_key_file, base_dir)
+    return systemd_credential("audit_signing_key", env)

@@ -22,7 +22,7 @@ loses nothing; the caller writes the decision record BEFORE sending the disconne
 enforcer awaits it before each removal's first PATCH. Concurrent waiters share one
 fdatasync (group commit): decisions written while a sync runs are covered by the next one.
 
-No silent loss (issue 20): a torn last line (a write cut by a power loss) is moved to a
+No silent loss: a torn last line (a write cut by a power loss) is moved to a
 quarantine file beside the trail (`<file>.quarantine.<YYYYmmddTHHMMSSZ>.<offset>`) and the
 chain continues with a `type: truncated` record naming the file, the offset, the length
 and SHA-256 of the quarantined bytes. The writer never reuses a `seq`: `open` takes the
