@@ -182,6 +182,8 @@ class AuditSettings(_Strict):
     path: str = "audit/confguard-audit.jsonl"
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     fsync_interval: float = Field(default=1.0, gt=0, le=1.0)
+    sync_before_patch: bool = Field(
+        default=True, description="fdatasync each decision record before its PATCH (group commit). false only to measure the cost: a power loss could then lose the record of a removal that happened.")
     checkpoint_interval: Duration = Field(
         default=60.0, ge=0.1, le=86400,
         description="Signed checkpoints of the trail: this often (and at rotation and shutdown) when records were written. Needs a signing key.")

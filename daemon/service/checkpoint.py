@@ -509,3 +509,31 @@ class Checkpointer:
             if q:
                 log.error("audit_checkpoint_unpublished", sink=sink.name, queued=len(q))
             await sink.aclose()
+
+
+def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int],
+                     env: Any = None) -> Checkpointer | None:
+    """The daemon's Checkpointer from `config` (a `daemon.config.Config`), or None when no
+    signing key is configured (`audit.signing_key_file`, credential `audit_signing_key`).
+    Sinks: PostgreSQL when `ha:` is configured, S3 when `audit.checkpoint_s3` is. Raises
+    AuditError (key unreadable) or ConfigError (no HA database named)."""
+    from daemon.config.secrets import resolve_ha_dsn, resolve_signing_key_file
+
+    key_file = resolve_signing_key_file(config.audit, env, base_dir=config.base_dir)
+    if key_file is None:
+        log.info("audit_checkpoints_off", detail="no audit.signing_key_file and no credential "
+                                                 "audit_signing_key: the trail is hash-chained only")
+        return None
+    key = load_private_key(key_file)
+    sinks: list[CheckpointSink] = []
+    if config.ha.enabled:
+        sinks.append(PostgresCheckpointSink(resolve_ha_dsn(config.ha, env, base_dir=config.base_dir)))
+    s3 = config.audit.checkpoint_s3
+    if s3 is not None:
+        sinks.append(S3CheckpointSink(s3.bucket, s3.prefix, region=s3.region, endpoint_url=s3.endpoint_url))
+    cpr = Checkpointer(audit, key, node=config.ha.node_name, epoch=epoch,
+                       interval=config.audit.checkpoint_interval, sinks=sinks)
+    cpr.resume()
+    log.info("audit_checkpoints_on", key_id=key_id(key.public_key()), interval=cpr.interval,
+             sinks=[s.name for s in sinks])
+    return cpr

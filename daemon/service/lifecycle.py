@@ -68,6 +68,7 @@ from daemon.service.ha import Failover, HaNode, within
 from daemon.service.recovery import Unfinished, close_unfinished, unfinished_in_audit
 
 if TYPE_CHECKING:
+    from daemon.service.checkpoint import Checkpointer
     from daemon.service.control import ControlServer
 
 log = structlog.get_logger("confguard.service")
@@ -151,6 +152,7 @@ class Daemon:
         self._ha_stop = asyncio.Event()
         self._ha_task: asyncio.Task[None] | None = None
         self._unfinished: list[Unfinished] = []
+        self.checkpointer: Checkpointer | None = None  # with a signing key (docs/audit.md)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,6 +206,10 @@ class Daemon:
                 raise (cfg.source.error(("ops", "listen"), message) if cfg.source
                        else ConfigError(message)) from None
         self.audit.open()
+        from daemon.service.checkpoint import checkpointer_for  # cryptography: only when started
+
+        self.checkpointer = checkpointer_for(
+            cfg, self.audit, epoch=lambda: self.failover.node.epoch if self.failover is not None else 0)
         # Before any new record: decisions of an earlier run with no outcome (closed below).
         self._unfinished = unfinished_in_audit(self.audit.path)
         credentials = resolve_credentials(cfg.genesys, base_dir=cfg.base_dir)
@@ -215,6 +221,7 @@ class Daemon:
         self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
                                  metrics=self.metrics, clock=self.clock,
                                  note_step=self.accounts.note_rest)
+        self.enforcer.sync_before_patch = cfg.audit.sync_before_patch
         self.router = EventRouter(self.engine, self.enforcer, self.accounts, self.client, self.metrics,
                                   on_gap=self._on_gap, recorder=self._recorder, clock=self.clock)
         if cfg.ha.enabled:
@@ -223,6 +230,8 @@ class Daemon:
             from daemon.service.control import start_control
             self.control = await start_control(self)
         self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
+        if self.checkpointer is not None:
+            self._tasks.append(asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoint"))
         self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
         self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
 
@@ -331,6 +340,9 @@ class Daemon:
         self._tasks.clear()
         if self.control is not None:  # after the drain: until then POSTs get 503 draining
             await self._bounded(self.control.stop(), max(0.2, left()), "control_close")
+        if self.checkpointer is not None and self.audit.is_open:  # the last one, then the sinks
+            budget = min(3.0, max(0.2, left()))
+            await self._bounded(self.checkpointer.close(budget), budget + 0.5, "audit_checkpoint")
         try:
             self.audit.close()  # fsync: never skipped, whatever the deadline or the signals
             log.info("audit_closed", seq=self.audit.seq, synced=not self.audit.needs_sync)
