@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.errors import AuditError
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog, verify
 from daemon.config import Credentials, GenesysSettings, SafetySettings
@@ -257,6 +258,9 @@ async def test_decision_line_is_written_after_the_patch_goes_out(make: Any) -> N
         return httpx.Response(202)
 
     h = make(handler)
+    # With the fdatasync before the PATCH (the default) the line is written while the sync
+    # runs (free time: the loop waits on the disk); without it, after the PATCH went out.
+    h.enforcer.sync_before_patch = False
     h.submit([decision()])
     assert [e for e, _ in h.log.at("warning") if e == "decision"] == []  # not in submit's turn
     await until(lambda: h.enforcer.in_flight == 0)
@@ -763,3 +767,50 @@ async def test_manual_decision_takes_the_same_path_with_its_origin_audited(make:
     again = h.enforcer.submit(d)
     assert again.state in ("suppressed", "already_gone") and len(h.patches()) == 1
     assert verify([h.audit_path]).ok
+
+
+async def test_decision_records_are_on_disk_before_their_patch_one_sync_for_a_burst(make: Any) -> None:
+    """Each PATCH is sent only once the decision records written before it are fdatasync'd;
+    decisions submitted together share one sync (group commit)."""
+    synced_at_send: list[bool] = []
+    syncs: list[int] = []
+
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        if req.method == "PATCH":
+            decided = sum(1 for r in h.records() if r["type"] == "decision")
+            synced_at_send.append(h.audit._synced_gen >= decided)
+            h.confirm_soon(req.url.path)
+        return httpx.Response(202)
+
+    h = make(handler)
+    real_sync = h.audit.sync
+
+    def counting_sync() -> None:
+        syncs.append(h.audit._written_gen)
+        real_sync()
+
+    h.audit.sync = counting_sync  # type: ignore[method-assign]
+    h.submit([decision(pid=f"p{i}", cid=f"c{i}") for i in range(20)])
+    await until(lambda: h.enforcer.in_flight == 0)
+    assert len(h.patches()) == 20 and synced_at_send == [True] * 20
+    assert 1 <= len(syncs) <= 2, syncs  # one for the burst (a second only if one raced it)
+
+
+async def test_a_failed_sync_sends_nothing(make: Any) -> None:
+    async def handler(h: Harness, req: httpx.Request) -> httpx.Response:
+        return httpx.Response(202)
+
+    h = make(handler)
+    real_sync = h.audit.sync
+
+    def broken_sync() -> None:
+        raise AuditError("cannot fsync audit trail: Input/output error")
+
+    h.audit.sync = broken_sync  # type: ignore[method-assign]
+    h.submit([decision()])
+    await until(lambda: h.enforcer.in_flight == 0)
+    h.audit.sync = real_sync  # type: ignore[method-assign]
+    assert h.patches() == []
+    [out] = h.outcomes()
+    assert out["outcome"] == "failed" and "could not be synced" in out["error"]
+    assert [e for e, _ in h.log.at("critical")] == ["audit_sync_failed"]
