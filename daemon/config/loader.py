@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from daemon.config.models import SCHEMA_VERSION, Config
+from daemon.config.secrets import read_file
 from daemon.config.source import ConfigSource, Path_, compose_with_positions
 from daemon.errors import ConfigError
 
@@ -66,6 +67,20 @@ def _check_whole(cfg: Config, src: ConfigSource) -> None:
         raise src.error(("control", "listen"),
                         "control.listen is set but control.callers names no caller: nobody could "
                         "use the API (add e.g. callers: {orchestrator: {token_file: orchestrator.token}})")
+    client_ca = cfg.control.tls.client_ca_file if cfg.control.tls is not None else None
+    cns: dict[str, str] = {}
+    for name, caller in cfg.control.callers.items():
+        cn = caller.client_cert_cn
+        if cn is None:
+            continue
+        if client_ca is None:
+            raise src.error(("control", "callers", name, "client_cert_cn"),
+                            "client_cert_cn needs control.tls.client_ca_file (client certificates "
+                            "are only asked for, and checked, with it)")
+        if cn in cns:
+            raise src.error(("control", "callers", name, "client_cert_cn"),
+                            f"client_cert_cn {cn!r} already names caller {cns[cn]!r}; give each caller its own")
+        cns[cn] = name
 
 
 def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = None) -> Config:
@@ -107,31 +122,40 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
     return tuple(out)
 
 
+#: Bytes config.yaml may hold.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: Bytes one list file may hold, and values one list may have (file or inline).
+MAX_LIST_BYTES = 32 * 1024 * 1024
+MAX_LIST_VALUES = 1_000_000
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file. Raises ConfigError (never a traceback for bad input)."""
+    """Read and validate a config file. Raises ConfigError (never a traceback for bad input):
+    config.yaml must be a regular file of at most MAX_CONFIG_BYTES (`read_file`: a FIFO or a
+    device is refused without waiting on it)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.__class__.__name__}: {exc}") from None
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    text = read_file(p, "cannot read config file {path}: {reason}", max_bytes=MAX_CONFIG_BYTES)
     return parse_config(text, file=str(path), base_dir=p.parent)
 
 
 def load_list_file(path: Path) -> list[str]:
-    """One value a line; blank lines and '#' comments ignored; surrounding spaces stripped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"list file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read list file {path}: {exc}") from None
+    """One value a line; blank lines and '#' comments ignored; surrounding spaces stripped.
+    A regular file of at most MAX_LIST_BYTES with at most MAX_LIST_VALUES values, else a
+    ConfigError."""
+    if not path.exists():
+        raise ConfigError(f"list file not found: {path}")
+    text = read_file(path, "cannot read list file {path}: {reason}", max_bytes=MAX_LIST_BYTES)
     out = []
-    for line in lines:
+    for lineno, line in enumerate(text.splitlines(), 1):
         value = line.split("#", 1)[0].strip()
         if value:
+            if "\x00" in value:
+                raise ConfigError(f"list file {path}:{lineno}: a NUL character; not allowed in a value")
             out.append(value)
+            if len(out) > MAX_LIST_VALUES:
+                raise ConfigError(f"list file {path} has more than {MAX_LIST_VALUES} values")
     return out
 
 
@@ -148,5 +172,8 @@ def load_lists(cfg: Config) -> dict[str, frozenset[str]]:
                 raise src.error(("lists", name, "file"), f"list {name!r}: {exc.message}") from None
         else:
             values = [str(v) for v in spec.values or ()]
+            if len(values) > MAX_LIST_VALUES:
+                raise src.error(("lists", name, "values"),
+                                f"list {name!r} has more than {MAX_LIST_VALUES} values")
         out[name] = frozenset(values)
     return out

@@ -193,9 +193,41 @@ class AuditSettings(_Strict):
         default=None, description="Also store each checkpoint in this S3 bucket (Object Lock).")
 
 
-class OpsSettings(_Strict):
+class TlsSettings(_Strict):
+    """`tls:` of a listener: PEM files, relative to config.yaml. Re-read on every reload
+    (SIGHUP), so a renewed certificate takes effect without a restart."""
+
+    cert_file: str = Field(min_length=1, description="PEM certificate chain (server certificate first).")
+    key_file: str = Field(min_length=1, description="PEM private key of cert_file.")
+
+
+class ControlTlsSettings(TlsSettings):
+    """`control.tls:`; with `client_ca_file`, every client must present a certificate signed
+    by that CA (a caller may then be named by its certificate: `callers.<name>.client_cert_cn`)."""
+
+    client_ca_file: str | None = Field(default=None, description="PEM CA certificate(s) client certificates must chain to.")
+
+
+class ListenerSettings(_Strict):
+    """What the ops and control listeners share (`daemon.service.listener`)."""
+
+    header_timeout: Duration = Field(
+        default=10.0, gt=0, le=300,
+        description="Seconds a client may take to send a request's line and headers (and a "
+                    "TLS handshake, and a control request's body); slower: the connection is closed.")
+    idle_timeout: Duration = Field(
+        default=60.0, gt=0, le=3600,
+        description="Seconds a kept-alive connection may sit without a request before it is closed.")
+    max_connections: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Open connections at most; past it new connections are refused (reset) "
+                    "while the open ones keep working.")
+
+
+class OpsSettings(ListenerSettings):
     listen: str = "127.0.0.1:9464"
     enabled: bool = True
+    tls: TlsSettings | None = Field(default=None, description="Serve HTTPS with these files; absent: plain HTTP.")
     shutdown_timeout: Duration = Field(
         default=15.0, gt=0, le=3600,
         description="Seconds from SIGTERM to exit: drain in-flight removals, close the stream, "
@@ -223,12 +255,17 @@ class ControlCaller(_Strict):
     without it the systemd credential `control_token_<name>` is used."""
 
     token_file: str | None = None
+    client_cert_cn: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="Subject CN of a client certificate (control.tls.client_ca_file) that "
+                    "identifies this caller without a token.")
 
 
-class ControlSettings(_Strict):
+class ControlSettings(ListenerSettings):
     """The control API (`daemon.service.control`): off unless `listen` is set."""
 
     listen: str | None = Field(default=None, description="HOST:PORT of the control API; absent: no API.")
+    tls: ControlTlsSettings | None = Field(default=None, description="Serve HTTPS with these files; absent: plain HTTP.")
     callers: dict[str, ControlCaller] = Field(default_factory=dict)
     max_requests_per_minute: int = Field(default=120, ge=1, le=1_000_000,
                                          description="Requests a minute per caller; more: 429.")

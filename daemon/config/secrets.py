@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,14 +91,63 @@ def systemd_credential(name: str, env: Mapping[str, str] | None = None) -> Path 
     return None
 
 
+#: Bytes a secret file (token, DSN, client id/secret) may hold.
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def read_file(path: Path, what: str, *, max_bytes: int,
+              error: type[ConfguardError] = ConfigError) -> str:
+    """The UTF-8 text of `path`, which must be a regular file of at most `max_bytes` bytes.
+
+    Opened non-blocking and checked with fstat before any read, so a FIFO (which would wait
+    for a writer), a device such as /dev/zero (endless) or a directory is refused at once,
+    and at most `max_bytes + 1` bytes are ever read. Raises `error` with the message
+    `{what}: cannot read {path}: {reason}` (never the content); `what` may itself contain
+    `{path}` and `{reason}` to shape the whole message instead."""
+    def fail(reason: str) -> ConfguardError:
+        shown = str(path) if "\x00" not in str(path) else repr(str(path)[:300])
+        if "{reason}" in what:
+            return error(what.format(path=shown, reason=reason))
+        return error(f"{what}: cannot read {shown}: {reason}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise fail(_reason(exc) if isinstance(exc, OSError) else "a NUL character in the path") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise fail(f"it is {kind}; only regular files are read")
+        if st.st_size > max_bytes:
+            raise fail(f"it is {st.st_size} bytes, more than the {max_bytes} allowed")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise fail(_reason(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise fail(f"it is more than the {max_bytes} bytes allowed")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise fail("UnicodeDecodeError") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
+
+
 def read_secret(path: Path, what: str, error: type[ConfguardError] = ConfigError) -> str:
     """The content of secret file `path`, stripped. Raises `error` naming `what` and the
-    path (never the content) when it cannot be read, is not UTF-8, or is empty."""
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise error(f"{what}: cannot read {path}: {reason}") from None
+    path (never the content) when it cannot be read, is not a regular file of at most
+    MAX_SECRET_BYTES, is not UTF-8, or is empty."""
+    value = read_file(path, what, max_bytes=MAX_SECRET_BYTES, error=error).strip()
     if not value:
         raise error(f"{what}: {path} is empty")
     return value

@@ -8,6 +8,7 @@ caller hands the text (`daemon.config.loader` reads it).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,49 @@ def compose_with_positions(text: str, file: str) -> tuple[Any, ConfigSource]:
                           col=col) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    except RecursionError:
+        raise ConfigError(f"invalid YAML: nested more than about {sys.getrecursionlimit()} "
+                          f"levels deep", file=file) from None
     if node is None:
         return {}, src
-    return _build(node, (), src), src
+    _refuse_aliases(node, file)
+    try:
+        return _build(node, (), src), src
+    except RecursionError:
+        raise ConfigError(f"invalid YAML: nested more than about {sys.getrecursionlimit()} "
+                          f"levels deep", file=file) from None
+
+
+#: Nodes a document may have (each list item, mapping key and value is one).
+MAX_NODES = 2_000_000
+
+
+def _refuse_aliases(root: yaml.Node, file: str) -> None:
+    """Refuse YAML anchors and aliases (`&name` / `*name`) before anything is expanded.
+
+    An alias is the same node object as its anchor in the composed graph, so the graph is
+    small even for a "billion laughs" document; it is building plain data from it that
+    blows up (a 650-byte file took 24 s and 2.5 GB to a MemoryError). One pass over the
+    graph with a seen-set finds any node reached twice, in time linear in the file. Also
+    caps the node count at MAX_NODES."""
+    seen: set[int] = set()
+    stack: list[yaml.Node] = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            mark = node.start_mark
+            raise ConfigError("YAML anchors and aliases (&name, *name) are not supported: write "
+                              "the value out where it is used (this is the anchored value)",
+                              file=file, line=mark.line + 1, col=mark.column + 1)
+        seen.add(id(node))
+        if len(seen) > MAX_NODES:
+            raise ConfigError(f"invalid YAML: more than {MAX_NODES} values", file=file)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.append(v)
+                stack.append(k)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def _key_error(src: ConfigSource, knode: yaml.Node, message: str) -> ConfigError:
@@ -105,6 +146,8 @@ def _build_mapping(node: yaml.MappingNode, path: Path_, src: ConfigSource) -> di
         if knode.tag == "tag:yaml.org,2002:merge":
             raise _key_error(src, knode, "YAML merge keys (<<) are not supported; write the keys out")
         k = str(knode.value)
+        if "\x00" in k:
+            raise _key_error(src, knode, "a NUL character (\\0) in a key: not allowed")
         if k in out:
             raise _key_error(src, knode, f"duplicate key {k!r}: each key may appear once")
         src.keys[path + (k,)] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
@@ -120,7 +163,11 @@ def _build(node: yaml.Node, path: Path_, src: ConfigSource) -> Any:
         return [_build(v, path + (i,), src) for i, v in enumerate(node.value)]
     # Scalars: the resolver's tag decides the type (int, float, bool, null, str).
     try:
-        return src.constructor.construct_object(node, deep=True)
+        value = src.constructor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid value: {exc}", file=src.file,
                           line=node.start_mark.line + 1, col=node.start_mark.column + 1) from None
+    if isinstance(value, str) and "\x00" in value:  # "\0" in a quoted string: no path, name or id has one
+        raise ConfigError("a NUL character (\\0) in a value: not allowed", file=src.file,
+                          line=node.start_mark.line + 1, col=node.start_mark.column + 1)
+    return value

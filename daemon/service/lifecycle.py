@@ -51,6 +51,7 @@ from daemon.service.enforcer import Enforcer
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
 from daemon.service.metrics import Metrics
 from daemon.core.model import Decision
+from daemon.service.listener import build_tls_context, listener_limits, tls_files
 from daemon.service.ops import HealthStatus, OpsServer
 from daemon.genesys.reconcile import Reconciler
 from daemon.genesys.resync import Resyncer
@@ -196,7 +197,8 @@ class Daemon:
         cfg = self.config
         log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
         if cfg.ops.enabled:
-            self.ops = OpsServer(self.metrics, self.health)
+            self.ops = OpsServer(self.metrics, self.health, limits=listener_limits(cfg.ops),
+                                 tls=tls_files(cfg, cfg.ops.tls))
             try:
                 self.ops_port = await self.ops.start(cfg.ops.host, cfg.ops.port)
             except OSError as exc:  # port taken, address not local: an operator error, not a crash
@@ -484,8 +486,9 @@ class Daemon:
         self._set_state(State.RELOADING)
         systemd.reloading()
         try:
-            new = load_config(self.config_path)
-            ruleset = compile_rules(new, load_lists(new))
+            new, lists = await load_off_loop(self.config_path)
+            ruleset = compile_rules(new, lists)
+            self._reload_tls(new)
             if self.sources and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
                 if not scope.topics:  # as at start-up: never drop every subscription silently
@@ -522,6 +525,20 @@ class Daemon:
         self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
         systemd.ready(f"{self.state.value}: reloaded")
         return True
+
+    def _reload_tls(self, new: Config) -> None:
+        """Re-read the ops and control TLS files (a renewed certificate under the same path
+        takes effect for new connections). Both are loaded before either is swapped, so a
+        bad file leaves both listeners as they were (ConfigError)."""
+        pairs = [(self.ops.listener if self.ops else None, tls_files(new, new.ops.tls), "ops"),
+                 (self.control.listener if self.control else None,
+                  tls_files(new, new.control.tls), "control")]
+        for listener, files, name in pairs:
+            if listener is not None and files is not None:
+                build_tls_context(files, what=f"{name}.tls")  # raises before anything changes
+        for listener, files, _ in pairs:
+            if listener is not None and files is not None:
+                listener.reload_tls(files)
 
     # ------------------------------------------------------------------ HA
 
@@ -660,6 +677,28 @@ class Daemon:
                 self.metrics.token_age_seconds.set(self.client.tokens.age)
 
 
+#: Seconds a reload may spend reading config.yaml and its list files (in a worker thread).
+CONFIG_LOAD_TIMEOUT = 10.0
+
+
+async def load_off_loop(path: Path, timeout: float = CONFIG_LOAD_TIMEOUT,
+                        ) -> tuple[Config, dict[str, frozenset[str]]]:
+    """`load_config(path)` and `load_lists` in a worker thread, so a big or slow file never
+    stalls the event loop (health, the stream, removals go on); raises ConfigError when it
+    takes more than `timeout` seconds (the thread is left to finish on its own: the loader
+    opens only regular files, non-blocking, with a size cap, so it cannot hang on a FIFO or
+    a device) or when the files are invalid."""
+    def work() -> tuple[Config, dict[str, frozenset[str]]]:
+        cfg = load_config(path)
+        return cfg, load_lists(cfg)
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(work), timeout)
+    except asyncio.TimeoutError:
+        raise ConfigError(f"reading {path} and its list files took more than {timeout:g} s "
+                          f"(a file on a stuck network mount?)") from None
+
+
 #: Seconds a step still gets after a forced exit (`Daemon.force_exit`) cut its wait short.
 _FORCED_GRACE = 0.2
 
@@ -679,8 +718,14 @@ def _close_reserve(timeout: float) -> float:
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Changed settings that a reload does not apply (the client, audit file, ops listener,
     logging and stream timings are built once at start-up), as dotted names."""
-    changed = [name for name in ("genesys", "audit", "ops", "logging", "control", "ha")
+    changed = [name for name in ("genesys", "audit", "logging", "ha")
                if getattr(old, name) != getattr(new, name)]
+    for name in ("ops", "control"):  # the TLS files are re-read on reload; turning TLS on/off is not
+        before, after = getattr(old, name), getattr(new, name)
+        if before.model_dump(exclude={"tls"}) != after.model_dump(exclude={"tls"}) or \
+                (before.tls is None) != (after.tls is None) or \
+                getattr(before.tls, "client_ca_file", None) != getattr(after.tls, "client_ca_file", None):
+            changed.append(name)
     for name in type(old.subscriptions).model_fields:
         if name not in ("queues", "users") and \
                 getattr(old.subscriptions, name) != getattr(new.subscriptions, name):

@@ -46,12 +46,14 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from daemon.config import Config
+from daemon.config.models import ListenerSettings, TlsSettings
 from daemon.errors import ConfigError
 
 log = structlog.get_logger("confguard.listener")
 
 __all__ = ["ErrorLogLimiter", "Listener", "ListenerLimits", "TlsFiles", "install_loop_error_filter",
-           "is_loopback", "peer_common_name"]
+           "is_loopback", "listener_limits", "peer_common_name", "tls_files"]
 
 #: Seconds between two log lines of one kind (per listener).
 LOG_INTERVAL = 10.0
@@ -77,6 +79,22 @@ class TlsFiles:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+
+
+def listener_limits(settings: ListenerSettings) -> ListenerLimits:
+    """The limits of `ops:` or `control:` in config.yaml."""
+    return ListenerLimits(header_timeout=settings.header_timeout,
+                          idle_timeout=settings.idle_timeout,
+                          max_connections=settings.max_connections)
+
+
+def tls_files(cfg: Config, tls: TlsSettings | None) -> TlsFiles | None:
+    """The TLS files of `ops.tls`/`control.tls`, relative to config.yaml's folder."""
+    if tls is None:
+        return None
+    ca = getattr(tls, "client_ca_file", None)
+    return TlsFiles(cfg.resolve_path(tls.cert_file), cfg.resolve_path(tls.key_file),
+                    cfg.resolve_path(ca) if ca else None)
 
 
 def build_tls_context(files: TlsFiles, *, what: str) -> ssl.SSLContext:

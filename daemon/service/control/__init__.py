@@ -15,6 +15,7 @@ from daemon.errors import ConfigError
 from daemon.service.control.auth import Authenticator, CallerLimiter, load_callers
 from daemon.service.control.server import ControlServer
 from daemon.service.control.service import Availability, ControlService
+from daemon.service.listener import listener_limits, tls_files
 
 __all__ = ["Availability", "ControlServer", "ControlService", "start_control"]
 
@@ -48,7 +49,11 @@ async def start_control(daemon: Any) -> ControlServer:
                              availability=lambda: _availability(daemon), clock=daemon.clock)
     server = ControlServer(service, Authenticator(callers),
                            CallerLimiter(cfg.control.max_requests_per_minute),
-                           metrics=daemon.metrics)
+                           metrics=daemon.metrics, limits=listener_limits(cfg.control),
+                           tls=tls_files(cfg, cfg.control.tls),
+                           cert_callers={c.client_cert_cn: name
+                                         for name, c in cfg.control.callers.items()
+                                         if c.client_cert_cn is not None})
     try:
         await server.start(cfg.control.host, cfg.control.port)
     except OSError as exc:

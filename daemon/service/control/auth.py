@@ -57,7 +57,8 @@ def _read_token(path: Path, name: str) -> str:
 
 
 def load_callers(cfg: Config, env: Mapping[str, str] | None = None) -> list[Caller]:
-    """Every configured caller with its token digest. Raises ConfigError naming the caller
+    """Every configured caller with its token digest (a caller with `client_cert_cn` and no
+    token is left out: only its certificate names it). Raises ConfigError naming the caller
     (never the token) when a token cannot be found or read, or two callers share one."""
     callers: list[Caller] = []
     for name, spec in cfg.control.callers.items():
@@ -65,6 +66,8 @@ def load_callers(cfg: Config, env: Mapping[str, str] | None = None) -> list[Call
             path = cfg.resolve_path(spec.token_file)
         elif (credential := systemd_credential(f"{CREDENTIAL_PREFIX}{name}", env)) is not None:
             path = credential
+        elif spec.client_cert_cn is not None:
+            continue  # named by its client certificate only
         else:
             raise ConfigError(f"control.callers.{name}: no token: set token_file, or give the "
                               f"service the systemd credential {CREDENTIAL_PREFIX}{name} "
