@@ -56,7 +56,7 @@ from daemon.service.ops import HealthStatus, OpsServer
 from daemon.genesys.reconcile import Reconciler
 from daemon.genesys.resync import Resyncer
 from daemon.genesys.retry import RetryPolicy
-from daemon.core.rules import RuleEngine, compile_rules
+from daemon.core.rules import RuleEngine, RuleSet, compile_rules
 from daemon.genesys.scope import resolve_scope
 from daemon.core.state import CallStore
 from daemon.genesys.stream import StreamManager
@@ -486,8 +486,7 @@ class Daemon:
         self._set_state(State.RELOADING)
         systemd.reloading()
         try:
-            new, lists = await load_off_loop(self.config_path)
-            ruleset = compile_rules(new, lists)
+            new, ruleset = await load_off_loop(self.config_path)
             self._reload_tls(new)
             if self.sources and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
@@ -677,20 +676,22 @@ class Daemon:
                 self.metrics.token_age_seconds.set(self.client.tokens.age)
 
 
-#: Seconds a reload may spend reading config.yaml and its list files (in a worker thread).
-CONFIG_LOAD_TIMEOUT = 10.0
+#: Seconds a reload may spend reading config.yaml and its list files and compiling the
+#: rules (in a worker thread). Generous: a list of a million phone numbers takes seconds
+#: to normalise on a busy host; the loader itself never waits on a FIFO or a device.
+CONFIG_LOAD_TIMEOUT = 60.0
 
 
-async def load_off_loop(path: Path, timeout: float = CONFIG_LOAD_TIMEOUT,
-                        ) -> tuple[Config, dict[str, frozenset[str]]]:
-    """`load_config(path)` and `load_lists` in a worker thread, so a big or slow file never
-    stalls the event loop (health, the stream, removals go on); raises ConfigError when it
-    takes more than `timeout` seconds (the thread is left to finish on its own: the loader
-    opens only regular files, non-blocking, with a size cap, so it cannot hang on a FIFO or
-    a device) or when the files are invalid."""
-    def work() -> tuple[Config, dict[str, frozenset[str]]]:
+async def load_off_loop(path: Path, timeout: float = CONFIG_LOAD_TIMEOUT) -> tuple[Config, RuleSet]:
+    """`load_config(path)`, `load_lists` and `compile_rules` in a worker thread, so a big
+    list never stalls the event loop (health, the stream and removals go on; the rules are
+    sans-I/O and build new objects only, so the thread shares nothing with the loop).
+    Raises ConfigError when the files are invalid or it all takes more than `timeout`
+    seconds (the thread is then left to finish on its own: the loader opens only regular
+    files, non-blocking, with a size cap, so it cannot hang on a FIFO or a device)."""
+    def work() -> tuple[Config, RuleSet]:
         cfg = load_config(path)
-        return cfg, load_lists(cfg)
+        return cfg, compile_rules(cfg, load_lists(cfg))
 
     try:
         return await asyncio.wait_for(asyncio.to_thread(work), timeout)

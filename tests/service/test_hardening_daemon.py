@@ -211,9 +211,10 @@ async def test_a_failed_reload_keeps_the_config_and_health_answers_during_a_big_
     async with running(sandbox, tmp_path) as d:
         config = d.config
         good = config.read_text()
-        # A big (allowed) list: read in a worker thread while /healthz keeps answering.
+        # A big list: read, normalised and compiled in a worker thread (seconds of work)
+        # while /healthz keeps answering.
         with (tmp_path / "big.txt").open("w") as fh:
-            for i in range(MAX_LIST_VALUES - 10):
+            for i in range(300_000):
                 fh.write(f"+1{i:010d}\n")
         config.write_text(good.replace("{file: blocked.txt}", "{file: big.txt}"))
         d.send(signal.SIGHUP)
@@ -229,8 +230,8 @@ async def test_a_failed_reload_keeps_the_config_and_health_answers_during_a_big_
             answers += 1
             await asyncio.sleep(0.02)
         assert d.events("reloaded"), d.text()[-2000:]
-        assert answers >= 3  # the reload took a while, and health answered all along
-        assert slowest < 1.0, slowest
+        assert answers >= 5  # the reload took a while, and health answered all along
+        assert slowest < 2.0, slowest  # (it stalled the loop 5 s before; a 2-core box is busy)
 
         # Each bad file: one reload_rejected line, the daemon keeps running the old config.
         os.mkfifo(tmp_path / "list.fifo")
