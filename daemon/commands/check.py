@@ -36,6 +36,7 @@ from daemon.genesys.api import GenesysClient
 from daemon.config import DURATION_PATTERN, Config, load_config, load_lists, resolve_credentials
 from daemon.errors import ConfigError
 from daemon.core.rules import ATTRIBUTES, COMBINATORS, FIELDS, HAS_PARTY, FieldSpec, compile_rules
+from daemon.genesys import permissions
 from daemon.genesys.scope import resolve_scope, shard
 
 
@@ -60,6 +61,16 @@ async def online_check(config: Config, out: TextIO) -> int:
     async with GenesysClient(config.genesys, credentials) as client:
         await client.tokens.token()
         print(f"ok: token issued by {config.genesys.login_origin}", file=out)
+        failures: list[str] = []
+        lines, passed = permissions.summary(permissions.judge(permissions.needs_for(config),
+                                                              await permissions.learn(client)))
+        for line in lines:
+            print(line, file=out)
+        print(f"note: not checked: {permissions.DIVISION_NOTE}", file=out)
+        if not passed:
+            failures.append("a permission the daemon needs is missing")
+        out.flush()
+        # A queue name that does not resolve: SubscriptionError, one line on stderr, exit 1.
         scope = await resolve_scope(client, config.subscriptions)
         print(f"ok: {len(scope.queue_ids)} queue(s), {len(scope.user_ids)} user(s) -> {len(scope.topics)} topic(s)",
               file=out)
@@ -84,7 +95,9 @@ async def online_check(config: Config, out: TextIO) -> int:
             finally:
                 await client.delete_subscriptions(channel.id)
         if problems:
-            print(f"FAIL: {problems} topic(s) rejected: compliance coverage would have a gap", file=out)
+            failures.append(f"{problems} topic(s) rejected: compliance coverage would have a gap")
+        if failures:
+            print(f"FAIL: {'; '.join(failures)}", file=out)
             return 1
     if config.eventbridge.enabled:
         code = await check_eventbridge(config, out)

@@ -73,6 +73,8 @@ LIMITS_NAMESPACE = "platform.api"
 TOKEN_LIMIT_KEYS = frozenset({"client.credentials.token.rate.per.minute"})
 """`limit.key`s that name the per-token request budget (the limiter's allowance); other keys
 (a service's org-wide limit, e.g. `user.rate.per.minute` in `directory`) are not it."""
+ROUTE_TOKEN_ME = "/api/v2/tokens/me"
+ROUTE_ROLE = "/api/v2/authorization/roles/{roleId}"
 
 ANALYTICS_PAGE_SIZE = 100
 # Ids per analytics query (one segment-filter predicate each); keeps request bodies small.
@@ -257,6 +259,20 @@ class GenesysClient:
         resp = await self._request(method, ROUTE_SUBSCRIPTIONS, {"channelId": channel_id},
                                    priority=Priority.NORMAL, json=body, query=query)
         return _topic_states(self._json_object(resp, method, ROUTE_SUBSCRIPTIONS))
+
+    # ------------------------------------------------------------------ token, roles
+
+    async def token_info(self) -> dict[str, Any]:
+        """GET /api/v2/tokens/me -> TokenInfo (`OAuthClient.roleDivisions` lists the client's
+        roles); needs no permission."""
+        resp = await self._request("GET", ROUTE_TOKEN_ME, {}, priority=Priority.NORMAL)
+        return self._json_object(resp, "GET", ROUTE_TOKEN_ME)
+
+    async def get_role(self, role_id: str) -> dict[str, Any]:
+        """GET /api/v2/authorization/roles/{roleId} -> DomainOrganizationRole (`permissions`,
+        `permissionPolicies`); needs authorization:role:view."""
+        resp = await self._request("GET", ROUTE_ROLE, {"roleId": role_id}, priority=Priority.NORMAL)
+        return self._json_object(resp, "GET", ROUTE_ROLE)
 
     # ------------------------------------------------------------------ routing, analytics
 

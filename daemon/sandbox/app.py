@@ -22,7 +22,8 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from daemon.sandbox.world import DISCONNECT_PERMISSION, Token, WorldError, iso
+from daemon.sandbox.world import (ANALYTICS_PERMISSION, DISCONNECT_PERMISSION, PARTICIPANT_PATCH_PERMISSIONS,
+                                  QUEUE_VIEW_PERMISSION, Token, WorldError, iso)
 
 if TYPE_CHECKING:
     from daemon.sandbox.server import Sandbox
@@ -293,6 +294,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+# ------------------------------------------------------------------------ tokens, roles
+async def token_me(request: web.Request) -> web.Response:
+    """GET /api/v2/tokens/me: the token's organisation and OAuth client with its roles (no
+    permission needed)."""
+    sb = _sb(request)
+    return json_response(sb.world.clients[_token(request).client_id].token_info())
+
+
+async def get_role(request: web.Request) -> web.Response:
+    """GET /api/v2/authorization/roles/{roleId} (needs authorization:role:view)."""
+    sb = _sb(request)
+    return json_response(sb.world.role(_token(request), request.match_info["role_id"]))
+
+
 # ------------------------------------------------------------------------ conversations
 async def get_call(request: web.Request) -> web.Response:
     conv = _sb(request).world.get_call(request.match_info["cid"])
@@ -319,7 +334,7 @@ async def patch_participant(request: web.Request) -> web.Response:
         if k in body and not isinstance(body[k], bool):
             raise WorldError(400, "bad.request", f"{k} must be a boolean")
     if state == "disconnected":
-        sb.world.require(_token(request), DISCONNECT_PERMISSION)
+        sb.world.require_any(_token(request), PARTICIPANT_PATCH_PERMISSIONS)
         if not party.live:
             if sb.patch_final_status >= 400:
                 raise WorldError(sb.patch_final_status, "conversation.participant.not.connected",
@@ -388,6 +403,7 @@ async def post_participant(request: web.Request) -> web.Response:
 
 async def queues(request: web.Request) -> web.Response:
     sb = _sb(request)
+    sb.world.require(_token(request), QUEUE_VIEW_PERMISSION)
     try:
         size = int(request.query.get("pageSize", "25"))
         number = int(request.query.get("pageNumber", "1"))
@@ -436,6 +452,7 @@ async def analytics_query(request: web.Request) -> web.Response:
     `interval`; conversationEnd notExists (active only); segment predicates queueId/userId
     (OR'd); paging. Genesys omits `conversations` when nothing matches."""
     sb = _sb(request)
+    sb.world.require(_token(request), ANALYTICS_PERMISSION)
     body = _json(request)
     if not isinstance(body, dict) or not isinstance(body.get("interval"), str) \
             or "/" not in body["interval"]:
@@ -514,6 +531,8 @@ def build_app(sb: Sandbox) -> web.Application:
     r.add_post("/api/v2/conversations/{cid}/disconnect", disconnect_conversation)
     r.add_route("*", "/api/v2/conversations/conferences{tail:.*}", conferences)
     r.add_get("/api/v2/routing/queues", queues)
+    r.add_get("/api/v2/tokens/me", token_me)
+    r.add_get("/api/v2/authorization/roles/{role_id}", get_role)
     r.add_post("/api/v2/analytics/conversations/details/query", analytics_query)
     r.add_get("/api/v2/organizations/limits/namespaces/{namespace}", org_limits)
     add_driver_routes(app)

@@ -129,7 +129,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("create_user", "a user (agent or supervisor)",
            (_f("name", "the user's name", True), _f("id", "the user's id (default: a new UUID)")),
            "{id, name}", {"name": "Dana Agent"}),
-    OpSpec("set_permissions", "grant or revoke permissions of an OAuth client (topics, lookups and removals are checked against them)",
+    OpSpec("set_permissions", "grant or revoke permissions of an OAuth client's role (removals, queue lookups and topics, the analytics query and reading roles check them)",
            (_f("grant", "permissions to add"), _f("revoke", "permissions to remove"),
             _f("clientId", "the client (default: the sandbox's own)")),
            "{clientId, permissions}", {"revoke": ["conversation:communication:disconnect"]}),

@@ -28,16 +28,27 @@ MAX_TOPICS_PER_CHANNEL = 1000
 MAX_CHANNELS_PER_CLIENT = 20
 DEFAULT_PERMISSIONS = frozenset({
     "conversation:communication:disconnect",
-    "conversation:participant:wrapup",
-    "conversation:call:record",
     "conversation:communication:view",
     "routing:queue:view",
     "analytics:conversationDetail:view",
     "notifications:channel:add",
+    "authorization:role:view",
 })
-"""Permissions a new client gets. Only the ones named in `REQUIRED_PERMISSION` are checked."""
+"""Permissions a new client gets (through its one role, see `Client.role_id`): those the
+README's OAuth client set-up grants, and `authorization:role:view`. Checked where
+Genesys checks them: the participant PATCH (any of `PARTICIPANT_PATCH_PERMISSIONS`), the
+queue lookup and queue topics (`routing:queue:view`), the analytics query
+(`analytics:conversationDetail:view`), reading a role (`authorization:role:view`)."""
 
 DISCONNECT_PERMISSION = "conversation:communication:disconnect"
+#: The participant PATCH needs any one of these (Genesys' documentation of the endpoint).
+PARTICIPANT_PATCH_PERMISSIONS = ("conversation:communication:disconnect",
+                                 "conversation:participant:wrapup", "conversation:call:record")
+QUEUE_VIEW_PERMISSION = "routing:queue:view"
+ANALYTICS_PERMISSION = "analytics:conversationDetail:view"
+ROLE_VIEW_PERMISSION = "authorization:role:view"
+ORG_ID = "5a0c2d1e-7b3f-4d2a-8e6c-1f9a0b3c4d5e"
+ORG_NAME = "Sandbox Org"
 ACTIVE_STATES = frozenset({"alerting", "dialing", "contacting", "offering", "connected"})
 FINAL_STATES = frozenset({"disconnected", "terminated"})
 DIVISION_ID = "3e7b7f2a-2f3c-4c6e-9a3d-5b0e8b7c1d00"
@@ -70,10 +81,38 @@ class WorldError(Exception):
 
 @dataclass(slots=True)
 class Client:
+    """An OAuth client (client credentials). Its `permissions` are those of its one role,
+    `role_id` (granted in the home division), as `GET /api/v2/tokens/me` and
+    `GET /api/v2/authorization/roles/{roleId}` show them."""
+
     id: str
     secret: str
     permissions: set[str]
     token_lifetime: float
+    role_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def token_info(self) -> dict[str, Any]:
+        """`GET /api/v2/tokens/me` for a token of this client (SDK model TokenInfo)."""
+        org = {"id": ORG_ID, "name": ORG_NAME}
+        return {"organization": org, "homeOrganization": org, "authorizedScope": [],
+                "OAuthClient": {"id": self.id, "name": f"sandbox client {self.id[:8]}",
+                                "authorizedGrantType": "CLIENT-CREDENTIALS", "scope": [],
+                                "roleDivisions": [{"roleId": self.role_id, "divisionId": DIVISION_ID}],
+                                "state": "active", "organization": org}}
+
+    def role(self) -> dict[str, Any]:
+        """`GET /api/v2/authorization/roles/{roleId}` for its role (SDK model
+        DomainOrganizationRole): the permissions as strings and as policies."""
+        policies = []
+        for perm in sorted(self.permissions):
+            domain, _, rest = perm.partition(":")
+            entity, _, action = rest.partition(":")
+            policies.append({"domain": domain, "entityName": entity, "actionSet": [action],
+                             "allowConditions": False})
+        return {"id": self.role_id, "name": f"sandbox role {self.id[:8]}",
+                "description": "the sandbox client's permissions", "permissions": sorted(self.permissions),
+                "permissionPolicies": policies, "userCount": 0, "default": False, "base": False,
+                "selfUri": f"/api/v2/authorization/roles/{self.role_id}"}
 
 
 @dataclass(slots=True)
@@ -403,6 +442,22 @@ class World:
             raise WorldError(403, "missing.permissions",
                              f"Missing permission: {permission}", details=[permission])
 
+    def require_any(self, token: Token, permissions: Iterable[str]) -> None:
+        """403 unless the token's client has one of `permissions`; the answer names the
+        first (the one to grant)."""
+        wanted = list(permissions)
+        if not self.clients[token.client_id].permissions.intersection(wanted):
+            raise WorldError(403, "missing.permissions", f"Missing permission: {wanted[0]}",
+                             details=wanted[:1])
+
+    def role(self, token: Token, role_id: str) -> dict[str, Any]:
+        """A role as `GET /api/v2/authorization/roles/{roleId}` shows it."""
+        self.require(token, ROLE_VIEW_PERMISSION)
+        for c in self.clients.values():
+            if c.role_id == role_id:
+                return c.role()
+        raise WorldError(404, "not.found", f"Role {role_id} not found")
+
     def expire_tokens(self, client_id: str | None = None) -> int:
         """Make tokens (of one client, or all) expire now. Returns how many."""
         now = self.clock()
@@ -685,9 +740,9 @@ class World:
         if m:
             if m.group(1) not in self.queues:
                 return TopicState(topic, "Rejected", "Queue not found: " + m.group(1), [])
-            if "routing:queue:view" not in client.permissions:
+            if QUEUE_VIEW_PERMISSION not in client.permissions:
                 return TopicState(topic, "Rejected", "Missing permissions",
-                                  ["routing:queue:view"])
+                                  [QUEUE_VIEW_PERMISSION])
             return TopicState(topic, "Permitted")
         m = _USER_TOPIC.match(topic)
         if m:

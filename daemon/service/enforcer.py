@@ -314,6 +314,9 @@ class Enforcer:
         self._accepting = True
         self._actions: dict[PartyKey, _Action] = {}
         self._note_step = note_step
+        #: The permissions the last refused (403) removal named, until a removal is accepted
+        #: again or `clear_forbidden()` (a reload): `/readyz` reports them.
+        self.forbidden: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ public
 
@@ -321,6 +324,11 @@ class Enforcer:
     def enforcement(self) -> Enforcement:
         """The one owner of enforcement state (the engine's)."""
         return self.engine.enforcement
+
+    def clear_forbidden(self) -> None:
+        """Forget a refused removal (after a reload: the operator says it is fixed; the
+        next refusal sets it again)."""
+        self.forbidden = ()
 
     @property
     def in_flight(self) -> int:
@@ -560,6 +568,7 @@ class Enforcer:
                 missing = exc.missing_permissions or [DISCONNECT_PERMISSION]
                 text = (f"403 forbidden: the OAuth client's role lacks permission "
                         f"{', '.join(missing)}: {exc}")
+                self.forbidden = tuple(missing)
                 alog.critical("enforce_forbidden", missing_permissions=missing,
                               detail="grant the permission to the OAuth client's role",
                               error=str(exc))
@@ -606,6 +615,7 @@ class Enforcer:
             return exc
         action.sending = False
         action.accepted = True
+        self.forbidden = ()
         action.last_status = reply if isinstance(reply, int) else None
         action.removal._progress(action.last_status, action.attempts)
         return None

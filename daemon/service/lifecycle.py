@@ -176,9 +176,10 @@ class Daemon:
 
     def health(self) -> HealthStatus:
         sources = {s.name: s.health() for s in self.sources}
+        forbidden = self.enforcer.forbidden if self.enforcer is not None else ()
         ready = (self.state in (State.RUNNING, State.RELOADING) and bool(sources)
                  and all(h.ready for s, h in zip(self.sources, sources.values()) if s.required)
-                 and self._gap_reason is None)
+                 and self._gap_reason is None and not forbidden)
         reason = None if ready else (self._gap_reason or self.state.value)
         details: dict[str, Any] = {
             "mode": self.mode,
@@ -186,6 +187,11 @@ class Daemon:
             "safety_valve_tripped": self.safety.tripped,
             "in_flight": self.enforcer.in_flight if self.enforcer else 0,
         }
+        if forbidden and reason == self.state.value:
+            # Degraded: removals are refused (403) until the permission is granted.
+            reason = f"degraded: a removal was refused (403): missing permission {', '.join(forbidden)}"
+        if forbidden:
+            details["missing_permissions"] = list(forbidden)
         if self.client is not None:
             details["budget"] = self.client.limiter.snapshot().as_dict()
         return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details,
@@ -515,6 +521,7 @@ class Daemon:
         self.config = new
         if self.enforcer is not None:
             self.enforcer.mode = self.mode  # type: ignore[assignment]
+            self.enforcer.clear_forbidden()  # granted meanwhile, the operator says; a new 403 says otherwise
         self.metrics.config_reloads.labels(result="ok").inc()
         log.info("reloaded", rules=len(new.rules), mode=self.mode, config=str(self.config_path))
         # New or changed rules judge the live calls now, not at each call's next event.

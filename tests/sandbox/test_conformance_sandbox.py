@@ -227,3 +227,17 @@ async def test_rest_replies_conform(sandbox: Sandbox, sandbox_client: SandboxCli
                  f"{live.participants[0].id}", {"state": "disconnected"})
     assert st == 403
     conforms(body, "ErrorBody")
+
+
+async def test_token_and_role_replies_conform(sandbox: Sandbox, sandbox_client: SandboxClient) -> None:
+    """GET /api/v2/tokens/me (TokenInfo) and GET /api/v2/authorization/roles/{id}
+    (DomainOrganizationRole), as `check --online` reads them to learn its permissions."""
+    c = sandbox_client
+    await c.login()
+    st, info, _ = await c.request("GET", "/api/v2/tokens/me")
+    assert st == 200
+    conforms(info, "TokenInfo")
+    role_id = info["OAuthClient"]["roleDivisions"][0]["roleId"]
+    st, role, _ = await c.request("GET", f"/api/v2/authorization/roles/{role_id}")
+    assert st == 200 and role["permissionPolicies"]
+    conforms(role, "DomainOrganizationRole")
