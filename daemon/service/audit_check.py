@@ -191,6 +191,7 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     last: Located | None = None
+    good: list[Located] = field(default_factory=list)  # the validly signed ones, by seq
 
     @property
     def status(self) -> int:
@@ -245,6 +246,7 @@ def check(paths: Sequence[Path], public_key: Ed25519PublicKey, external: Sequenc
             good.append(item)
     good.sort(key=lambda c: (int(c.checkpoint["seq"]), str(c.checkpoint["time"])))
     result.checkpoints = len(good)
+    result.good = good
     _check_checkpoint_chain(good, result)
     for item in good:
         _compare(item, report, result)
