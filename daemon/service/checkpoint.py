@@ -313,13 +313,15 @@ class Checkpointer:
     `key`: the signing key. `node`: this host's name. `epoch()`: the HA epoch (0 without
     HA). `interval`: seconds between checkpoints. `sinks`: off-host stores. `clock`: epoch
     seconds. Counters for metrics and tests: `written`, and per sink name `published` /
-    `failed`; `last` is the last signed checkpoint.
+    `failed`; `last` is the last signed checkpoint. `on_result(sink, result)` is called for
+    each checkpoint written (`trail`) and each sink attempt (`ok` / `failed`).
     Installs itself as `audit.before_rotate`. Use from the event loop's thread.
     """
 
     def __init__(self, audit: AuditLog, key: Ed25519PrivateKey, *, node: str,
                  epoch: Callable[[], int] = lambda: 0, interval: float = 60.0,
-                 sinks: Sequence[CheckpointSink] = (), clock: Callable[[], float] = time.time) -> None:
+                 sinks: Sequence[CheckpointSink] = (), clock: Callable[[], float] = time.time,
+                 on_result: Callable[[str, str], None] | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.audit = audit
@@ -329,6 +331,7 @@ class Checkpointer:
         self.interval = interval
         self.sinks = list(sinks)
         self._clock = clock
+        self._on_result = on_result  # (sink, "ok" | "failed"): metrics
         self.last: dict[str, Any] | None = None  # the last signed checkpoint
         self._last_hash: str | None = None
         self._last_seq = 0  # seq the last checkpoint covered
@@ -398,7 +401,12 @@ class Checkpointer:
         self.last, self._last_hash, self._last_seq = cp, cp_hash, seq
         self._last_record_seq = seq
         self.written += 1
+        self._result("trail", "ok")
         return cp, cp_hash
+
+    def _result(self, sink: str, result: str) -> None:
+        if self._on_result is not None:
+            self._on_result(sink, result)
 
     def _publish_one(self, cp: dict[str, Any], cp_hash: str) -> None:
         log.info("audit_checkpoint", checkpoint=cp, checkpoint_hash=cp_hash)
@@ -477,12 +485,14 @@ class Checkpointer:
             await asyncio.wait_for(sink.put(cp, cp_hash), timeout=30.0)
         except Exception as exc:  # noqa: BLE001 - counted, logged, retried
             self.failed[sink.name] += 1
+            self._result(sink.name, "failed")
             log.warning("audit_checkpoint_sink_failed", sink=sink.name, seq=cp.get("seq"),
                         queued=len(q), error=f"{type(exc).__name__}: {exc}")
             return False
         if q and q[0][1] == cp_hash:
             q.popleft()
         self.published[sink.name] += 1
+        self._result(sink.name, "ok")
         return True
 
     def pending(self) -> int:
@@ -511,8 +521,8 @@ class Checkpointer:
             await sink.aclose()
 
 
-def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int],
-                     env: Any = None) -> Checkpointer | None:
+def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int], env: Any = None,
+                     on_result: Callable[[str, str], None] | None = None) -> Checkpointer | None:
     """The daemon's Checkpointer from `config` (a `daemon.config.Config`), or None when no
     signing key is configured (`audit.signing_key_file`, credential `audit_signing_key`).
     Sinks: PostgreSQL when `ha:` is configured, S3 when `audit.checkpoint_s3` is. Raises
@@ -532,7 +542,7 @@ def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int],
     if s3 is not None:
         sinks.append(S3CheckpointSink(s3.bucket, s3.prefix, region=s3.region, endpoint_url=s3.endpoint_url))
     cpr = Checkpointer(audit, key, node=config.ha.node_name, epoch=epoch,
-                       interval=config.audit.checkpoint_interval, sinks=sinks)
+                       interval=config.audit.checkpoint_interval, sinks=sinks, on_result=on_result)
     cpr.resume()
     log.info("audit_checkpoints_on", key_id=key_id(key.public_key()), interval=cpr.interval,
              sinks=[s.name for s in sinks])

@@ -217,7 +217,10 @@ class Daemon:
         from daemon.service.checkpoint import checkpointer_for  # cryptography: only when started
 
         self.checkpointer = checkpointer_for(
-            cfg, self.audit, epoch=lambda: self.failover.node.epoch if self.failover is not None else 0)
+            cfg, self.audit, epoch=lambda: self.failover.node.epoch if self.failover is not None else 0,
+            on_result=lambda sink, result: self.metrics.audit_checkpoints.labels(sink=sink, result=result).inc())
+        if self.checkpointer is not None:
+            self.metrics.audit_checkpoints_queued.set_function(self.checkpointer.pending)
         # Before any new record: decisions of an earlier run with no outcome (closed below).
         self._unfinished = unfinished_in_audit(self.audit.path)
         credentials = resolve_credentials(cfg.genesys, base_dir=cfg.base_dir)

@@ -190,6 +190,13 @@ class Metrics:
         self.audit_unsynced_seconds: Gauge = Gauge(
             p + "audit_unsynced_seconds", "Age in seconds of the oldest audit record written "
             "but not yet fsynced; 0 when every record is synced.", registry=r)
+        self.audit_checkpoints: Counter = Counter(
+            p + "audit_checkpoints", "Signed audit checkpoints, by sink (trail: written into the "
+            "chain and logged; postgres; s3) and result (ok, failed: retried).", ["sink", "result"],
+            registry=r)
+        self.audit_checkpoints_queued: Gauge = Gauge(
+            p + "audit_checkpoints_queued", "Checkpoints waiting for a sink (all sinks together).",
+            registry=r)
         self.config_reloads: Counter = Counter(
             p + "config_reloads", "Configuration reloads, by result (ok, rejected).", ["result"],
             registry=r)

@@ -11,7 +11,8 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from _daemon_harness import SALES, DaemonProcess, audit_records, credentials_env, run_cli, sandbox_queue, wait_until, write_config
+from _daemon_harness import (SALES, DaemonProcess, audit_records, credentials_env, run_cli, sample, sandbox_queue,
+                             wait_until, write_config)
 
 from daemon.sandbox import Sandbox
 from daemon.service.checkpoint import generate_keypair
@@ -63,6 +64,8 @@ async def test_checkpoints_reach_the_log_and_verify_reads_them(sandbox: Sandbox,
         await _remove_one(sandbox, tmp_path)
         first = await d.wait_event("audit_checkpoint", timeout=15)
         assert first["level"] == "info" and first["checkpoint"]["node"]
+        await d.wait_metrics(lambda t: (sample(t, "confguard_audit_checkpoints_total", sink="trail",
+                                               result="ok") or 0) >= 1)
         await _stop(d)
     journal = tmp_path / "journal.log"
     shutil.copy(d.stdout_path, journal)

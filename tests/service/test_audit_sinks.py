@@ -96,7 +96,9 @@ async def test_postgres_down_checkpoints_wait_and_are_sent_later(postgres: Postg
     log = AuditLog(tmp_path / "a.jsonl", max_bytes=1 << 20)
     log.open()
     sink = PostgresCheckpointSink(postgres.dsn.replace(str(postgres.port), "1"), timeout=1.0)  # nothing there
-    cpr = Checkpointer(log, load_private_key(priv), node="host-b", sinks=[sink])
+    results: list[tuple[str, str]] = []
+    cpr = Checkpointer(log, load_private_key(priv), node="host-b", sinks=[sink],
+                       on_result=lambda sink, result: results.append((sink, result)))
     log.write({"type": "decision"})
     with structlog.testing.capture_logs() as logs:
         await cpr.checkpoint_async()
@@ -106,6 +108,8 @@ async def test_postgres_down_checkpoints_wait_and_are_sent_later(postgres: Postg
     assert {e["event"] for e in logs} >= {"audit_checkpoint_sink_failed", "audit_checkpoint_unpublished"}
     sink._dsn = postgres.dsn  # the database is back
     assert await cpr._put_one(sink) and cpr.pending() == 0
+    assert results[0] == ("trail", "ok") and ("postgres", "failed") in results
+    assert results[-1] == ("postgres", "ok")
     await sink.aclose()
 
 
