@@ -6,6 +6,7 @@ process against the sandbox on 127.0.0.1; every wait is bounded."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from pathlib import Path
 from _daemon_harness import (SALES, DaemonProcess, audit_records, credentials_env, run_cli, sample, sandbox_queue,
                              wait_until, write_config)
 
+from _moto import MotoServer, moto_server, unique_name  # noqa: F401
+
 from daemon.sandbox import Sandbox
 from daemon.service.checkpoint import generate_keypair
 
@@ -21,13 +24,15 @@ AGENT = "a11ce000-0000-4000-8000-00000000000a"
 
 
 @contextlib.asynccontextmanager
-async def running(sb: Sandbox, folder: Path, key: Path | None) -> AsyncIterator[DaemonProcess]:
+async def running(sb: Sandbox, folder: Path, key: Path | None, s3: str = "") -> AsyncIterator[DaemonProcess]:
+    """The daemon with a signing key (checkpoints every 1 s) when `key` is given; `s3`: more
+    `audit:` YAML lines (indented two spaces)."""
     sandbox_queue(sb)
     if AGENT not in sb.world.users:
         sb.world.create_user("Alice Agent", AGENT)
-    extra = ""
+    extra = s3
     if key is not None:
-        extra = f"  signing_key_file: {key}\n  checkpoint_interval: 1s\n"
+        extra += f"  signing_key_file: {key}\n  checkpoint_interval: 1s\n"
     config = write_config(folder, sb.base_url)
     config.write_text(config.read_text().replace("  fsync_interval: 0.2\n", "  fsync_interval: 0.2\n" + extra, 1))
     d = DaemonProcess(config, credentials_env(sb), folder)
@@ -136,3 +141,34 @@ async def test_trail_cut_and_daemon_restarted_is_reported(sandbox: Sandbox, tmp_
                                  "--checkpoints", str(journal))
     assert code == 1, out
     assert "contradicted: checkpoint seq" in out and str(journal) in out
+
+
+async def test_daemon_stores_checkpoints_in_s3_object_lock(sandbox: Sandbox, tmp_path: Path,
+                                                          moto_server: MotoServer) -> None:  # noqa: F811
+    s3 = moto_server.boto3("s3")
+    bucket = unique_name("audit")
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True,
+                     CreateBucketConfiguration={"LocationConstraint": moto_server.region})
+    s3.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}}})
+    priv, pub = tmp_path / "k.pem", tmp_path / "k.pub"
+    generate_keypair(priv, pub)
+    sink = (f"  checkpoint_s3:\n    bucket: {bucket}\n    prefix: site-1\n"
+            f"    region: {moto_server.region}\n    endpoint_url: {moto_server.endpoint_url}\n")
+    async with running(sandbox, tmp_path, priv, sink) as d:
+        await d.wait_ready()
+        await d.wait_event("audit_checkpoints_on", sinks=["s3"])
+        await _remove_one(sandbox, tmp_path)
+        await d.wait_metrics(lambda t: (sample(t, "confguard_audit_checkpoints_total", sink="s3",
+                                               result="ok") or 0) >= 1, timeout=15)
+        await _stop(d)
+    assert not d.events("audit_checkpoint_sink_failed") and not d.events("audit_checkpoint_s3_unlocked")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys and all(k.startswith("site-1/") for k in keys)
+    trail = tmp_path / "audit"
+    # verify finds the endpoint through the standard AWS chain as well as --s3-endpoint-url
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    code, out, err = await run_cli("audit", "verify", str(trail), "--public-key", str(pub),
+                                   "--checkpoints", f"s3://{bucket}/site-1", env=env)
+    assert code == 0, out + err
+    assert f"{len(keys)} read from 1 outside source(s)" in out
