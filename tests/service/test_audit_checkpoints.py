@@ -310,3 +310,20 @@ def test_unreadable_checkpoint_source_is_exit_2(tmp_path: Path) -> None:
     done = _cli("verify", str(path), "--public-key", str(pub), "--checkpoints", str(tmp_path / "nope.log"))
     assert done.returncode == 2 and "cannot read checkpoints file" in done.stderr
     assert os.path.exists(path)
+
+
+def test_signing_key_from_file_setting_or_systemd_credential(tmp_path: Path) -> None:
+    from daemon.config.models import AuditSettings
+    from daemon.config.secrets import resolve_signing_key_file
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert resolve_signing_key_file(AuditSettings(), env) is None  # no key: no checkpoints
+    generate_keypair(creds / "audit_signing_key", tmp_path / "pub.pem")
+    assert resolve_signing_key_file(AuditSettings(), env) == creds / "audit_signing_key"
+    chosen = AuditSettings(signing_key_file="keys/k.pem", checkpoint_interval="1s")  # type: ignore[arg-type]
+    assert chosen.checkpoint_interval == 1.0
+    assert resolve_signing_key_file(chosen, env, base_dir=tmp_path) == tmp_path / "keys" / "k.pem"
+    with pytest.raises(ValueError, match="duration"):
+        AuditSettings(checkpoint_interval="soon")  # type: ignore[arg-type]
