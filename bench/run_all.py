@@ -72,6 +72,8 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("rest_roundtrip", smoke=("--smoke",)),  # why the burst's PATCH costs more (issue 11)
     # HA (issue 12); figures by hand in RESULTS.md "## High availability".
     Bench("takeover", smoke=("--runs", "1", "--renewals", "10", "--takeover-after", "1")),
+    # EventBridge (issue 19); figures by hand in RESULTS.md "## Durable input with Amazon EventBridge".
+    Bench("eventbridge_lost", smoke=("--smoke",)),
     # Older micro-benchmarks (human summary only, no --json; not in RESULTS.md).
     Bench("ingest_state", smoke=("--frames", "200", "--calls", "10", "--mem-calls", "20", "--repeat", "1"),
           json=False),

@@ -37,7 +37,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +203,8 @@ class PublisherStats:
     """Events sent, counted once per queue."""
     send_errors: int = 0
     sent_log: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=100_000))
-    """(time sent, conversation id, kind) of the last events sent to the first queue."""
+    """(time its SendMessageBatch began, conversation id, kind) of the last events sent to
+    the first queue: the message is in the queue from some moment of that request on."""
 
 
 class EventBridgePublisher:
@@ -211,12 +212,13 @@ class EventBridgePublisher:
 
     `queue_url`: one queue, or several (a rule with several targets: every queue gets
     every event, with the same envelope id); `endpoint_url` (None: AWS itself), `region` (None: `AWS_REGION` or
-    `AWS_DEFAULT_REGION`, else `us-east-1`); `faults` for `take_loss` and `eventbridge_delay`; `clock` epoch s."""
+    `AWS_DEFAULT_REGION`, else `us-east-1`); `kinds`: publish only these detail kinds
+    (the integration's topic filter; None: all); `faults` for `take_loss` and `eventbridge_delay`; `clock` epoch s."""
 
     def __init__(self, queue_url: str | Sequence[str], *, endpoint_url: str | None, region: str | None,
                  faults: Faults,
                  org_id: str | None = None, clock: Callable[[], float] = time.time,
-                 retry_interval: float = 0.5) -> None:
+                 retry_interval: float = 0.5, kinds: Collection[str] | None = None) -> None:
         self.queue_urls: list[str] = [queue_url] if isinstance(queue_url, str) else list(queue_url)
         if not self.queue_urls:
             raise ValueError("EventBridgePublisher needs at least one queue URL")
@@ -227,7 +229,9 @@ class EventBridgePublisher:
         self.org_id = org_id or str(uuid.uuid4())
         self.clock = clock
         self.retry_interval = retry_interval
+        self.kinds = frozenset(kinds) if kinds is not None else None
         self.emitter = DetailEmitter()
+        self._delayed = 0
         self.stats = PublisherStats()
         self._ready: dict[str, deque[tuple[str, str, bytes]]] = {u: deque() for u in self.queue_urls}
         self._wake = asyncio.Event()
@@ -238,6 +242,8 @@ class EventBridgePublisher:
         """World listener: emit the change's detail events now, deliver them per the faults."""
         now = self.clock()
         details = self.emitter.changes(conv, now)
+        if self.kinds is not None:
+            details = [d for d in details if d.kind in self.kinds]
         if not details:
             return
         self.stats.emitted += len(details)
@@ -254,8 +260,10 @@ class EventBridgePublisher:
             def due() -> None:
                 if handle is not None:
                     self._timers.discard(handle)
+                self._delayed -= len(bodies)
                 self._enqueue(bodies)
 
+            self._delayed += len(bodies)
             handle = loop.call_later(delay, due)
             self._timers.add(handle)
         else:
@@ -273,8 +281,8 @@ class EventBridgePublisher:
 
     @property
     def pending(self) -> int:
-        """Events waiting to be sent, over every queue (delayed ones not counted)."""
-        return sum(len(r) for r in self._ready.values())
+        """Events not sent yet: waiting to be sent (over every queue) or delayed."""
+        return sum(len(r) for r in self._ready.values()) + self._delayed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sandbox-eventbridge")
@@ -308,6 +316,7 @@ class EventBridgePublisher:
         """Send up to 10 events of `ready` to `url`; False when (part of) it failed."""
         batch = [ready[i] for i in range(min(10, len(ready)))]
         entries = [{"Id": str(i), "MessageBody": body.decode()} for i, (_, _, body) in enumerate(batch)]
+        started = self.clock()
         try:
             out = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
         except Exception as e:  # the queue is unreachable: keep the events, retry
@@ -315,12 +324,11 @@ class EventBridgePublisher:
             log.warning("sandbox_eventbridge_send_failed", error=type(e).__name__)
             return False
         failed = {int(f["Id"]) for f in out.get("Failed", [])}
-        now = self.clock()
         for i, (cid, kind, _) in enumerate(batch):
             if i not in failed:
                 self.stats.sent += 1
                 if url == self.queue_urls[0]:
-                    self.stats.sent_log.append((now, cid, kind))
+                    self.stats.sent_log.append((started, cid, kind))
         for _ in batch:
             ready.popleft()
         if failed:  # put the refused ones back in front, in order

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -102,7 +102,8 @@ class Sandbox:
     `reap_interval` seconds between checks for expired channels and tokens;
     `eventbridge_queue_url` (one URL, or several: a rule with several targets; with
     `eventbridge_endpoint_url`, None: AWS itself, and
-    `eventbridge_region`): also publish every change's conversation detail events into
+    `eventbridge_region`; `eventbridge_kinds`: only these detail kinds, as the
+    integration's topic filter): also publish every change's conversation detail events into
     that SQS queue, as Genesys' EventBridge integration and a rule to SQS would
     (`daemon.sandbox.eventbridge`; `self.eventbridge` is the publisher, else None).
     """
@@ -116,6 +117,7 @@ class Sandbox:
                  seed: int | None = None, eventbridge_queue_url: str | Sequence[str] | None = None,
                  eventbridge_endpoint_url: str | None = None,
                  eventbridge_region: str | None = None,
+                 eventbridge_kinds: Collection[str] | None = None,
                  legacy_ratelimit_headers: bool = False) -> None:
         self.host = host
         self.port = port
@@ -137,7 +139,7 @@ class Sandbox:
         if eventbridge_queue_url:
             self.eventbridge = EventBridgePublisher(
                 eventbridge_queue_url, endpoint_url=eventbridge_endpoint_url,
-                region=eventbridge_region, faults=self.faults)
+                region=eventbridge_region, faults=self.faults, kinds=eventbridge_kinds)
             self.world.listeners.append(self.eventbridge.listener)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
