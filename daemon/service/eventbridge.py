@@ -55,7 +55,7 @@ import structlog
 
 from daemon.config import EventBridgeSettings
 from daemon.core.eventbridge import DetailDecider, DetailEvent, FrameEvent, decode
-from daemon.core.events import Rejected
+from daemon.core.events import Rejected, excerpt
 from daemon.genesys.retry import RetryPolicy
 from daemon.genesys.scope import Scope
 from daemon.service.aws import AwsFailure, aws_client, describe_aws_error
@@ -220,7 +220,13 @@ class EventBridgeSource:
         done: list[int] = []
         for i, msg in enumerate(messages):
             self._count("received")
-            cid, event_id = self._handle(msg.body, now)
+            try:
+                cid, event_id = self._handle(msg.body, now)
+            except Exception:  # a bug here must not stop the queue nor offer the message forever
+                log.exception("eventbridge_message_failed")
+                self._count("rejected")
+                self._sink.reject(source=NAME, reason="internal_error", excerpt=excerpt(msg.body))
+                cid, event_id = None, ""
             if cid is None:
                 done.append(i)
             else:

@@ -18,6 +18,7 @@ from _daemon_harness import (SALES, DaemonProcess, credentials_env, sample, sand
                              write_config)
 from _moto import MotoServer, moto_server, unique_name  # noqa: F401
 
+from daemon.core.topics import queue_topic
 from daemon.sandbox import Sandbox
 from daemon.sandbox.scenario import conference
 from daemon.sandbox.world import Conversation, Party
@@ -156,9 +157,25 @@ async def test_queue_delivers_what_the_websocket_lost(moto_server: MotoServer, t
         status, _ = await d.get("/readyz")
         assert status == 200
 
+        # 6. A call-topic message (its detail is a WebSocket frame) goes through the frame
+        #    path: applied and judged at once, no REST read.
+        c6 = conference(w, SALES, AGENT)
+        await all_consumed(d, sb)
+        sb.faults.lose_change("both", c6.id)
+        w.set_attributes(c6.id, external(c6).id, FLAG)
+        reads = gets(sb, c6.id)
+        frame = {"topicName": queue_topic(SALES), "version": "2", "eventBody": w.calls[c6.id].event_body(),
+                 "metadata": {"CorrelationId": str(uuid.uuid4())}}
+        sqs.send_message(QueueUrl=url, MessageBody=orjson.dumps({
+            "version": "0", "id": str(uuid.uuid4()), "detail-type": "v2.routing.queues.{id}.conversations.calls",
+            "source": "aws.partner/genesys.com/cloud/org/test", "account": "123456789012",
+            "time": "2026-12-07T19:00:00Z", "region": "eu-west-1", "resources": [], "detail": frame}).decode())
+        await wait_until(lambda: sb.journal.patches(c6.id), 10, "the PATCH from the call-topic message")
+        assert gets(sb, c6.id) == reads
+
         # nobody was removed twice
         await all_consumed(d, sb)
-        for cid in (c1.id, c2.id, c3.id, hidden):
+        for cid in (c1.id, c2.id, c3.id, hidden, c6.id):
             assert len(sb.journal.patches(cid)) == 1, cid
 
 
