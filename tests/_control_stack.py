@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from _wait import wait_until
 from daemon.config import parse_config
 from daemon.sandbox import Sandbox
 from daemon.service.lifecycle import Daemon
@@ -127,11 +128,7 @@ async def control_stack(tmp: Path, **cfg_kw: Any) -> AsyncIterator[tuple[Sandbox
 async def wait_tracked(daemon: Daemon, conversation_id: str, participant_id: str,
                        timeout: float = 10.0) -> None:
     """Until the daemon holds the participant in memory (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
+    def held() -> bool:
         call = daemon.engine.store.get(conversation_id)
-        if call is not None and participant_id in call.participants:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{conversation_id}/{participant_id} never reached the daemon's memory")
+        return call is not None and participant_id in call.participants
+    await wait_until(held, timeout, f"{conversation_id}/{participant_id} in the daemon's memory")

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from _wait import wait_until  # noqa: F401 - re-exported: the one polling helper (tests/_wait.py)
 from daemon.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,20 +98,6 @@ def credentials_env(sb: Sandbox, **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-async def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-                     interval: float = 0.02) -> Any:
-    """Poll `pred` (sync) until truthy; its value, or AssertionError after `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -3,10 +3,8 @@ sandbox, bounded condition waits, a real Engine with a real rule, and frame coll
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +54,6 @@ async def client_for(sb: Sandbox, *, rpm: int = 100_000, max_retries: int = 2,
         yield client
     finally:
         await client.aclose()
-
-
-async def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `pred` every 20 ms until true; AssertionError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from _wait import wait_until
 from daemon.service.audit import verify
 from daemon.config import Config, parse_config
 from daemon.sandbox import Sandbox
@@ -155,15 +156,6 @@ class Env:
                 if r["type"] == "decision" and (rule is None or r["rule"] == rule)]
 
 
-async def until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll `pred` until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
-        await asyncio.sleep(0.01)
-
-
 def _world_sig(conv: Conversation) -> tuple[Any, ...]:
     return (conv.recording_state, tuple(sorted(
         (p.id, p.state, tuple(sorted(p.attributes.items())), p.flagged_reason)
@@ -182,8 +174,8 @@ def _store_sig(env: Env, cid: str) -> tuple[Any, ...] | None:
 async def synced(env: Env, convs: list[Conversation], timeout: float = 10.0) -> None:
     """Wait until the daemon's store shows every call exactly as the sandbox has it: every
     event published so far was received and judged (decisions are made in the receive turn)."""
-    await until(lambda: all(_store_sig(env, c.id) == _world_sig(c) for c in convs),
-                "the daemon's call store to catch up with the sandbox", timeout)
+    await wait_until(lambda: all(_store_sig(env, c.id) == _world_sig(c) for c in convs),
+                what="the daemon's call store to catch up with the sandbox", timeout=timeout)
 
 
 async def quiet(env: Env, seconds: float = 0.5) -> None:
@@ -389,8 +381,8 @@ async def test_example_rule_removes_exactly_the_intended_party(
     async with env_for(populated, tmp_path) as env:
         s = SCENARIOS[rule](env.world)
         [(cid, pid)] = s.targets
-        await until(lambda: any(o["outcome"] == "disconnected" for o in env.outcomes(rule)),
-                    f"{rule}: outcome 'disconnected' in the audit", timeout=15.0)
+        await wait_until(lambda: any(o["outcome"] == "disconnected" for o in env.outcomes(rule)),
+                    what=f"{rule}: outcome 'disconnected' in the audit", timeout=15.0)
         await synced(env, s.calls)
         await quiet(env)
 
@@ -417,7 +409,7 @@ async def test_observe_rule_audits_and_sends_nothing(populated: Sandbox, tmp_pat
     rule = "flagged-interaction"
     async with env_for(populated, tmp_path) as env:
         s = SCENARIOS[rule](env.world)
-        await until(lambda: len(env.outcomes(rule)) == 2, f"{rule}: two outcome records")
+        await wait_until(lambda: len(env.outcomes(rule)) == 2, what=f"{rule}: two outcome records")
         await synced(env, s.calls)
         await quiet(env)
         assert env.patches() == []
@@ -441,9 +433,9 @@ async def test_observe_mode_sends_nothing_and_audits_everything(
         assert env.daemon.mode == "observe"
         scenarios = {rule: make(env.world) for rule, make in SCENARIOS.items()}
         expected = {(rule, cid, pid) for rule, s in scenarios.items() for cid, pid in s.targets}
-        await until(lambda: {(o["rule"], o["conversation_id"], o["participant_id"])
+        await wait_until(lambda: {(o["rule"], o["conversation_id"], o["participant_id"])
                              for o in env.outcomes()} >= expected,
-                    "an 'observed' outcome for every intended party", timeout=15.0)
+                    what="an 'observed' outcome for every intended party", timeout=15.0)
         await synced(env, [c for s in scenarios.values() for c in s.calls])
         await quiet(env)
         assert env.patches() == []
@@ -483,7 +475,7 @@ async def test_hold_for_never_fires_early_and_fires_within_a_second_after(
         w.set_recording(conv.id, "none")
         trigger = env.sb.journal.events[-1]
         assert trigger.conversation_id == conv.id
-        await until(lambda: len(env.patches()) == 1, "the hold_for PATCH", timeout=HOLD + 5)
+        await wait_until(lambda: len(env.patches()) == 1, what="the hold_for PATCH", timeout=HOLD + 5)
         [patch] = env.patches()
         assert patch.path == patch_path(conv.id, ext.id) and patch.body == PATCH_BODY
         waited = patch.time - trigger.time
@@ -491,7 +483,7 @@ async def test_hold_for_never_fires_early_and_fires_within_a_second_after(
         assert waited <= HOLD + 1.0, f"fired {waited:.3f} s after the triggering event"
         # the first, interrupted hold did not fire
         assert patch.time - first.time >= HOLD + HOLD / 4 + 0.2
-        await until(lambda: len(env.outcomes(rule)) == 1, "the outcome record")
+        await wait_until(lambda: len(env.outcomes(rule)) == 1, what="the outcome record")
         assert env.outcomes(rule)[0]["outcome"] == "disconnected"
 
 
@@ -510,9 +502,9 @@ async def flag_four(env: Env, rule: str) -> None:
         calls.append(c)
     for c in calls:
         w.set_attributes(c.id, party(c, "customer").id, {"complianceFlag": "true"})
-    await until(lambda: len(env.outcomes(rule)) == 4, "four outcome records")
-    await until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
-                "in-flight disconnects to finish")
+    await wait_until(lambda: len(env.outcomes(rule)) == 4, what="four outcome records")
+    await wait_until(lambda: env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 0,
+                what="in-flight disconnects to finish")
     await synced(env, calls)
 
 
@@ -551,13 +543,13 @@ async def test_resuming_the_valve_acts_at_once_on_quiet_calls(
         assert env.daemon.metrics.safety_valve_tripped._value.get() == 0
         # acted on in the same turn: both PATCH tasks exist before any event could arrive
         assert env.daemon.enforcer is not None and env.daemon.enforcer.in_flight == 2
-        await until(lambda: len(env.patches()) == 4, "the held parties' PATCHes")
+        await wait_until(lambda: len(env.patches()) == 4, what="the held parties' PATCHes")
         sent = {p.path for p in env.patches()}
         for cid, pid in held:
             assert patch_path(cid, pid) in sent
-            await until(lambda c=cid, p=pid: not live_in_world(env.world, c, p), "the held party to leave")
-        await until(lambda: sum(o["outcome"] == "disconnected" for o in env.outcomes(rule)) == 4,
-                    "four disconnected outcomes")
+            await wait_until(lambda c=cid, p=pid: not live_in_world(env.world, c, p), what="the held party to leave")
+        await wait_until(lambda: sum(o["outcome"] == "disconnected" for o in env.outcomes(rule)) == 4,
+                    what="four disconnected outcomes")
         await quiet(env)
         assert len(env.patches()) == 4
         assert verify([env.audit_path]).ok
@@ -578,7 +570,7 @@ async def test_disconnect_lands_exactly_once_through_429_and_5xx_bursts(
         env.sb.faults.add_burst("PATCH", pattern, 503, 2)
         env.sb.faults.add_burst("PATCH", pattern, 429, 2, retry_after=1)
         w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
-        await until(lambda: len(env.outcomes(rule)) == 1, "the outcome record", timeout=20.0)
+        await wait_until(lambda: len(env.outcomes(rule)) == 1, what="the outcome record", timeout=20.0)
         await synced(env, [conv])
         await quiet(env)
         statuses = [p.status for p in env.patches()]
@@ -613,10 +605,10 @@ async def test_party_leaving_while_the_patch_is_in_flight_is_already_gone(
         sb.patch_final_status = 400
         sb.faults.latency = 1.0
         w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
-        await until(lambda: _count(env.daemon.metrics.event_to_request_seconds) == 1,
-                    "the PATCH to be handed to the client")
+        await wait_until(lambda: _count(env.daemon.metrics.event_to_request_seconds) == 1,
+                    what="the PATCH to be handed to the client")
         w.disconnect(conv.id, target.id, "endpoint")  # the customer hangs up meanwhile
-        await until(lambda: len(env.outcomes(rule)) == 1, "the outcome record", timeout=15.0)
+        await wait_until(lambda: len(env.outcomes(rule)) == 1, what="the outcome record", timeout=15.0)
         sb.faults.latency = 0.0
         await quiet(env)
         [patch] = env.patches()
@@ -637,7 +629,7 @@ async def test_missing_permission_fails_loudly_then_rearmed_rule_acts_on_next_ev
         target = party(conv, "customer")
         w.clients[sb.client_id].permissions.discard(perm)
         w.set_attributes(conv.id, target.id, {"complianceFlag": "true"})
-        await until(lambda: len(env.outcomes(rule)) == 1, "the failed outcome")
+        await wait_until(lambda: len(env.outcomes(rule)) == 1, what="the failed outcome")
         [failed] = env.outcomes(rule)
         assert failed["outcome"] == "failed" and failed["http_status"] == 403
         assert perm in failed["error"]
@@ -647,7 +639,7 @@ async def test_missing_permission_fails_loudly_then_rearmed_rule_acts_on_next_ev
         # call acts (an unchanged republish is a duplicate and changes nothing).
         w.clients[sb.client_id].permissions.add(perm)
         w.set_attributes(conv.id, party(conv, "agent").id, {"wrapupHint": "none"})
-        await until(lambda: len(env.outcomes(rule)) == 2, "the second outcome")
+        await wait_until(lambda: len(env.outcomes(rule)) == 2, what="the second outcome")
         assert env.outcomes(rule)[1]["outcome"] == "disconnected"
         assert [p.status for p in env.patches()] == [403, 202]
         assert not target.live
@@ -667,8 +659,8 @@ async def test_stop_drains_in_flight_disconnects_within_the_bound(
         conv = await harmless_call(env)
         sb.faults.latency = 30.0  # the PATCH will not be answered before the drain bound
         w.set_attributes(conv.id, party(conv, "customer").id, {"complianceFlag": "true"})
-        await until(lambda: _count(daemon.metrics.event_to_request_seconds) == 1,
-                    "the PATCH to be handed to the client")
+        await wait_until(lambda: _count(daemon.metrics.event_to_request_seconds) == 1,
+                    what="the PATCH to be handed to the client")
         assert daemon.enforcer is not None and daemon.enforcer.in_flight == 1
     finally:
         started = time.monotonic()
@@ -691,7 +683,7 @@ async def test_audit_verify_passes_on_a_real_run_and_catches_tampering(
     async with env_for(populated, run_dir) as env:
         s = flagged_party(env.world)
         s2 = flagged_interaction(env.world)
-        await until(lambda: len(env.outcomes()) >= 3, "the run's outcome records")
+        await wait_until(lambda: len(env.outcomes()) >= 3, what="the run's outcome records")
         await synced(env, s.calls + s2.calls)
         audit_path = env.audit_path
     # the daemon has stopped: the trail is closed and fsynced

@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
+from _wait import wait_until
 from daemon.genesys.ratelimit import Priority, RequestLimiter, budget_share
-
-
-async def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 async def _take(lim: RequestLimiter, p: Priority = Priority.NORMAL, n: int = 1) -> None:
@@ -44,7 +36,7 @@ async def test_priority_order_then_fifo() -> None:
     labels = [(Priority.RESYNC, "r1"), (Priority.NORMAL, "n1"), (Priority.RESYNC, "r2"),
               (Priority.ENFORCE, "e1"), (Priority.NORMAL, "n2"), (Priority.ENFORCE, "e2")]
     tasks = [asyncio.create_task(take(p, lab)) for p, lab in labels]
-    await _wait_for(lambda: sum(lim.waiting(p) for p in Priority) == 6)
+    await wait_until(lambda: sum(lim.waiting(p) for p in Priority) == 6)
     assert lim.waiting(Priority.ENFORCE) == 2
     assert lim.waiting(Priority.RESYNC) == 2
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
@@ -62,7 +54,7 @@ async def test_enforce_jumps_a_long_resync_queue() -> None:
             served.append(label)
 
     resync = [asyncio.create_task(take(Priority.RESYNC, f"r{i}")) for i in range(20)]
-    await _wait_for(lambda: lim.waiting(Priority.RESYNC) == 20)
+    await wait_until(lambda: lim.waiting(Priority.RESYNC) == 20)
     enforce = asyncio.create_task(take(Priority.ENFORCE, "E"))
     await asyncio.wait_for(enforce, 5)
     # The ENFORCE waiter arrived last but is served first when the next window opens.
@@ -114,7 +106,7 @@ async def test_reserve_is_for_enforce_only() -> None:
     await asyncio.wait_for(_take(lim, Priority.NORMAL, 4), 2)
     await asyncio.wait_for(_take(lim, Priority.RESYNC, 4), 2)
     blocked = asyncio.create_task(_take(lim, Priority.NORMAL))
-    await _wait_for(lambda: lim.waiting(Priority.NORMAL) == 1)
+    await wait_until(lambda: lim.waiting(Priority.NORMAL) == 1)
     # The last two requests of the window are the reserve: ENFORCE gets them at once.
     await asyncio.wait_for(_take(lim, Priority.ENFORCE, 2), 2)
     assert not blocked.done() and lim.available == 0
@@ -132,7 +124,7 @@ async def test_no_pacing_a_burst_goes_at_once_then_waits_for_the_reset() -> None
     assert lim.available == 0
     # The 201st waits for the window to reset.
     late = asyncio.create_task(_take(lim, Priority.ENFORCE))
-    await _wait_for(lambda: lim.waiting(Priority.ENFORCE) == 1)
+    await wait_until(lambda: lim.waiting(Priority.ENFORCE) == 1)
     await asyncio.sleep(0.05)
     assert not late.done()
     late.cancel()
@@ -208,7 +200,7 @@ async def test_a_tag_share_caps_only_that_tag() -> None:
     await asyncio.wait_for(asyncio.create_task(reconcile_reads(25)), 2)
     assert lim.tag_used("reconcile") == 25
     held = asyncio.create_task(reconcile_reads(1))
-    await _wait_for(lambda: lim.waiting(Priority.RESYNC) == 1)
+    await wait_until(lambda: lim.waiting(Priority.RESYNC) == 1)
     # Untagged resync (a gap resync) and removals are not held back by reconcile's share.
     await asyncio.wait_for(_take(lim, Priority.RESYNC, 10), 2)
     await asyncio.wait_for(_take(lim, Priority.ENFORCE, 5), 2)

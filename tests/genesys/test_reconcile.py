@@ -8,7 +8,8 @@ import asyncio
 import time
 from typing import Any
 
-from _stream_helpers import client_for, make_engine, wait_for
+from _wait import wait_until
+from _stream_helpers import client_for, make_engine
 
 from daemon.core.ids import ConversationId, ParticipantId, QueueId
 from daemon.core.model import Call, Participant
@@ -74,13 +75,13 @@ async def test_riskiest_first_fresh_skipped_unknown_found(sandbox_factory: Any) 
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop))
         try:
-            await wait_for(lambda: rec.stats.reads == 4, what="four reads")
+            await wait_until(lambda: rec.stats.reads == 4, what="four reads")
             assert _gets(sb) == [lost.id, conf_old.id, conf_new.id, routed_old.id]
             assert engine.store.get(ConversationId(lost.id)) is not None
             # Just read: nothing is due until an interval has passed without an event.
             assert rec.due(now[0]) == []
             now[0] += 301.0  # an interval later every call is due again, conf_fresh too
-            await wait_for(lambda: rec.stats.reads >= 9, what="the next round")
+            await wait_until(lambda: rec.stats.reads >= 9, what="the next round")
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
@@ -111,7 +112,7 @@ async def test_reconciliation_stays_within_its_share(sandbox_factory: Any) -> No
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop))
         try:
-            await wait_for(lambda: client.limiter.waiting(Priority.RESYNC) > 0
+            await wait_until(lambda: client.limiter.waiting(Priority.RESYNC) > 0
                            and rec.stats.reads == 10, what="the share to be spent")
             await asyncio.sleep(0.2)
             assert rec.stats.reads == 10 and client.limiter.tag_used("reconcile") == 10

@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from _stream_helpers import Collector, client_for, make_engine, queue_topic, wait_for
+from _wait import wait_until
+from _stream_helpers import Collector, client_for, make_engine, queue_topic
 from daemon.errors import ConfguardError
 from daemon.core.ids import QueueId, Topic
 from daemon.service.metrics import Metrics
@@ -63,14 +64,14 @@ async def test_resync_after_drop_finds_call_started_during_outage() -> None:
             await stream.start()
             task = asyncio.create_task(stream.run())
             try:
-                await wait_for(lambda: stream is not None and stream.ready, what="ready")
+                await wait_until(lambda: stream is not None and stream.ready, what="ready")
                 assert sb.drop_sockets() == 1
                 # Same loop turn as the drop: these events go to a dead socket and are lost.
                 conv = sb.world.start_call(q.id)
                 sb.world.connect_agent(conv.id, agent.id)
                 ext = sb.world.add_external(conv.id, "tel:+14155550123")
-                await wait_for(lambda: len(reports) >= 1, what="a resync after the gap")
-                await wait_for(lambda: stream is not None and stream.ready, what="ready after resync")
+                await wait_until(lambda: len(reports) >= 1, what="a resync after the gap")
+                await wait_until(lambda: stream is not None and stream.ready, what="ready after resync")
                 assert col.gaps == ["reconnect"]
                 assert conv.id not in col.conversation_ids, "the event was not actually lost"
                 call = engine.store.get(conv.id)
@@ -159,7 +160,7 @@ async def test_overlapping_requests_coalesce_into_one_more_run() -> None:
             resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)), on_decisions=col.on_decisions,
                                 concurrency=1)
             first = asyncio.create_task(resyncer.resync("a"))
-            await wait_for(lambda: resyncer.running, what="first resync running")
+            await wait_until(lambda: resyncer.running, what="first resync running")
             more = [asyncio.create_task(resyncer.resync(r)) for r in ("b", "c", "d")]
             reports = await asyncio.wait_for(asyncio.gather(first, *more), 15)
         assert len(sb.journal.find("POST", ANALYTICS)) == 2  # exactly one more run

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from _stream_helpers import Collector, client_for, make_engine, queue_topic, wait_for
+from _wait import wait_until
+from _stream_helpers import Collector, client_for, make_engine, queue_topic
 from daemon.genesys.api import Channel, GenesysClient
 from daemon.errors import SubscriptionError
 from daemon.core.ids import Topic
@@ -57,7 +58,7 @@ async def queue_stream(sb: Sandbox, **kw: Any) -> AsyncIterator[
     async with client_for(sb) as client:
         stream = collecting(client, col, q, **kw)
         async with running(stream) as task:
-            await wait_for(lambda: stream.ready, what="ready")
+            await wait_until(lambda: stream.ready, what="ready")
             yield q, col, client, stream, task
 
 
@@ -102,13 +103,13 @@ async def test_2500_queues_across_3_channels(sandbox: Sandbox) -> None:
             posts = sandbox.journal.find("POST", "/api/v2/notifications/channels", 200)
             posts = [p for p in posts if p.path.endswith("/channels")]
             assert len(posts) == 3
-            await wait_for(lambda: stream.ready, what="stream ready")
+            await wait_until(lambda: stream.ready, what="stream ready")
             assert metrics.subscribed_topics._value.get() == 2500
             assert metrics.channels._value.get() == 3
             assert metrics.stream_connections._value.get() == 3
             # Events on a queue in each shard arrive.
             calls = [sandbox.world.start_call(queues[i].id).id for i in (0, 1500, 2499)]
-            await wait_for(lambda: set(calls) <= col.conversation_ids, what="events from all 3 shards")
+            await wait_until(lambda: set(calls) <= col.conversation_ids, what="events from all 3 shards")
             assert not col.gaps
 
 
@@ -157,10 +158,10 @@ async def test_stop_closes_sockets_and_deletes_subscriptions() -> None:
             await stream.start()
             task = asyncio.create_task(stream.run())
             ch = stream.channels[0]
-            await wait_for(lambda: ch in sb.conns, what="socket open")
+            await wait_until(lambda: ch in sb.conns, what="socket open")
             await asyncio.wait_for(stream.stop(), 10)
             await asyncio.wait_for(task, 10)
-            await wait_for(lambda: ch not in sb.conns, what="socket closed")
+            await wait_until(lambda: ch not in sb.conns, what="socket closed")
             assert topics_of(sb, ch) == {}
             assert not stream.ready
 
@@ -177,15 +178,15 @@ async def test_dropped_socket_reconnects_and_signals_gap() -> None:
             stream = collecting(client, col, q, heartbeat_interval=HB, metrics=metrics)
             async with running(stream):
                 ch = stream.channels[0]
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 assert sb.drop_sockets() == 1
-                await wait_for(lambda: col.gaps == ["reconnect"], what="gap after reconnect")
+                await wait_until(lambda: col.gaps == ["reconnect"], what="gap after reconnect")
                 assert not stream.ready  # in a gap until resynced
                 assert stream.channels == [ch]  # the channel survived: same channel
                 stream.mark_resynced()
-                await wait_for(lambda: stream.ready, what="ready after resync")
+                await wait_until(lambda: stream.ready, what="ready after resync")
                 cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events after reconnect")
+                await wait_until(lambda: cid in col.conversation_ids, what="events after reconnect")
                 assert metrics.reconnects.labels(reason="reconnect")._value.get() == 1
                 assert metrics.stream_gaps.labels(reason="reconnect")._value.get() == 1
 
@@ -195,8 +196,8 @@ async def test_heartbeat_silence_pings_then_reconnects() -> None:
         first = stream.connections_opened
         # The socket stays open but nothing gets through any more: not even the pong.
         sb.faults.event_latency = 30.0
-        await wait_for(lambda: stream.pings_sent >= 1, what="a ping after silence")
-        await wait_for(lambda: "heartbeat_timeout" in col.gaps, what="heartbeat_timeout gap")
+        await wait_until(lambda: stream.pings_sent >= 1, what="a ping after silence")
+        await wait_until(lambda: "heartbeat_timeout" in col.gaps, what="heartbeat_timeout gap")
         sb.faults.event_latency = 0.0
         assert stream.connections_opened > first
         # The reconnected socket works: events arrive again (the stalled writer of the
@@ -209,7 +210,7 @@ async def test_heartbeat_silence_pings_then_reconnects() -> None:
         for _ in range(30):
             started.append(sb.world.start_call(q.id).id)
             with contextlib.suppress(AssertionError):
-                await wait_for(lambda: any(c in col.conversation_ids for c in started),
+                await wait_until(lambda: any(c in col.conversation_ids for c in started),
                                timeout=0.5, what="events after heartbeat reconnect")
                 break
         assert any(c in col.conversation_ids for c in started), \
@@ -224,7 +225,7 @@ async def test_ping_answered_keeps_connection() -> None:
         async with client_for(sb) as client:
             stream = collecting(client, col, q, heartbeat_interval=0.2, ping_timeout=1.0)
             async with running(stream):
-                await wait_for(lambda: stream.pings_sent >= 3, what="three pings")
+                await wait_until(lambda: stream.pings_sent >= 3, what="three pings")
                 assert col.gaps == []
                 assert stream.connections_opened == 1
                 assert any(b'"pong"' in (r if isinstance(r, bytes) else r.encode()) for r, _ in col.frames)
@@ -254,9 +255,9 @@ async def test_accept_and_drop_server_does_not_hot_loop(sandbox: Sandbox) -> Non
                                 backoff=(0.2, 5.0))
             async with running(stream):
                 t0 = time.monotonic()
-                await wait_for(lambda: len(handshakes) >= 4, what="several reconnect attempts")
+                await wait_until(lambda: len(handshakes) >= 4, what="several reconnect attempts")
                 window = 3.0
-                await wait_for(lambda: time.monotonic() - t0 >= window, timeout=window + 1,
+                await wait_until(lambda: time.monotonic() - t0 >= window, timeout=window + 1,
                                what="observation window")
                 n = len([h for h in handshakes if h - t0 <= window])
                 # Delays 0, 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 s...: at most ~8 attempts in
@@ -296,20 +297,20 @@ async def test_socket_closing_handover_loses_no_event() -> None:
                 await asyncio.sleep(0.002)
 
         pub = asyncio.create_task(publish())
-        await wait_for(lambda: published >= 50, what="publishing")
+        await wait_until(lambda: published >= 50, what="publishing")
         assert sb.socket_closing() == 1
-        await wait_for(lambda: stream.reconnects.get("socket_closing") == 1,
+        await wait_until(lambda: stream.reconnects.get("socket_closing") == 1,
                        what="handover")
-        await wait_for(lambda: old not in sb.conns, what="old socket closed")
+        await wait_until(lambda: old not in sb.conns, what="old socket closed")
         mark = published
-        await wait_for(lambda: published >= mark + 50, what="publishing after handover")
+        await wait_until(lambda: published >= mark + 50, what="publishing after handover")
         stop.set()
         await asyncio.wait_for(pub, 5)
         sent = [e for e in sb.journal.events if e.conversation_id in calls]
         assert len(sent) >= 100
         assert all(e.sockets >= 1 for e in sent), "an event was published to nobody"
         want = {e.correlation_id for e in sent}
-        await wait_for(lambda: want <= col.correlation_ids, what="every event delivered")
+        await wait_until(lambda: want <= col.correlation_ids, what="every event delivered")
         assert stream.channels != [old]
         assert col.gaps == []  # make-before-break: no gap, no resync needed
         assert stream.ready
@@ -319,25 +320,25 @@ async def test_socket_closing_with_immediate_close_signals_gap() -> None:
     # The old socket closes before a replacement can be up: events may be lost -> gap.
     async with own_sandbox(closing_grace=0.0) as sb, queue_stream(sb) as (q, col, client, stream, _):
         sb.socket_closing(grace=0.0)
-        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        await wait_until(lambda: len(col.gaps) >= 1, what="gap")
         stream.mark_resynced()
-        await wait_for(lambda: stream.ready, what="ready again")
+        await wait_until(lambda: stream.ready, what="ready again")
         cid = sb.world.start_call(q.id).id
-        await wait_for(lambda: cid in col.conversation_ids, what="events flow")
+        await wait_until(lambda: cid in col.conversation_ids, what="events flow")
 
 
 async def test_channel_expiry_recovers_without_restart() -> None:
     async with own_sandbox() as sb, queue_stream(sb) as (q, col, client, stream, task):
         old = stream.channels[0]
         sb.expire_channel(old)  # the service sends {"result":"404"} and closes
-        await wait_for(lambda: len(col.gaps) == 1, what="gap")
+        await wait_until(lambda: len(col.gaps) == 1, what="gap")
         assert col.gaps[0] in ("channel_gone", "channel_expired")
         new = stream.channels[0]
         assert new != old and new in sb.world.channels
         assert topics_of(sb, new) == {queue_topic(q.id): "Permitted"}
         stream.mark_resynced()
         cid = sb.world.start_call(q.id).id
-        await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+        await wait_until(lambda: cid in col.conversation_ids, what="events on the new channel")
         assert not task.done()  # no restart
 
 
@@ -353,17 +354,17 @@ async def test_channel_refreshed_before_expiry_without_gap() -> None:
             async with running(stream):
                 first = stream.channels[0]
                 assert f'channel="{first}"' in metrics.render().decode()
-                await wait_for(lambda: stream.reconnects.get("channel_refresh", 0) >= 1,
+                await wait_until(lambda: stream.reconnects.get("channel_refresh", 0) >= 1,
                                what="refresh handover")
                 assert stream.channels[0] != first
                 text = metrics.render().decode()
                 # The age gauge follows the live channel only; the retired one is dropped.
                 assert f'channel="{stream.channels[0]}"' in text and f'channel="{first}"' not in text
                 assert metrics.reconnects.labels(reason="channel_refresh")._value.get() >= 1
-                await wait_for(lambda: first not in sb.world.channels or first not in sb.conns,
+                await wait_until(lambda: first not in sb.world.channels or first not in sb.conns,
                                what="old channel retired")
                 cid = sb.world.start_call(q.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+                await wait_until(lambda: cid in col.conversation_ids, what="events on the new channel")
                 assert col.gaps == []
 
 
@@ -377,12 +378,12 @@ async def test_token_expiry_recovers_without_restart(how: str) -> None:
         else:
             sb.world.revoke_tokens()
         # The channel dies with its token ({"result":"404"} + close).
-        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        await wait_until(lambda: len(col.gaps) >= 1, what="gap")
         assert stream.channels[0] != old
         assert await client.tokens.token() != old_token
         stream.mark_resynced()
         cid = sb.world.start_call(q.id).id
-        await wait_for(lambda: cid in col.conversation_ids, what="events after token renewal")
+        await wait_until(lambda: cid in col.conversation_ids, what="events after token renewal")
         assert not task.done()
 
 
@@ -394,7 +395,7 @@ async def test_channel_gone_on_reconnect_gets_a_new_channel() -> None:
         sb.world.channel_listeners.clear()
         sb.world.remove_channel(old, "test")
         sb.drop_sockets()
-        await wait_for(lambda: len(col.gaps) >= 1, what="gap")
+        await wait_until(lambda: len(col.gaps) >= 1, what="gap")
         assert col.gaps[0] in ("channel_gone", "channel_expired")
         assert stream.channels[0] != old
         heads = sb.journal.find("HEAD", old)
@@ -413,7 +414,7 @@ async def test_duplicate_and_reordered_events_leave_correct_state() -> None:
         async with client_for(sb) as client:
             stream = collecting(client, col, q, heartbeat_interval=HB)
             async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 sb.faults.configure({"duplicate": {"probability": 0.5},
                                      "reorder": {"probability": 0.4}})
                 conv = sb.world.start_call(q.id)
@@ -434,8 +435,8 @@ async def test_duplicate_and_reordered_events_leave_correct_state() -> None:
                     got = {pid: p.state for pid, p in call.participants.items()}
                     return got == want
 
-                await wait_for(matches, what="store state equals the sandbox's")
-                await wait_for(lambda: (c := engine.store.get(other.id)) is not None and c.is_ended,
+                await wait_until(matches, what="store state equals the sandbox's")
+                await wait_until(lambda: (c := engine.store.get(other.id)) is not None and c.is_ended,
                                what="other call ended")
                 # Duplicates were delivered and dropped as such.
                 assert engine.counters["duplicates"] >= 1
@@ -454,7 +455,7 @@ async def test_update_topics_adds_and_removes_without_reconnecting() -> None:
         async with client_for(sb) as client:
             stream = collecting(client, col, qa, qb, heartbeat_interval=HB)
             async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 ch = stream.channels[0]
                 opened = stream.connections_opened
                 await stream.update_topics([Topic(queue_topic(qb.id)), Topic(queue_topic(qc.id))])
@@ -465,10 +466,10 @@ async def test_update_topics_adds_and_removes_without_reconnecting() -> None:
                 assert col.gaps == ["topics_added"]  # live calls on C must be discovered
                 stream.mark_resynced()
                 cid = sb.world.start_call(qc.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
+                await wait_until(lambda: cid in col.conversation_ids, what="event on the added queue")
                 gone = sb.world.start_call(qa.id).id
                 probe = sb.world.start_call(qb.id).id  # sent after `gone` on the same loop
-                await wait_for(lambda: probe in col.conversation_ids, what="event on kept queue")
+                await wait_until(lambda: probe in col.conversation_ids, what="event on kept queue")
                 assert gone not in col.conversation_ids
                 # Only removals: a PUT on the shard, no gap.
                 await stream.update_topics([Topic(queue_topic(qc.id))])
@@ -490,7 +491,7 @@ async def test_update_topics_opens_a_new_shard_when_full() -> None:
                 assert await rest_topics(client, stream.channels[1]) == {
                     queue_topic(qs[2].id), queue_topic(qs[3].id)}
                 cid = sb.world.start_call(qs[3].id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="event on the new shard")
+                await wait_until(lambda: cid in col.conversation_ids, what="event on the new shard")
                 with pytest.raises(SubscriptionError, match="topics per channel"):
                     await stream.update_topics([Topic(queue_topic(q.id)) for q in qs])
                 assert len(stream.topics) == 4  # an impossible plan changed nothing
@@ -517,20 +518,20 @@ async def test_topic_refused_after_start_is_loud_but_not_fatal() -> None:
         async with client_for(sb) as client:
             stream = collecting(client, col, qa, qb, heartbeat_interval=HB)
             async with running(stream) as task:
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 deleted = sb.world.queues.pop(qb.id)  # queue B deleted in Genesys meanwhile
                 sb.socket_closing()
-                await wait_for(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
+                await wait_until(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
                 assert list(stream.rejected_topics) == [queue_topic(qb.id)]
                 assert "Queue not found" in stream.rejected_topics[queue_topic(qb.id)]
                 assert not stream.ready and not task.done()
                 cid = sb.world.start_call(qa.id).id  # the permitted topic still streams
-                await wait_for(lambda: cid in col.conversation_ids, what="events on queue A")
+                await wait_until(lambda: cid in col.conversation_ids, what="events on queue A")
                 sb.world.queues[qb.id] = deleted  # restored: the next re-subscription heals
                 sb.socket_closing()
-                await wait_for(lambda: stream.reconnects.get("socket_closing") == 2, what="handover 2")
+                await wait_until(lambda: stream.reconnects.get("socket_closing") == 2, what="handover 2")
                 assert stream.rejected_topics == {}
-                await wait_for(lambda: stream.ready, what="ready again")
+                await wait_until(lambda: stream.ready, what="ready again")
 
 
 async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> None:
@@ -541,24 +542,24 @@ async def test_update_topics_on_a_disconnected_shard_applies_on_reconnect() -> N
         async with client_for(sb) as client:
             stream = collecting(client, col, qa, heartbeat_interval=30.0, backoff=(1.0, 2.0))
             async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 ch = stream.channels[0]
                 puts = len(sb.journal.find("PUT", "/subscriptions"))
                 # Make the reconnect wait: drop twice quickly so the back-off is non-zero.
                 sb.drop_sockets()
-                await wait_for(lambda: stream.connections_opened == 2, what="first reconnect")
+                await wait_until(lambda: stream.connections_opened == 2, what="first reconnect")
                 sb.drop_sockets()
-                await wait_for(lambda: not stream.ready and ch not in sb.conns, what="socket down")
+                await wait_until(lambda: not stream.ready and ch not in sb.conns, what="socket down")
                 await stream.update_topics([Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))])
                 assert stream.connections_opened == 2  # still down: only recorded
                 assert len(sb.journal.find("PUT", "/subscriptions")) == puts
-                await wait_for(lambda: stream.connections_opened == 3, what="second reconnect")
+                await wait_until(lambda: stream.connections_opened == 3, what="second reconnect")
                 assert stream.channels == [ch]
                 assert len(sb.journal.find("PUT", "/subscriptions")) == puts + 1  # on reconnect
                 assert await rest_topics(client, ch) == {queue_topic(qa.id), queue_topic(qb.id)}
                 stream.mark_resynced()
                 cid = sb.world.start_call(qb.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
+                await wait_until(lambda: cid in col.conversation_ids, what="event on the added queue")
 
 
 async def test_401_on_head_renews_token_and_channel() -> None:
@@ -568,12 +569,12 @@ async def test_401_on_head_renews_token_and_channel() -> None:
         # HEAD answers 401 (even after the client's own refresh and retry).
         sb.faults.add_burst("HEAD", "/notifications/channels/", 401, 2)
         sb.drop_sockets()
-        await wait_for(lambda: col.gaps == ["token_expired"], what="token_expired gap")
+        await wait_until(lambda: col.gaps == ["token_expired"], what="token_expired gap")
         assert stream.channels[0] != old
         assert len(sb.journal.find("POST", "/oauth/token")) > tokens_before
         stream.mark_resynced()
         cid = sb.world.start_call(q.id).id
-        await wait_for(lambda: cid in col.conversation_ids, what="events on the new channel")
+        await wait_until(lambda: cid in col.conversation_ids, what="events on the new channel")
 
 
 def test_control_frames_are_recognised_from_the_consumers_one_parse() -> None:
@@ -622,23 +623,23 @@ async def test_update_topics_during_a_handover_reaches_the_new_channel() -> None
         async with client_for(sb, cls=Paused) as client:
             stream = collecting(client, col, qa, heartbeat_interval=HB)
             async with running(stream):
-                await wait_for(lambda: stream.ready, what="ready")
+                await wait_until(lambda: stream.ready, what="ready")
                 state["first"] = stream.channels[0]
                 state["gate"] = gate = asyncio.Event()
                 sb.socket_closing(grace=8.0)
-                await wait_for(lambda: state["waiting"], what="handover paused at its PUT")
+                await wait_until(lambda: state["waiting"], what="handover paused at its PUT")
                 update = asyncio.create_task(
                     stream.update_topics([Topic(queue_topic(qa.id)), Topic(queue_topic(qb.id))]))
                 await asyncio.sleep(0.05)  # let the reload queue behind the handover's step
                 gate.set()
                 await asyncio.wait_for(update, 10)
-                await wait_for(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
+                await wait_until(lambda: stream.reconnects.get("socket_closing") == 1, what="handover")
                 new = stream.channels[0]
                 assert new != state["first"]
                 want = {queue_topic(qa.id), queue_topic(qb.id)}
-                await wait_for(lambda: new in sb.world.channels and set(topics_of(sb, new)) == want,
+                await wait_until(lambda: new in sb.world.channels and set(topics_of(sb, new)) == want,
                                what="the new channel subscribed to the reloaded set")
                 assert stream.topics == [queue_topic(qa.id), queue_topic(qb.id)]
                 stream.mark_resynced()
                 cid = sb.world.start_call(qb.id).id
-                await wait_for(lambda: cid in col.conversation_ids, what="event on the added queue")
+                await wait_until(lambda: cid in col.conversation_ids, what="event on the added queue")

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from sandbox_fixtures import SandboxClient, Socket
 
+from _wait import wait_until
 from daemon.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,14 +36,6 @@ def is_error_body(body: Any, status: int) -> bool:
     return (isinstance(body, dict) and body["status"] == status and body["message"]
             and body["code"] and body["contextId"] and body["details"] == []
             and body["errors"] == [])
-
-
-async def wait_until(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

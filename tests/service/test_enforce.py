@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _wait import wait_until
 from daemon.errors import AuditError
 from daemon.genesys.api import GenesysClient
 from daemon.service.audit import AuditLog, verify
@@ -162,14 +163,6 @@ class Harness:
         self.audit.close()
 
 
-async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        await asyncio.sleep(0.005)
-
-
 def error(status: int, message: str) -> httpx.Response:
     return httpx.Response(status, json={"message": message, "code": "x", "status": status,
                                         "contextId": "ctx-1", "details": [], "errors": []})
@@ -219,7 +212,7 @@ async def test_disconnect_audits_first_then_one_patch_then_confirmed(make: Any) 
     # The task is created in submit's turn; nothing has been sent yet.
     assert h.enforcer.in_flight == 1
     assert h.requests == []
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     [patch] = h.patches()
     assert patch["path"] == "/api/v2/conversations/calls/c1/participants/p1"
     assert patch["body"] == {"state": "disconnected"}
@@ -263,7 +256,7 @@ async def test_decision_line_is_written_after_the_patch_goes_out(make: Any) -> N
     h.enforcer.sync_before_patch = False
     h.submit([decision()])
     assert [e for e, _ in h.log.at("warning") if e == "decision"] == []  # not in submit's turn
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert lines_at_send == [[]]
     assert [e for e, _ in h.log.at("warning") if e == "decision"] == ["decision"]  # once
     # A verdict that sends nothing logs the line at once, in submit's turn.
@@ -281,7 +274,7 @@ async def test_confirmation_by_get_when_no_event_comes(make: Any) -> None:
 
     h = make(handler, confirm_timeout=0.05)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET"]
     assert h.requests[1]["path"] == "/api/v2/conversations/calls/c1"
     [out] = h.outcomes()
@@ -294,7 +287,7 @@ async def test_confirmation_get_404_counts_as_gone(make: Any) -> None:
 
     h = make(handler, confirm_timeout=0.02)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "disconnected"
 
@@ -308,7 +301,7 @@ async def test_404_is_already_gone_not_an_error(make: Any) -> None:
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1
     [out] = h.outcomes()
     assert out["outcome"] == "already_gone"
@@ -323,7 +316,7 @@ async def test_403_fails_naming_the_missing_permission(make: Any) -> None:
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1  # a 403 is not retried
     [out] = h.outcomes()
     assert out["outcome"] == "failed" and out["http_status"] == 403
@@ -342,7 +335,7 @@ async def test_409_then_success(make: Any) -> None:
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     [out] = h.outcomes()
     assert out["outcome"] == "disconnected" and out["attempts"] == 2
@@ -355,7 +348,7 @@ async def test_409_forever_fails_after_max_attempts_and_rearms(make: Any) -> Non
 
     h = make(handler, max_attempts=3)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 3
     [out] = h.outcomes()
     assert out["outcome"] == "failed" and out["http_status"] == 409 and out["attempts"] == 3
@@ -368,7 +361,7 @@ async def test_server_error_after_client_retries_fails_and_rearms(make: Any) -> 
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "failed" and out["http_status"] == 503
     assert "503" in out["error"]
@@ -376,7 +369,7 @@ async def test_server_error_after_client_retries_fails_and_rearms(make: Any) -> 
     # failed: the same rule may act on the party again
     h.handler = accept_and_confirm
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert h.outcomes()[-1]["outcome"] == "disconnected"
 
 
@@ -390,7 +383,7 @@ async def test_unconfirmed_is_recorded_and_the_patch_retried_once(make: Any) -> 
 
     h = make(handler, confirm_timeout=0.02)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET", "PATCH", "GET"]
     outs = h.outcomes()
     assert [o["outcome"] for o in outs] == ["unconfirmed", "disconnected"]
@@ -406,7 +399,7 @@ async def test_unconfirmed_twice_ends_unconfirmed_after_exactly_two_patches(make
 
     h = make(handler, confirm_timeout=0.02)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     assert [o["outcome"] for o in h.outcomes()] == ["unconfirmed", "unconfirmed"]
     assert h.rules.rearmed == [("r1", "c1", "p1")]
@@ -422,7 +415,7 @@ async def test_event_arriving_during_the_confirming_get_confirms(make: Any) -> N
 
     h = make(handler, confirm_timeout=0.02)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1
     assert [o["outcome"] for o in h.outcomes()] == ["disconnected"]
 
@@ -434,7 +427,7 @@ async def test_party_leaving_during_conflict_backoff_is_already_gone(make: Any) 
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1  # not retried once the party is seen gone
     [out] = h.outcomes()
     assert out["outcome"] == "already_gone" and out["http_status"] == 409
@@ -450,7 +443,7 @@ async def test_400_for_a_party_that_left_is_already_gone_else_failed(make: Any, 
 
     h = make(handler)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert [r["method"] for r in h.requests] == ["PATCH", "GET"]
     [out] = h.outcomes()
     assert out["http_status"] == 400 and out["attempts"] == 1
@@ -470,7 +463,7 @@ async def test_404_on_the_confirm_retry_means_our_first_patch_worked(make: Any) 
 
     h = make(handler, confirm_timeout=0.02)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     assert [(o["outcome"], o["http_status"]) for o in h.outcomes()] == [
         ("unconfirmed", 202), ("disconnected", 404)]
@@ -484,11 +477,11 @@ async def test_single_in_flight_per_party(make: Any) -> None:
     h = make(accept_and_confirm_after(release))
     # Two rules match the same party in one event, a third decision arrives while in flight.
     h.submit([decision("rule-a"), decision("rule-b")])
-    await until(lambda: len(h.patches()) == 1)
+    await wait_until(lambda: len(h.patches()) == 1)
     h.submit([decision("rule-c")])
     assert h.enforcer.in_flight == 1
     release.set()
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 1
     recs = h.records()
     assert [r["rule"] for r in recs if r["type"] == "decision"] == ["rule-a", "rule-b", "rule-c"]
@@ -504,7 +497,7 @@ async def test_distinct_parties_are_acted_on_concurrently(make: Any) -> None:
     h = make(accept_and_confirm)
     h.submit([decision(pid="p1"), decision(pid="p2"), decision(cid="c2", pid="p1")])
     assert h.enforcer.in_flight == 3
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert sorted(p["path"] for p in h.patches()) == [
         "/api/v2/conversations/calls/c1/participants/p1",
         "/api/v2/conversations/calls/c1/participants/p2",
@@ -515,7 +508,7 @@ async def test_distinct_parties_are_acted_on_concurrently(make: Any) -> None:
 async def test_same_rule_acts_once_per_party(make: Any) -> None:
     h = make(accept_and_confirm)
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     h.submit([decision()])
     assert h.enforcer.in_flight == 0
     assert len(h.patches()) == 1
@@ -527,7 +520,7 @@ async def test_party_already_final_in_store_is_not_sent(make: Any) -> None:
     h = make(accept_and_confirm)
     h.enforcer.handle(gone_step(h.engine, "c1", "p1"))
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert h.requests == []
     [out] = h.outcomes()
     assert out["outcome"] == "already_gone" and out["attempts"] == 0 and out["http_status"] is None
@@ -538,7 +531,7 @@ async def test_party_leaving_before_the_task_runs_is_not_sent(make: Any) -> None
     h.submit([decision()])
     # The leave event is applied in the same turn, before the PATCH task first runs.
     h.enforcer.handle(gone_step(h.engine, "c1", "p1", state="terminated"))
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert h.requests == []
     assert h.outcomes()[0]["outcome"] == "already_gone"
 
@@ -579,7 +572,7 @@ async def test_safety_valve_trips_suppresses_and_logs_once(make: Any) -> None:
     h = make(accept_and_confirm, max_per_minute=2)
     h.submit([decision(pid=f"p{i}") for i in range(1, 5)])
     h.submit([decision(pid="p5")])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 2
     outs = {o["participant_id"]: o["outcome"] for o in h.outcomes()}
     assert outs == {"p1": "disconnected", "p2": "disconnected", "p3": "suppressed",
@@ -595,7 +588,7 @@ async def test_safety_valve_trips_suppresses_and_logs_once(make: Any) -> None:
     assert sorted(h.rules.rearmed) == [("r1", "c1", "p3"), ("r1", "c1", "p4"), ("r1", "c1", "p5")]
     assert h.metrics.safety_valve_tripped._value.get() == 0
     h.submit([decision(pid="p3")])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 3
 
 
@@ -625,7 +618,7 @@ async def test_drain_waits_then_abandons_and_records(make: Any) -> None:
 
     h = make(handler)
     h.submit([decision(pid="p1"), decision(pid="p2")])
-    await until(lambda: len(h.patches()) == 2)
+    await wait_until(lambda: len(h.patches()) == 2)
     h.enforcer.stop_accepting()
     abandoned = await h.enforcer.drain(0.3)
     assert abandoned == 1
@@ -643,7 +636,7 @@ async def test_drain_during_conflict_backoff_records_failed_not_unconfirmed(make
     h = make(handler)
     h.enforcer.conflict_retry = conflict_policy(initial=30.0)  # in its back-off when the drain ends
     h.submit([decision()])
-    await until(lambda: len(h.patches()) == 1)
+    await wait_until(lambda: len(h.patches()) == 1)
     await asyncio.sleep(0)
     assert await h.enforcer.drain(0.5) == 1
     [out] = h.outcomes()
@@ -667,7 +660,7 @@ async def test_submit_without_received_at_uses_decided_at(make: Any) -> None:
     d = decision()
     d = Decision(**{**{f: getattr(d, f) for f in d.__dataclass_fields__}, "received_at": None})
     h.submit([d])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     [out] = h.outcomes()
     assert out["outcome"] == "disconnected"
     assert 0.0 <= out["event_to_request_ms"] < 10_000
@@ -736,7 +729,7 @@ async def test_handle_reports_state_status_attempts_and_times(make: Any) -> None
     r = h.enforcer.submit(decision())
     joined = h.enforcer.submit(decision("r2"))
     assert r.state == joined.state == "pending" and r.sent_at is None
-    await until(lambda: len(h.patches()) == 1)
+    await wait_until(lambda: len(h.patches()) == 1)
     assert r.sent_at is not None and r.sent_at >= r.requested_at
     release.set()
     await r.wait(5.0)
@@ -791,7 +784,7 @@ async def test_decision_records_are_on_disk_before_their_patch_one_sync_for_a_bu
 
     h.audit.sync = counting_sync  # type: ignore[method-assign]
     h.submit([decision(pid=f"p{i}", cid=f"c{i}") for i in range(20)])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     assert len(h.patches()) == 20 and synced_at_send == [True] * 20
     assert 1 <= len(syncs) <= 2, syncs  # one for the burst (a second only if one raced it)
 
@@ -808,7 +801,7 @@ async def test_a_failed_sync_sends_nothing(make: Any) -> None:
 
     h.audit.sync = broken_sync  # type: ignore[method-assign]
     h.submit([decision()])
-    await until(lambda: h.enforcer.in_flight == 0)
+    await wait_until(lambda: h.enforcer.in_flight == 0)
     h.audit.sync = real_sync  # type: ignore[method-assign]
     assert h.patches() == []
     [out] = h.outcomes()

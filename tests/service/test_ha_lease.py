@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from _wait import wait_until
 from _postgres import PostgresServer, postgres  # noqa: F401  (fixture)
 from daemon.core.lease import LeasePolicy, Role
 from daemon.service.ha import HaNode, mask_dsn
@@ -58,9 +59,9 @@ class Pair:
         with `node()` first)."""
         a, b = self.nodes["a"], self.nodes["b"]
         self.run("a")
-        await until(a.may_send, 5, "a leader")
+        await wait_until(a.may_send, 5, "a leader")
         self.run("b")
-        await until(lambda: b.role is Role.STANDBY, 5, "b standby")
+        await wait_until(lambda: b.role is Role.STANDBY, 5, "b standby")
 
     def leaders(self) -> list[str]:
         return [k for k, n in self.nodes.items() if n.may_send()]
@@ -83,20 +84,12 @@ async def pair(postgres: PostgresServer) -> AsyncIterator[Pair]:  # noqa: F811
         await p.close()
 
 
-async def until(pred: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_two_nodes_started_at_once_elect_exactly_one_leader(pair: Pair) -> None:
     m = Metrics()
     a, b = pair.node("a", metrics=m), pair.node("b")
     pair.run("a")
     pair.run("b")
-    await until(lambda: len(pair.leaders()) == 1 and all(n.role is not Role.NO_LEASE
+    await wait_until(lambda: len(pair.leaders()) == 1 and all(n.role is not Role.NO_LEASE
                                                           for n in (a, b)), 5, "one leader")
     for _ in range(int(3 * TAKEOVER / 0.05)):  # stays exactly one over several renewals
         assert len(pair.leaders()) <= 1
@@ -123,7 +116,7 @@ async def test_release_hands_over_at_once_with_a_new_epoch(pair: Pair) -> None:
     t0 = time.monotonic()
     await pair.halt("a")
     assert not a.may_send()
-    await until(b.may_send, 3, "b leader")
+    await wait_until(b.may_send, 3, "b leader")
     assert time.monotonic() - t0 < TAKEOVER  # did not wait for the lease to expire
     assert b.epoch == 2
 
@@ -136,7 +129,7 @@ async def test_killed_leader_is_replaced_before_its_lease_expires(pair: Pair, po
     await asyncio.wait_for(pair.tasks["a"], 5)
     t0 = time.monotonic()
     a._conn.terminate()  # ...and its socket closes, as when the kernel reaps a killed process
-    await until(b.may_send, 5, "b leader")
+    await wait_until(b.may_send, 5, "b leader")
     assert b.epoch == 2
     assert time.monotonic() - t0 < TAKEOVER + 0.5
 
@@ -148,9 +141,9 @@ async def test_frozen_leader_loses_the_lease_and_sends_nothing_when_it_wakes(pai
     pair.stops["a"].set()
     await asyncio.wait_for(pair.tasks["a"], 5)
     frozen_at = time.monotonic()
-    await until(lambda: not a.may_send(), TAKEOVER, "a's lease to run out locally")
+    await wait_until(lambda: not a.may_send(), TAKEOVER, "a's lease to run out locally")
     assert not b.may_send()  # the standby waits for the database's expiry...
-    await until(b.may_send, TAKEOVER + 3, "b leader")
+    await wait_until(b.may_send, TAKEOVER + 3, "b leader")
     assert time.monotonic() - frozen_at >= TAKEOVER * 0.9  # ...not earlier
     assert b.epoch == 2
     # a wakes up: its session was ended by b; the renewal fails, then finds epoch 2.
@@ -167,19 +160,19 @@ async def test_database_restart_fails_both_closed_then_one_reacquires(pair: Pair
     a, b = pair.node("a"), pair.node("b")
     pair.run("a")
     pair.run("b")
-    await until(lambda: len(pair.leaders()) == 1 and b.role is not Role.NO_LEASE
+    await wait_until(lambda: len(pair.leaders()) == 1 and b.role is not Role.NO_LEASE
                 and a.role is not Role.NO_LEASE, 5, "one leader")
     first = pair.leaders()[0]
     postgres.stop("fast")
     try:
         # The leader's connection closes: it stops sending at once (termination listener).
-        await until(lambda: not pair.leaders(), 1.0, "no leader while the database is down")
+        await wait_until(lambda: not pair.leaders(), 1.0, "no leader while the database is down")
         await asyncio.sleep(TAKEOVER)
         assert not pair.leaders()
         assert a.role is Role.NO_LEASE and b.role is Role.NO_LEASE
     finally:
         postgres.start()
-    await until(lambda: len(pair.leaders()) == 1, 10, "a leader again")
+    await wait_until(lambda: len(pair.leaders()) == 1, 10, "a leader again")
     for _ in range(20):
         assert len(pair.leaders()) <= 1
         await asyncio.sleep(0.05)
@@ -200,12 +193,12 @@ async def test_unreachable_database_at_start_up_waits_without_a_lease(pair: Pair
 async def test_decision_rows_are_visible_to_the_other_node(pair: Pair) -> None:
     a, b = pair.node("a"), pair.node("b")
     pair.run("a")
-    await until(a.may_send, 5, "a leader")
+    await wait_until(a.may_send, 5, "a leader")
     pair.run("b")
     a.record_intent("c1", "p1", "flagged")
     a.record_intent("c2", "p2", "flagged")
     a.record_outcome("c2", "p2", "flagged", "disconnected")
-    await until(lambda: not a._writes, 5, "rows written")
+    await wait_until(lambda: not a._writes, 5, "rows written")
     rows = await b.recent_decisions(60)
     got = {(r.conversation_id, r.node, r.epoch, r.outcome) for r in rows}
     assert got == {("c1", "a", 1, None), ("c2", "a", 1, "disconnected")}
@@ -219,7 +212,7 @@ async def test_decision_rows_are_visible_to_the_other_node(pair: Pair) -> None:
 async def test_lease_row_by_the_database_clock(pair: Pair) -> None:
     a = pair.node("a")
     pair.run("a")
-    await until(a.may_send, 5, "a leader")
+    await wait_until(a.may_send, 5, "a leader")
     conn = await asyncpg.connect(pair.dsn)
     try:
         row = await conn.fetchrow("SELECT holder, epoch, expires_at - renewed_at AS ttl "
@@ -264,9 +257,9 @@ async def test_decision_writer_survives_a_crash_and_writes_the_rows_later(pair: 
     a._flush_writes = flaky  # type: ignore[method-assign]
     with capture_logs() as logs:
         pair.run("a")
-        await until(a.may_send, 5, "a leader")
+        await wait_until(a.may_send, 5, "a leader")
         a.record_intent("c1", "p1", "flagged")
-        await until(lambda: not a._writes, 10, "row written after the crash")
+        await wait_until(lambda: not a._writes, 10, "row written after the crash")
     assert crashes == 1
     assert any(e["event"] == "ha_writer_crashed" for e in logs)
     rows = await a.recent_decisions(60)
