@@ -26,16 +26,39 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from daemon.errors import ConfguardError, ConfigError, CredentialsError
-
-if TYPE_CHECKING:
-    from daemon.config.models import AuditSettings, GenesysSettings, HaSettings
 
 CLIENT_ID_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_ID", "GENESYS_CLOUD_CLIENT_ID")
 CLIENT_SECRET_ENVS = ("GENESYSCLOUD_OAUTHCLIENT_SECRET", "GENESYS_CLOUD_CLIENT_SECRET")
 REGION_ENVS = ("GENESYSCLOUD_REGION", "GENESYS_CLOUD_REGION")
+
+
+class ClientFiles(Protocol):
+    """What `resolve_credentials` reads of `models.GenesysSettings` (a protocol, so this
+    module does not import the models, which import it)."""
+
+    @property
+    def client_id_file(self) -> str | None: ...
+    @property
+    def client_secret_file(self) -> str | None: ...
+
+
+class SigningKeySource(Protocol):
+    """What `resolve_signing_key_file` reads of `models.AuditSettings`."""
+
+    @property
+    def signing_key_file(self) -> str | None: ...
+
+
+class DsnSource(Protocol):
+    """What `resolve_ha_dsn` reads of `models.HaSettings`."""
+
+    @property
+    def dsn(self) -> str | None: ...
+    @property
+    def dsn_file(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +86,7 @@ def resolve_path(p: str, base_dir: Path | None, *, legacy_cwd: str | None = None
     if legacy_cwd is not None and not beside.exists() and path.exists() and beside.resolve() != path.resolve():
         import structlog  # here, not at import: daemon.core imports daemon.config, and structlog loads asyncio
 
-        structlog.get_logger("daemon.config").warning(
+        structlog.get_logger(__name__).warning(
             "config_path_relative_to_cwd", key=legacy_cwd, path=p, base_dir=str(base_dir),
             detail="relative paths are relative to config.yaml's folder; "
                    "this one was found from the working directory: make it absolute or move it")
@@ -167,7 +190,7 @@ def _secret(file_setting: str | None, key: str, envs: tuple[str, ...], credentia
     return None
 
 
-def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None = None, *,
+def resolve_credentials(settings: ClientFiles, env: Mapping[str, str] | None = None, *,
                         base_dir: Path | None = None) -> Credentials:
     """Find the client id and secret: config-named files (relative to `base_dir`, the folder
     of config.yaml), then environment, then systemd credentials
@@ -186,7 +209,7 @@ def resolve_credentials(settings: GenesysSettings, env: Mapping[str, str] | None
     return Credentials(cid, secret)
 
 
-def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None, *,
+def resolve_ha_dsn(settings: DsnSource, env: Mapping[str, str] | None = None, *,
                    base_dir: Path | None = None) -> str:
     """The PostgreSQL DSN for `ha.backend: postgres`: `ha.dsn`, else `ha.dsn_file` (relative
     to `base_dir`, the folder of config.yaml), else the systemd credential `ha_dsn`
@@ -203,7 +226,7 @@ def resolve_ha_dsn(settings: HaSettings, env: Mapping[str, str] | None = None, *
                       "ha.dsn_file, or the systemd credential ha_dsn")
 
 
-def resolve_signing_key_file(settings: AuditSettings, env: Mapping[str, str] | None = None, *,
+def resolve_signing_key_file(settings: SigningKeySource, env: Mapping[str, str] | None = None, *,
                              base_dir: Path | None = None) -> Path | None:
     """The audit checkpoint signing key's file: `audit.signing_key_file` (relative to
     `base_dir`), else the systemd credential `audit_signing_key`, else None (no

@@ -33,6 +33,7 @@ from typing import Final, Literal, get_args
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Change, Decision, Participant
+from daemon.core.model import Origin as Origin  # re-exported: Origin lived here before it moved to model
 
 PartyKey = tuple[ConversationId, ParticipantId]
 Mode = Literal["enforce", "observe"]
@@ -80,15 +81,6 @@ MEANING: Final[Mapping[str, Meaning]] = {
     "standby": Meaning(final=True, rearm=False, held=True, valve=False),
     "unknown": Meaning(final=True, rearm=False, held=False, valve=False),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Who asked for a decision that no rule took (the control API): the caller's name and
-    their reason (free text, recorded in the audit)."""
-
-    caller: str
-    reason: str | None = None
 
 
 def manual_decision(call: Call, party: Participant, *, origin: Origin, now: float,

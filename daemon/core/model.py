@@ -9,12 +9,10 @@ can run it on a virtual clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 
-if TYPE_CHECKING:
-    from daemon.core.enforcement import Origin
 
 FINAL_STATES = frozenset({"disconnected", "terminated"})
 
@@ -135,6 +133,15 @@ class Change:
 
 Action = Literal["disconnect", "observe"]
 Severity = Literal["info", "warning", "critical"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who asked for a decision that no rule took (the control API): the caller's name and
+    their reason (free text, recorded in the audit)."""
+
+    caller: str
+    reason: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

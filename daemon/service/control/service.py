@@ -24,7 +24,7 @@ import structlog
 from pydantic import BaseModel
 
 from daemon.core.parties import Selector, SelectorKind, resolve_target
-from daemon.core.enforcement import Origin
+from daemon.core.model import Origin
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Decision, Participant
 from daemon.core.timefmt import format_time
@@ -34,7 +34,7 @@ from daemon.service.control.models import (FINAL_EJECTION_STATES, AmbiguousBody,
                                            Candidate, Ejection, EjectionAccepted,
                                            EjectionRequest, ErrorBody, Party, UnavailableBody)
 
-log = structlog.get_logger("confguard.control")
+log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_TTL = 24 * 3600.0  # seconds an Idempotency-Key is remembered, per caller
 MAX_IDEMPOTENCY_KEYS = 100_000  # bound on remembered keys (oldest dropped first)
