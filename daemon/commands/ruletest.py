@@ -121,7 +121,7 @@ def fmt_seconds(t: float) -> str:
 
 
 @dataclass(slots=True)
-class Step:
+class ScriptStep:
     at: float
     call: str
     line: int
@@ -147,7 +147,7 @@ class Expect:
 class Case:
     name: str
     line: int
-    steps: list[Step]
+    steps: list[ScriptStep]
     queues: dict[str, str]
     expect: list[Expect]
     until: float
@@ -233,7 +233,7 @@ def _case(r: _Reader, raw: Any, path: tuple[str | int, ...], tolerance: float) -
     calls = r.mapping(t.get("calls"), path + ("calls",), "calls (conversation id: {timeline: [...]})")
     if not calls:
         raise r.err(path + ("calls",), "calls: describe at least one call")
-    steps: list[Step] = []
+    steps: list[ScriptStep] = []
     queues: dict[str, str] = {}
     parties_of: dict[str, set[str]] = {}
     for cid, spec in calls.items():
@@ -270,12 +270,12 @@ def _case(r: _Reader, raw: Any, path: tuple[str | int, ...], tolerance: float) -
     return Case(name, r.line(path), steps, queues, expect, until)
 
 
-def _step(r: _Reader, raw: Any, path: tuple[str | int, ...], cid: str, seen: set[str]) -> Step:
+def _step(r: _Reader, raw: Any, path: tuple[str | int, ...], cid: str, seen: set[str]) -> ScriptStep:
     s = r.mapping(raw, path, "a timeline step")
     r.keys(s, STEP_KEYS, path, "a timeline step")
     if "at" not in s:
         raise r.err(path, "a timeline step needs 'at:' (seconds after the test's start, e.g. 0s)")
-    step = Step(r.duration(s["at"], path + ("at",), "at"), cid, r.line(path))
+    step = ScriptStep(r.duration(s["at"], path + ("at",), "at"), cid, r.line(path))
     if "recording_state" in s:
         rs = s["recording_state"]
         if rs is not None and rs not in ENUMS["recording_state"]:

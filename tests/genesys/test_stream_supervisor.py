@@ -39,7 +39,7 @@ from daemon.genesys.stream.supervisor import (
     RenewToken,
     Retire,
     ShardSupervisor,
-    Step,
+    IoStep,
     StepFailed,
     Subscribe,
     Subscribed,
@@ -131,16 +131,16 @@ def test_first_socket_gives_up_after_three_attempts_with_back_off() -> None:
     h = Harness()
     c = ch("c1")
     assert h(Begin(c)) == [Connect(c)]
-    out = h(StepFailed(Step.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
+    out = h(StepFailed(IoStep.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
     assert notes(out) == ["stream_connect_failed"]
     (wait,) = only(out, BackOff)
     assert 0.25 <= wait.seconds <= 0.5
     assert h.advance(wait.seconds / 2) == []  # not yet
     assert h.advance(wait.seconds) == [Connect(c)]
-    out = h(StepFailed(Step.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
+    out = h(StepFailed(IoStep.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
     (wait,) = only(out, BackOff)
     assert h.advance(wait.seconds) == [Connect(c)]
-    out = h(StepFailed(Step.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
+    out = h(StepFailed(IoStep.CONNECT, Failure.TRANSIENT, None, "OSError: refused"))
     (give_up,) = only(out, GiveUp)
     assert "c1" in give_up.message and "OSError: refused" in give_up.message
     assert h.sup.phase is Phase.FAILED
@@ -283,7 +283,7 @@ def test_head_401_means_token_expired_and_a_new_channel() -> None:
     h = Harness()
     conn = h.start()
     lose(h, conn)
-    out = h(StepFailed(Step.CHECK, Failure.AUTH, 401, "UnauthorizedError: x"))
+    out = h(StepFailed(IoStep.CHECK, Failure.AUTH, 401, "UnauthorizedError: x"))
     assert RenewToken() in out and notes(out) == ["stream_reconnect_wait"]
     (wait,) = only(out, BackOff)
     assert h.advance(wait.seconds) == [CreateChannel()]
@@ -304,7 +304,7 @@ def test_refused_handshakes(failure: Failure, status: int | None, note: str, new
     conn = h.start()
     lose(h, conn)
     assert h(ChannelChecked(ch("c1"), True)) == [Connect(ch("c1"))]
-    out = h(StepFailed(Step.CONNECT, failure, status, "InvalidStatus: x"))
+    out = h(StepFailed(IoStep.CONNECT, failure, status, "InvalidStatus: x"))
     assert notes(out)[0] == note
     (wait,) = only(out, BackOff)
     nxt = h.advance(wait.seconds)
@@ -324,7 +324,7 @@ def test_unauthorized_while_creating_renews_the_token_and_retries() -> None:
     conn = h.start()
     h(Control(conn, ControlKind.CHANNEL_GONE))
     h(Closed(conn))
-    out = h(StepFailed(Step.CREATE, Failure.AUTH, 401, "UnauthorizedError: refused"))
+    out = h(StepFailed(IoStep.CREATE, Failure.AUTH, 401, "UnauthorizedError: refused"))
     assert "stream_reconnect_unauthorized" in notes(out) and RenewToken() in out
     (wait,) = only(out, BackOff)
     assert h.advance(wait.seconds) == [CreateChannel()]
@@ -363,7 +363,7 @@ def test_failed_socket_closing_handover_recovers_when_the_old_socket_ends() -> N
     h = Harness()
     old = h.start()
     h(Control(old, ControlKind.SOCKET_CLOSING))
-    out = h(StepFailed(Step.CREATE, Failure.TRANSIENT, 503, "ServerError: x"))
+    out = h(StepFailed(IoStep.CREATE, Failure.TRANSIENT, 503, "ServerError: x"))
     assert notes(out) == ["stream_handover_failed"] and without_notes(out) == []
     out = h(Closed(old))
     assert without_notes(out) == [CheckChannel(ch("c1"))]
@@ -375,7 +375,7 @@ def test_handover_failing_after_the_old_socket_ended_recovers_at_once() -> None:
     h(Control(old, ControlKind.SOCKET_CLOSING))
     h(ChannelCreated(ch("c2")))
     h(Closed(old, "error"))
-    out = h(StepFailed(Step.SUBSCRIBE, Failure.TRANSIENT, 500, "ServerError: x"))
+    out = h(StepFailed(IoStep.SUBSCRIBE, Failure.TRANSIENT, 500, "ServerError: x"))
     assert notes(out)[:2] == ["stream_handover_failed", "stream_connection_lost"]
     assert DiscardChannel(ch("c2")) in out and CheckChannel(ch("c1")) in out
 
@@ -389,7 +389,7 @@ def test_channel_refresh_before_expiry_and_retry_after_failure() -> None:
     out = h(Tick())
     assert without_notes(out) == [CreateChannel()] and notes(out) == ["stream_handover_start"]
     assert not only(h(Tick()), CreateChannel)  # once
-    out = h(StepFailed(Step.CREATE, Failure.TRANSIENT, 503, "ServerError: x"))
+    out = h(StepFailed(IoStep.CREATE, Failure.TRANSIENT, 503, "ServerError: x"))
     assert notes(out) == ["stream_handover_failed"]
     h.wall += 0.9
     assert h(Tick()) == []  # tried again later (at least 1 s), not at once

@@ -59,7 +59,7 @@ from daemon.genesys.stream.supervisor import (
     RenewToken,
     Retire,
     ShardSupervisor,
-    Step,
+    IoStep,
     StepFailed,
     Subscribe,
     Subscribed,
@@ -72,7 +72,7 @@ from daemon.genesys.stream.supervisor import (
 if TYPE_CHECKING:  # for annotations only: the genesys layer does not import the service
     from daemon.service.metrics import Metrics
 
-log = structlog.get_logger("daemon.genesys.stream")
+log = structlog.get_logger(__name__)
 
 #: The parsed messages (what `on_message` returns) the shard's supervisor is told about.
 _CONTROL_KINDS: Final[dict[type, ControlKind]] = {
@@ -808,8 +808,8 @@ class StreamManager:
         task.add_done_callback(self._bg.discard)
 
 
-_STEP_OF: Final[dict[type, Step]] = {Connect: Step.CONNECT, CheckChannel: Step.CHECK,
-                                     CreateChannel: Step.CREATE, Subscribe: Step.SUBSCRIBE}
+_STEP_OF: Final[dict[type, IoStep]] = {Connect: IoStep.CONNECT, CheckChannel: IoStep.CHECK,
+                                     CreateChannel: IoStep.CREATE, Subscribe: IoStep.SUBSCRIBE}
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class ControlKind(enum.Enum):
     CHANNEL_GONE = "channel_gone"
 
 
-class Step(enum.Enum):
+class IoStep(enum.Enum):
     """The I/O steps whose failure is reported with `StepFailed`."""
 
     CHECK = "check"  # HEAD the channel
@@ -233,7 +233,7 @@ class Subscribed:
 
 @dataclass(frozen=True, slots=True)
 class StepFailed:
-    step: Step
+    step: IoStep
     failure: Failure
     status: int | None = None  # HTTP status of an API error or a refused handshake
     detail: str = ""  # "Type: message", for the log line
@@ -397,7 +397,7 @@ class ShardSupervisor:
         self.initial_attempts = 0
         self._handover: _Handover | None = None
         self._pending_handover: str | None = None
-        self._in_flight: Step | None = None  # the I/O step awaited, if any
+        self._in_flight: IoStep | None = None  # the I/O step awaited, if any
         # Recovery state.
         self._gap_reason = "reconnect"
         self._new_channel = False
@@ -476,7 +476,7 @@ class ShardSupervisor:
         self.initial_attempts += 1
         if delay and now is not None:
             return self._back_off(now, delay, note=False)
-        return [self._io(Step.CONNECT, Connect(self.channel))]
+        return [self._io(IoStep.CONNECT, Connect(self.channel))]
 
     # ------------------------------------------------------------------ timers
 
@@ -487,7 +487,7 @@ class ShardSupervisor:
             self.wake_at = None
             if self.phase is Phase.CONNECTING:
                 assert self.channel is not None
-                return [self._io(Step.CONNECT, Connect(self.channel))]
+                return [self._io(IoStep.CONNECT, Connect(self.channel))]
             if self.phase is Phase.RECOVERING:
                 return self._attempt()
             return []
@@ -561,7 +561,7 @@ class ShardSupervisor:
             lost, reason=reason, frames=lost.frames, lived=round(now - lost.opened, 2)))]
         self.live = None
         self.phase = Phase.RECOVERING
-        if self._in_flight is Step.SUBSCRIBE:  # it may not have landed: subscribe again
+        if self._in_flight is IoStep.SUBSCRIBE:  # it may not have landed: subscribe again
             self.dirty = True
         self._in_flight = None
         self._gap_reason = "heartbeat_timeout" if reason == "heartbeat_timeout" else "reconnect"
@@ -590,11 +590,11 @@ class ShardSupervisor:
 
     def _attempt(self) -> list[Action]:
         if self._new_channel or self.channel is None:
-            return [self._io(Step.CREATE, CreateChannel())]
-        return [self._io(Step.CHECK, CheckChannel(self.channel))]
+            return [self._io(IoStep.CREATE, CreateChannel())]
+        return [self._io(IoStep.CHECK, CheckChannel(self.channel))]
 
     def _checked(self, event: ChannelChecked, now: float, wall: float) -> list[Action]:
-        if self._in_flight is not Step.CHECK or self.phase is not Phase.RECOVERING:
+        if self._in_flight is not IoStep.CHECK or self.phase is not Phase.RECOVERING:
             return []
         self._in_flight = None
         if not event.exists:
@@ -606,10 +606,10 @@ class ShardSupervisor:
                     RenewToken(), *self._retry(now)]
         if self.dirty:
             return [self._subscribe(event.channel)]
-        return [self._io(Step.CONNECT, Connect(event.channel))]
+        return [self._io(IoStep.CONNECT, Connect(event.channel))]
 
     def _created(self, event: ChannelCreated) -> list[Action]:
-        if self._in_flight is not Step.CREATE:
+        if self._in_flight is not IoStep.CREATE:
             return []
         self._in_flight = None
         ch = event.channel
@@ -625,16 +625,16 @@ class ShardSupervisor:
         return out
 
     def _subscribed(self, event: Subscribed) -> list[Action]:
-        if self._in_flight is not Step.SUBSCRIBE:
+        if self._in_flight is not IoStep.SUBSCRIBE:
             return []
         self._in_flight = None
         if self._handover is None and self.phase is Phase.LIVE:
             # A re-subscription of the live channel (the topics changed meanwhile).
             return self._start_pending()
-        return [self._io(Step.CONNECT, Connect(event.channel))]
+        return [self._io(IoStep.CONNECT, Connect(event.channel))]
 
     def _opened(self, event: Opened, now: float, wall: float) -> list[Action]:
-        if self._in_flight is not Step.CONNECT:
+        if self._in_flight is not IoStep.CONNECT:
             return [Drop(event.conn, "unexpected")]  # pragma: no cover - layer bug guard
         self._in_flight = None
         sock = _Socket(conn=event.conn, channel=event.channel, opened=now, last_frame=now,
@@ -684,12 +684,12 @@ class ShardSupervisor:
         if self.phase is not Phase.RECOVERING:
             return []
         out = []
-        if event.step is Step.CHECK and event.failure is Failure.AUTH:
+        if event.step is IoStep.CHECK and event.failure is Failure.AUTH:
             self._gap_reason = "token_expired"
             self._new_channel = True
             out.append(RenewToken())
         elif event.failure is Failure.GONE:
-            if event.step is Step.CONNECT:
+            if event.step is IoStep.CONNECT:
                 out.append(Note("warning", "stream_reconnect_refused",
                                 {"shard": self.index, "status": event.status}))
             self._gap_reason = "channel_gone"
@@ -700,7 +700,7 @@ class ShardSupervisor:
             self._gap_reason = "token_expired"
             self._new_channel = True
             out.append(RenewToken())
-        elif event.step is Step.CONNECT and event.status is not None:
+        elif event.step is IoStep.CONNECT and event.status is not None:
             out.append(Note("warning", "stream_reconnect_refused",
                             {"shard": self.index, "status": event.status}))
         else:
@@ -719,7 +719,7 @@ class ShardSupervisor:
             return []
         self._handover = _Handover(reason, live)
         return [Note("info", "stream_handover_start", self._ids(live, reason=reason)),
-                self._io(Step.CREATE, CreateChannel())]
+                self._io(IoStep.CREATE, CreateChannel())]
 
     def _handover_done(self, new: _Socket) -> list[Action]:
         h = self._handover
@@ -787,9 +787,9 @@ class ShardSupervisor:
 
     def _subscribe(self, ch: ChannelLike) -> Action:
         self.dirty = False  # this Subscribe carries the current set
-        return self._io(Step.SUBSCRIBE, Subscribe(ch, self.topics))
+        return self._io(IoStep.SUBSCRIBE, Subscribe(ch, self.topics))
 
-    def _io(self, step: Step, action: Action) -> Action:
+    def _io(self, step: IoStep, action: Action) -> Action:
         self._in_flight = step
         return action
 
