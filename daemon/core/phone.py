@@ -23,10 +23,3 @@ def normalize_phone(value: str) -> str:
     if not digits:
         return value.strip().lower()
     return "+" + digits if v.startswith("+") else digits
-
-
-def phone_equal(a: str | None, b: str | None) -> bool:
-    """True when both are present and normalise to the same value."""
-    if a is None or b is None:
-        return False
-    return normalize_phone(a) == normalize_phone(b)

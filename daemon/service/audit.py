@@ -69,6 +69,7 @@ __all__ = [
     "VerifyReport",
     "decision_record",
     "outcome_record",
+    "rotated_files",
     "verify",
 ]
 
@@ -153,6 +154,12 @@ def _rotated_files(folder: Path, stem: str | None = None) -> list[Path]:
         if m and (stem is None or m["stem"] == stem) and p.is_file():
             found.append((int(m["seq"]), p.name, p))
     return [p for _, _, p in sorted(found)]
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated files of the audit log at `path` (its folder, its stem), oldest first:
+    the audit's own file naming, for readers such as `daemon.service.recovery`."""
+    return _rotated_files(path.parent, _stem(path))
 
 
 # ---------------------------------------------------------------- the writer

@@ -30,8 +30,9 @@ import structlog
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 
 from daemon.core.model import is_final_state
+from daemon.service.audit import rotated_files
 
-log = structlog.get_logger("confguard.recovery")
+log = structlog.get_logger(__name__)
 
 __all__ = ["Unfinished", "unfinished_in_audit", "judge_unfinished", "close_unfinished"]
 
@@ -53,9 +54,7 @@ class Unfinished:
 
 def _audit_files(path: Path) -> list[Path]:
     """The newest rotated file (if any) and the live file, oldest first."""
-    from daemon.service.audit import _rotated_files, _stem  # the audit's own file naming
-
-    files = _rotated_files(path.parent, _stem(path))[-1:]
+    files = rotated_files(path)[-1:]
     if path.exists():
         files.append(path)
     return files
