@@ -60,7 +60,7 @@ from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
 from daemon.service.recovery import Unfinished, close_unfinished
 from daemon.service.metrics import Metrics
 
-log = structlog.get_logger("confguard.ha")
+log = structlog.get_logger(__name__)
 
 __all__ = ["Failover", "HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn", "within"]
 

@@ -72,8 +72,8 @@ if TYPE_CHECKING:
     from daemon.service.checkpoint import Checkpointer
     from daemon.service.control import ControlServer
 
-log = structlog.get_logger("confguard.service")
-event_log = structlog.get_logger("confguard.event")
+log = structlog.get_logger(__name__)
+event_log = structlog.get_logger(__name__)
 
 GAP_RESYNC_RETRY = RetryPolicy(initial=1.0, factor=2.0, cap=60.0, jitter=0.0)
 """Between failed resyncs after a gap: 1 s doubling to 60 s, unbounded (the gap stays open)."""

@@ -50,7 +50,7 @@ from daemon.config import Config
 from daemon.config.models import ListenerSettings, TlsSettings
 from daemon.errors import ConfigError
 
-log = structlog.get_logger("confguard.listener")
+log = structlog.get_logger(__name__)
 
 __all__ = ["ErrorLogLimiter", "Listener", "ListenerLimits", "TlsFiles", "install_loop_error_filter",
            "is_loopback", "listener_limits", "peer_common_name", "tls_files"]

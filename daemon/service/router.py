@@ -44,8 +44,8 @@ from daemon.genesys.ratelimit import Priority
 from daemon.service.enforcer import Enforcer
 from daemon.service.metrics import Metrics
 
-log = structlog.get_logger("confguard.service")
-event_log = structlog.get_logger("confguard.event")
+log = structlog.get_logger(__name__)
+event_log = structlog.get_logger(__name__)
 
 #: The `source` label of steps made from REST replies (resync, reconcile, confirm, re-reads).
 REST = "rest"
@@ -53,7 +53,7 @@ REST = "rest"
 
 def _debug_enabled() -> bool:
     """Whether debug lines are emitted, so the hot path builds its per-event line only then."""
-    bound = structlog.get_logger("confguard.event").bind()
+    bound = structlog.get_logger(__name__).bind()
     check = getattr(bound, "is_enabled_for", None)
     return bool(check(logging.DEBUG)) if callable(check) else True
 

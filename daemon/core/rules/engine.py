@@ -29,7 +29,7 @@ from daemon.core.rules.fields import seen
 from daemon.core.rules.ruleset import CompiledRule, RuleSet
 from daemon.core.rules.timers import PendingMap, TimerHeap
 
-log = get_logger("daemon.core.rules")
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)

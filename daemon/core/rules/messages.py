@@ -26,7 +26,7 @@ from daemon.core.rules.fields import (
 )
 from daemon.errors import ConfigError
 
-log = get_logger("daemon.core.rules")
+log = get_logger(__name__)
 
 MESSAGE_MAX: Final = 2000
 MISSING_TEXT: Final = "-"

@@ -22,7 +22,7 @@ import structlog
 from daemon.config import Config, read_secret, systemd_credential
 from daemon.errors import ConfigError
 
-log = structlog.get_logger("confguard.control")
+log = structlog.get_logger(__name__)
 
 CREDENTIAL_PREFIX = "control_token_"
 MIN_TOKEN_LENGTH = 16

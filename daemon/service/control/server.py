@@ -27,7 +27,7 @@ from daemon.service.control.service import Answer, ControlService, error
 from daemon.service.listener import Listener, ListenerLimits, TlsFiles, peer_common_name
 from daemon.service.metrics import Metrics
 
-log = structlog.get_logger("confguard.control")
+log = structlog.get_logger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes
 ANONYMOUS = "-"  # the caller label of requests that did not authenticate
