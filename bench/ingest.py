@@ -38,7 +38,7 @@ import orjson  # noqa: E402
 from daemon.core.engine import Engine  # noqa: E402
 from daemon.config import load_lists  # noqa: E402
 from daemon.core.rules import RuleEngine, compile_rules  # noqa: E402
-from daemon.sandbox.server import EXTRA_PREFIX, _message  # noqa: E402
+from daemon.sandbox.wire import EXTRA_PREFIX, _message  # noqa: E402
 from daemon.sandbox.world import Conversation, World  # noqa: E402
 from daemon.core.state import CallStore  # noqa: E402
 

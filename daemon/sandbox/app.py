@@ -16,20 +16,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from daemon.sandbox.scenario import add_driver_routes
+from daemon.sandbox.wire import SANDBOX, Conn, SandboxHost, gone_message, metadata_message
 from daemon.sandbox.world import (ANALYTICS_PERMISSION, DISCONNECT_PERMISSION, PARTICIPANT_PATCH_PERMISSIONS,
                                   QUEUE_VIEW_PERMISSION, Token, WorldError, iso)
 
-if TYPE_CHECKING:
-    from daemon.sandbox.server import Sandbox
-
 log = structlog.get_logger(__name__)
-SANDBOX: web.AppKey[Sandbox] = web.AppKey("sandbox")
 TOKEN: web.RequestKey[Token] = web.RequestKey("token", Token)
 BODY: web.RequestKey[object] = web.RequestKey("json", object)
 FORM_GRANT: web.RequestKey[str] = web.RequestKey("grant_type", str)
@@ -58,7 +56,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
                         headers={"inin-correlation-id": str(uuid.uuid4())})
 
 
-def _sb(request: web.Request) -> Sandbox:
+def _sb(request: web.Request) -> SandboxHost:
     return request.app[SANDBOX]
 
 
@@ -176,7 +174,7 @@ async def oauth_token(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------ notifications
-def _channel_json(sb: Sandbox, ch_id: str) -> dict[str, Any]:
+def _channel_json(sb: SandboxHost, ch_id: str) -> dict[str, Any]:
     ch = sb.world.channels[ch_id]
     return {"connectUri": f"{sb.ws_base}/channels/{ch.id}", "id": ch.id,
             "expires": iso(ch.expires_at)}
@@ -229,8 +227,6 @@ async def subscriptions(request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    from daemon.sandbox.server import Conn, gone_message, metadata_message
-
     sb = _sb(request)
     ch_id = request.match_info["channel_id"]
     ws = web.WebSocketResponse(autoping=True, max_msg_size=1 << 20)
@@ -504,9 +500,7 @@ async def api_not_found(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------ build
-def build_app(sb: Sandbox) -> web.Application:
-    from daemon.sandbox.scenario import add_driver_routes
-
+def build_app(sb: SandboxHost) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=8 << 20)
     app[SANDBOX] = sb
     r = app.router

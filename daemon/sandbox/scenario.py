@@ -27,15 +27,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
+from daemon.sandbox.wire import SANDBOX, SandboxHost
 from daemon.sandbox.world import Conversation, Party, World, WorldError
-
-if TYPE_CHECKING:
-    from daemon.sandbox.server import Sandbox
 
 SCENARIOS = ("default", "empty", "conference")
 
@@ -204,7 +202,7 @@ def _req(args: dict[str, Any], key: str) -> Any:
     return args[key]
 
 
-def _ops(sb: Sandbox) -> dict[str, Callable[[dict[str, Any]], Any]]:
+def _ops(sb: SandboxHost) -> dict[str, Callable[[dict[str, Any]], Any]]:
     w = sb.world
 
     def qdict(q: Any) -> dict[str, Any]:
@@ -309,9 +307,7 @@ async def _args(request: web.Request) -> dict[str, Any]:
 
 
 def add_driver_routes(app: web.Application) -> None:
-    from daemon.sandbox.app import SANDBOX
-
-    def sb_of(request: web.Request) -> Sandbox:
+    def sb_of(request: web.Request) -> SandboxHost:
         return request.app[SANDBOX]
 
     async def state(request: web.Request) -> web.Response:

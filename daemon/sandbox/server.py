@@ -21,71 +21,22 @@ import contextlib
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
+from daemon.sandbox.app import build_app
 from daemon.sandbox.eventbridge import EventBridgePublisher
 from daemon.sandbox.faults import Faults
 from daemon.sandbox.journal import Journal
+from daemon.sandbox.wire import EXTRA_PREFIX, Conn, _Close, _message, gone_message, metadata_message
 from daemon.sandbox.world import Conversation, World
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-EXTRA_PREFIX = "sandboxExtra"
-"""Key prefix of the deliberate unknown fields added to events (Genesys adds fields without
-notice; clients must ignore what they do not know)."""
-
-
-class _Close:
-    """Outbox sentinel: close the socket after what is queued before it."""
-
-    def __init__(self, code: int = 1000, message: bytes = b"") -> None:
-        self.code = code
-        self.message = message
-
-
-@dataclass(eq=False)
-class Conn:
-    """One open notification WebSocket (one per channel)."""
-
-    channel_id: str
-    ws: web.WebSocketResponse
-    request: web.Request
-    outbox: deque[bytes | _Close] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    held: bytes | None = None
-    sent: int = 0
-
-    def push(self, item: bytes | _Close) -> None:
-        self.outbox.append(item)
-        self.wake.set()
-
-    def abort(self) -> None:
-        """Drop the TCP connection without a close frame (a network failure)."""
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
-
-
-def _message(topic: str, body: bytes, correlation_id: str) -> bytes:
-    return b"".join((b'{"topicName":"', topic.encode(), b'","version":"2","eventBody":', body,
-                     b',"metadata":{"CorrelationId":"', correlation_id.encode(), b'"}}'))
-
-
-def metadata_message(text: str, topic: str = "channel.metadata") -> bytes:
-    return _message(topic, orjson.dumps({"message": text}), str(uuid.uuid4()))
-
-
-def gone_message(text: str) -> bytes:
-    return orjson.dumps({"result": "404", "message": text})
-
 
 class Sandbox:
     """A fake Genesys Cloud org. See the module docstring.
@@ -158,8 +109,6 @@ class Sandbox:
         return f"ws://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        from daemon.sandbox.app import build_app
-
         self._loop = asyncio.get_running_loop()
         app = build_app(self)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,

@@ -19,7 +19,7 @@ import pytest
 from sandbox_fixtures import SandboxClient, Socket
 
 from daemon.sandbox import Sandbox
-from daemon.sandbox.server import EXTRA_PREFIX
+from daemon.sandbox.wire import EXTRA_PREFIX
 
 models = pytest.importorskip("PureCloudPlatformClientV2.models")
 
