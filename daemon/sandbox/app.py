@@ -87,32 +87,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             request[BODY] = body
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
-    client_id: str | None = None
-    counted: str | None = None  # the token whose budget window this request was counted in
     resp: web.StreamResponse
     try:
         if path.startswith("/api/v2/"):
-            if sb.faults.latency:
-                await asyncio.sleep(sb.faults.latency)
-            burst = sb.faults.take_burst(request.method, path)
-            if burst is not None:
-                hdr = ({"Retry-After": str(int(burst.retry_after))}
-                       if burst.retry_after is not None else {})
-                raise _Reply(error_response(burst.status, f"Injected fault: HTTP {burst.status}",
-                                            headers=hdr))
-            auth = request.headers.get("Authorization", "")
-            value = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            tok = sb.world.check_token(value)
-            client_id = tok.client_id
-            request[TOKEN] = tok
-            retry = sb.faults.spend(tok.value)
-            counted = tok.value
-            if retry is not None:
-                raise _Reply(error_response(
-                    429, "Rate limit exceeded the maximum. Retry the request in "
-                    f"[{int(retry)}] seconds", "too.many.requests.retry.after",
-                    headers={"Retry-After": str(int(retry))},
-                    extra=None if sb.faults.legacy_headers else {"limit": sb.faults.limit()}))
+            await _api_gate(sb, request, path)
         resp = await handler(request)
     except _Reply as r:
         resp = r.response
@@ -127,6 +105,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception:  # a sandbox bug must still answer like Genesys, and be visible
         log.exception("sandbox_handler_failed", method=request.method, path=path)
         resp = error_response(500, "The sandbox failed to handle this request")
+    tok = request.get(TOKEN)
+    client_id = tok.client_id if tok is not None else None
+    counted = tok.value if tok is not None else None  # the token whose window counted it
     if counted is not None:
         # Legacy mode only: the budget on every answer, errors included (as before 2021).
         resp.headers.update(sb.faults.budget_headers(counted))
@@ -137,6 +118,31 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         sb.journal.request(request.method, path, dict(request.query), body, resp.status,
                            client_id, at=at, perf_ns=perf)
     return resp
+
+
+async def _api_gate(sb: SandboxHost, request: web.Request, path: str) -> None:
+    """What every /api/v2 request passes first: the injected latency and bursts, the bearer
+    token (`request[TOKEN]` once valid: it is then counted in its budget window), the
+    budget. Raises `_Reply` (a fault or a 429) or WorldError (401)."""
+    if sb.faults.latency:
+        await asyncio.sleep(sb.faults.latency)
+    burst = sb.faults.take_burst(request.method, path)
+    if burst is not None:
+        hdr = ({"Retry-After": str(int(burst.retry_after))}
+               if burst.retry_after is not None else {})
+        raise _Reply(error_response(burst.status, f"Injected fault: HTTP {burst.status}",
+                                    headers=hdr))
+    auth = request.headers.get("Authorization", "")
+    value = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    tok = sb.world.check_token(value)
+    request[TOKEN] = tok
+    retry = sb.faults.spend(tok.value)
+    if retry is not None:
+        raise _Reply(error_response(
+            429, "Rate limit exceeded the maximum. Retry the request in "
+            f"[{int(retry)}] seconds", "too.many.requests.retry.after",
+            headers={"Retry-After": str(int(retry))},
+            extra=None if sb.faults.legacy_headers else {"limit": sb.faults.limit()}))
 
 
 class _Reply(Exception):

@@ -306,97 +306,105 @@ async def _args(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _host(request: web.Request) -> SandboxHost:
+    return request.app[SANDBOX]
+
+async def _state(request: web.Request) -> web.Response:
+    sb = _host(request)
+    w = sb.world
+    return _out({"baseUrl": sb.base_url, "clientId": sb.client_id,
+                 "clientSecret": sb.client_secret,
+                 "queues": [{"id": q.id, "name": q.name} for q in w.queues.values()],
+                 "users": [{"id": u.id, "name": u.name} for u in w.users.values()],
+                 "activeCalls": len(w.active_calls()), "calls": len(w.calls),
+                 "channels": len(w.channels), "sockets": len(sb.conns)})
+
+async def _op(request: web.Request) -> web.Response:
+    sb = _host(request)
+    name = request.match_info["op"]
+    fn = _ops(sb).get(name)
+    if fn is None:
+        raise WorldError(404, "not.found",
+                         f"unknown sandbox op {name!r}; operations: {', '.join(s.name for s in OPS)} "
+                         "(GET /sandbox/ops describes each; see docs/sandbox.md)")
+    try:
+        result = fn(await _args(request))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise WorldError(400, "bad.request", f"{name}: {e}") from None
+    return _out({"result": result})
+
+async def _call(request: web.Request) -> web.Response:
+    return _out(_host(request).world.get_call(request.match_info["cid"]).rest_body())
+
+async def _journal(request: web.Request) -> web.Response:
+    sb = _host(request)
+    if request.method == "DELETE":
+        sb.journal.clear()
+        return _out({"cleared": True})
+    try:
+        sr = int(request.query.get("sinceRequest", "0"))
+        se = int(request.query.get("sinceEvent", "0"))
+    except ValueError:
+        raise WorldError(400, "bad.request", "sinceRequest/sinceEvent: integers") from None
+    return _out(sb.journal.as_dict(sr, se))
+
+async def _faults(request: web.Request) -> web.Response:
+    sb = _host(request)
+    if request.method == "POST":
+        try:
+            sb.faults.configure(await _args(request))
+        except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
+            raise WorldError(400, "bad.request", f"bad fault spec: {e}") from None
+    return _out(sb.faults.as_dict())
+
+async def _fault_action(request: web.Request) -> web.Response:
+    sb = _host(request)
+    a = await _args(request)
+    action = request.match_info["action"]
+    do = _FAULT_ACTIONS.get(action)
+    if do is None:
+        raise WorldError(404, "not.found", f"unknown fault action {action!r}")
+    return _out({"action": action, "affected": do(sb, a)})
+
+
+def _reset(sb: SandboxHost, a: dict[str, Any]) -> int:
+    sb.faults.reset()
+    return 0
+
+
+def _expire_channel(sb: SandboxHost, a: dict[str, Any]) -> int:
+    sb.expire_channel(_req(a, "channelId"))
+    return 1
+
+
+#: POST /sandbox/faults/{action}: what each does (with the JSON body); the count it hit.
+_FAULT_ACTIONS: dict[str, Callable[[SandboxHost, dict[str, Any]], Any]] = {
+    "reset": _reset,
+    "drop_sockets": lambda sb, a: sb.drop_sockets(a.get("channelId")),
+    "socket_closing": lambda sb, a: sb.socket_closing(a.get("channelId"), a.get("grace")),
+    "expire_channel": _expire_channel,
+    "expire_tokens": lambda sb, a: sb.world.expire_tokens(a.get("clientId")),
+    "revoke_tokens": lambda sb, a: sb.world.revoke_tokens(a.get("clientId")),
+    "send_raw": lambda sb, a: sb.send_raw(str(_req(a, "data")).encode(), a.get("channelId")),
+}
+
+
+async def _ops_list(request: web.Request) -> web.Response:
+    return _out({"operations": [
+        {"name": s.name, "path": f"/sandbox/{s.name}", "summary": s.summary, "answers": s.answers,
+         "fields": [{"name": f.name, "required": f.required, "meaning": f.meaning} for f in s.fields],
+         "example": s.example} for s in OPS]})
+
+
 def add_driver_routes(app: web.Application) -> None:
-    def sb_of(request: web.Request) -> SandboxHost:
-        return request.app[SANDBOX]
-
-    async def state(request: web.Request) -> web.Response:
-        sb = sb_of(request)
-        w = sb.world
-        return _out({"baseUrl": sb.base_url, "clientId": sb.client_id,
-                     "clientSecret": sb.client_secret,
-                     "queues": [{"id": q.id, "name": q.name} for q in w.queues.values()],
-                     "users": [{"id": u.id, "name": u.name} for u in w.users.values()],
-                     "activeCalls": len(w.active_calls()), "calls": len(w.calls),
-                     "channels": len(w.channels), "sockets": len(sb.conns)})
-
-    async def op(request: web.Request) -> web.Response:
-        sb = sb_of(request)
-        name = request.match_info["op"]
-        fn = _ops(sb).get(name)
-        if fn is None:
-            raise WorldError(404, "not.found",
-                             f"unknown sandbox op {name!r}; operations: {', '.join(s.name for s in OPS)} "
-                             "(GET /sandbox/ops describes each; see docs/sandbox.md)")
-        try:
-            result = fn(await _args(request))
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise WorldError(400, "bad.request", f"{name}: {e}") from None
-        return _out({"result": result})
-
-    async def call(request: web.Request) -> web.Response:
-        return _out(sb_of(request).world.get_call(request.match_info["cid"]).rest_body())
-
-    async def journal(request: web.Request) -> web.Response:
-        sb = sb_of(request)
-        if request.method == "DELETE":
-            sb.journal.clear()
-            return _out({"cleared": True})
-        try:
-            sr = int(request.query.get("sinceRequest", "0"))
-            se = int(request.query.get("sinceEvent", "0"))
-        except ValueError:
-            raise WorldError(400, "bad.request", "sinceRequest/sinceEvent: integers") from None
-        return _out(sb.journal.as_dict(sr, se))
-
-    async def faults(request: web.Request) -> web.Response:
-        sb = sb_of(request)
-        if request.method == "POST":
-            try:
-                sb.faults.configure(await _args(request))
-            except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
-                raise WorldError(400, "bad.request", f"bad fault spec: {e}") from None
-        return _out(sb.faults.as_dict())
-
-    async def fault_action(request: web.Request) -> web.Response:
-        sb = sb_of(request)
-        a = await _args(request)
-        action = request.match_info["action"]
-        ch = a.get("channelId")
-        n: Any
-        if action == "reset":
-            sb.faults.reset()
-            n = 0
-        elif action == "drop_sockets":
-            n = sb.drop_sockets(ch)
-        elif action == "socket_closing":
-            n = sb.socket_closing(ch, a.get("grace"))
-        elif action == "expire_channel":
-            sb.expire_channel(_req(a, "channelId"))
-            n = 1
-        elif action == "expire_tokens":
-            n = sb.world.expire_tokens(a.get("clientId"))
-        elif action == "revoke_tokens":
-            n = sb.world.revoke_tokens(a.get("clientId"))
-        elif action == "send_raw":
-            n = sb.send_raw(str(_req(a, "data")).encode(), ch)
-        else:
-            raise WorldError(404, "not.found", f"unknown fault action {action!r}")
-        return _out({"action": action, "affected": n})
-
+    """The unauthenticated driver under /sandbox/ (see the module docstring)."""
     r = app.router
-    async def ops_list(request: web.Request) -> web.Response:
-        return _out({"operations": [
-            {"name": s.name, "path": f"/sandbox/{s.name}", "summary": s.summary, "answers": s.answers,
-             "fields": [{"name": f.name, "required": f.required, "meaning": f.meaning} for f in s.fields],
-             "example": s.example} for s in OPS]})
-
-    r.add_get("/sandbox/ops", ops_list)
-    r.add_get("/sandbox/state", state)
-    r.add_get("/sandbox/calls/{cid}", call)
-    r.add_get("/sandbox/journal", journal)
-    r.add_delete("/sandbox/journal", journal)
-    r.add_get("/sandbox/faults", faults)
-    r.add_post("/sandbox/faults", faults)
-    r.add_post("/sandbox/faults/{action}", fault_action)
-    r.add_post("/sandbox/{op}", op)
+    r.add_get("/sandbox/ops", _ops_list)
+    r.add_get("/sandbox/state", _state)
+    r.add_get("/sandbox/calls/{cid}", _call)
+    r.add_get("/sandbox/journal", _journal)
+    r.add_delete("/sandbox/journal", _journal)
+    r.add_get("/sandbox/faults", _faults)
+    r.add_post("/sandbox/faults", _faults)
+    r.add_post("/sandbox/faults/{action}", _fault_action)
+    r.add_post("/sandbox/{op}", _op)

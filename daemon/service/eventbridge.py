@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from daemon.service.assembly import SourceContext
     from daemon.service.metrics import Metrics
 
-log = structlog.get_logger("confguard.eventbridge")
+log = structlog.get_logger(__name__)
 
 NAME = "eventbridge"
 #: The back-off between failed SQS calls: 0.5 s doubling to 5 s, jittered (unbounded tries).

@@ -1,6 +1,6 @@
 """daemon.genesys.stream.StreamManager against the real sandbox over real sockets (127.0.0.1).
 
-Every wait is a bounded wait on a condition (`wait_for`, deadline 10 s)."""
+Every wait is a bounded wait on a condition (`wait_until`, deadline 10 s)."""
 
 from __future__ import annotations
 
