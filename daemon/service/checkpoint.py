@@ -60,7 +60,7 @@ from daemon.errors import AuditError
 from daemon.genesys.retry import RetryPolicy
 from daemon.service.audit import AuditLog, checkpoint_state_path
 
-log = structlog.get_logger("confguard.audit")
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_FIELDS", "Checkpointer", "CheckpointSink", "PostgresCheckpointSink",
