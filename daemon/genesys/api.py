@@ -54,6 +54,7 @@ from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, U
 from daemon.genesys.ratelimit import Priority, RequestLimiter
 from daemon.genesys.retry import RetryPolicy, process_exception
 from daemon.genesys.transport import default_transport
+from daemon.core.logs import debug_enabled
 from daemon.core.timefmt import format_time, parse_time
 
 log = structlog.get_logger(__name__)
@@ -385,8 +386,7 @@ class GenesysClient:
             else:
                 status = resp.status_code
                 self._report(method, route, status, seconds)
-                log.debug("api_request", method=method, route=route, status=status,
-                          seconds=round(seconds, 3))
+                _debug_line(method, route, status, seconds)
                 if status < 400:
                     return resp
                 err = self._error(resp, method, path)
@@ -439,8 +439,7 @@ class GenesysClient:
         except httpx.HTTPError as exc:
             seconds = time.monotonic() - started
             self._report(method, route, 0, seconds)
-            log.debug("api_request", method=method, route=route, status=0,
-                      seconds=round(seconds, 3), error=exc.__class__.__name__)
+            _debug_line(method, route, 0, seconds, exc.__class__.__name__)
             return TransportError(
                 f"no answer from the Genesys API at {self.api_origin} "
                 f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
@@ -557,6 +556,19 @@ class GenesysClient:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _debug_line(method: str, route: str, status: int, seconds: float,
+                error: str | None = None) -> None:
+    """The `api_request` line (debug): built only when debug lines are emitted."""
+    if not debug_enabled():
+        return
+    if error is None:
+        log.debug("api_request", method=method, route=route, status=status,
+                  seconds=round(seconds, 3))
+    else:
+        log.debug("api_request", method=method, route=route, status=status,
+                  seconds=round(seconds, 3), error=error)
 
 
 def _entities(body: Mapping[str, Any]) -> list[dict[str, Any]]:

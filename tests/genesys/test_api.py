@@ -469,3 +469,33 @@ async def test_an_injected_retry_policy_governs_attempts_and_delays() -> None:
         with pytest.raises(ConflictError):
             await c.disconnect_participant("c1", "p1", retry_conflict=4)
     assert len(conflicts.api_requests) == 5
+
+
+async def test_api_request_debug_line_only_when_debug_lines_are_emitted() -> None:
+    """`api_request` (debug) is built only when debug lines go out: at `warning` nothing of
+    it is made; at `debug` it carries route and status."""
+    import io
+
+    from _logging_state import preserved_logging
+
+    from daemon.core.logs import debug_enabled
+    from daemon.service.logs import configure_logging
+
+    g = Genesys(lambda r: httpx.Response(202))
+    async with client(g) as c:
+        with preserved_logging():
+            out = io.StringIO()
+            configure_logging("debug", "json", stream=out)
+            assert debug_enabled()
+            with capture_logs() as logs:
+                await c.disconnect_participant("c1", "p1")
+            [line] = [x for x in logs if x["event"] == "api_request"]
+            assert line["status"] == 202 and line["method"] == "PATCH"
+            assert "/participants/" in line["route"]
+            configure_logging("warning", "json", stream=out)
+            assert not debug_enabled()
+            await c.disconnect_participant("c1", "p2")
+            assert "api_request" not in out.getvalue()
+            configure_logging("debug", "json", stream=out)
+            await c.disconnect_participant("c1", "p3")
+            assert "api_request" in out.getvalue()
