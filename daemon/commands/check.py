@@ -287,6 +287,20 @@ def check_command(args: Any, out: TextIO = sys.stdout) -> int:
     # A ConfigError reaches daemon.cli.main, which prints it as bare FILE:LINE:COL: message.
     config = load_config(args.config)
     print(summary(config), file=out)
+    if config.audit.signing_key_file:  # a key that cannot be read would stop `run` at start
+        from daemon.config.secrets import resolve_signing_key_file
+        from daemon.errors import AuditError
+        from daemon.service.checkpoint import key_id, load_private_key
+
+        try:
+            key_file = resolve_signing_key_file(config.audit, base_dir=config.base_dir)
+            assert key_file is not None
+            kid = key_id(load_private_key(key_file).public_key())
+        except AuditError as exc:  # as any config mistake: FILE:LINE:COL: message, exit 2
+            message = f"audit.signing_key_file: {exc}"
+            raise (config.source.error(("audit", "signing_key_file"), message) if config.source
+                   else ConfigError(message)) from None
+        print(f"audit checkpoints: signed with key {kid}, every {config.audit.checkpoint_interval:g} s", file=out)
     if not args.online:
         return 0
     return asyncio.run(online_check(config, out))

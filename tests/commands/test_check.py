@@ -192,3 +192,22 @@ async def test_online_unknown_queue_name_is_named(sandbox: Sandbox, tmp_path: Pa
     lines = [ln for ln in err.splitlines() if ln.startswith("confguard: ")]
     assert len(lines) == 1 and "'Collectoins'" in lines[0], err
     assert sandbox.world.channels == {}  # failed before creating anything
+
+
+async def test_signing_key_is_checked_offline(tmp_path: Path) -> None:
+    """audit.signing_key_file: a readable Ed25519 key is named by its id; an unreadable one
+    is a config error at its line (exit 2), not a failure at the daemon's start."""
+    from daemon.service.checkpoint import generate_keypair
+
+    kid = generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    good = _shipped_copy(tmp_path, "good.yaml", "  fsync_interval: 1.0",
+                         f"  fsync_interval: 1.0\n  signing_key_file: {tmp_path / 'k.pem'}")
+    code, out, err = await run_cli("check", "--config", str(good))
+    assert code == 0, err
+    assert f"audit checkpoints: signed with key {kid}, every 60 s" in out
+    bad = _shipped_copy(tmp_path, "bad.yaml", "  fsync_interval: 1.0",
+                        "  fsync_interval: 1.0\n  signing_key_file: k.pub")  # the PUBLIC key
+    code, out, err = await run_cli("check", "--config", str(bad))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(rf"{re.escape(str(bad))}:\d+:\d+: audit.signing_key_file: .*not an unencrypted PEM private key.*",
+                        err.strip()), err
