@@ -29,8 +29,9 @@ def register(subparsers: Any) -> None:
     v = sub.add_parser("verify", help="check the hash chain and the signed checkpoints",
                        description=VERIFY_HELP)
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    v.add_argument("--public-key", type=Path, metavar="FILE",
-                   help="PEM Ed25519 public key (confguard audit keygen) checking the checkpoints")
+    v.add_argument("--public-key", type=Path, action="append", metavar="FILE",
+                   help="PEM Ed25519 public key (confguard audit keygen) checking the checkpoints; "
+                        "repeat it for a period across a key rotation")
     v.add_argument("--checkpoints", action="append", default=[], metavar="FILE|postgres://...|s3://bucket/prefix",
                    help="checkpoints kept off the host: the daemon's exported log lines, the HA "
                         "database, or an S3 bucket/prefix (repeatable)")
@@ -63,7 +64,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--format", required=True, choices=("html", "csv", "json"),
                    help="html (the report), csv (one row per decision), json (all of it)")
     r.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
-    r.add_argument("--public-key", type=Path, metavar="FILE",
+    r.add_argument("--public-key", type=Path, action="append", metavar="FILE",
                    help="check the checkpoints' signatures (as audit verify)")
     r.add_argument("--checkpoints", action="append", default=[], metavar="SRC",
                    help="checkpoints kept off the host (as audit verify; repeatable)")
@@ -97,7 +98,7 @@ def run_report(args: argparse.Namespace) -> int:
             external = []
             for spec in args.checkpoints:
                 external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
-            result = check(list(args.paths), load_public_key(args.public_key), external)
+            result = check(list(args.paths), [load_public_key(k) for k in args.public_key], external)
             verification = coverage_from_check(result, since, until)
         report = build_report(list(args.paths), since=since, until=until, verification=verification)
     except AuditError as exc:
@@ -140,7 +141,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from daemon.service.checkpoint import key_id, load_public_key
 
     try:
-        public = load_public_key(args.public_key)
+        public = [load_public_key(k) for k in args.public_key]
         external = []
         for spec in args.checkpoints:
             external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
@@ -156,7 +157,8 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"broken: {report.problem}")
     for gap in report.gaps:
         print(f"gap: {gap}")
-    print(f"checkpoints: {result.checkpoints} with a valid signature by key {key_id(public)} "
+    print(f"checkpoints: {result.checkpoints} with a valid signature by key "
+          f"{', '.join(key_id(k) for k in public)} "
           f"({len(external)} read from {len(args.checkpoints)} outside source(s))")
     if result.last is not None and not result.problems:
         print(f"covered: the trail holds every record up to seq {result.covered_to}, as "

@@ -215,11 +215,15 @@ def _dedupe(items: Iterable[Located]) -> list[Located]:
     return bad + list(seen.values())
 
 
-def check(paths: Sequence[Path], public_key: Ed25519PublicKey, external: Sequence[Located],
-          *, node: str | None = None) -> CheckResult:
+def check(paths: Sequence[Path], public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
+          external: Sequence[Located], *, node: str | None = None) -> CheckResult:
     """Verify the trail at `paths` and every checkpoint (external ones and the trail's own)
-    with `public_key`; see the module docstring. `node`: only external checkpoints of this
+    with `public_key` (or any of several: a key rotated within the period); see the module
+    docstring. `node`: only external checkpoints of this
     node count (default: the node named by the trail's own checkpoints, if any)."""
+    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+    if not keys:
+        raise ValueError("at least one public key is needed")
     seqs = {cp.checkpoint.get("seq") for cp in external}
     first = verify(paths, want={s for s in seqs if isinstance(s, int)})
     own = [Located(cp, f"trail {where}") for cp, where in first.checkpoints]
@@ -239,7 +243,7 @@ def check(paths: Sequence[Path], public_key: Ed25519PublicKey, external: Sequenc
     everything = _dedupe([*own, *ext])
     good: list[Located] = []
     for item in everything:
-        problem = check_signature(public_key, item.checkpoint)
+        problem = _signed_by_any(keys, item.checkpoint)
         if problem is not None:
             result.problems.append(f"{describe(item.checkpoint, item.origin)}: {problem}")
         else:
@@ -256,7 +260,7 @@ def check(paths: Sequence[Path], public_key: Ed25519PublicKey, external: Sequenc
     if report.ok:
         after = report.last_seq - result.covered_to
         if not good:
-            result.notes.append(f"no checkpoint signed by key {key_id(public_key)} was found: "
+            result.notes.append(f"no checkpoint signed by key {', '.join(key_id(k) for k in keys)} was found: "
                                 f"nothing proves the trail's {report.records} record(s) complete")
         elif after > 0:
             result.notes.append(f"not checked: {after} record(s) after the last checkpoint "
@@ -265,6 +269,12 @@ def check(paths: Sequence[Path], public_key: Ed25519PublicKey, external: Sequenc
     else:
         result.notes.append(f"not checked: everything after the break ({report.problem})")
     return result
+
+
+def _signed_by_any(keys: Sequence[Ed25519PublicKey], cp: dict[str, Any]) -> str | None:
+    """None when one of `keys` verifies `cp`, else the first key's complaint."""
+    problems = [check_signature(k, cp) for k in keys]
+    return None if None in problems else problems[0]
 
 
 def _check_checkpoint_chain(good: list[Located], result: CheckResult) -> None:

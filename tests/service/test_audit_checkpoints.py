@@ -327,3 +327,23 @@ def test_signing_key_from_file_setting_or_systemd_credential(tmp_path: Path) -> 
     assert resolve_signing_key_file(chosen, env, base_dir=tmp_path) == tmp_path / "keys" / "k.pem"
     with pytest.raises(ValueError, match="duration"):
         AuditSettings(checkpoint_interval="soon")  # type: ignore[arg-type]
+
+
+def test_a_key_rotation_verifies_with_both_public_keys(tmp_path: Path) -> None:
+    old_priv, old_pub = _keys(tmp_path, "old")
+    new_priv, new_pub = _keys(tmp_path, "new")
+    path, journal = _trail(tmp_path, old_priv, n=4)
+    log = AuditLog(path, max_bytes=1 << 20)
+    log.open()
+    cpr = Checkpointer(log, load_private_key(new_priv), node="host-a")
+    cpr.resume()
+    log.write({"type": "decision"})
+    cp = cpr.checkpoint_now()
+    log.close()
+    with open(journal, "ab") as f:
+        f.write(orjson.dumps({"event": "audit_checkpoint", "checkpoint": cp}) + b"\n")
+    assert _cli("verify", str(path), "--public-key", str(old_pub), "--checkpoints", str(journal)).returncode == 1
+    done = _cli("verify", str(path), "--public-key", str(old_pub), "--public-key", str(new_pub),
+                "--checkpoints", str(journal))
+    assert done.returncode == 0, done.stdout
+    assert "2 with a valid signature" in done.stdout
