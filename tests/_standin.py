@@ -5,7 +5,20 @@ bodies with `CallMediaParticipant` fields (camelCase, `user`/`externalContact` a
 `{id, name}` refs), `ErrorBody` errors with an `inin-correlation-id` header, and an empty 202
 for a successful participant PATCH. Listens on 127.0.0.1 with an ephemeral port.
 
-This is test scaffolding, independent of the full sandbox under daemon/sandbox/.
+This is test scaffolding, independent of the full sandbox under daemon/sandbox/. It stays
+(issue 17 asked to merge it into the sandbox unless a test needs what the sandbox cannot do)
+because tests/commands/test_eject.py needs, today, what the sandbox does not offer:
+- the request headers of each PATCH (`Authorization` carrying the issued token,
+  `Content-Type: application/json`): the sandbox journal keeps method, path, body, status
+  and client id only;
+- a PATCH answered 202 while the party stays connected (`apply_patch=False`, the
+  "removal accepted but not confirmed" exit 6);
+- canned error bodies per request kind (`code`/`message` of an `ErrorBody`, e.g. a 409
+  `conflict` twice then success, a sticky 503) beyond the sandbox bursts' fixed message;
+- a GET held until released whose arrival is visible before it is answered (the Ctrl-C
+  test waits for the GET to arrive; the sandbox journals a request once answered);
+- a hand-built `CallConversation` with fixed ids and field shapes (a `sip:...;user=phone`
+  address, an ended ACD leg) that the eject selectors are tested against.
 """
 
 from __future__ import annotations
