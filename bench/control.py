@@ -31,6 +31,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,81 +103,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         return False
                 await _wait(up, 60, "the daemon's control API")
 
-                async def held(cid: str, pid: str) -> bool:
-                    async with http.get(f"{base}/v1/calls/{cid}") as r:
-                        if r.status != 200:
-                            return False
-                        return any(p["id"] == pid for p in (await r.json())["parties"])
-
-                # ---------------------------------------------------- phase 1: POST -> PATCH
-                targets = []
-                for i in range(args.removals):
-                    conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}")
-                    w.connect_agent(conv.id, agents[i % len(agents)])
-                    ext = w.add_external(conv.id, f"tel:+1212555{i:04d}")
-                    targets.append((conv.id, ext.id))
-                for cid, pid in targets:
-                    await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in the daemon's memory")
-                post_to_patch: list[float] = []
-                round_trip: list[float] = []
-                result["load_phase1_before"] = _common.load()
-                for cid, pid in targets:
-                    t0 = time.perf_counter_ns()
-                    async with http.post(f"{base}/v1/ejections",
-                                         json={"conversationId": cid, "participantId": pid}) as r:
-                        assert r.status == 202, await r.text()
-                        await r.read()
-                    round_trip.append((time.perf_counter_ns() - t0) / 1e6)
-                    for _ in range(20_000):  # bounded: 20,000 x 0.5 ms = 10 s
-                        hits = sb.journal.patches(cid)
-                        if hits:
-                            post_to_patch.append((hits[0].perf_ns - t0) / 1e6)
-                            break
-                        await asyncio.sleep(0.0005)
-                    else:
-                        raise TimeoutError(f"no PATCH for {cid}/{pid} within 10 s")
-                patched = [(r.path.split("/calls/")[1].split("/")[0], r.path.rsplit("/", 1)[1])
-                           for r in sb.journal.patches()]
-                result["phase1"] = {
-                    "post_to_patch_ms": _stats(post_to_patch), "post_202_ms": _stats(round_trip),
-                    "patches": len(patched), "distinct_parties": len(set(patched)),
-                    "load": _common.load()}
-
-                # ---------------------------------------------------- phase 2: GET /v1/calls/{id}
-                live = [c.id for c in w.calls.values() if c.end is None]
-                i = 0
-                while len(live) < args.calls:
-                    conv = w.start_call(queue, ani=f"tel:+1650555{i:04d}")
-                    w.connect_agent(conv.id, agents[i % len(agents)])
-                    if i % 2 == 0:
-                        w.add_external(conv.id, f"tel:+1303555{i:04d}")
-                    live.append(conv.id)
-                    i += 1
-                last = live[-1]
-                last_pid = w.get_call(last).participants[-1].id
-                await _wait(lambda: held(last, last_pid), 60, "the last call in memory")
-                for cid in live:
-                    pid = w.get_call(cid).participants[-1].id
-                    await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in memory")
-                rng = random.Random(3)
-                before = len(sb.journal.requests)
-                stop_at = time.perf_counter() + args.seconds
-                counts = {"ok": 0, "other": 0}
-
-                async def worker() -> None:
-                    while time.perf_counter() < stop_at:
-                        async with http.get(f"{base}/v1/calls/{rng.choice(live)}") as r:
-                            await r.read()
-                            counts["ok" if r.status == 200 else "other"] += 1
-                started = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-                elapsed = time.perf_counter() - started
-                result["phase2"] = {
-                    "live_calls": len(live), "seconds": round(elapsed, 2),
-                    "requests_ok": counts["ok"], "requests_other": counts["other"],
-                    "requests_per_s": round(counts["ok"] / elapsed, 1),
-                    "genesys_requests_during": len(sb.journal.requests) - before,
-                    "load": _common.load()}
+                held = partial(_held, http, base)
+                result["phase1"] = await _phase1(args, sb, http, base, queue, agents, held)
+                result["load_phase1_before"] = result["phase1"].pop("load_before")
+                result["phase2"] = await _phase2(args, sb, http, base, queue, agents, held)
         finally:
             if proc.returncode is None:
                 proc.terminate()
@@ -187,6 +117,93 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await proc.wait()
             await sb.stop()
     return result
+
+
+async def _held(http: aiohttp.ClientSession, base: str, cid: str, pid: str) -> bool:
+    """Whether the daemon's control API shows party `pid` on call `cid`."""
+    async with http.get(f"{base}/v1/calls/{cid}") as r:
+        if r.status != 200:
+            return False
+        return any(p["id"] == pid for p in (await r.json())["parties"])
+
+
+async def _phase1(args: argparse.Namespace, sb: Sandbox, http: aiohttp.ClientSession, base: str,
+                  queue: str, agents: list[str], held: Any) -> dict[str, Any]:
+    """POST /v1/ejections -> the PATCH at the sandbox, one removal at a time."""
+    w = sb.world
+    targets = []
+    for i in range(args.removals):
+        conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}")
+        w.connect_agent(conv.id, agents[i % len(agents)])
+        ext = w.add_external(conv.id, f"tel:+1212555{i:04d}")
+        targets.append((conv.id, ext.id))
+    for cid, pid in targets:
+        await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in the daemon's memory")
+    post_to_patch: list[float] = []
+    round_trip: list[float] = []
+    load_before = _common.load()
+    for cid, pid in targets:
+        t0 = time.perf_counter_ns()
+        async with http.post(f"{base}/v1/ejections",
+                             json={"conversationId": cid, "participantId": pid}) as r:
+            assert r.status == 202, await r.text()
+            await r.read()
+        round_trip.append((time.perf_counter_ns() - t0) / 1e6)
+        post_to_patch.append(await _first_patch_ms(sb, cid, pid, t0))
+    patched = [(r.path.split("/calls/")[1].split("/")[0], r.path.rsplit("/", 1)[1])
+               for r in sb.journal.patches()]
+    return {"post_to_patch_ms": _stats(post_to_patch), "post_202_ms": _stats(round_trip),
+            "patches": len(patched), "distinct_parties": len(set(patched)),
+            "load": _common.load(), "load_before": load_before}
+
+
+async def _first_patch_ms(sb: Sandbox, cid: str, pid: str, t0: int) -> float:
+    """Milliseconds from `t0` (perf_counter_ns) to the sandbox's receipt of the call's first PATCH."""
+    for _ in range(20_000):  # bounded: 20,000 x 0.5 ms = 10 s
+        hits = sb.journal.patches(cid)
+        if hits:
+            return (hits[0].perf_ns - t0) / 1e6
+        await asyncio.sleep(0.0005)
+    raise TimeoutError(f"no PATCH for {cid}/{pid} within 10 s")
+
+
+async def _phase2(args: argparse.Namespace, sb: Sandbox, http: aiohttp.ClientSession, base: str,
+                  queue: str, agents: list[str], held: Any) -> dict[str, Any]:
+    """GET /v1/calls/{id} with `args.calls` live calls, `args.concurrency` connections."""
+    w = sb.world
+    live = [c.id for c in w.calls.values() if c.end is None]
+    i = 0
+    while len(live) < args.calls:
+        conv = w.start_call(queue, ani=f"tel:+1650555{i:04d}")
+        w.connect_agent(conv.id, agents[i % len(agents)])
+        if i % 2 == 0:
+            w.add_external(conv.id, f"tel:+1303555{i:04d}")
+        live.append(conv.id)
+        i += 1
+    last = live[-1]
+    last_pid = w.get_call(last).participants[-1].id
+    await _wait(lambda: held(last, last_pid), 60, "the last call in memory")
+    for cid in live:
+        pid = w.get_call(cid).participants[-1].id
+        await _wait(lambda c=cid, p=pid: held(c, p), 30, f"call {cid} in memory")
+    rng = random.Random(3)
+    before = len(sb.journal.requests)
+    stop_at = time.perf_counter() + args.seconds
+    counts = {"ok": 0, "other": 0}
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            async with http.get(f"{base}/v1/calls/{rng.choice(live)}") as r:
+                await r.read()
+                counts["ok" if r.status == 200 else "other"] += 1
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"live_calls": len(live), "seconds": round(elapsed, 2),
+            "requests_ok": counts["ok"], "requests_other": counts["other"],
+            "requests_per_s": round(counts["ok"] / elapsed, 1),
+            "genesys_requests_during": len(sb.journal.requests) - before,
+            "load": _common.load()}
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
