@@ -6,6 +6,7 @@ at the edge into this tree.
 
     ConfguardError
     ├── ConfigError              bad config.yaml or list file; carries file:line:col
+    │   └── ConfigErrors         several of them, found in one pass
     ├── CredentialsError         no client id/secret found in the environment or files
     ├── AuthError                the token endpoint refused or failed (bad secret, outage)
     ├── ApiError                 a Genesys REST call failed; carries status, message, correlation id
@@ -52,6 +53,34 @@ class ConfigError(ConfguardError):
         if self.line is not None:
             where += f":{self.line}:{self.col or 1}"
         return f"{where}: {self.message}" if where else self.message
+
+
+class ConfigErrors(ConfigError):
+    """The configuration problems found in one pass (`errors`, in file order). `str()` is
+    one `FILE:LINE:COL: message` line per problem. `config`: what could be
+    validated all the same (the configuration without the rules that failed), for callers
+    that go on to check more (e.g. compile the remaining rules), or None."""
+
+    def __init__(self, errors: list[ConfigError], *, config: object = None) -> None:
+        self.errors = sorted(errors, key=lambda e: (e.file or "", e.line or 0, e.col or 0))
+        self.config = config
+        first = self.errors[0]
+        super().__init__(first.message, file=first.file, line=first.line, col=first.col)
+
+    def __str__(self) -> str:
+        return "\n".join(" ".join(str(e).split()) for e in self.errors)
+
+    @staticmethod
+    def raise_all(errors: list[ConfigError], *, config: object = None) -> None:
+        """Raise nothing (no errors), the one error as it is (when there is no `config` to
+        hand on), or a ConfigErrors of them all."""
+        flat: list[ConfigError] = []
+        for e in errors:
+            flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
+        if len(flat) == 1 and config is None:
+            raise flat[0]
+        if flat:
+            raise ConfigErrors(flat, config=config)
 
 
 class CredentialsError(ConfguardError):

@@ -34,10 +34,30 @@ from pydantic_core import PydanticOmit, core_schema
 
 from daemon.genesys.api import GenesysClient
 from daemon.config import DURATION_PATTERN, Config, load_config, load_lists, resolve_credentials
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, ConfigErrors
 from daemon.core.rules import ATTRIBUTES, COMBINATORS, FIELDS, HAS_PARTY, FieldSpec, compile_rules
 from daemon.genesys import permissions
 from daemon.genesys.scope import resolve_scope, shard
+
+
+def load_all(path: str) -> Config:
+    """`load_config` and every rule and list compiled, reporting every problem in one pass:
+    when the file has problems in some rules, the other rules are still compiled, and the
+    whole lot is raised together (ConfigErrors, in file order)."""
+    problems: list[ConfigError] = []
+    try:
+        config = load_config(path)
+    except ConfigErrors as exc:
+        if not isinstance(exc.config, Config):
+            raise
+        problems.extend(exc.errors)
+        config = exc.config
+    try:
+        summary(config)
+    except ConfigError as exc:
+        problems.append(exc)
+    ConfigErrors.raise_all(problems)
+    return config
 
 
 def summary(config: Config) -> str:
@@ -284,8 +304,9 @@ def check_command(args: Any, out: TextIO = sys.stdout) -> int:
     if getattr(args, "schema", False):
         out.write(schema_text())
         return 0
-    # A ConfigError reaches daemon.cli.main, which prints it as bare FILE:LINE:COL: message.
-    config = load_config(args.config)
+    # A ConfigError reaches daemon.cli.main, which prints it as bare FILE:LINE:COL: message
+    # (ConfigErrors: one such line per problem).
+    config = load_all(args.config)
     print(summary(config), file=out)
     if config.audit.signing_key_file:  # a key that cannot be read would stop `run` at start
         from daemon.config.secrets import resolve_signing_key_file

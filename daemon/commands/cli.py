@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from daemon.errors import (ApiError, AuditError, AuthError, ConfguardError, ConfigError,
+from daemon.errors import (ApiError, AuditError, AuthError, ConfguardError, ConfigError, ConfigErrors,
                            CredentialsError, ForbiddenError, NotFoundError, ReplayError,
                            TargetError, UnauthorizedError)
 
@@ -139,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except ConfguardError as exc:
+        if isinstance(exc, ConfigErrors):
+            # Every problem found in one pass, one `FILE:LINE:COL: message` line each.
+            for err in exc.errors:
+                line = " ".join(str(err).split())
+                print(line if err.line is not None else f"confguard: {line}", file=sys.stderr)
+            return exit_code_for(exc)
         message = " ".join(str(exc).split()) or exc.__class__.__name__
         if isinstance(exc, ConfigError) and exc.line is not None:
             # Bare `FILE:LINE:COL: message`, as compilers print it, so editors and CI jump to it.

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 from typing import Any
 
-from daemon.config import load_config
+from daemon.commands.check import load_all
+from daemon.config import Config, load_config
+from daemon.errors import ConfigErrors
 from daemon.service.lifecycle import Daemon
 
 
@@ -25,7 +27,12 @@ def register(subparsers: Any) -> None:
 def run_command(args: Any) -> int:
     from daemon.service.logs import configure_logging
 
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as exc:
+        if isinstance(exc.config, Config):
+            load_all(args.config)  # every problem in one pass, the other rules' too
+        raise
     configure_logging(getattr(args, "log_level", None) or config.logging.level, config.logging.format)
     daemon = Daemon(config, config_path=args.config, observe=args.observe, record_path=args.record)
     return asyncio.run(daemon.run())

@@ -4,6 +4,10 @@ Contract:
 - `load_config(path)` reads the file and returns `parse_config(text, file, base_dir=its
   folder)`; `parse_config` returns a `Config` or raises `ConfigError` whose `str()` is
   `FILE:LINE:COL: <what is wrong, what was expected>`. Unknown keys are errors everywhere.
+  Every problem pydantic finds is reported in one pass (`ConfigErrors`, a ConfigError with
+  one line per problem; a problem inside a rule names the rule by its `name`), with the
+  configuration minus the refused rules as `.config` when that validates, so a caller can go
+  on to compile the other rules.
 - `load_lists(cfg)` reads every list under `lists:` (files relative to config.yaml): the
   loaded lists that `daemon.core.rules.compile_rules(cfg, lists)` takes. A list file that
   cannot be read is a ConfigError located at its `file:` key. This is the only place list
@@ -22,7 +26,7 @@ from pydantic import ValidationError
 from daemon.config.models import SCHEMA_VERSION, Config
 from daemon.config.secrets import read_file
 from daemon.config.source import ConfigSource, Path_, compose_with_positions
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, ConfigErrors
 
 
 def _dotted(path: Path_) -> str:
@@ -32,7 +36,25 @@ def _dotted(path: Path_) -> str:
     return out
 
 
-def _describe(err: Mapping[str, Any], path: Path_) -> str:
+def _rule_label(data: Any, path: Path_) -> tuple[str, Path_] | None:
+    """("rule 'NAME'", the rest of the path) for a path inside `rules[i]` whose rule has a
+    text name; None otherwise."""
+    if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int) and isinstance(data, dict):
+        rules = data.get("rules")
+        if isinstance(rules, list) and 0 <= path[1] < len(rules) and isinstance(rules[path[1]], dict):
+            name = rules[path[1]].get("name")
+            if isinstance(name, str) and name:
+                return f"rule {name!r}", path[2:]
+    return None
+
+
+def _describe(err: Mapping[str, Any], path: Path_, data: Any = None) -> str:
+    """One pydantic error as an operator reads it; inside a rule, the rule is named by its
+    `name` (`rule 'flagged-party': action: got 'remove', ...`)."""
+    label = _rule_label(data, path)
+    if label is not None:
+        inner = _describe(err, label[1])
+        return f"{label[0]}: {inner}"
     kind = err.get("type", "")
     loc = _dotted(path)
     if path and path[-1] == "hold_for":
@@ -50,17 +72,29 @@ def _describe(err: Mapping[str, Any], path: Path_) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def _check_whole(cfg: Config, src: ConfigSource) -> None:
-    """What one model cannot see: unique rule names, one list source, one DSN source, callers."""
+def _check_whole(cfg: Config, src: ConfigSource) -> list[ConfigError]:
+    """What one model cannot see: unique rule names, one list source, one DSN source,
+    callers. Every problem of the first two kinds; then the first of the others."""
+    problems: list[ConfigError] = []
     names: dict[str, int] = {}
     for i, rule in enumerate(cfg.rules):
         if rule.name in names:
-            raise src.error(("rules", i, "name"),
-                            f"duplicate rule name {rule.name!r} (first at rules[{names[rule.name]}]); names must be unique")
+            line = src.position(("rules", names[rule.name], "name"))[0]
+            problems.append(src.error(("rules", i, "name"),
+                                      f"duplicate rule name {rule.name!r} (first at line {line}); names must be unique"))
+            continue
         names[rule.name] = i
     for name, spec in cfg.lists.items():
         if (spec.file is None) == (spec.values is None):
-            raise src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'")
+            problems.append(src.error(("lists", name), f"list {name!r} needs exactly one of 'file' or 'values'"))
+    try:
+        _check_sections(cfg, src)
+    except ConfigError as exc:
+        problems.append(exc)
+    return problems
+
+
+def _check_sections(cfg: Config, src: ConfigSource) -> None:
     if cfg.ha.dsn is not None and cfg.ha.dsn_file is not None:
         raise src.error(("ha", "dsn_file"), "ha: give one of 'dsn' or 'dsn_file', not both")
     if cfg.control.listen is not None and not cfg.control.callers:
@@ -98,11 +132,53 @@ def parse_config(text: str, file: str = "config.yaml", base_dir: Path | None = N
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = _data_path(data, tuple(first.get("loc", ())))
-        raise src.error(loc, _describe(first, loc), key=first.get("type") == "extra_forbidden") from None
-    _check_whole(cfg, src)
+        problems = _validation_problems(exc, data, src)
+        partial = _without_bad_rules(data, exc, src)
+        ConfigErrors.raise_all(problems, config=partial)
+        raise AssertionError("unreachable") from None  # raise_all raised: problems is not empty
+    ConfigErrors.raise_all(_check_whole(cfg, src), config=cfg.model_copy(update={"source": src}))
     return cfg.model_copy(update={"source": src})
+
+
+def _validation_problems(exc: ValidationError, data: Any, src: ConfigSource) -> list[ConfigError]:
+    """Every pydantic error as a located ConfigError, one per place (pydantic can report a
+    value twice, once per branch of a union)."""
+    problems: list[ConfigError] = []
+    seen: set[Path_] = set()
+    for err in exc.errors():
+        loc = _data_path(data, tuple(err.get("loc", ())))
+        if loc in seen:
+            continue
+        seen.add(loc)
+        problems.append(src.error(loc, _describe(err, loc, data), key=err.get("type") == "extra_forbidden"))
+    return problems
+
+
+def _without_bad_rules(data: dict[str, Any], exc: ValidationError, src: ConfigSource) -> Config | None:
+    """The configuration without the rules pydantic refused, when that validates (so the
+    other rules can still be compiled and checked in the same pass); else None."""
+    bad = {err["loc"][1] for err in exc.errors()
+           if len(err.get("loc", ())) >= 2 and err["loc"][0] == "rules" and isinstance(err["loc"][1], int)}
+    if not bad or not isinstance(data.get("rules"), list):
+        return None
+    kept = [r for i, r in enumerate(data["rules"]) if i not in bad]
+    try:
+        cfg = Config.model_validate({**data, "rules": kept})
+    except ValidationError:
+        return None
+    # The kept rules' positions: map their new indexes back onto the file's.
+    old_index = [i for i in range(len(data["rules"])) if i not in bad]
+    moved = ConfigSource(file=src.file, base_dir=src.base_dir)
+    for table_name in ("values", "keys"):
+        table, out = getattr(src, table_name), getattr(moved, table_name)
+        for path, pos in table.items():
+            if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+                if path[1] in bad:
+                    continue
+                out[("rules", old_index.index(path[1]), *path[2:])] = pos
+            else:
+                out[path] = pos
+    return cfg.model_copy(update={"source": moved})
 
 
 def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
@@ -164,16 +240,20 @@ def load_lists(cfg: Config) -> dict[str, frozenset[str]]:
     folder). A file that cannot be read is a ConfigError located at its `file:` key."""
     src = cfg.source or ConfigSource(file="<config>")
     out: dict[str, frozenset[str]] = {}
+    problems: list[ConfigError] = []
     for name, spec in cfg.lists.items():
         if spec.file is not None:
             try:
                 values = load_list_file(cfg.resolve_path(spec.file))
             except ConfigError as exc:
-                raise src.error(("lists", name, "file"), f"list {name!r}: {exc.message}") from None
+                problems.append(src.error(("lists", name, "file"), f"list {name!r}: {exc.message}"))
+                continue
         else:
             values = [str(v) for v in spec.values or ()]
             if len(values) > MAX_LIST_VALUES:
-                raise src.error(("lists", name, "values"),
-                                f"list {name!r} has more than {MAX_LIST_VALUES} values")
+                problems.append(src.error(("lists", name, "values"),
+                                          f"list {name!r} has more than {MAX_LIST_VALUES} values"))
+                continue
         out[name] = frozenset(values)
+    ConfigErrors.raise_all(problems)
     return out

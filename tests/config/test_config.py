@@ -43,14 +43,14 @@ def test_shipped_config_loads() -> None:
     ("rules:\n  - name: a\n    when: {purpose: x}\n    action: disconnect\n"
      "  - name: a\n    when: {purpose: y}\n    action: observe\n",
      "config.yaml:5:11: duplicate rule name 'a'"),
-    ("rules:\n  - name: a\n    when: {purpose: x}\n", "config.yaml:2:5: missing required key 'action' in rules[0]"),
+    ("rules:\n  - name: a\n    when: {purpose: x}\n", "config.yaml:2:5: rule 'a': missing required key 'action'"),
     ("a: [1\n", "config.yaml:2:1: invalid YAML"),
     ("genesys: {region: eu-west-1}\ngenesys: {region: eu-west-2}\n", "config.yaml:2:1: duplicate key 'genesys'"),
     ("schema_version: 2\n", "config.yaml:1:17: schema_version 2 is newer than this confguard understands"),
     ("- just\n- a list\n", "config.yaml:1:1: the top level must be a mapping"),
     ("lists:\n  x: {}\n", "config.yaml:2:6: list 'x' needs exactly one of 'file' or 'values'"),
     ("rules:\n  - name: a\n    when: {purpose: x}\n    hold_for: true\n    action: disconnect\n",
-     "config.yaml:4:15: rules[0].hold_for: expected a duration"),
+     "config.yaml:4:15: rule 'a': hold_for: expected a duration"),
 ])
 def test_errors_name_file_line_and_column(text: str, expected: str) -> None:
     assert error_of(text).startswith(expected)

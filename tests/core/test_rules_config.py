@@ -90,7 +90,7 @@ def test_load_errors_are_located(tmp_path: Path, body: str, where: str, needle: 
 
 def test_disabled_rule_is_still_checked(tmp_path: Path) -> None:
     err = _err(_rule("    enabled: false\n    when:\n      purpsoe: external\n"), tmp_path)
-    assert str(err).startswith("config.yaml:7:7: unknown party field 'purpsoe'")
+    assert str(err).startswith("config.yaml:7:7: rule 'r': unknown party field 'purpsoe'")
 
 
 def test_missing_list_file(tmp_path: Path) -> None:
@@ -161,4 +161,4 @@ def test_cli_style_load_config_error_from_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         cfg = load_config(path)
         compile_rules(cfg, load_lists(cfg))
-    assert str(info.value).startswith(f"{path}:6:23: bad regular expression")
+    assert str(info.value).startswith(f"{path}:6:23: rule 'r': bad regular expression")

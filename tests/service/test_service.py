@@ -449,7 +449,7 @@ async def test_rejected_reload_during_a_gap_that_closes_meanwhile_ends_ready(
     ("", r"nothing to subscribe: .*"),  # an empty file must not silently drop every subscription
     ("- just\n- a list\n", r".*config\.yaml:1:1: .*"),
     ("schema_version: 1\nrules:\n  - name: x\n    when: {purpose: {in_list: nope}}\n    action: disconnect\n",
-     r".*:4:\d+: unknown list 'nope'.*"),
+     r".*:4:\d+: rule 'x': unknown list 'nope'.*"),
     ("\x00\x01\x02 binary", r".*config\.yaml.*"),
 ])
 async def test_unusable_reload_files_are_rejected(sandbox: Sandbox, tmp_path: Path,

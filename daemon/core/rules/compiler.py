@@ -40,7 +40,7 @@ from daemon.core.rules.fields import (
 )
 from daemon.core.rules.messages import DEFAULT_MESSAGE, compile_message
 from daemon.core.rules.ruleset import CompiledRule, RuleSet
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, ConfigErrors
 
 _MAX_DEPTH = 24
 
@@ -426,23 +426,40 @@ def _always(c: Call, p: Participant, n: float) -> bool:
     return True
 
 
+def _named(rule: str, exc: ConfigError) -> ConfigError:
+    """`exc` with its rule named (`rule 'NAME': ...`), unless it already names it."""
+    if exc.message.startswith(f"rule {rule!r}"):
+        return exc
+    return ConfigError(f"rule {rule!r}: {exc.message}", file=exc.file, line=exc.line, col=exc.col)
+
+
 def compile_rules(cfg: Config, lists: Mapping[str, frozenset[str]]) -> RuleSet:
     """Check and compile every rule of `cfg` against the loaded `lists` (name -> values, as
     `daemon.config.load_lists(cfg)` returns them; nothing is read here).
 
-    Raises ConfigError `file:line:col: ...` at the offending key or value. Disabled rules
-    are checked too (a typo is caught before someone enables the rule) but not run.
+    Raises ConfigError `file:line:col: rule 'NAME': ...` at the offending key or value: the
+    first problem of every rule, all in one ConfigErrors when several rules have one. Disabled
+    rules are checked too (a typo is caught before someone enables the rule) but not run.
     """
     src = cfg.source or ConfigSource(file="<config>")
     ctx = _Ctx(src=src, lists=dict(lists))
     rules: list[CompiledRule] = []
     disabled: list[RuleName] = []
+    problems: list[ConfigError] = []
     for i, spec in enumerate(cfg.rules):
-        compiled = _compile_one(spec, i, ctx)
+        try:
+            compiled = _compile_one(spec, i, ctx)
+        except ConfigErrors as exc:
+            problems.extend(_named(spec.name, e) for e in exc.errors)
+            continue
+        except ConfigError as exc:  # the first problem of this rule; the next rules go on
+            problems.append(_named(spec.name, exc))
+            continue
         if spec.enabled:
             rules.append(compiled)
         else:
             disabled.append(compiled.name)
+    ConfigErrors.raise_all(problems)
     return RuleSet(rules=tuple(rules), mode=cfg.mode, safety=cfg.safety, lists=dict(ctx.lists),
                    disabled=tuple(disabled), namespace=ctx.names.ns)
 
