@@ -129,6 +129,11 @@ class BadRequestError(ApiError):
     status = 400
 
 
+class InvalidIdError(BadRequestError):
+    """An id that is not safe in a REST path (`daemon.core.ids.is_path_id`): refused before
+    anything is sent (`status` 400, `code` `invalid_id`)."""
+
+
 class UnauthorizedError(ApiError):
     status = 401
 

@@ -47,6 +47,7 @@ import structlog
 from daemon.genesys.api import ROUTE_PARTICIPANT, GenesysClient
 from daemon.config import Config, Credentials, load_config, resolve_credentials
 from daemon.errors import (ApiError, ConfigError, ForbiddenError, NotFoundError, TargetError)
+from daemon.core.ids import is_uuid
 from daemon.core.parties import (Resolution, Selector, is_live, participants_of,
                                   resolve_target)
 from daemon.genesys.ratelimit import Priority
@@ -151,12 +152,31 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def uuid_arg(flag: str, value: object) -> str:
+    """`value` stripped, when it is a Genesys id (a UUID); else ConfigError (exit 2) before
+    anything is sent: no value may reach a URL unchecked (`daemon.core.ids`)."""
+    text = str(value).strip()
+    if not text:
+        raise ConfigError(f"--{flag} must not be empty")
+    if not is_uuid(text):
+        raise ConfigError(f"--{flag} {text[:60]!r} is not a Genesys id (a UUID such as "
+                          f"3fa85f64-5717-4562-b3fc-2c963f66afa6)")
+    return text
+
+
+#: Selectors whose value is a Genesys id (a UUID).
+ID_SELECTORS = ("participant", "user", "external_contact")
+
+
 def selector_from_args(args: argparse.Namespace) -> Selector:
     for kind in ("participant", "user", "external_contact", "address", "name"):
         value = getattr(args, kind, None)
         if value is not None:
+            flag = kind.replace('_', '-')
             if not str(value).strip():
-                raise ConfigError(f"--{kind.replace('_', '-')} must not be empty")
+                raise ConfigError(f"--{flag} must not be empty")
+            if kind in ID_SELECTORS:
+                return Selector(kind, uuid_arg(flag, value))
             return Selector(kind, str(value))
     raise ConfigError("name the party with one of --participant, --user, --external-contact, "
                       "--address or --name")
@@ -174,9 +194,7 @@ def load_settings(path: str | None) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """`confguard eject`: see the module docstring for the flow and exit codes."""
-    conversation = str(args.conversation).strip()
-    if not conversation:
-        raise ConfigError("--conversation must not be empty")
+    conversation = uuid_arg("conversation", args.conversation)
     selector = selector_from_args(args)
     if args.control or args.token_file:
         from daemon.commands import eject_control as ec

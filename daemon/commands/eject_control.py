@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import httpx
 
+from daemon.core.ids import is_path_id
+
 from daemon.errors import ConfigError
 
 EXIT_DONE, EXIT_AMBIGUOUS, EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_PERMISSION, EXIT_API, \
@@ -106,6 +108,9 @@ async def eject_via_control(url: str, token: str, body: dict[str, str], *, dry_r
             if r.status_code != 202:
                 return _refused(r.status_code, answer, say, fail)
             eid, pid = str(answer.get("id")), str(answer.get("participantId"))
+            if not is_path_id(eid):  # it goes into the polling URL: no `..` or `/` from a reply
+                return fail(f"the daemon answered 202 with an unusable ejection id {eid[:60]!r}",
+                            EXIT_API)
             say(f"removing {pid} of conversation {body['conversationId']} through the daemon "
                 f"(ejection {eid}) ...")
             state, final = str(answer.get("state")), answer

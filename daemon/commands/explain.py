@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import orjson
 
 from daemon.config import Config, load_config, load_lists, resolve_credentials
+from daemon.commands.eject import uuid_arg
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Participant
 from daemon.core.rules import CompiledRule, RuleEngine, RuleSet, Verdict, compile_rules
@@ -286,8 +287,9 @@ def explain_command(args: Any, out: TextIO | None = None) -> int:
     if args.call:
         conv = load_call_file(Path(args.call))
     else:
+        conversation = uuid_arg("conversation", args.conversation)  # exit 2: nothing sent
         try:
-            conv = asyncio.run(fetch_call(config, args.conversation))
+            conv = asyncio.run(fetch_call(config, conversation))
         except NotFoundError:
             raise TargetError(f"no call {args.conversation} in Genesys Cloud (404)") from None
     ex = explain_call(ruleset, conv, now, args.party)

@@ -20,7 +20,8 @@ Shapes recognised (see /work/shared/genesys-api.md, "Notification service"):
 
 Rejection reasons (stable): `too_large` (more than `MAX_FRAME_BYTES`, not decoded),
 `not_json`, `not_object`, `no_topic`, `bad_topic`, `bad_event_body`, `missing_id`,
-`bad_participants`. `REJECT_REASONS` also lists what the call store reports about a call
+`invalid_id` (a conversation id that could not stand as a URL path segment:
+`daemon.core.ids.is_path_id`), `bad_participants`. `REJECT_REASONS` also lists what the call store reports about a call
 event it applied in part (`daemon.core.state.PROBLEMS`: `bad_participant`,
 `participant_missing_id`, `bad_field`; `bad_conversation` for a REST reply).
 """
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+
+from daemon.core.ids import is_path_id
 
 # The one topic grammar lives in daemon.core.topics; these names are re-exported.
 from daemon.core.topics import CALL_TOPIC_RE as CALL_TOPIC_RE
@@ -47,7 +50,7 @@ HEARTBEAT_TEXT: Final = "WebSocket Heartbeat"
 
 REJECT_REASONS: Final = (
     "too_large", "not_json", "not_object", "no_topic", "bad_topic", "bad_event_body",
-    "missing_id", "bad_participants",
+    "missing_id", "invalid_id", "bad_participants",
     # reported by the call store for a snapshot it applied in part (state.PROBLEMS)
     "bad_conversation", "bad_participant", "participant_missing_id", "bad_field",
 )
@@ -145,6 +148,8 @@ def _call_event(topic: str, body: object, raw: bytes | str) -> CallEvent | Rejec
     cid = body.get("id")
     if cid.__class__ is not str or not cid:
         return Rejected("missing_id", excerpt(raw))
+    if not is_path_id(cid):  # ".." or "a/b" would reach a REST path (resync, the PATCH)
+        return Rejected("invalid_id", excerpt(raw))
     if body.get("participants").__class__ is not list:
         return Rejected("bad_participants", excerpt(raw))
     return CallEvent(topic, body)

@@ -9,6 +9,9 @@ Every request:
 3. reports `(method, route template, status, seconds)` to `on_response` (status 0 when no
    HTTP answer came), for metrics;
 4. is logged at debug level with route and status (never the token or the URL query).
+5. has its path built from a route template whose every id passed `core.ids.is_path_id`
+   (letters, digits, `_`, `-`: no `.`/`..`, `/` or `%` that httpx would resolve or a server
+   decode into another path); any other value raises `InvalidIdError` and nothing is sent.
 
 Failure handling (bounded; `settings.max_retries` retries at most), decided by the one
 retry policy of `daemon.genesys.retry` (`process_exception`, `RetryPolicy.backoff()`):
@@ -47,9 +50,10 @@ import structlog
 
 from daemon.genesys.auth import TokenManager
 from daemon.config import Credentials, GenesysSettings
-from daemon.errors import (ApiError, ConflictError, ForbiddenError, NotFoundError,
+from daemon.errors import (ApiError, ConflictError, ForbiddenError, InvalidIdError, NotFoundError,
                            RateLimitedError, TransportError, UnauthorizedError,
                            api_error_for_status)
+from daemon.core.ids import is_path_id
 from daemon.core.ids import ChannelId, ConversationId, ParticipantId, QueueId, UserId
 from daemon.genesys.ratelimit import Priority, RequestLimiter
 from daemon.genesys.retry import RetryPolicy, process_exception
@@ -367,7 +371,7 @@ class GenesysClient:
                        retry_conflict: int = 0,
                        on_send: Callable[[], None] | None = None) -> httpx.Response:
         """Send one logical request with the retry policy of the module docstring."""
-        path = route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
+        path = build_path(method, route, path_args)
         # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
         delays = self.retry.backoff(self._rng)
         conflict_delays: Iterator[float] | None = None  # made at the first 409 (rare)
@@ -569,6 +573,17 @@ def _debug_line(method: str, route: str, status: int, seconds: float,
     else:
         log.debug("api_request", method=method, route=route, status=status,
                   seconds=round(seconds, 3), error=error)
+
+
+def build_path(method: str, route: str, path_args: Mapping[str, str]) -> str:
+    """`route` with its `{name}` placeholders filled. Every value must pass
+    `core.ids.is_path_id`, so none can change the path (`..`, `.`, `/`, `%2e`); else
+    `InvalidIdError` (nothing is sent)."""
+    for name, value in path_args.items():
+        if not is_path_id(value):
+            raise InvalidIdError(f"{name} {str(value)[:60]!r} is not a valid id; nothing was sent",
+                                 code="invalid_id", method=method, path=route)
+    return route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
 
 
 def _entities(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -241,10 +241,10 @@ async def test_subprocess_403_names_the_missing_permission(tmp_path: Path, stand
 
 
 async def test_subprocess_no_such_party_or_call_exits_3(tmp_path: Path, standin: StandIn) -> None:
-    run = await eject(tmp_path, standin, "--conversation", CID, "--user", "nobody")
+    run = await eject(tmp_path, standin, "--conversation", CID, "--user", "00000000-0000-4000-8000-00000000beef")
     assert run.code == 3
-    assert "no party" in run.err and "user 'nobody'" in run.err
-    run = await eject(tmp_path, standin, "--conversation", "0000-gone", "--user", "nobody")
+    assert "no party" in run.err and "user '00000000-0000-4000-8000-00000000beef'" in run.err
+    run = await eject(tmp_path, standin, "--conversation", "00000000-0000-4000-8000-000000006000", "--user", "00000000-0000-4000-8000-00000000beef")
     assert run.code == 3
     assert "was not found" in run.err
     assert standin.patches() == []
@@ -405,7 +405,7 @@ def test_unreachable_service_exits_5(tmp_path: Path, monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", "id")
     monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "very-secret-value")
-    code = main(["eject", "--config", str(cfg), "--conversation", CID, "--participant", "p"])
+    code = main(["eject", "--config", str(cfg), "--conversation", CID, "--participant", "00000000-0000-4000-8000-00000000beef"])
     err = capsys.readouterr().err
     assert code == 5
     assert "cannot reach the Genesys login service" in err

@@ -46,8 +46,16 @@ async def test_eject_through_the_daemon(tmp_path: Path) -> None:
         assert code == 1 and twin_a.id in out and twin_b.id in out, (out, err)
 
         code, out, err = await run_cli("eject", "--control", url, "--token-file", token,
-                                       "--conversation", "no-such-call", "--name", "x", env=_env())
+                                       "--conversation", "00000000-0000-4000-8000-000000006000", "--name", "x", env=_env())
         assert code == 3, (out, err)
+        requests = len(sb.journal.requests)
+        for bad in ("no-such-call", "..", ".", "%2e", "a/b"):  # issue 21: exit 2, nothing sent
+            code, out, err = await run_cli("eject", "--control", url, "--token-file", token,
+                                           "--conversation", bad, "--name", "x", env=_env())
+            assert code == 2 and "not a Genesys id" in err and "Traceback" not in err, (bad, err)
+            code, out, err = await run_cli(*base, "--participant", bad, env=_env())
+            assert code == 2 and "not a Genesys id" in err, (bad, err)
+        assert len(sb.journal.requests) == requests
 
         bad = tmp_path / "bad.token"
         bad.write_text("definitely-not-a-configured-token\n")
@@ -61,17 +69,17 @@ async def test_eject_control_argument_errors_and_unreachable(tmp_path: Path) -> 
     token = tmp_path / "t.token"
     token.write_text("some-token-value-1234567890\n")
     code, _, err = await run_cli("eject", "--control", "http://127.0.0.1:9", "--conversation",
-                                 "c", "--name", "x", env=_env())
+                                 "00000000-0000-4000-8000-000000006000", "--name", "x", env=_env())
     assert code == 2 and "--token-file" in err
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code, _, err = await run_cli("eject", "--control", f"http://127.0.0.1:{port}", "--token-file",
-                                 str(token), "--conversation", "c", "--name", "x", env=_env())
+                                 str(token), "--conversation", "00000000-0000-4000-8000-000000006000", "--name", "x", env=_env())
     assert code == 5 and "cannot reach the daemon" in err
     assert "some-token-value" not in err
     code, _, err = await run_cli("eject", "--control", f"http://127.0.0.1:{port}", "--token-file",
-                                 str(tmp_path / "missing"), "--conversation", "c", "--name", "x",
+                                 str(tmp_path / "missing"), "--conversation", "00000000-0000-4000-8000-000000006000", "--name", "x",
                                  env=_env())
     assert code == 2 and "--token-file" in err
 

@@ -173,8 +173,13 @@ async def test_conversation_over_rest_against_the_sandbox(sandbox: Sandbox, tmp_
     assert _rule(data, ext.id, "blocked-number-in-conference")["result"] == "fires_now"
     assert _rule(data, ext.id, "third-party-needs-recording")["hold"]["remaining_seconds"] == 10.0
 
-    code, out, err = await _explain(sandbox, cfg, "--conversation", "no-such-call")
-    assert code == 3 and "no call no-such-call" in err, err
+    code, out, err = await _explain(sandbox, cfg, "--conversation", "00000000-0000-4000-8000-000000006000")
+    assert code == 3 and "no call 00000000-0000-4000-8000-000000006000" in err, err
+    for bad in ("no-such-call", "..", "%2e", "a/b"):  # issue 21: exit 2, no request
+        requests = len(sandbox.journal.requests)
+        code, out, err = await _explain(sandbox, cfg, "--conversation", bad)
+        assert code == 2 and "not a Genesys id" in err, err
+        assert len(sandbox.journal.requests) == requests
 
 
 def test_disabled_rules_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

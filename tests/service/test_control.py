@@ -106,8 +106,10 @@ async def test_each_selector_and_in_memory_call_view(tmp_path: Path) -> None:
         for _ in range(3):
             assert (await api.request("GET", f"/v1/calls/{conv.id}"))[0] == 200
         assert len(sb.journal.requests) == before  # memory only: no Genesys request
-        st, err, _ = await api.request("GET", "/v1/calls/not-a-tracked-call")
+        st, err, _ = await api.request("GET", "/v1/calls/00000000-0000-4000-8000-000000006000")
         assert st == 404 and err["code"] == "no_such_call" and set(err) == ERROR_KEYS
+        st, err, _ = await api.request("GET", "/v1/calls/not-a-tracked-call")
+        assert st == 400 and err["code"] == "invalid_id" and set(err) == ERROR_KEYS
         # name (case-insensitive) and userId selectors resolve the right party.
         st, body, _ = await api.eject({"conversationId": conv.id, "name": "partner desk"})
         assert st == 202 and body["participantId"] == ext.id
@@ -172,8 +174,15 @@ async def test_errors_400_401_404_409_413(tmp_path: Path) -> None:
             ({"conversationId": cid, "participantId": ext, "name": "x"}, "invalid_request"),
             ({"conversationId": cid, "participantId": ext, "colour": "red"}, "unknown_field"),
             ({"conversationId": cid, "participantId": 5}, "invalid_request"),
-            ({"conversationId": "", "participantId": ext}, "invalid_request"),
+            ({"conversationId": "", "participantId": ext}, "invalid_id"),
         ]
+        # Issue 21: no id from outside reaches a URL unless it is a UUID.
+        for bad in ("..", ".", "%2e", "%2e%2e", "a/b", "../calls", "not-a-uuid", cid + "/x", " "):
+            cases += [({"conversationId": bad, "participantId": ext}, "invalid_id"),
+                      ({"conversationId": cid, "participantId": bad}, "invalid_id"),
+                      ({"conversationId": cid, "userId": bad}, "invalid_id"),
+                      ({"conversationId": cid, "externalContactId": bad}, "invalid_id")]
+        requests_before = len(sb.journal.requests)
         for body, code in cases:
             if isinstance(body, bytes):
                 st, err, _ = await api.request("POST", "/v1/ejections", raw=body)
@@ -181,9 +190,16 @@ async def test_errors_400_401_404_409_413(tmp_path: Path) -> None:
                 st, err, _ = await api.eject(body)
             assert st == 400, (body, err)
             assert set(err) == ERROR_KEYS and err["status"] == 400 and err["code"] == code, err
-        st, err, _ = await api.eject({"conversationId": "no-such-conversation", "participantId": ext})
+        for path in ("/v1/calls/..", "/v1/calls/.", "/v1/calls/%2e%2e", "/v1/calls/%2E",
+                     "/v1/calls/a%2Fb", "/v1/calls/not-a-uuid", "/v1/ejections/%2e%2e",
+                     "/v1/ejections/not-a-uuid"):
+            st, err, _ = await api.request("GET", path)
+            assert st in (400, 404), (path, st, err)  # aiohttp resolves a literal ".." itself
+            assert err["code"] in ("invalid_id", "not_found"), (path, err)
+        assert len(sb.journal.requests) == requests_before  # not one Genesys request
+        st, err, _ = await api.eject({"conversationId": "00000000-0000-4000-8000-000000006000", "participantId": ext})
         assert st == 404 and err["code"] == "no_such_call"
-        st, err, _ = await api.eject({"conversationId": cid, "participantId": "nobody"})
+        st, err, _ = await api.eject({"conversationId": cid, "participantId": "00000000-0000-4000-8000-00000000beef"})
         assert st == 404 and err["code"] == "no_such_party"
         st, err, _ = await api.eject({"conversationId": cid, "address": "tel:+14155550123"})
         assert st == 409 and err["code"] == "ambiguous"
@@ -329,11 +345,11 @@ async def test_standby_and_draining_answer_503(tmp_path: Path) -> None:
 
 async def test_per_caller_limit_429_with_retry_after(tmp_path: Path) -> None:
     async with control_stack(tmp_path, per_minute=5) as (_sb, daemon, api, _q):
-        codes = [(await api.request("GET", "/v1/calls/x"))[0] for _ in range(5)]
+        codes = [(await api.request("GET", "/v1/calls/00000000-0000-4000-8000-000000006000"))[0] for _ in range(5)]
         assert codes == [404] * 5
-        st, err, h = await api.request("GET", "/v1/calls/x")
+        st, err, h = await api.request("GET", "/v1/calls/00000000-0000-4000-8000-000000006000")
         assert st == 429 and err["code"] == "rate_limited" and int(h["Retry-After"]) >= 1
-        st, _, _ = await api.request("GET", "/v1/calls/x", token=OTHER_TOKEN)
+        st, _, _ = await api.request("GET", "/v1/calls/00000000-0000-4000-8000-000000006000", token=OTHER_TOKEN)
         assert st == 404  # the limit is per caller
         assert _counter(daemon, "control_rate_limited", caller="orchestrator") == 1
 

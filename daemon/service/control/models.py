@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from daemon.core.ids import UUID_PATTERN
+
 #: The request fields that name the party; exactly one must be given.
 SELECTORS: tuple[str, ...] = ("participantId", "userId", "externalContactId", "address", "name")
 
@@ -21,7 +23,8 @@ FINAL_EJECTION_STATES: frozenset[str] = frozenset(
     {"disconnected", "already_gone", "failed", "suppressed", "observed", "unconfirmed",
      "standby", "unknown"})
 
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+#: A Genesys id: a UUID, checked before it can reach any URL (`daemon.core.ids`).
+Uuid = Annotated[str, StringConstraints(strip_whitespace=True, pattern=UUID_PATTERN)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, max_length=1000)]
 
@@ -44,10 +47,10 @@ class EjectionRequest(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
                               json_schema_extra=_one_selector_schema)
 
-    conversationId: Id = Field(description="The call's conversation id.")
-    participantId: Id | None = Field(default=None, description="Participant id.")
-    userId: Id | None = Field(default=None, description="User id of an agent/user party.")
-    externalContactId: Id | None = Field(default=None, description="External contact id.")
+    conversationId: Uuid = Field(description="The call's conversation id (a UUID).")
+    participantId: Uuid | None = Field(default=None, description="Participant id.")
+    userId: Uuid | None = Field(default=None, description="User id of an agent/user party.")
+    externalContactId: Uuid | None = Field(default=None, description="External contact id.")
     address: Text | None = Field(default=None, description="Phone number or address, any format.")
     name: Text | None = Field(default=None, description="Party name (case-insensitive, exact).")
     reason: Reason | None = Field(default=None, description="Why; written to the audit trail.")

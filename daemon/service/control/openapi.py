@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from daemon.core.ids import UUID_PATTERN
+
 from daemon.service.control.models import (AmbiguousBody, CallView, Ejection, EjectionAccepted,
                                            EjectionRequest, ErrorBody, UnavailableBody)
 
@@ -41,7 +43,8 @@ def _json(model: type[BaseModel], description: str, **headers: str) -> dict[str,
 _COMMON = {
     "401": _json(ErrorBody, "No Authorization header, or an unknown token.",
                  **{"WWW-Authenticate": 'Bearer realm="confguard"'}),
-    "429": _json(ErrorBody, "More than control.max_requests_per_minute from this caller.",
+    "429": _json(ErrorBody, "More than control.max_requests_per_minute from this caller, or "
+                            "(code too_many_failed_logins) too many failed logins from this address.",
                  **{"Retry-After": "Seconds to wait."}),
 }
 
@@ -70,7 +73,8 @@ def build_document() -> dict[str, Any]:
                     "schema": _ref(EjectionRequest)}}},
                 "responses": {
                     "202": _json(EjectionAccepted, "One live party resolved; the decision is audited."),
-                    "400": _json(ErrorBody, "Bad JSON, an unknown field, no selector or several."),
+                    "400": _json(ErrorBody, "Bad JSON, an unknown field, no selector or several, "
+                                            "or an id that is not a UUID (code invalid_id)."),
                     **_COMMON,
                     "404": _json(ErrorBody, "No such call or party, or the party has already left "
                                             "(code party_gone)."),
@@ -85,15 +89,17 @@ def build_document() -> dict[str, Any]:
                 "operationId": "getEjection",
                 "summary": "Where one removal stands (the caller's own ejections only).",
                 "parameters": [{"name": "id", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
+                                "schema": {"type": "string", "pattern": UUID_PATTERN}}],
                 "responses": {"200": _json(Ejection, "The ejection."), **_COMMON,
+                              "400": _json(ErrorBody, "The id is not a UUID (code invalid_id)."),
                               "404": _json(ErrorBody, "No such ejection for this caller.")}}},
             "/v1/calls/{conversationId}": {"get": {
                 "operationId": "getCall",
                 "summary": "The call as confguard holds it in memory (no Genesys request).",
                 "parameters": [{"name": "conversationId", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
+                                "schema": {"type": "string", "pattern": UUID_PATTERN}}],
                 "responses": {"200": _json(CallView, "The call."), **_COMMON,
+                              "400": _json(ErrorBody, "The id is not a UUID (code invalid_id)."),
                               "404": _json(ErrorBody, "The call is not tracked.")}}},
             "/v1/openapi.json": {"get": {
                 "operationId": "getOpenapi", "summary": "This document.",

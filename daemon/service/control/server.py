@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from daemon.core.ids import is_uuid
 from daemon.service.control.auth import Authenticator, CallerLimiter
 from daemon.service.control.models import EjectionRequest, ErrorBody
 from daemon.service.control.openapi import document_bytes
@@ -63,6 +64,8 @@ def _validation_message(exc: ValidationError) -> tuple[str, str]:
                                 f"userId, externalContactId, address, name, reason"
     if kind == "missing":
         return "invalid_request", f"missing required field {loc!r}"
+    if kind == "string_pattern_mismatch":
+        return "invalid_id", f"{loc}: not a Genesys id (a UUID such as 3fa85f64-5717-4562-b3fc-2c963f66afa6)"
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return "invalid_request", f"{loc}: {msg}" if loc else msg
 
@@ -279,10 +282,18 @@ class ControlServer:
         return _response(answer)
 
     async def _get_ejection(self, request: web.Request) -> web.StreamResponse:
-        return _response(self.service.ejection(request[CALLER], request.match_info["id"]))
+        ejection_id = request.match_info["id"]
+        if not is_uuid(ejection_id):
+            return _response(error(400, "invalid_id", "the ejection id is not a UUID (as "
+                                                      "POST /v1/ejections returned it)"))
+        return _response(self.service.ejection(request[CALLER], ejection_id))
 
     async def _get_call(self, request: web.Request) -> web.StreamResponse:
-        return _response(self.service.call(request.match_info["conversationId"]))
+        conversation_id = request.match_info["conversationId"]
+        if not is_uuid(conversation_id):
+            return _response(error(400, "invalid_id", "conversationId is not a Genesys id "
+                                                      "(a UUID such as 3fa85f64-5717-4562-b3fc-2c963f66afa6)"))
+        return _response(self.service.call(conversation_id))
 
     async def _get_openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=document_bytes(), content_type="application/json")
