@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from daemon.genesys.api import GenesysClient, TopicState
 from daemon.core.timefmt import parse_time
 from daemon.config import Credentials, GenesysSettings
-from daemon.errors import (ApiError, BadRequestError, ConflictError, ForbiddenError,
+from daemon.errors import (InvalidIdError, ApiError, BadRequestError, ConflictError, ForbiddenError,
                            NotFoundError, RateLimitedError, ServerError, TransportError,
                            UnauthorizedError)
 from daemon.genesys.ratelimit import Priority, RequestLimiter
@@ -82,10 +82,13 @@ async def test_disconnect_participant_wire_format() -> None:
     g = Genesys(lambda r: httpx.Response(202))
     seen: list[tuple[str, str, int]] = []
     async with client(g, on_response=lambda m, r, s, sec: seen.append((m, r, s))) as c:
-        await c.disconnect_participant("conv/1 x", "part-2")
+        with pytest.raises(InvalidIdError):  # issue 21: a value that would change the path
+            await c.disconnect_participant("conv/1 x", "part-2")
+        assert g.api_requests == []  # ... is refused before anything is sent
+        await c.disconnect_participant("conv-1.x", "part-2")
     (req,) = g.api_requests
     assert req.method == "PATCH"
-    assert req.url.raw_path == b"/api/v2/conversations/calls/conv%2F1%20x/participants/part-2"
+    assert req.url.raw_path == b"/api/v2/conversations/calls/conv-1.x/participants/part-2"
     assert json.loads(req.content) == {"state": "disconnected"}
     assert req.headers["Content-Type"] == "application/json"
     assert req.headers["Authorization"] == f"Bearer {g.tokens[0]}"
