@@ -86,6 +86,9 @@ async def test_sigterm_lets_an_in_flight_disconnect_finish(sandbox: Sandbox, tmp
         conv, ext = flagged_call(sandbox)
         await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
                          10, "the decision record (written just before the PATCH is sent)")
+        # The PATCH is written once its decision record is fdatasync'd: event-to-request is
+        # observed at that moment.
+        await d.wait_metrics(lambda t: (sample(t, "confguard_event_to_request_seconds_count") or 0) >= 1)
         assert patched(sandbox, conv, ext) == [], "the PATCH must still be in flight"
         assert conv.party(ext.id).state == "connected"
         sent_at = time.time()
@@ -293,6 +296,11 @@ async def test_drain_abandons_in_flight_after_timeout(sandbox: Sandbox, tmp_path
         conv, ext = flagged_call(sandbox)
         await wait_until(lambda: daemon.enforcer is not None and daemon.enforcer.in_flight == 1,
                          10, "the disconnect to be in flight")
+        # ... and its PATCH written (after the decision record's fdatasync): event-to-request
+        # is observed at that moment.
+        await wait_until(lambda: sum(x.value for m in daemon.metrics.event_to_request_seconds.collect()
+                                     for x in m.samples if x.name.endswith("_count")) >= 1,
+                         10, "the PATCH to be written")
         sandbox.faults.latency = 0.0
         started = time.monotonic()
         await asyncio.wait_for(daemon.stop(), 20)
