@@ -135,6 +135,12 @@ class SafetyValve:
         self._times.append(now)
         return True
 
+    def set_limit(self, max_per_minute: int) -> None:
+        """A reload changed `safety.max_disconnects_per_minute`; the window is kept."""
+        if max_per_minute < 0:
+            raise ValueError("max_per_minute must be >= 0")
+        self.max_per_minute = max_per_minute
+
     def count(self, now: float) -> int:
         """Disconnects allowed in the last 60 s."""
         self._prune(now)

@@ -172,17 +172,16 @@ class AuditLog:
     (seconds) the longest a written record may wait for fsync when `run_syncer` runs;
     `clock` gives epoch seconds for the `time` field and `last_sync`. `on_record`, if
     given, is called with each written record's `type` (e.g. to count it in metrics).
-    `stamp` (attribute, default None): when set, its fields (HA: `node` and `epoch`) are
-    added to every record not already carrying them. `observers` (attribute): callables
-    given each record as written, after it is written (HA: the shared decisions table);
-    an observer that raises is logged, never propagated.
+    `stamp` (default None): when given, its fields (HA: `node` and `epoch`) are added to
+    every record not already carrying them.
 
     Use from one thread (the event loop); `sync` may run in a worker thread meanwhile.
     """
 
     def __init__(self, path: Path, *, max_bytes: int, fsync_interval: float = 1.0,
                  clock: Callable[[], float] = time.time,
-                 on_record: Callable[[str], None] | None = None) -> None:
+                 on_record: Callable[[str], None] | None = None,
+                 stamp: Callable[[], dict[str, Any]] | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         if fsync_interval <= 0:
@@ -192,8 +191,7 @@ class AuditLog:
         self.fsync_interval = fsync_interval
         self._clock = clock
         self._on_record = on_record
-        self.stamp: Callable[[], dict[str, Any]] | None = None
-        self.observers: list[Callable[[dict[str, Any]], None]] = []
+        self._stamp = stamp
         #: Called (no arguments) right before the live file is rotated, so a checkpoint
         #: record can close the file (`daemon.service.checkpoint`). May call `write`.
         self.before_rotate: Callable[[], None] | None = None
@@ -335,8 +333,8 @@ class AuditLog:
         if self._fd is None:
             raise AuditError(f"audit trail {self.path} is not open")
         rec = _normalise({k: v for k, v in record.items() if k not in RESERVED})
-        if self.stamp is not None:
-            for key, value in self.stamp().items():
+        if self._stamp is not None:
+            for key, value in self._stamp().items():
                 rec.setdefault(key, value)
         rec["seq"] = self._seq + 1
         now = self._clock()
@@ -365,11 +363,6 @@ class AuditLog:
                 self._unsynced_since = now
         if self._on_record is not None:
             self._on_record(str(rec.get("type", "")))
-        for observer in self.observers:
-            try:
-                observer(rec)
-            except Exception:  # the record is written; an observer's bug must not undo that
-                log.exception("audit_observer_failed")
         return rec
 
     def _append(self, line: bytes) -> None:

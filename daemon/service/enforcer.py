@@ -141,6 +141,17 @@ class SendGate(Protocol):
     def may_send(self) -> bool: ...
 
 
+class DecisionHook(Protocol):
+    """Told what the audit trail records, typed (HA: the shared decisions table,
+    `daemon.service.ha.HaGate`). `decided` runs once a decision record is written, `ended`
+    once each outcome record is written (interim `unconfirmed` ones included). A hook that
+    raises is logged (`decision_hook_failed`), never propagated."""
+
+    def decided(self, decision: Decision, mode: str) -> None: ...
+
+    def ended(self, decision: Decision, outcome: str) -> None: ...
+
+
 class OpenGate:
     """The gate of a single host: always open."""
 
@@ -322,7 +333,8 @@ class Enforcer:
     PATCHes per action). `gate`: the `SendGate` (HA; default always open; a plain
     attribute, may be replaced at any time). `note_step(step)`: called with each engine
     result of the enforcer's own confirming reads before it handles it (the daemon's
-    accounting: malformed input counted, gauges, timers).
+    accounting: malformed input counted, gauges, timers). `hook`: a `DecisionHook` told of
+    every decision and outcome record written (HA).
 
     Must be used from one event loop. See the module docstring for the full contract.
     """
@@ -332,7 +344,8 @@ class Enforcer:
                  clock: Callable[[], float] = time.time, confirm_timeout: float = 5.0,
                  conflict_retry: RetryPolicy | None = None, log: Logger | None = None,
                  gate: SendGate | None = None,
-                 note_step: Callable[[Step], None] | None = None) -> None:
+                 note_step: Callable[[Step], None] | None = None,
+                 hook: DecisionHook | None = None, sync_before_patch: bool = True) -> None:
         if mode not in ("enforce", "observe"):
             raise ValueError(f"mode must be 'enforce' or 'observe', got {mode!r}")
         if confirm_timeout < 0:
@@ -350,7 +363,7 @@ class Enforcer:
         #: fdatasync) before a removal's first PATCH. Off only to measure its cost
         #: (`audit.sync_before_patch: false`): a power loss could then lose the record of a
         #: removal that happened.
-        self.sync_before_patch = True
+        self.sync_before_patch = sync_before_patch
         self._clock = clock
         self._log: Logger = log if log is not None else structlog.get_logger(__name__)
         self._accepting = True
@@ -359,6 +372,7 @@ class Enforcer:
         #: The permissions the last refused (403) removal named, until a removal is accepted
         #: again or `clear_forbidden()` (a reload): `/readyz` reports them.
         self.forbidden: tuple[str, ...] = ()
+        self._hook = hook
 
     # ------------------------------------------------------------------ public
 
@@ -371,6 +385,11 @@ class Enforcer:
         """Forget a refused removal (after a reload: the operator says it is fixed; the
         next refusal sets it again)."""
         self.forbidden = ()
+    def set_mode(self, mode: Mode) -> None:
+        """A reload changed the mode (`enforce` or `observe`); later decisions use it."""
+        if mode not in ("enforce", "observe"):
+            raise ValueError(f"mode must be 'enforce' or 'observe', got {mode!r}")
+        self.mode = mode
 
     @property
     def in_flight(self) -> int:
@@ -478,6 +497,8 @@ class Enforcer:
             removal._settle("failed", None, 0, "audit record could not be written; nothing sent",
                             self._clock())
             return
+        if self._hook is not None:
+            self._tell_hook(self._hook.decided, d, mode)
         now = self._clock()
         adm = self.enforcement.admit(
             d, now, mode=mode, accepting=self._accepting, may_send=self._may_send(),
@@ -801,6 +822,15 @@ class Enforcer:
             self._bound(d).critical("audit_write_failed", record="outcome", outcome=outcome,
                                     detail="outcome record lost",
                                     error=f"{exc.__class__.__name__}: {exc}")
+            return
+        if self._hook is not None:
+            self._tell_hook(self._hook.ended, d, outcome)
+
+    def _tell_hook(self, call: Callable[[Decision, str], None], d: Decision, value: str) -> None:
+        try:
+            call(d, value)
+        except Exception:  # the record is written; the hook's bug must not undo that
+            self._bound(d).exception("decision_hook_failed")
 
     def _count_decision(self, d: Decision, mode: str) -> None:
         if self.metrics is not None:

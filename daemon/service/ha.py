@@ -57,12 +57,13 @@ import structlog
 
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.lease import LeasePolicy, LeaseView, Role, ROLES
+from daemon.core.model import Decision
 from daemon.service.recovery import Unfinished, close_unfinished
 from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Failover", "HaNode", "UnfinishedDecision", "SCHEMA", "mask_dsn", "within"]
+__all__ = ["HaGate", "HaNode", "Takeover", "UnfinishedDecision", "SCHEMA", "mask_dsn", "within"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS confguard_lease (
@@ -384,9 +385,16 @@ class HaNode:
 
     # ------------------------------------------------------------------ loop
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, on_term: Callable[[int], None] | None = None,
+                  on_lost: Callable[[str], None] | None = None) -> None:
         """Renew or try to take the lease until `stop` is set (then call `release`). Each
-        attempt is bounded; a failure fails closed and is retried at the next poll."""
+        attempt is bounded; a failure fails closed and is retried at the next poll.
+        `on_term`/`on_lost`, when given, replace the constructor's for this run (the daemon
+        builds its `Takeover` after the node)."""
+        if on_term is not None:
+            self.on_term = on_term
+        if on_lost is not None:
+            self.on_lost = on_lost
         writer = asyncio.create_task(self._writer(stop), name="ha-writer")
         try:
             while not stop.is_set():
@@ -540,49 +548,41 @@ class HaNode:
                            "WHERE id = $1 AND outcome IS NULL", row_id, outcome, timeout=self._timeout)
 
 
-class Failover:
-    """Wires an `HaNode` into a daemon: the send gate, the audit stamp and observer, and the
-    take-over procedure.
+class HaGate:
+    """The HA side of enforcement for one daemon: the send gate, the audit stamp, the
+    decisions table hook and the role shown to the control API. Built on the `HaNode`
+    before the enforcer (which asks it) and the `Takeover` (which opens it).
 
     - `may_send()` (the enforcer's send gate): the lease is valid on our clock AND the
-      take-over of the current term is complete (see below). Closed -> decisions are
-      audited `standby`, nothing is sent.
-    - Every audit record gets `node` and `epoch` (`stamp`). A disconnect decision written
-      while we may send gets a row in the decisions table; its outcome closes the row. A
-      `standby` outcome is remembered (monotonic time) for the next take-over.
-    - Take-over (a new term): once the daemon is ready (`mark_ready`), re-read over REST,
-      at ENFORCE priority, every call with a decision the old leader may have acted on in
-      the last `2 * takeover_after` (its rows in the table, and the calls we ourselves
-      decided `standby`), so the state in memory shows what the old leader removed; close
-      the old leader's rows that have no outcome (`recovery.close_unfinished`); then open
-      the gate and call `on_open("became_leader")`, which acts on every live party that
-      still matches a disconnect rule. A party the old leader removed is final by then:
-      nothing is sent for it. The re-read is bounded by `takeover_after` seconds; past
-      that the gate opens anyway (a stuck API must not keep enforcement off).
-
-    `read_call(cid)`: GET the call at ENFORCE priority and fold it into the state (None for
-    404). `write(record)`: the audit sink. `on_open(reason)`: the enforcer's act-now.
+      take-over of the current term is complete (`open(epoch)` by `Takeover`). Closed ->
+      decisions are audited `standby`, nothing is sent. `close(why)` (the node lost the
+      lease) shuts it at once.
+    - `stamp()`: `node` and `epoch`, added to every audit record (`AuditLog(stamp=...)`).
+    - The enforcer's typed decision hook (`daemon.service.enforcer.DecisionHook`):
+      `decided(decision, mode)`, once the decision record is written: a disconnect decided
+      in enforce mode while we may send gets a row in the decisions table;
+      `ended(decision, outcome)`, once each outcome record is written: closes that row; a
+      `standby` outcome is remembered (monotonic time) for the next take-over
+      (`recent_standby`).
     """
 
-    def __init__(self, node: HaNode, *, read_call: Callable[[str], Any],
-                 write: Callable[[dict[str, Any]], Any], on_open: Callable[[str], Any],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, node: HaNode, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
-        self._read_call = read_call
-        self._write = write
-        self._on_open = on_open
         self._clock = clock
         self._open_epoch: int | None = None
-        self._ready = asyncio.Event()
         self._intents: set[tuple[ConversationId, ParticipantId, RuleName]] = set()
         self._recent: dict[ConversationId, float] = {}  # conversation id -> monotonic time of a standby outcome
-        self._task: asyncio.Task[None] | None = None
-        self.last_takeover: dict[str, Any] | None = None
-        node.on_term = self._on_term
-        node.on_lost = self._on_lost
 
     def may_send(self) -> bool:
         return self._open_epoch is not None and self._open_epoch == self.node.epoch and self.node.may_send()
+
+    def open(self, epoch: int) -> None:
+        """The take-over of term `epoch` is complete: removals may be sent."""
+        self._open_epoch = epoch
+
+    def close(self, why: str = "") -> None:
+        """A new term began or the lease was lost: nothing is sent until `open`."""
+        self._open_epoch = None
 
     def role_and_leader(self) -> tuple[str, str | None]:
         """(role, the leader's node when known) for the control API. `leader` only while
@@ -595,22 +595,23 @@ class Failover:
     def stamp(self) -> dict[str, Any]:
         return {"node": self.node.node, "epoch": self.node.epoch}
 
-    def observe(self, rec: dict[str, Any]) -> None:
-        """Audit observer (see the class docstring)."""
-        kind = rec.get("type")
-        if kind not in ("decision", "outcome") or rec.get("action") != "disconnect":
+    def decided(self, d: Decision, mode: str) -> None:
+        """The enforcer wrote `d`'s decision record (see the class docstring)."""
+        if d.action != "disconnect" or mode != "enforce" or not self.may_send():
             return
-        key = (ConversationId(str(rec.get("conversation_id"))), ParticipantId(str(rec.get("participant_id"))),
-               RuleName(str(rec.get("rule"))))
-        if kind == "decision":
-            if rec.get("mode") == "enforce" and self.may_send():
-                self.node.record_intent(*key)
-                self._intents.add(key)
+        key = (d.conversation_id, d.participant_id, d.rule)
+        self.node.record_intent(*key)
+        self._intents.add(key)
+
+    def ended(self, d: Decision, outcome: str) -> None:
+        """The enforcer wrote an outcome record of `d` (see the class docstring)."""
+        if d.action != "disconnect":
             return
+        key = (d.conversation_id, d.participant_id, d.rule)
         if key in self._intents:
             self._intents.discard(key)
-            self.node.record_outcome(*key, str(rec.get("outcome")))
-        if rec.get("outcome") == "standby":
+            self.node.record_outcome(*key, outcome)
+        if outcome == "standby":
             now = self._clock()
             self._recent[key[0]] = now
             if len(self._recent) > 10_000:
@@ -618,18 +619,51 @@ class Failover:
                 for cid in [c for c, t in self._recent.items() if t < horizon]:
                     del self._recent[cid]
 
+    def recent_standby(self, horizon: float) -> set[ConversationId]:
+        """Calls decided `standby` at or after `horizon` (monotonic s)."""
+        return {cid for cid, t in self._recent.items() if t >= horizon}
+
+
+class Takeover:
+    """The take-over procedure of a new term (run by `HaNode` through `on_term`).
+
+    Once the daemon is ready (`mark_ready`), re-read over REST, at ENFORCE priority, every
+    call with a decision the old leader may have acted on in the last `2 * takeover_after`
+    (its rows in the table, and the calls we ourselves decided `standby`), so the state in
+    memory shows what the old leader removed; close the old leader's rows that have no
+    outcome (`recovery.close_unfinished`); then open the gate and call
+    `on_open("became_leader")`, which acts on every live party that still matches a
+    disconnect rule. A party the old leader removed is final by then: nothing is sent for
+    it. The re-read is bounded by `takeover_after` seconds; past that the gate opens anyway
+    (a stuck API must not keep enforcement off).
+
+    `read_call(cid)`: GET the call at ENFORCE priority and fold it into the state (None for
+    404). `write(record)`: the audit sink. `on_open(reason)`: removals possible again.
+    """
+
+    def __init__(self, node: HaNode, gate: HaGate, *, read_call: Callable[[str], Any],
+                 write: Callable[[dict[str, Any]], Any], on_open: Callable[[str], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node = node
+        self.gate = gate
+        self._read_call = read_call
+        self._write = write
+        self._on_open = on_open
+        self._clock = clock
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_takeover: dict[str, Any] | None = None
+
     def mark_ready(self) -> None:
         """The daemon finished its start-up resync: a take-over may proceed."""
         self._ready.set()
 
-    def _on_term(self, epoch: int) -> None:
-        self._open_epoch = None
+    def on_term(self, epoch: int) -> None:
+        """`HaNode`'s `on_term`: this node became leader for term `epoch`."""
+        self.gate.close("new term")
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._task = asyncio.get_running_loop().create_task(self._takeover(epoch), name="ha-takeover")
-
-    def _on_lost(self, why: str) -> None:
-        self._open_epoch = None
 
     async def _takeover(self, epoch: int) -> None:
         started = self._clock()
@@ -648,7 +682,7 @@ class Failover:
         # own audit trail at start-up.
         mine = self.node.node
         rows = [r for r in rows if r.node != mine]
-        calls = {cid for cid, t in self._recent.items() if t >= horizon}
+        calls = self.gate.recent_standby(horizon)
         calls |= {r.conversation_id for r in rows}
         unfinished = [Unfinished(r.rule, r.conversation_id, r.participant_id, node=r.node,
                                  epoch=r.epoch, row_id=r.id)
@@ -675,7 +709,7 @@ class Failover:
                       detail="opening the send gate anyway")
         if self.node.epoch != epoch or not self.node.policy.is_leader:
             return  # lost again meanwhile
-        self._open_epoch = epoch
+        self.gate.open(epoch)
         self.last_takeover = {"epoch": epoch, "calls": len(calls), "reread": reread,
                               "closed": closed, "seconds": round(self._clock() - started, 3)}
         log.warning("ha_takeover_done", **self.last_takeover)

@@ -1,7 +1,10 @@
-"""The daemon: lifecycle, signals, reload and the hot path from socket to decision.
+"""The daemon's lifecycle: start, the one shutdown deadline, signals and reload. The
+objects it starts and stops are built by the composition root (`daemon.service.assembly`);
+every input reaches the rules and the enforcer through the event router
+(`daemon.service.router`); the background loops are `daemon.service.loops`.
 
 Lifecycle (each transition is logged, exported as `confguard_daemon_state` and shown by
-`/healthz`; modelled on uvicorn's `Server`):
+`/healthz`; modelled on uvicorn's `Server`; the state is `daemon.service.status.Status`):
 
     STARTING -> SUBSCRIBING -> RESYNCING -> RUNNING <-> DEGRADED (a gap: resync under way)
                                               |  ^
@@ -11,26 +14,21 @@ Lifecycle (each transition is logged, exported as `confguard_daemon_state` and s
 
 - SIGTERM/SIGINT: within one deadline (`ops.shutdown_timeout`, default 15 s, under the
   unit's TimeoutStopSec=20): stop taking decisions, let in-flight disconnects finish, close
-  the stream, flush and fsync the audit, exit 0. A second signal cuts the waits short;
+  the sources, flush and fsync the audit, exit 0. A second signal cuts the waits short;
   the audit is still fsynced, and the exit code is 1. See `Daemon.stop`.
 - SIGHUP: reload config.yaml and lists. An invalid file is rejected with one clear log
   line and the old rules stay in force; changed subscriptions are applied without dropping
-  the unchanged ones. A SIGHUP during a reload is queued: the files are read once more after it.
+  the unchanged ones (a new `Scope`, handed to every source and the resyncer). A SIGHUP
+  during a reload is queued: the files are read once more after it.
 - SIGUSR1: resume enforcement after the safety valve tripped; every live party that
   matches a disconnect rule and has not been removed is acted on at once
   (`Enforcer.resume_valve`).
-
-The hot path (`_on_message`) runs synchronously in the WebSocket reader's turn of the event
-loop: parse, apply, evaluate, then `Enforcer.handle(step)`, which settles in-flight parties
-the change shows final, audits each decision and starts its PATCH at once. Nothing on it
-awaits. Resync and reconciliation reads take the same path (`Resyncer(on_step=...)`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import os
 import signal
@@ -41,62 +39,46 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.service import systemd
-from daemon.genesys.api import GenesysClient
-from daemon.service.audit import AuditLog
-from daemon.config import Config, load_config, load_lists, resolve_credentials
+from daemon.config import Config, load_config, load_lists
+from daemon.core.enforcement import Mode, SafetyValve
 from daemon.core.engine import Engine
-from daemon.core.enforcement import SafetyValve
-from daemon.service.enforcer import Enforcer
+from daemon.core.rules import RuleEngine, RuleSet, compile_rules
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
-from daemon.service.metrics import Metrics
-from daemon.core.model import Decision
-from daemon.service.listener import build_tls_context, listener_limits, tls_files
-from daemon.service.ops import HealthStatus, OpsServer
+from daemon.genesys.api import GenesysClient
 from daemon.genesys.reconcile import Reconciler
 from daemon.genesys.resync import Resyncer
-from daemon.genesys.retry import RetryPolicy
-from daemon.core.rules import RuleEngine, RuleSet, compile_rules
-from daemon.genesys.scope import resolve_scope
-from daemon.core.state import CallStore
+from daemon.genesys.scope import Scope, resolve_scope
 from daemon.genesys.stream import StreamManager
-from daemon.service.assembly import SOURCES, SourceContext, SourceFactory
-from daemon.service.router import EventRouter, Recorder, StepAccounts
-from daemon.service.sources import Source, WebSocketSource
-from daemon.config import resolve_ha_dsn
-from daemon.core.lease import LeasePolicy
-from daemon.service.ha import Failover, HaNode, within
+from daemon.service import systemd
+from daemon.service.assembly import (SOURCES, Core, Inputs, SourceFactory, Wired, attach,
+                                     build_core, connect)
+from daemon.service.audit import AuditLog
+from daemon.service.control.service import Availability
+from daemon.service.enforcer import Enforcer
+from daemon.service.ha import within
+from daemon.service.listener import build_tls_context, listener_limits, tls_files
+from daemon.service.metrics import Metrics
+from daemon.service.ops import HealthStatus, OpsServer
 from daemon.service.recovery import Unfinished, close_unfinished, unfinished_in_audit
+from daemon.service.router import EventRouter
+from daemon.service.sources import Source, WebSocketSource
+from daemon.service.status import State
 
 if TYPE_CHECKING:
     from daemon.service.checkpoint import Checkpointer
     from daemon.service.control import ControlServer
 
+__all__ = ["Daemon", "State"]
+
 log = structlog.get_logger(__name__)
-event_log = structlog.get_logger(__name__)
-
-GAP_RESYNC_RETRY = RetryPolicy(initial=1.0, factor=2.0, cap=60.0, jitter=0.0)
-"""Between failed resyncs after a gap: 1 s doubling to 60 s, unbounded (the gap stays open)."""
-
-
-class State(enum.Enum):
-    """Where the daemon is in its life. Values are the metric and health labels."""
-
-    STARTING = "starting"
-    SUBSCRIBING = "subscribing"
-    RESYNCING = "resyncing"
-    RUNNING = "running"
-    DEGRADED = "degraded"
-    RELOADING = "reloading"
-    DRAINING = "draining"
-    STOPPED = "stopped"
 
 
 class Daemon:
-    """One confguard process: stream in, decisions out.
+    """One confguard process: sources in, decisions out.
 
     `start()` returns once subscribed and resynced (READY); `stop()` drains and closes.
     `run()` does both around signal handling and is what `confguard run` calls.
+    `sources`: the input factories (default `assembly.SOURCES`).
     """
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
@@ -104,43 +86,24 @@ class Daemon:
                  drain_timeout: float | None = None, clock: Callable[[], float] = time.time,
                  sources: Sequence[SourceFactory] = SOURCES) -> None:
         self.config = config
-        self._source_factories = tuple(sources)
-        self._startup_config = config  # what the client, audit, ops and stream were built from
+        self._startup_config = config  # what the client, audit, ops and sources were built from
         self.config_path = Path(config_path) if config_path else None
         self.observe_flag = observe
         self.drain_timeout = drain_timeout
         self.clock = clock
-        self.metrics = Metrics()
-        self.state = State.STARTING
-        self.metrics.daemon_state.state(self.state.value)
-        ruleset = compile_rules(config, load_lists(config))
-        self.rules = RuleEngine(ruleset)  # its Enforcement holds the valve (safety.*)
-        self.engine = Engine(self.rules, CallStore())
-        self.audit = AuditLog(config.resolve_path(config.audit.path), max_bytes=config.audit.max_bytes,
-                              fsync_interval=config.audit.fsync_interval,
-                              on_record=lambda kind: self.metrics.audit_records.labels(type=kind).inc())
-        self.metrics.audit_unsynced_seconds.set_function(self.audit.unsynced_seconds)
-        self.client: GenesysClient | None = None
-        self.enforcer: Enforcer | None = None
-        self.stream: StreamManager | None = None  # the WebSocket source's stream
-        self.resyncer: Resyncer | None = None
-        self.reconciler: Reconciler | None = None
+        self._source_factories = tuple(sources)
+        self.core: Core = build_core(config, record_path=record_path, clock=clock)
+        self.wired: Wired | None = None  # from start(): client, audit, enforcer, router, HA
+        self.inputs: Inputs | None = None  # once the scope is resolved: sources, resyncer
+        self.scope: Scope | None = None  # the scope in force (a reload replaces it)
         self.ops: OpsServer | None = None
         self.ops_port: int | None = None
         self.control: ControlServer | None = None  # when control.listen is set
-        # Set by HA: () -> (role: leader | standby | no-lease, leader node or None); the control
-        # API answers 503 unless leader. None: no HA, this daemon always acts.
+        # () -> (role: leader | standby | no-lease, leader node or None); the control API
+        # answers 503 unless leader. None: no HA, this daemon always acts.
         self.ha_role: Callable[[], tuple[str, str | None]] | None = None
-        self._recorder = Recorder(record_path) if record_path else None
-        self.accounts = StepAccounts(self.engine, self.metrics, clock=clock, wake=self._maybe_reschedule)
-        self.router: EventRouter | None = None
-        self.sources: list[Source] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._timer_wake = asyncio.Event()
-        self._gap_flag = asyncio.Event()
-        self._scheduled_deadline: float | None = None
-        self._gap_reason: str | None = "startup"
         self._signals = 0
         self._force = asyncio.Event()
         self.forced = False  # force_exit() was called: stop() cut short, run() returns 1
@@ -148,17 +111,71 @@ class Daemon:
         self._reload_again = False
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
-        # HA (ha.backend: postgres): the lease, the send gate, take-over; None on one host.
-        self.failover: Failover | None = None
         self._ha_stop = asyncio.Event()
         self._ha_task: asyncio.Task[None] | None = None
         self._unfinished: list[Unfinished] = []
         self.checkpointer: Checkpointer | None = None  # with a signing key (docs/audit.md)
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ what it is made of
 
     @property
-    def mode(self) -> str:
+    def metrics(self) -> Metrics:
+        return self.core.metrics
+
+    @property
+    def rules(self) -> RuleEngine:
+        return self.core.rules
+
+    @property
+    def engine(self) -> Engine:
+        return self.core.engine
+
+    @property
+    def state(self) -> State:
+        return self.core.status.state
+
+    @property
+    def _gap_reason(self) -> str | None:
+        return self.core.status.gap_reason
+
+    @property
+    def client(self) -> GenesysClient | None:
+        return self.wired.client if self.wired is not None else None
+
+    @property
+    def audit(self) -> AuditLog | None:
+        return self.wired.audit if self.wired is not None else None
+
+    @property
+    def enforcer(self) -> Enforcer | None:
+        return self.wired.enforcer if self.wired is not None else None
+
+    @property
+    def router(self) -> EventRouter | None:
+        return self.wired.router if self.wired is not None else None
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return self.inputs.sources if self.inputs is not None else ()
+
+    @property
+    def stream(self) -> StreamManager | None:
+        """The WebSocket source's stream (None before it exists, or without one)."""
+        for source in self.sources:
+            if isinstance(source, WebSocketSource):
+                return source.stream
+        return None
+
+    @property
+    def resyncer(self) -> Resyncer | None:
+        return self.inputs.resyncer if self.inputs is not None else None
+
+    @property
+    def reconciler(self) -> Reconciler | None:
+        return self.inputs.reconciler if self.inputs is not None else None
+
+    @property
+    def mode(self) -> Mode:
         return "observe" if self.observe_flag else self.config.mode
 
     @property
@@ -167,25 +184,22 @@ class Daemon:
         return self.engine.enforcement.valve
 
     def _set_state(self, new: State, **why: Any) -> None:
-        if new is self.state:
-            return
-        log.info("daemon_state", old=self.state.value, new=new.value, **why)
-        self.state = new
-        self.metrics.daemon_state.state(new.value)
-        systemd.status(f"{new.value}" + (f": {why.get('reason')}" if why.get("reason") else ""))
+        self.core.status.set(new, **why)
 
     def health(self) -> HealthStatus:
+        status = self.core.status
         sources = {s.name: s.health() for s in self.sources}
-        forbidden = self.enforcer.forbidden if self.enforcer is not None else ()
+        enforcer = self.enforcer
+        forbidden = enforcer.forbidden if enforcer is not None else ()
         ready = (self.state in (State.RUNNING, State.RELOADING) and bool(sources)
                  and all(h.ready for s, h in zip(self.sources, sources.values()) if s.required)
-                 and self._gap_reason is None and not forbidden)
-        reason = None if ready else (self._gap_reason or self.state.value)
+                 and status.gap_reason is None and not forbidden)
+        reason = None if ready else (status.gap_reason or self.state.value)
         details: dict[str, Any] = {
             "mode": self.mode,
             "tracked_calls": len(self.engine.store),
             "safety_valve_tripped": self.safety.tripped,
-            "in_flight": self.enforcer.in_flight if self.enforcer else 0,
+            "in_flight": enforcer.in_flight if enforcer is not None else 0,
         }
         if forbidden and reason == self.state.value:
             # Degraded: removals are refused (403) until the permission is granted.
@@ -194,13 +208,32 @@ class Daemon:
             details["missing_permissions"] = list(forbidden)
         if self.client is not None:
             details["budget"] = self.client.limiter.snapshot().as_dict()
+        ha = self.wired.ha if self.wired is not None else None
         return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details,
-                            ha=self.failover.node.health() if self.failover is not None else None,
+                            ha=ha.node.health() if ha is not None else None,
                             sources={name: h.as_dict() for name, h in sources.items()})
+
+    def _availability(self) -> Availability:
+        """For the control API: draining (or stopped) first; then the HA role (`ha_role`)."""
+        enforcer = self.enforcer
+        if self.state in (State.DRAINING, State.STOPPED) or (enforcer is not None and not enforcer.accepting):
+            return Availability(False, "draining", "the daemon is shutting down; send the request "
+                                                   "to another instance or retry after it restarts")
+        if self.ha_role is not None:
+            role, leader = self.ha_role()
+            if role != "leader":
+                code = "no_lease" if role == "no-lease" else "not_leader"
+                where = f"; the leader is {leader}" if leader else "; the leader is not known"
+                return Availability(False, code, f"this daemon is {role}: only the leader acts{where}",
+                                    leader)
+        return Availability(True)
+
+    # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
         cfg = self.config
+        core = self.core
         log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
         if cfg.ops.enabled:
             self.ops = OpsServer(self.metrics, self.health, limits=listener_limits(cfg.ops),
@@ -213,55 +246,40 @@ class Daemon:
                            f"(another process on that port? choose another, or set ops.enabled: false)")
                 raise (cfg.source.error(("ops", "listen"), message) if cfg.source
                        else ConfigError(message)) from None
-        self.audit.open()
+        wired = self.wired = connect(core, mode=self.mode)
+        self._tasks.append(asyncio.create_task(self._read_budget_limit(), name="budget-limit"))
+        wired.audit.open()
         from daemon.service.checkpoint import checkpointer_for  # cryptography: only when started
 
+        ha = wired.ha
         self.checkpointer = checkpointer_for(
-            cfg, self.audit, epoch=lambda: self.failover.node.epoch if self.failover is not None else 0,
+            cfg, wired.audit, epoch=lambda: ha.node.epoch if ha is not None else 0,
             on_result=lambda sink, result: self.metrics.audit_checkpoints.labels(sink=sink, result=result).inc())
         if self.checkpointer is not None:
             self.metrics.audit_checkpoints_queued.set_function(self.checkpointer.pending)
         # Before any new record: decisions of an earlier run with no outcome (closed below).
-        self._unfinished = unfinished_in_audit(self.audit.path)
-        credentials = resolve_credentials(cfg.genesys, base_dir=cfg.base_dir)
-        self.client = GenesysClient(cfg.genesys, credentials, on_response=self._on_response)
-        self.client.limiter.on_rate_limited = \
-            lambda p: self.metrics.rate_limited.labels(priority=p.label).inc()
-        self.metrics.track_budget(self.client.limiter.snapshot)
-        self._tasks.append(asyncio.create_task(self._read_budget_limit(), name="budget-limit"))
-        self.enforcer = Enforcer(self.client, self.audit, self.engine, mode=self.mode,  # type: ignore[arg-type]
-                                 metrics=self.metrics, clock=self.clock,
-                                 note_step=self.accounts.note_rest)
-        self.enforcer.sync_before_patch = cfg.audit.sync_before_patch
-        self.router = EventRouter(self.engine, self.enforcer, self.accounts, self.client, self.metrics,
-                                  on_gap=self._on_gap, recorder=self._recorder, clock=self.clock)
-        if cfg.ha.enabled:
+        self._unfinished = unfinished_in_audit(wired.audit.path)
+        if wired.ha is not None:
             self._start_ha()
         if cfg.control.enabled:
             from daemon.service.control import start_control
-            self.control = await start_control(self)
-        self._tasks.append(asyncio.create_task(self.audit.run_syncer(self._stop), name="audit-fsync"))
+            self.control = await start_control(cfg, submit=wired.enforcer.submit, store=self.engine.store,
+                                               client=wired.client, metrics=self.metrics,
+                                               availability=self._availability, clock=self.clock)
+        self._tasks.append(asyncio.create_task(wired.audit.run_syncer(self._stop), name="audit-fsync"))
         if self.checkpointer is not None:
             self._tasks.append(asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoint"))
-        self._tasks.append(asyncio.create_task(self._timers(), name="timers"))
+        self._tasks.append(asyncio.create_task(wired.timers.run(self._stop), name="timers"))
         self._tasks.append(asyncio.create_task(systemd.run_watchdog(self._stop), name="watchdog"))
 
         if self._unfinished:
-            # Before the stream and the start-up resync: what a call shows now must be read
+            # Before the sources and the start-up resync: what a call shows now must be read
             # before any removal of this run could change it.
             await self._close_unfinished()
         self._set_state(State.SUBSCRIBING)
-        scope = await resolve_scope(self.client, cfg.subscriptions)
-        client, router = self.client, self.router
-        built = (make(SourceContext(cfg, client, router, self.metrics, scope, self.clock,
-                                    state=self.engine.store))
-                 for make in self._source_factories)
-        self.sources = [source for source in built if source is not None]
-        self.resyncer = Resyncer(self.client, self.engine, scope,
-                                 metrics=self.metrics, on_step=router.step, clock=self.clock)
-        for source in self.sources:
-            if isinstance(source, WebSocketSource):
-                self.stream = source.stream
+        scope = self.scope = await resolve_scope(wired.client, cfg.subscriptions)
+        inputs = self.inputs = attach(core, wired, scope, factories=self._source_factories)
+        for source in inputs.sources:
             await source.start()
             task = asyncio.create_task(source.run(), name=f"source-{source.name}")
             task.add_done_callback(functools.partial(self._source_ended, source.name))
@@ -269,16 +287,19 @@ class Daemon:
 
         self._set_state(State.RESYNCING)
         if cfg.subscriptions.resync_on_start:
-            await self.resyncer.resync("startup")
-        self._gap_reason = None
-        for source in self.sources:
+            await inputs.resyncer.resync("startup")
+        core.status.close_gap()
+        for source in inputs.sources:
             source.resynced(None)
-        self._tasks.append(asyncio.create_task(self._gap_watch(), name="gap-watch"))
-        if cfg.subscriptions.reconcile_interval > 0:
-            self._tasks.append(asyncio.create_task(self._reconcile(), name="reconcile"))
+        self._tasks.append(asyncio.create_task(
+            core.gaps.run(self._stop, inputs.resyncer, inputs.sources), name="gap-watch"))
+        if inputs.reconciler is not None:
+            # Anti-entropy: calls without an event or a read for `reconcile_interval` seconds
+            # are re-read, riskiest first, within `reconcile_share` of the budget.
+            self._tasks.append(asyncio.create_task(inputs.reconciler.run(self._stop), name="reconcile"))
         self._set_state(State.RUNNING)
-        if self.failover is not None:
-            self.failover.mark_ready()
+        if wired.ha is not None:
+            wired.ha.takeover.mark_ready()
         systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
 
     async def _read_budget_limit(self) -> None:
@@ -339,7 +360,7 @@ class Daemon:
                 abandoned = self.enforcer.in_flight
                 # Cancel the actions themselves: each still writes its outcome record.
                 await self._bounded(self.enforcer.drain(0.0), _FORCED_GRACE, "drain_cancel")
-        if self.failover is not None:  # after the drain: in-flight removals finish under the lease
+        if self._ha_task is not None:  # after the drain: in-flight removals finish under the lease
             await self._bounded(self._stop_ha(), max(0.2, left(_final_reserve(timeout))), "ha_release")
         self._stop.set()
         for source in self.sources:
@@ -351,18 +372,18 @@ class Daemon:
         self._tasks.clear()
         if self.control is not None:  # after the drain: until then POSTs get 503 draining
             await self._bounded(self.control.stop(), max(0.2, left()), "control_close")
-        if self.checkpointer is not None and self.audit.is_open:  # the last one, then the sinks
+        audit = self.audit
+        if self.checkpointer is not None and audit is not None and audit.is_open:  # the last one, then the sinks
             budget = min(3.0, max(0.2, left()))
             await self._bounded(self.checkpointer.close(budget), budget + 0.5, "audit_checkpoint")
-        try:
-            self.audit.close()  # fsync: never skipped, whatever the deadline or the signals
-            log.info("audit_closed", seq=self.audit.seq, synced=not self.audit.needs_sync)
-        except Exception as exc:  # noqa: BLE001 - the rest of the shutdown still runs
-            log.critical("audit_close_failed", error=str(exc), error_type=type(exc).__name__)
-        if self.router is not None:
-            self.router.close()
-        elif self._recorder is not None:
-            self._recorder.close()
+        if audit is not None:
+            try:
+                audit.close()  # fsync: never skipped, whatever the deadline or the signals
+                log.info("audit_closed", seq=audit.seq, synced=not audit.needs_sync)
+            except Exception as exc:  # noqa: BLE001 - the rest of the shutdown still runs
+                log.critical("audit_close_failed", error=str(exc), error_type=type(exc).__name__)
+        if self.core.recorder is not None:
+            self.core.recorder.close()
         if self.client is not None:
             await self._bounded(self.client.aclose(), max(0.2, left()), "client_close")
         if self.ops is not None:
@@ -370,8 +391,7 @@ class Daemon:
         took = round(loop.time() - started, 3)
         if self.forced:
             # Not a graceful stop, so no `daemon_state ... stopped` line: this one ends the log.
-            self.state = State.STOPPED
-            self.metrics.daemon_state.state(State.STOPPED.value)
+            self.core.status.stopped_quietly()
             log.warning("shutdown_forced_exit", abandoned=abandoned, seconds=took, exit_code=1)
             return
         if took > timeout:
@@ -469,7 +489,7 @@ class Daemon:
         exists, so there is nothing to do then."""
         if self.enforcer is not None:
             self.enforcer.resume_valve()
-            self._maybe_reschedule()
+            self.core.wake.poke()
 
     def _on_sighup(self) -> None:
         """A SIGHUP during a reload is not dropped: the file is read once more afterwards
@@ -497,41 +517,41 @@ class Daemon:
         try:
             new, ruleset = await load_off_loop(self.config_path)
             self._reload_tls(new)
-            if self.sources and self.client is not None:
+            if self.inputs is not None and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
                 if not scope.topics:  # as at start-up: never drop every subscription silently
                     raise SubscriptionError(
                         "nothing to subscribe: subscriptions.queues and subscriptions.users are "
                         "both empty in the new configuration")
-                for source in self.sources:
+                for source in self.inputs.sources:
                     await source.apply_scope(scope)
-                if self.resyncer is not None:
-                    self.resyncer.set_scope(scope)
+                self.inputs.resyncer.set_scope(scope)
+                self.scope = scope
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave us stuck in RELOADING
             log.error("reload_rejected", error=str(exc), error_type=type(exc).__name__,
                       detail="the previous configuration stays in force")
             self.metrics.config_reloads.labels(result="rejected").inc()
             # Not `previous`: a gap may have opened or closed while the reload awaited.
-            self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+            self._set_state(self.core.status.settled())
             systemd.ready(f"{self.state.value}: reload rejected")
             return False
         self.rules.swap(ruleset)
-        self.safety.max_per_minute = new.safety.max_disconnects_per_minute
+        self.safety.set_limit(new.safety.max_disconnects_per_minute)
         unapplied = _restart_only_changes(self._startup_config, new)
         if unapplied:  # say so, rather than let the operator believe they are live
             log.warning("reload_needs_restart", settings=unapplied,
                         detail="these settings keep their old values until confguard restarts")
         self.config = new
         if self.enforcer is not None:
-            self.enforcer.mode = self.mode  # type: ignore[assignment]
+            self.enforcer.set_mode(self.mode)
             self.enforcer.clear_forbidden()  # granted meanwhile, the operator says; a new 403 says otherwise
         self.metrics.config_reloads.labels(result="ok").inc()
         log.info("reloaded", rules=len(new.rules), mode=self.mode, config=str(self.config_path))
         # New or changed rules judge the live calls now, not at each call's next event.
         decisions = self.rules.reevaluate(self.clock())
-        if decisions:
-            self._submit(decisions)
-        self._set_state(State.DEGRADED if self._gap_reason else State.RUNNING)
+        if decisions and self.router is not None:
+            self.router.submit(decisions)
+        self._set_state(self.core.status.settled())
         systemd.ready(f"{self.state.value}: reloaded")
         return True
 
@@ -555,135 +575,38 @@ class Daemon:
         """ha.backend: postgres: contend for the lease (docs/ha.md). The
         lease loop runs until `_stop_ha`; until this node holds the lease and finished its
         take-over, the send gate is closed and decisions are audited `standby`."""
-        ha = self.config.ha
-        node = HaNode(resolve_ha_dsn(ha, base_dir=self.config.base_dir), lease=ha.lease, node=ha.node_name,
-                      policy=LeasePolicy(ha.takeover_after), metrics=self.metrics)
-        assert self.router is not None
-        self.failover = Failover(node, read_call=self.router.read_call, write=self.audit.write,
-                                 on_open=self._enforcement_possible)
-        self.audit.stamp = self.failover.stamp
-        self.audit.observers.append(self.failover.observe)
-        self.ha_role = self.failover.role_and_leader
-        if self.enforcer is not None:  # the send gate: closed unless leader with the take-over done
-            self.enforcer.gate = self.failover
-        node.update_metrics()
-        log.info("ha_starting", node=node.node, lease=ha.lease, takeover_after=ha.takeover_after)
-        self._ha_task = asyncio.create_task(node.run(self._ha_stop), name="ha-lease")
+        assert self.wired is not None and self.wired.ha is not None
+        ha, settings = self.wired.ha, self.config.ha
+        self.ha_role = ha.gate.role_and_leader
+        ha.node.update_metrics()
+        log.info("ha_starting", node=ha.node.node, lease=settings.lease, takeover_after=settings.takeover_after)
+        self._ha_task = asyncio.create_task(
+            ha.node.run(self._ha_stop, on_term=ha.takeover.on_term, on_lost=ha.gate.close), name="ha-lease")
 
     async def _stop_ha(self) -> None:
         """Hand the lease back (so the standby takes over at once) and stop the loop."""
-        if self.failover is None or self._ha_task is None:
+        ha = self.wired.ha if self.wired is not None else None
+        if ha is None or self._ha_task is None:
             return
         self._ha_stop.set()
         await asyncio.wait({self._ha_task}, timeout=5.0)
-        await self.failover.aclose()
+        await ha.takeover.aclose()
         with contextlib.suppress(Exception):
-            await within(self.failover.node.release(), 5.0)
+            await within(ha.node.release(), 5.0)
         self._ha_task = None
-
-    def _enforcement_possible(self, reason: str) -> None:
-        """Removals became possible again: act on every live matching party at once."""
-        if self.enforcer is not None:
-            self.enforcer.act_now(reason)
-            self._maybe_reschedule()
 
     async def _close_unfinished(self) -> None:
         """Close this host's decisions of an earlier run that have no outcome record."""
         items, self._unfinished = self._unfinished, []
-        assert self.router is not None
-        log.warning("unfinished_decisions_found", count=len(items), audit=str(self.audit.path))
+        assert self.wired is not None
+        log.warning("unfinished_decisions_found", count=len(items), audit=str(self.wired.audit.path))
         try:
-            await asyncio.wait_for(close_unfinished(items, read_call=self.router.read_call,
-                                                    write=self.audit.write, closed_on="startup"),
+            await asyncio.wait_for(close_unfinished(items, read_call=self.wired.router.read_call,
+                                                    write=self.wired.audit.write, closed_on="startup"),
                                    timeout=30.0)
         except asyncio.TimeoutError:  # a stuck API must not keep the daemon from starting
             log.error("unfinished_decisions_timeout", count=len(items),
                       detail="the rest are closed at the next start")
-
-    # ------------------------------------------------------------------ input
-
-    def _submit(self, decisions: list[Decision]) -> None:
-        """Decisions with no state change behind them (timers, a reload's re-evaluation)."""
-        if self.router is not None:
-            self.router.submit(decisions)
-
-    def _on_response(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.metrics.api_requests.labels(method=method, route=route, status=str(status)).inc()
-        if status >= 400 or status == 0:
-            self.metrics.api_errors.labels(status=str(status)).inc()
-
-    # ------------------------------------------------------------------ gaps and timers
-
-    def _on_gap(self, reason: str) -> None:
-        """The stream may have missed events: resync (coalesced) and report not-ready."""
-        self._gap_reason = reason
-        if self.state is State.RUNNING:
-            self._set_state(State.DEGRADED, reason=reason)
-        self._gap_flag.set()
-
-    async def _gap_watch(self) -> None:
-        """Resync after each gap; retry with `GAP_RESYNC_RETRY`'s back-off until one succeeds."""
-        flag = self._gap_flag
-        if self._gap_reason:
-            flag.set()
-        delays = GAP_RESYNC_RETRY.backoff()
-        while not self._stop.is_set():
-            await flag.wait()
-            flag.clear()
-            reason = self._gap_reason or "gap"
-            assert self.resyncer is not None
-            started = self.clock()
-            try:
-                await self.resyncer.resync(reason)
-            except ConfguardError as exc:
-                delay = next(delays)
-                log.error("resync_failed", reason=reason, error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                flag.set()
-                continue
-            delays = GAP_RESYNC_RETRY.backoff()
-            self.metrics.tracked_calls.set(len(self.engine.store))
-            if not flag.is_set():  # no newer gap arrived while resyncing
-                self._gap_reason = None
-                for source in self.sources:
-                    source.resynced(started)
-                if self.state is State.DEGRADED:
-                    self._set_state(State.RUNNING, reason="resynced")
-
-    async def _reconcile(self) -> None:
-        """Anti-entropy: Genesys never reports a lost event, so calls without an event or a
-        read for `reconcile_interval` seconds are re-read, riskiest first, within
-        `reconcile_share` of the budget (`daemon.genesys.reconcile.Reconciler`). The stream's
-        gap state is left alone."""
-        assert self.resyncer is not None and self.client is not None
-        subs = self.config.subscriptions
-        self.reconciler = Reconciler(self.resyncer, interval=subs.reconcile_interval,
-                                     share=subs.reconcile_share, limiter=self.client.limiter,
-                                     metrics=self.metrics, clock=self.clock)
-        await self.reconciler.run(self._stop)
-
-    def _maybe_reschedule(self) -> None:
-        deadline = self.engine.next_deadline()
-        if deadline is not None and (self._scheduled_deadline is None or deadline < self._scheduled_deadline):
-            self._timer_wake.set()
-
-    async def _timers(self) -> None:
-        """hold_for and time-based rules fire here, at their deadline, with no event needed.
-        Also evicts ended calls. Wakes at least once a second."""
-        while not self._stop.is_set():
-            now = self.clock()
-            deadline = self.engine.next_deadline()
-            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-            self._scheduled_deadline = now + wait
-            self._timer_wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
-            decisions = self.engine.tick(self.clock())
-            if decisions:
-                self._submit(decisions)
-            self.metrics.tracked_calls.set(len(self.engine.store))
-            if self.client is not None and self.client.tokens.age is not None:
-                self.metrics.token_age_seconds.set(self.client.tokens.age)
 
 
 #: Seconds a reload may spend reading config.yaml and its list files and compiling the

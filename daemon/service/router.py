@@ -225,6 +225,12 @@ class EventRouter:
         self.enforcer.submit_all(batch)
         self.accounts.wake()
 
+    def act_now(self, reason: str) -> None:
+        """Removals became possible again (HA: this node took over): act at once on every
+        live party that matches a disconnect rule (`Enforcer.act_now`)."""
+        self.enforcer.act_now(reason)
+        self.accounts.wake()
+
     async def read_call(self, conversation_id: str, *,
                         priority: Priority = Priority.ENFORCE) -> dict[str, Any] | None:
         """GET one call (default ENFORCE priority) and fold it in (None: 404, the call is

@@ -4,52 +4,40 @@ from a live call, and read the calls it holds in memory. Off unless `control.lis
 Modules: `models` (pydantic bodies, the single source of the OpenAPI document), `openapi`,
 `auth` (tokens, constant-time lookup, per-caller limit), `service` (resolution,
 idempotency, ejections; no HTTP), `server`
-(aiohttp listener). `start_control(daemon)` builds and starts it for a `Daemon`.
+(aiohttp listener). `start_control(cfg, ...)` builds and starts it (the daemon gives it
+its enforcer's `submit`, the store, the client and an `availability` callable).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
 
+from daemon.config import Config
 from daemon.errors import ConfigError
 from daemon.service.control.auth import Authenticator, CallerLimiter, load_callers
 from daemon.service.control.server import ControlServer
-from daemon.service.control.service import Availability, ControlService
+from daemon.service.control.service import (Availability, CallReader, CallSource, ControlService,
+                                            SubmitManual)
 from daemon.service.listener import listener_limits, tls_files
+from daemon.service.metrics import Metrics
 
 __all__ = ["Availability", "ControlServer", "ControlService", "start_control"]
 
 
-def _availability(daemon: Any) -> Availability:
-    """Draining (or stopped) first; then the HA role, when the daemon has one: `ha_role`
-    is a callable giving (role: leader | standby | no-lease, the leader's node or None)."""
-    state = getattr(getattr(daemon, "state", None), "value", None)
-    enforcer = getattr(daemon, "enforcer", None)
-    if state in ("draining", "stopped") or (enforcer is not None and not enforcer.accepting):
-        return Availability(False, "draining", "the daemon is shutting down; send the request "
-                                               "to another instance or retry after it restarts")
-    ha_role = getattr(daemon, "ha_role", None)
-    if callable(ha_role):
-        role, leader = ha_role()
-        if role != "leader":
-            code = "no_lease" if role == "no-lease" else "not_leader"
-            where = f"; the leader is {leader}" if leader else "; the leader is not known"
-            return Availability(False, code, f"this daemon is {role}: only the leader acts{where}",
-                                leader)
-    return Availability(True)
-
-
-async def start_control(daemon: Any) -> ControlServer:
-    """Build the control API for a started `Daemon` (its enforcer, store, client, metrics)
-    and listen on `control.listen`. Raises ConfigError for a token problem or an address
-    that cannot be bound."""
-    cfg = daemon.config
+async def start_control(cfg: Config, *, submit: SubmitManual, store: CallSource,
+                        client: CallReader | None, metrics: Metrics,
+                        availability: Callable[[], Availability],
+                        clock: Callable[[], float] = time.time) -> ControlServer:
+    """Build the control API from what a started daemon has (its enforcer's `submit`, the
+    call store, the client, the metrics and `availability`: draining, HA role) and listen
+    on `control.listen`. Raises ConfigError for a token problem or an address that cannot
+    be bound."""
     callers = load_callers(cfg)
-    service = ControlService(daemon.enforcer.submit, daemon.engine.store, daemon.client,
-                             availability=lambda: _availability(daemon), clock=daemon.clock)
+    service = ControlService(submit, store, client, availability=availability, clock=clock)
     server = ControlServer(service, Authenticator(callers),
                            CallerLimiter(cfg.control.max_requests_per_minute),
-                           metrics=daemon.metrics, limits=listener_limits(cfg.control),
+                           metrics=metrics, limits=listener_limits(cfg.control),
                            tls=tls_files(cfg, cfg.control.tls),
                            cert_callers={c.client_cert_cn: name
                                          for name, c in cfg.control.callers.items()
