@@ -345,21 +345,7 @@ class Daemon:
             # A reload must not finish during the drain and report the daemon RUNNING/READY.
             self._reload_task.cancel()
             await self._bounded(self._reload_task, min(5.0, left()), "reload")  # its roll-back is bounded too
-        abandoned = 0
-        if self.enforcer is not None:
-            drain_for = left(_close_reserve(timeout))
-            if self.drain_timeout is not None:
-                drain_for = min(drain_for, self.drain_timeout)
-            drain = asyncio.ensure_future(self.enforcer.drain(drain_for))
-            # At `drain_for` the drain cancels what is still in flight and waits (bounded by
-            # the enforcer) for those outcome records; a forced exit cuts that to now.
-            if await self._bounded(drain, drain_for + 5.0, "drain", cancel=False):
-                abandoned = drain.result() if not drain.cancelled() and drain.exception() is None else 0
-            else:
-                drain.cancel()
-                abandoned = self.enforcer.in_flight
-                # Cancel the actions themselves: each still writes its outcome record.
-                await self._bounded(self.enforcer.drain(0.0), _FORCED_GRACE, "drain_cancel")
+        abandoned = await self._drain(left(_close_reserve(timeout)))
         if self._ha_task is not None:  # after the drain: in-flight removals finish under the lease
             await self._bounded(self._stop_ha(), max(0.2, left(_final_reserve(timeout))), "ha_release")
         self._stop.set()
@@ -372,6 +358,40 @@ class Daemon:
         self._tasks.clear()
         if self.control is not None:  # after the drain: until then POSTs get 503 draining
             await self._bounded(self.control.stop(), max(0.2, left()), "control_close")
+        await self._close_outputs(left)
+        took = round(loop.time() - started, 3)
+        if self.forced:
+            # Not a graceful stop, so no `daemon_state ... stopped` line: this one ends the log.
+            self.core.status.stopped_quietly()
+            log.warning("shutdown_forced_exit", abandoned=abandoned, seconds=took, exit_code=1)
+            return
+        if took > timeout:
+            log.warning("shutdown_deadline_exceeded", timeout=timeout, seconds=took)
+        self._set_state(State.STOPPED, abandoned=abandoned, seconds=took)
+
+    async def _drain(self, drain_for: float) -> int:
+        """Let in-flight removals finish for at most `drain_for` seconds (and `drain_timeout`
+        when given); cancel the rest, each with its outcome record. Returns how many were
+        abandoned."""
+        enforcer = self.enforcer
+        if enforcer is None:
+            return 0
+        if self.drain_timeout is not None:
+            drain_for = min(drain_for, self.drain_timeout)
+        drain = asyncio.ensure_future(enforcer.drain(drain_for))
+        # At `drain_for` the drain cancels what is still in flight and waits (bounded by
+        # the enforcer) for those outcome records; a forced exit cuts that to now.
+        if await self._bounded(drain, drain_for + 5.0, "drain", cancel=False):
+            return drain.result() if not drain.cancelled() and drain.exception() is None else 0
+        drain.cancel()
+        abandoned = enforcer.in_flight
+        # Cancel the actions themselves: each still writes its outcome record.
+        await self._bounded(enforcer.drain(0.0), _FORCED_GRACE, "drain_cancel")
+        return abandoned
+
+    async def _close_outputs(self, left: Callable[[], float]) -> None:
+        """The last steps of `stop`: fsync and close the audit (always), the `--record`
+        file, the client and the ops listener."""
         audit = self.audit
         if self.checkpointer is not None and audit is not None and audit.is_open:  # the last one, then the sinks
             budget = min(3.0, max(0.2, left()))
@@ -388,15 +408,6 @@ class Daemon:
             await self._bounded(self.client.aclose(), max(0.2, left()), "client_close")
         if self.ops is not None:
             await self._bounded(self.ops.stop(), max(0.2, left()), "ops_close")
-        took = round(loop.time() - started, 3)
-        if self.forced:
-            # Not a graceful stop, so no `daemon_state ... stopped` line: this one ends the log.
-            self.core.status.stopped_quietly()
-            log.warning("shutdown_forced_exit", abandoned=abandoned, seconds=took, exit_code=1)
-            return
-        if took > timeout:
-            log.warning("shutdown_deadline_exceeded", timeout=timeout, seconds=took)
-        self._set_state(State.STOPPED, abandoned=abandoned, seconds=took)
 
     def force_exit(self) -> None:
         """Cut the shutdown short (the second SIGTERM/SIGINT): every remaining wait of
