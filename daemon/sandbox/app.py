@@ -79,6 +79,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if path.startswith("/channels/"):
         return await handler(request)
     at, perf = time.time(), time.perf_counter_ns()
+    if not path.startswith("/sandbox/"):
+        sb.journal.arrivals.append((request.method, path))
     raw = await request.read() if request.can_read_body else b""
     body: Any = None
     if raw:
@@ -116,7 +118,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         body = {"grant_type": request[FORM_GRANT]} if FORM_GRANT in request else None
     if not path.startswith("/sandbox/"):
         sb.journal.request(request.method, path, dict(request.query), body, resp.status,
-                           client_id, at=at, perf_ns=perf)
+                           client_id, at=at, perf_ns=perf,
+                           content_type=request.content_type if raw else None)
     return resp
 
 
@@ -342,7 +345,8 @@ async def patch_participant(request: web.Request) -> web.Response:
                 raise WorldError(sb.patch_final_status, "conversation.participant.not.connected",
                                  f"Participant {pid} is already disconnected")
             return web.Response(status=sb.patch_final_status)
-        sb.world.disconnect(cid, pid, "client")
+        if not sb.faults.ignore_disconnects:
+            sb.world.disconnect(cid, pid, "client")
         return web.Response(status=202)
     changes = {k: body[k] for k in _MPR_BOOLS if k in body}
     if changes and party.live:

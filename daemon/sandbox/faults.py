@@ -1,7 +1,8 @@
 """Fault injection state for the sandbox, switchable at run time. Pure data and decisions:
 the server asks `Faults` what to do with each request and each event delivery.
 
-REST faults: `latency` seconds added to every /api/v2 request; `bursts` answer the next N
+REST faults: `latency` seconds added to every /api/v2 request; `ignore_disconnects`
+answers a participant PATCH 202 and leaves the party connected; `bursts` answer the next N
 requests matching a method and a path regex with a chosen status (429 with Retry-After, 5xx);
 `budget_per_minute` is a per-token request budget. By default it is counted in a sliding
 60 s window (Genesys does not document its window; sliding is the strictest reading), no
@@ -127,6 +128,9 @@ class Faults:
     seed: int | None = None
     eventbridge_delay: float = 0.0
     losses: list[ChangeLoss] = field(default_factory=list)
+    #: A participant PATCH {"state": "disconnected"} is answered 202 and not carried out
+    #: (the party stays connected): a removal Genesys accepted and never made.
+    ignore_disconnects: bool = False
     _windows: dict[str, Window] = field(default_factory=dict)  # legacy: fixed windows
     _sliding: dict[str, deque[float]] = field(default_factory=dict)  # accepted request times
 
@@ -138,6 +142,7 @@ class Faults:
         org's allowance (`--budget N`): it and its windows under way stay, as on Genesys."""
         self.latency = self.event_latency = 0.0
         self.drop_every = None
+        self.ignore_disconnects = False
         self.extra_field = True
         self.bursts.clear()
         self.duplicate, self.lose = EventFault(), EventFault()
@@ -259,7 +264,8 @@ class Faults:
         Keys: latency, eventLatency, budgetPerMinute (null = off), legacyRatelimitHeaders,
         dropEvery (null = off),
         extraField, seed, burst {method, path, status, count, retryAfter},
-        duplicate/lose/reorder/malformed {probability, next}, eventbridgeDelay (seconds)."""
+        duplicate/lose/reorder/malformed {probability, next}, eventbridgeDelay (seconds),
+        ignoreDisconnects (participant PATCHes answered 202 and not carried out)."""
         for k, v in spec.items():
             if k == "latency":
                 self.latency = float(v)
@@ -278,6 +284,8 @@ class Faults:
             elif k == "burst":
                 self.add_burst(str(v.get("method", "*")), str(v.get("path", ".*")),
                                int(v["status"]), int(v.get("count", 1)), v.get("retryAfter"))
+            elif k == "ignoreDisconnects":
+                self.ignore_disconnects = bool(v)
             elif k == "eventbridgeDelay":
                 if float(v) < 0:
                     raise ValueError("eventbridgeDelay must be >= 0 seconds")
@@ -295,4 +303,5 @@ class Faults:
                 "extraField": self.extra_field, "bursts": [b.as_dict() for b in self.bursts],
                 "duplicate": self.duplicate.as_dict(), "lose": self.lose.as_dict(),
                 "reorder": self.reorder.as_dict(), "malformed": self.malformed.as_dict(),
-                "eventbridgeDelay": self.eventbridge_delay, "losses": [x.as_dict() for x in self.losses]}
+                "eventbridgeDelay": self.eventbridge_delay, "losses": [x.as_dict() for x in self.losses],
+                "ignoreDisconnects": self.ignore_disconnects}

@@ -24,6 +24,7 @@ class RequestRecord:
     body: Any
     status: int
     client_id: str | None
+    content_type: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,14 +45,18 @@ class Journal:
         self.events: deque[EventRecord] = deque(maxlen=maxlen)
         self._req_seq = 0
         self._ev_seq = 0
+        #: (method, path) of every request as it arrives, before any injected latency and
+        #: before its answer (`requests` records it once answered): a test can see that a
+        #: request it holds has come in.
+        self.arrivals: deque[tuple[str, str]] = deque(maxlen=maxlen)
 
     def request(self, method: str, path: str, query: dict[str, str], body: Any, status: int,
                 client_id: str | None, *, at: float | None = None,
-                perf_ns: int | None = None) -> RequestRecord:
+                perf_ns: int | None = None, content_type: str | None = None) -> RequestRecord:
         self._req_seq += 1
         r = RequestRecord(self._req_seq, time.time() if at is None else at,
                           time.perf_counter_ns() if perf_ns is None else perf_ns,
-                          method, path, query, body, status, client_id)
+                          method, path, query, body, status, client_id, content_type)
         self.requests.append(r)
         return r
 
@@ -79,6 +84,7 @@ class Journal:
     def clear(self) -> None:
         self.requests.clear()
         self.events.clear()
+        self.arrivals.clear()
 
     def as_dict(self, since_request: int = 0, since_event: int = 0) -> dict[str, Any]:
         return {"requests": [asdict(r) for r in self.requests if r.seq > since_request],
