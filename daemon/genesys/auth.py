@@ -12,6 +12,8 @@ Contract (docs/architecture.md):
   no valid token does the error reach the caller.
 - `await tokens.invalidate(token)` (a 401 came back): drops the token only if it is still
   the current one, so 50 concurrent 401s for the same token cause exactly one refresh.
+- `await tokens.rotate(credentials)` (a reload read new ones): fetch a token with them at once;
+  refused ones change nothing. True when the client id changed.
 - Errors are `AuthError` with an operator message. The token and the client secret never
   appear in logs, reprs or exception messages.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import re
 import time
 from collections.abc import Callable
@@ -70,6 +73,31 @@ class TokenManager:
     def __repr__(self) -> str:
         state = "valid" if self._token else "none"
         return f"TokenManager(login_origin={self._origin!r}, client_id={self._credentials.client_id!r}, token={state})"
+
+    @property
+    def client_id(self) -> str:
+        """The OAuth client id in use (not a secret)."""
+        return self._credentials.client_id
+
+    def uses(self, credentials: Credentials) -> bool:
+        """Whether `credentials` are the ones in use (compared in constant time)."""
+        return (hmac.compare_digest(credentials.client_id, self._credentials.client_id)
+                and hmac.compare_digest(credentials.client_secret, self._credentials.client_secret))
+
+    async def rotate(self, credentials: Credentials) -> bool:
+        """Use `credentials` from now on: a token is fetched with them at once, so new
+        credentials that are refused are found now and change nothing (AuthError; the old
+        client and token stay in use). Returns True when the client id changed (the
+        caller moves what belongs to the old client, e.g. notification channels)."""
+        async with self._lock:
+            old = self._credentials
+            self._credentials = credentials
+            try:
+                await self._fetch()
+            except AuthError:
+                self._credentials = old
+                raise
+            return old.client_id != credentials.client_id
 
     @property
     def age(self) -> float | None:

@@ -518,6 +518,30 @@ class Daemon:
             if not self._reload_again:
                 return
 
+    async def _reload_credentials(self, new: Config) -> None:
+        """Read the OAuth credentials again (the files `genesys.client_id_file`/
+        `client_secret_file` name, the environment, `$CREDENTIALS_DIRECTORY`). Changed ones
+        get a token at once (refused ones raise and change nothing); a changed client also
+        moves every source's channels to ones created with the new token, make-before-break.
+        Never logs a secret."""
+        if self.client is None:
+            return
+        credentials = resolve_credentials(new.genesys, base_dir=new.base_dir)
+        tokens = self.client.tokens
+        if tokens.uses(credentials):
+            return
+        old_client = tokens.client_id
+        client_changed = await tokens.rotate(credentials)
+        log.warning("credentials_rotated", client_changed=client_changed, old_client_id=old_client,
+                    client_id=tokens.client_id,
+                    detail="new OAuth credentials in use" + (
+                        "; moving the stream to channels of the new client" if client_changed else ""))
+        if client_changed:
+            for source in self.sources:
+                rotate = getattr(source, "credentials_rotated", None)
+                if callable(rotate):
+                    rotate()
+
     async def reload(self) -> bool:
         """Re-read config.yaml and lists; keep the old rules if the new file is invalid."""
         if self.config_path is None or self.state not in (State.RUNNING, State.DEGRADED):
@@ -528,6 +552,7 @@ class Daemon:
         try:
             new, ruleset = await load_off_loop(self.config_path)
             self._reload_tls(new)
+            await self._reload_credentials(new)
             if self.inputs is not None and self.client is not None:
                 scope = await resolve_scope(self.client, new.subscriptions)
                 if not scope.topics:  # as at start-up: never drop every subscription silently
@@ -661,10 +686,15 @@ def _close_reserve(timeout: float) -> float:
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
-    """Changed settings that a reload does not apply (the client, audit file, ops listener,
-    logging and stream timings are built once at start-up), as dotted names."""
-    changed = [name for name in ("genesys", "audit", "logging", "ha")
+    """Changed settings that a reload does not apply (the client's origins, timeouts and
+    budget, the audit file, ops listener, logging and stream timings are built once at
+    start-up), as dotted names. The credentials are not among them: a reload reads them again."""
+    changed = [name for name in ("audit", "logging", "ha")
                if getattr(old, name) != getattr(new, name)]
+    # The credentials (and the files that hold them) are read again on every reload.
+    changed += [f"genesys.{name}" for name in type(old.genesys).model_fields
+                if name not in ("client_id_file", "client_secret_file")
+                and getattr(old.genesys, name) != getattr(new.genesys, name)]
     for name in ("ops", "control"):  # the TLS files are re-read on reload; turning TLS on/off is not
         before, after = getattr(old, name), getattr(new, name)
         if before.model_dump(exclude={"tls"}) != after.model_dump(exclude={"tls"}) or \

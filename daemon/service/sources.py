@@ -142,6 +142,12 @@ class WebSocketSource:
     def resynced(self, started_at: float | None) -> None:
         self.stream.mark_resynced(started_at=started_at)
 
+    def credentials_rotated(self) -> None:
+        """The OAuth client changed: channels belong to the client that created them, so
+        every shard moves to a new channel made with the new token (make-before-break).
+        Optional for a source: the daemon calls it where a source has it."""
+        self.stream.rotate_channels()
+
     def health(self) -> SourceHealth:
         stream = self.stream
         ready = stream.ready

@@ -34,6 +34,7 @@ from daemon.genesys.retry import RetryPolicy, classify
 from daemon.genesys.scope import MAX_CHANNELS, MAX_TOPICS_PER_CHANNEL, shard
 from daemon.genesys.stream.supervisor import (
     IO_ACTIONS,
+    Rotate,
     RECONNECT_RETRY,
     Action,
     Begin,
@@ -360,6 +361,13 @@ class StreamManager:
                     s.current.abort("stopped")
         log.info("stream_stopped")
         self._stopped.set()
+
+    def rotate_channels(self) -> None:
+        """The client's credentials changed: every shard moves to a channel created with the
+        new token, make-before-break (no gap when the handover succeeds)."""
+        log.info("stream_rotating_channels", shards=len(self._shards))
+        for s in list(self._shards):
+            self._tell(s, Rotate())
 
     async def update_topics(self, new_topics: Sequence[Topic | str]) -> None:
         """Reload: subscribe added topics and unsubscribe dropped ones, without reconnecting.

@@ -245,8 +245,14 @@ class TopicsChanged:
     subscribed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Rotate:
+    """The client's credentials changed (a reload read new ones): move to a channel created
+    with the new token, make-before-break, as for a channel refresh."""
+
+
 Event = (Begin | Opened | FrameSeen | Control | Closed | Tick | ChannelChecked | ChannelCreated
-         | Subscribed | StepFailed | TopicsChanged)
+         | Subscribed | StepFailed | TopicsChanged | Rotate)
 
 
 # ---------------------------------------------------------------- actions
@@ -374,7 +380,7 @@ class _Socket:
 
 @dataclass(slots=True)
 class _Handover:
-    reason: str  # "socket_closing" | "channel_refresh"
+    reason: str  # "socket_closing" | "channel_refresh" | "credentials_rotated"
     old: _Socket
     channel: ChannelLike | None = None  # the new channel, once created
 
@@ -397,6 +403,7 @@ class ShardSupervisor:
         self.initial_attempts = 0
         self._handover: _Handover | None = None
         self._pending_handover: str | None = None
+        self._rotate_pending = False  # a Rotate came during a handover: rotate after it
         self._in_flight: IoStep | None = None  # the I/O step awaited, if any
         # Recovery state.
         self._gap_reason = "reconnect"
@@ -458,6 +465,8 @@ class ShardSupervisor:
             return self._failed(event, now, wall)
         if isinstance(event, TopicsChanged):
             return self._topics_changed(event)
+        if isinstance(event, Rotate):
+            return self._rotate()
         if isinstance(event, Begin):
             return self._begin(event)
         raise TypeError(f"not a supervisor event: {event!r}")  # pragma: no cover
@@ -743,7 +752,29 @@ class ShardSupervisor:
             out.append(DeclareGap("channel_expired" if h.reason == "channel_refresh" else h.reason))
         if self.dirty:  # a reload changed the topics after the new channel was subscribed
             out.append(self._subscribe(h.channel))
-        return out
+        return out + self._after_handover()
+
+    def _rotate(self) -> list[Action]:
+        """New credentials: the live channel belongs to the old client, so hand over to a
+        new one (the handover creates it with the new token); while no socket is live, the
+        next attempt creates a new channel instead of reusing the old one."""
+        live = self.live
+        if live is None or live.ended or self.phase is not Phase.LIVE:
+            self._new_channel = True
+            return []
+        if self._handover is not None:
+            self._rotate_pending = True  # that handover's channel may be the old client's
+            return []
+        if self._in_flight is not None:
+            self._pending_handover = "credentials_rotated"
+            return []
+        return self._start_handover("credentials_rotated")
+
+    def _after_handover(self) -> list[Action]:
+        if not self._rotate_pending:
+            return []
+        self._rotate_pending = False
+        return self._start_handover("credentials_rotated")
 
     def _handover_failed(self, event: StepFailed, now: float, wall: float) -> list[Action]:
         h = self._handover
@@ -764,6 +795,9 @@ class ShardSupervisor:
             old.refresh_at = wall + max(1.0, self._next_delay())
         if self._pending_handover == h.reason:
             self._pending_handover = None
+        if self._rotate_pending:
+            self._rotate_pending = False
+            self._pending_handover = "credentials_rotated"
         # For socket_closing: the old socket's end arrives as Closed and is recovered.
         return out + self._start_pending()
 
