@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.config import Config, load_config, load_lists
+from daemon.config import Config, load_config, load_lists, resolve_credentials
 from daemon.core.enforcement import Mode, SafetyValve
 from daemon.core.engine import Engine
 from daemon.core.rules import RuleEngine, RuleSet, compile_rules
