@@ -134,6 +134,11 @@ class InvalidIdError(BadRequestError):
     anything is sent (`status` 400, `code` `invalid_id`)."""
 
 
+class NotSentError(ApiError):
+    """A request abandoned before its body was written (a lease deadline passed, or a send
+    gate closed): Genesys cannot have acted on it. `status` 0."""
+
+
 class UnauthorizedError(ApiError):
     status = 401
 

@@ -97,6 +97,11 @@ def _check_whole(cfg: Config, src: ConfigSource) -> list[ConfigError]:
 def _check_sections(cfg: Config, src: ConfigSource) -> None:
     if cfg.ha.dsn is not None and cfg.ha.dsn_file is not None:
         raise src.error(("ha", "dsn_file"), "ha: give one of 'dsn' or 'dsn_file', not both")
+    margin = cfg.ha.safety_margin
+    if margin is not None and margin >= cfg.ha.takeover_after * 2 / 3:
+        raise src.error(("ha", "safety_margin"),
+                        f"ha.safety_margin ({margin:g} s) must stay below 2/3 of ha.takeover_after "
+                        f"({cfg.ha.takeover_after:g} s), or the leader could never renew and send")
     if cfg.control.listen is not None and not cfg.control.callers:
         raise src.error(("control", "listen"),
                         "control.listen is set but control.callers names no caller: nobody could "

@@ -313,6 +313,12 @@ class HaSettings(_Strict):
                                      description="Seconds a lost leader may be silent before the standby takes over.")
     node: str | None = Field(default=None, min_length=1, max_length=200,
                              description="This host's name in the lease and the audit; default: the host name.")
+    safety_margin: Duration | None = Field(
+        default=None, ge=0, le=200,
+        description="Seconds before its lease runs out (on its own clock) at which a leader stops "
+                    "writing removals; a PATCH not fully written by then is abandoned unsent. Must "
+                    "exceed the one-way network delay to Genesys. Default: takeover_after / 5, "
+                    "between 0.2 and 2 s; below 2/3 of takeover_after.")
 
     @field_validator("dsn")
     @classmethod

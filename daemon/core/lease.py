@@ -99,6 +99,14 @@ class LeasePolicy:
         """Whether a removal may be sent now (see the module docstring)."""
         return self._leader and self._valid_until is not None and now < self._valid_until
 
+    def send_budget(self, now: float) -> float:
+        """Seconds from `now` until sending must stop (the local validity, margin already
+        taken off); 0 when it may not send now. A PATCH must be fully written within it."""
+        if not self.may_send(now):
+            return 0.0
+        assert self._valid_until is not None
+        return self._valid_until - now
+
     def role(self, now: float) -> Role:
         if self.may_send(now):
             return Role.LEADER

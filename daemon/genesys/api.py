@@ -46,11 +46,13 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import orjson
 import structlog
 
 from daemon.genesys.auth import TokenManager
 from daemon.config import Credentials, GenesysSettings
 from daemon.errors import (ApiError, ConflictError, ForbiddenError, InvalidIdError, NotFoundError,
+                           NotSentError,
                            RateLimitedError, TransportError, UnauthorizedError,
                            api_error_for_status)
 from daemon.core.ids import is_path_id
@@ -182,16 +184,26 @@ class GenesysClient:
                                      participant_id: ParticipantId | str, *,
                                      retry_conflict: int = 3,
                                      priority: Priority = Priority.ENFORCE,
-                                     on_send: Callable[[], None] | None = None) -> int:
+                                     on_send: Callable[[], None] | None = None,
+                                     send_budget: Callable[[], float | None] | None = None) -> int:
         """PATCH .../calls/{cid}/participants/{pid} {"state": "disconnected"}: remove one
         party, leaving the rest of the call up. Success is a 2xx with an empty body; returns
         that status. A 409 is retried `retry_conflict` times with a short back-off.
         `on_send` is called just before each attempt is written (after the limiter slot and
-        the token), so callers can measure event-to-request including any limiter wait."""
+        the token), so callers can measure event-to-request including any limiter wait.
+
+        `send_budget` (HA: the lease's remaining validity, margin taken off): seconds within
+        which each attempt's body must be fully written, asked at the start of the attempt
+        and again right before the body goes out (None: no limit). An attempt whose body is
+        not written in time (pool wait, connect, TLS, headers, a slow write) is cut and
+        raises `NotSentError`: with a Content-Length body that never arrived whole, Genesys
+        cannot act on it. This holds for any httpx transport, since the body is handed over
+        as a stream whose end the transport reaches only after writing it."""
         resp = await self._request("PATCH", ROUTE_PARTICIPANT,
                                    {"conversationId": conversation_id, "participantId": participant_id},
                                    priority=priority, json={"state": "disconnected"},
-                                   retry_conflict=retry_conflict, on_send=on_send)
+                                   retry_conflict=retry_conflict, on_send=on_send,
+                                   send_budget=send_budget)
         return resp.status_code
 
     async def set_participant_attributes(self, conversation_id: ConversationId | str,
@@ -369,7 +381,8 @@ class GenesysClient:
                        priority: Priority, json: Any = None,
                        query: Mapping[str, str] | None = None,
                        retry_conflict: int = 0,
-                       on_send: Callable[[], None] | None = None) -> httpx.Response:
+                       on_send: Callable[[], None] | None = None,
+                       send_budget: Callable[[], float | None] | None = None) -> httpx.Response:
         """Send one logical request with the retry policy of the module docstring."""
         path = build_path(method, route, path_args)
         # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
@@ -384,7 +397,8 @@ class GenesysClient:
             async with self.limiter.slot(priority):
                 if on_send is not None:
                     on_send()
-                resp, seconds = await self._send(method, route, path, headers, token, json=json, query=query)
+                resp, seconds = await self._send(method, route, path, headers, token, json=json,
+                                                 query=query, send_budget=send_budget)
             if isinstance(resp, TransportError):
                 err = resp
             else:
@@ -432,10 +446,14 @@ class GenesysClient:
             await asyncio.sleep(wait)
 
     async def _send(self, method: str, route: str, path: str, headers: dict[str, str], token: str, *,
-                    json: Any, query: Mapping[str, str] | None) -> tuple[httpx.Response | TransportError, float]:
+                    json: Any, query: Mapping[str, str] | None,
+                    send_budget: Callable[[], float | None] | None = None,
+                    ) -> tuple[httpx.Response | TransportError, float]:
         """One HTTP exchange (the caller holds the limiter slot): the answer (its headers
         handed to the limiter) or, when none came, a reported and logged TransportError;
-        and the seconds it took."""
+        and the seconds it took. With `send_budget`: `_send_within`."""
+        if send_budget is not None:
+            return await self._send_within(method, route, path, headers, token, json, send_budget)
         started = time.monotonic()
         try:
             resp = await self._http.request(method, self.api_origin + path, headers=headers, json=json,
@@ -448,6 +466,48 @@ class GenesysClient:
                 f"no answer from the Genesys API at {self.api_origin} "
                 f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
                 method=method, path=path), seconds
+        self.limiter.observe(resp.headers)
+        return resp, time.monotonic() - started
+
+    async def _send_within(self, method: str, route: str, path: str, headers: dict[str, str],
+                           token: str, json: Any, budget: Callable[[], float | None],
+                           ) -> tuple[httpx.Response | TransportError, float]:
+        """`_send` with a deadline on the write (see `disconnect_participant`)."""
+        left = budget()
+        if left is not None and left <= 0:
+            raise NotSentError("the lease deadline had passed before the PATCH could be "
+                               "written; nothing sent", method=method, path=path)
+        body = _WriteGuard(orjson.dumps(json), budget)
+        headers = {**headers, "Content-Type": "application/json",
+                   "Content-Length": str(len(body.data))}
+        started = time.monotonic()
+        task = asyncio.ensure_future(self._http.request(method, self.api_origin + path,
+                                                        headers=headers, content=body))
+        timer = (asyncio.get_running_loop().call_later(left, body.expire, task)
+                 if left is not None else None)
+        try:
+            resp = await task
+        except (asyncio.CancelledError, _Abandoned):
+            if body.state != "abandoned":
+                raise  # our own caller was cancelled
+            seconds = time.monotonic() - started
+            self._report(method, route, 0, seconds)
+            log.warning("api_request_abandoned", method=method, route=route,
+                        seconds=round(seconds, 3), stage=body.stage,
+                        detail="not written before the lease deadline; nothing sent")
+            raise NotSentError(f"not written before the lease deadline ({body.stage}); "
+                               f"abandoned, nothing sent", method=method, path=path) from None
+        except httpx.HTTPError as exc:
+            seconds = time.monotonic() - started
+            self._report(method, route, 0, seconds)
+            _debug_line(method, route, 0, seconds, exc.__class__.__name__)
+            return TransportError(
+                f"no answer from the Genesys API at {self.api_origin} "
+                f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
+                method=method, path=path), seconds
+        finally:
+            if timer is not None:
+                timer.cancel()
         self.limiter.observe(resp.headers)
         return resp, time.monotonic() - started
 
@@ -560,6 +620,49 @@ class GenesysClient:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+class _Abandoned(Exception):
+    """Raised from inside the body stream: the deadline passed before the body went out."""
+
+
+class _WriteGuard:
+    """A one-chunk request body that knows whether it has been written.
+
+    The transport iterates it: the first `__anext__` hands over the bytes (after checking
+    the budget once more: past it, `_Abandoned` and nothing of the body is written); the
+    transport asks for the next chunk only once it has written that one, so the second
+    `__anext__` marks the body `written`. `expire(task)`, at the deadline, cancels the
+    request if the body is not written by then (`stage` says how far it got)."""
+
+    def __init__(self, data: bytes, budget: Callable[[], float | None]) -> None:
+        self.data = data
+        self.budget = budget
+        self.state = "waiting"  # waiting | handed_over | written | abandoned
+        self.stage = "before the body"
+
+    def __aiter__(self) -> _WriteGuard:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.state == "waiting":
+            left = self.budget()
+            if left is not None and left <= 0:
+                self.state = "abandoned"
+                self.stage = "the deadline passed before the body was written"
+                raise _Abandoned()
+            self.state = "handed_over"
+            return self.data
+        if self.state == "handed_over":
+            self.state = "written"
+        raise StopAsyncIteration
+
+    def expire(self, task: asyncio.Future[Any]) -> None:
+        if self.state in ("waiting", "handed_over"):
+            self.stage = ("pool wait, connect or headers" if self.state == "waiting"
+                          else "the body was being written (incomplete: cannot be acted on)")
+            self.state = "abandoned"
+            task.cancel()
 
 
 def _debug_line(method: str, route: str, status: int, seconds: float,

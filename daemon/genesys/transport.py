@@ -9,7 +9,8 @@ given to `GenesysClient` (a `MockTransport`, a test double) replaces this one.
 `AiohttpTransport(limits=..., keepalive_expiry=...)`: one `aiohttp.ClientSession` made at
 the first request (in the running loop) and closed by `aclose()`. Contract, per request:
 
-- the httpx request is sent as built (method, URL, headers, body: httpx's own
+- the httpx request is sent as built (method, URL, headers, body — a streamed body is
+  streamed, each chunk asked for only once the previous one is written; httpx's own
   `User-Agent`, `Accept`, `Accept-Encoding`, `Host`, `Content-Length` go out unchanged;
   aiohttp adds none of its defaults in their place); no redirects followed, no cookies kept
   by aiohttp (httpx's client owns cookies), no proxy from the environment (httpx mounts
@@ -31,6 +32,7 @@ the first request (in the running loop) and closed by `aclose()`. Contract, per 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,8 +42,10 @@ __all__ = ["AiohttpTransport", "default_transport"]
 
 #: Connections kept per pool, as httpx's defaults (`httpx.Limits()`).
 MAX_CONNECTIONS = 100
-#: Seconds an idle keep-alive connection is kept (httpx's default).
-KEEPALIVE_EXPIRY = 5.0
+#: Seconds an idle keep-alive connection is kept: long, so that a removal after a quiet
+#: spell finds a warm connection and needs no connect (HA: every PATCH must be written
+#: before the lease deadline). Below the 60 s idle timeout common at load balancers.
+KEEPALIVE_EXPIRY = 55.0
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -76,10 +80,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
+        body: bytes | AsyncIterator[bytes] | None
         try:
-            body: bytes | None = request.content or None
-        except httpx.RequestNotRead:
-            body = await request.aread() or None
+            body = request.content or None
+        except httpx.RequestNotRead:  # a streamed body: handed over chunk by chunk, as
+            body = _chunks(request.stream)  # written (a deadline on the write relies on it)
         try:
             async with session.request(
                     request.method, str(request.url), headers=request.headers.multi_items(),
@@ -104,6 +109,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+async def _chunks(stream: Any) -> AsyncIterator[bytes]:
+    """A streamed httpx body for aiohttp, which asks for the next chunk only after writing
+    the previous one to the connection (with the request's own Content-Length, if any)."""
+    async for chunk in stream:
+        yield chunk
 
 
 # aiohttp adds these when a request lacks them; httpx's request already has what it wants.

@@ -175,7 +175,8 @@ def connect(core: Core, *, mode: Mode) -> Wired:
     if cfg.ha.enabled:
         ha = cfg.ha
         node = HaNode(resolve_ha_dsn(ha, base_dir=cfg.base_dir), lease=ha.lease, node=ha.node_name,
-                      policy=LeasePolicy(ha.takeover_after), metrics=metrics)
+                      policy=LeasePolicy(ha.takeover_after, safety_margin=ha.safety_margin),
+                      metrics=metrics)
         gate = HaGate(node)
     audit = AuditLog(cfg.resolve_path(cfg.audit.path), max_bytes=cfg.audit.max_bytes,
                      fsync_interval=cfg.audit.fsync_interval,

@@ -94,7 +94,7 @@ from daemon.core.engine import Engine, Step
 from daemon.core.enforcement import Enforcement, InFlight, Mode, Outcome, PartyKey
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Decision, is_final_state
-from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError
+from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError, NotSentError
 from daemon.genesys.ratelimit import Priority
 from daemon.genesys.retry import RetryPolicy
 from daemon.service.audit import decision_record, outcome_record
@@ -109,9 +109,11 @@ RemovalState = Literal["pending"] | Outcome
 
 
 
-class SendGateClosed(ApiError):
+class SendGateClosed(NotSentError):
     """Raised from the client's `on_send` hook when the send gate closed while a PATCH
-    waited to be written: the request is not sent (fail closed)."""
+    waited to be written: the request is not sent (fail closed). Its parent,
+    `NotSentError`, is also what the client raises when a PATCH was not written within the
+    gate's `send_budget` (HA: the lease deadline); both are audited `standby`."""
 
 class DisconnectClient(Protocol):
     """What the enforcer needs from `daemon.genesys.api.GenesysClient`."""
@@ -606,9 +608,10 @@ class Enforcer:
             # the PATCH reply does.
             action.confirm = loop.create_future()
             exc = await self._send(action)
-            if isinstance(exc, SendGateClosed):
-                if action.written != action.attempts:
+            if isinstance(exc, NotSentError):  # the gate closed, or the lease deadline passed
+                if action.written != action.attempts or not isinstance(exc, SendGateClosed):
                     action.attempts -= 1  # this attempt was never written
+                    action.written = min(action.written, action.attempts)
                 if action.accepted:  # an earlier PATCH of this action was accepted
                     return _Result("unconfirmed", action.last_status,
                                    f"PATCH accepted, not confirmed; {exc.message}")
@@ -669,8 +672,10 @@ class Enforcer:
         try:
             # The client would retry 409 itself; conflicts are retried by `_perform` instead,
             # so that `attempts` counts every PATCH.
+            budget = getattr(self.gate, "send_budget", None)  # HA: the lease deadline
+            extra = {"send_budget": budget} if callable(budget) else {}
             reply = await self.client.disconnect_participant(
-                cid, pid, retry_conflict=0, on_send=lambda: self._sending(action))
+                cid, pid, retry_conflict=0, on_send=lambda: self._sending(action), **extra)
         except ApiError as exc:
             action.sending = False
             action.last_status = exc.status or None

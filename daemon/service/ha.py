@@ -127,6 +127,17 @@ class UnfinishedDecision:
     age: float  # seconds since it was decided, by the database clock
 
 
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME (Linux): like CLOCK_MONOTONIC, but it keeps counting while
+    the host is suspended, so a leader whose host slept through its lease finds the lease
+    run out when it wakes (on CLOCK_MONOTONIC the sleep would not count and the lease would
+    look valid for its remaining time). Elsewhere `time.monotonic()`."""
+    return time.clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 class HaNode:
     """One host's part in the lease. See the module docstring.
 
@@ -134,13 +145,13 @@ class HaNode:
     `policy`: the LeasePolicy (its `takeover_after` is the lease lifetime). `metrics`: a
     `daemon.service.metrics.Metrics` or None. `on_term(epoch)`: called (synchronously, on
     the loop) when this node becomes leader for a new term; `on_lost()` when it stops
-    being leader. `clock`: monotonic seconds.
+    being leader. `clock`: seconds on CLOCK_BOOTTIME (`boottime`), which counts a suspend.
     """
 
     def __init__(self, dsn: str, *, lease: str, node: str, policy: LeasePolicy,
                  metrics: Metrics | None = None, on_term: Callable[[int], None] | None = None,
                  on_lost: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = boottime,
                  connect_timeout: float | None = None) -> None:
         self.dsn = dsn
         self.lease = lease
@@ -169,6 +180,10 @@ class HaNode:
     def may_send(self) -> bool:
         return self.policy.may_send(self._clock())
 
+    def send_budget(self) -> float:
+        """Seconds left to write a PATCH under the current lease (0: not now)."""
+        return self.policy.send_budget(self._clock())
+
     @property
     def role(self) -> Role:
         return self.policy.role(self._clock())
@@ -194,6 +209,7 @@ class HaNode:
             for r in ROLES:
                 m.ha_role.labels(role=r).set(1 if r == role.value else 0)
             m.ha_epoch.set(self.epoch)
+            m.ha_send_margin_seconds.set(self.policy.safety_margin)
             age = self.lease_age()
             m.ha_lease_age_seconds.set(age if age is not None else 0)
         if role is not self._last_role:
@@ -575,6 +591,15 @@ class HaGate:
 
     def may_send(self) -> bool:
         return self._open_epoch is not None and self._open_epoch == self.node.epoch and self.node.may_send()
+
+    def send_budget(self) -> float | None:
+        """Seconds within which a PATCH must be fully written (pool wait, connect and
+        write included) or be abandoned unsent: the lease's local validity (margin taken
+        off) while the gate is open, else 0. The REST client checks it right before the
+        body goes out and cuts a request still unwritten when it runs out."""
+        if not self.may_send():
+            return 0.0
+        return self.node.send_budget()
 
     def open(self, epoch: int) -> None:
         """The take-over of term `epoch` is complete: removals may be sent."""

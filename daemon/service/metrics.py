@@ -205,6 +205,10 @@ class Metrics:
         self.ha_role: Gauge = Gauge(
             p + "ha_role", "1 for this node's current HA role (leader, standby, no-lease), 0 for "
             "the others.", ["role"], registry=r)
+        self.ha_send_margin_seconds: Gauge = Gauge(
+            p + "ha_send_margin_seconds", "Seconds before its lease runs out (its own clock) at "
+            "which a leader stops writing removals (ha.safety_margin); must exceed the one-way "
+            "delay to Genesys.", registry=r)
         self.ha_epoch: Gauge = Gauge(
             p + "ha_epoch", "The lease epoch (fencing token) this node holds or last saw.",
             registry=r)
