@@ -4,7 +4,7 @@ Starts the sandbox (a local fake Genesys Cloud on 127.0.0.1) and the real daemon
 shipped `config.yaml` rules (only the Genesys origins, the audit path and the ops port are
 pointed at the demo), plays a scripted set of conference calls, some breaking a rule and
 some almost breaking one, prints each decision and outcome as the audit trail records it,
-and ends with a summary: calls, parties, removals per rule, event-to-removal latency
+and ends with a summary (also written to OUT/summary.txt): calls, parties, removals per rule, event-to-removal latency
 p50/p99 (sandbox publish -> PATCH received, both on the sandbox's clock), whether every
 near-miss party is still connected, and where the audit file is (verified).
 
@@ -14,6 +14,7 @@ Exit code 0 when every scripted expectation held, 1 otherwise.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import sys
 import time
@@ -227,9 +228,18 @@ async def run_demo(config_path: Path, out: TextIO, *, out_dir: Path, timeout: fl
         await daemon.stop()
         daemon = None
         report = verify([audit_path])
-        _summary(out, script, outcomes, parties, removed_ok, kept_ok, latencies, audit_path, report)
+        buf = io.StringIO()
+        _summary(buf, script, outcomes, parties, removed_ok, kept_ok, latencies, audit_path, report)
         for problem in problems:
-            print(f"PROBLEM: {problem}", file=out)
+            print(f"PROBLEM: {problem}", file=buf)
+        out.write(buf.getvalue())
+        summary_path = out_dir / "summary.txt"
+        try:
+            summary_path.write_text(buf.getvalue().lstrip("\n"), encoding="utf-8")
+            print(f"summary also in {summary_path}", file=out)
+        except OSError as exc:
+            problems.append(f"cannot write {summary_path}: {exc.strerror or exc}")
+            print(f"PROBLEM: {problems[-1]}", file=out)
         return 0 if not problems and report.ok else 1
     finally:
         if daemon is not None:

@@ -46,6 +46,10 @@ async def test_demo_runs_to_a_clean_summary(tmp_path: Path) -> None:
     report = verify([out_dir / "audit.jsonl"])
     assert report.ok and report.records == 12
     assert (out_dir / "daemon.log").stat().st_size > 0
+    # make demo's summary is also kept in demo-output/summary.txt, as printed
+    saved = (out_dir / "summary.txt").read_text(encoding="utf-8")
+    printed = "\n".join(lines[summary - 1: lines.index(f"summary also in {out_dir / 'summary.txt'}")]) + "\n"
+    assert saved == printed and saved.startswith("=" * 78 + "\nSUMMARY  calls 10")
 
 
 async def test_demo_with_an_unusable_out_folder_exits_2(tmp_path: Path) -> None:
