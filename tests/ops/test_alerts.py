@@ -63,7 +63,8 @@ def test_alerts_cover_the_issue() -> None:
     assert {"ConfguardDown", "ConfguardNotReady", "ConfguardSafetyValveTripped",
             "ConfguardRemovalForbidden", "ConfguardRemovalsUnconfirmed", "ConfguardStreamGap",
             "ConfguardResyncFailing", "ConfguardRequestBudgetLow", "ConfguardRemovalRateLimited",
-            "ConfguardAuditFsyncLagging", "ConfguardNoLeader", "ConfguardTwoLeaders"} <= names
+            "ConfguardAuditFsyncLagging", "ConfguardNoLeader", "ConfguardTwoLeaders",
+            "ConfguardRemovalFailed"} <= names
 
 
 def test_alerts_name_only_exported_metrics() -> None:

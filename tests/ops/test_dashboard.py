@@ -20,7 +20,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "grafana" / "confguard
 
 # Grafana's template variables, replaced by concrete values so promtool can parse the query.
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
-                "$instance": ".*", "${instance}": ".*"}
+                "$instance": ".*", "${instance}": ".*", "$job": "confguard", "${job}": "confguard"}
 REQUIRED_TOPICS = ("decisions", "removal", "time to removal", "stream", "gap", "budget",
                    "resync", "audit")
 
@@ -78,7 +78,7 @@ def test_template_variables_name_exported_metrics() -> None:
     for var in dash["templating"]["list"]:
         q = var.get("query")
         text = q.get("query", "") if isinstance(q, dict) else str(q or "")
-        m = re.fullmatch(r"label_values\((\w+),\s*\w+\)", text)
+        m = re.fullmatch(r"label_values\((\w+)(?:\{[^}]*\})?,\s*\w+\)", text)
         if var.get("type") == "query":
             assert m is not None, text
             assert m.group(1) in known
@@ -95,3 +95,45 @@ def test_every_query_matches_only_labels_the_metric_has() -> None:
 def test_agreed_metrics_are_in_the_registry() -> None:
     """The alerts and the dashboard use metrics the team agreed on; all must be exported."""
     assert missing_agreed() == frozenset(), "agreed metrics missing from daemon/service/metrics.py"
+
+
+def _datasource_refs(node: object) -> list[object]:
+    """Every `datasource` value anywhere in the dashboard (panels, targets, variables)."""
+    out: list[object] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "datasource":
+                out.append(v)
+            out += _datasource_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _datasource_refs(v)
+    return out
+
+
+def test_import_asks_one_datasource_question_and_uses_the_answer() -> None:
+    """Grafana's import asks one question per `__inputs` entry: one, for the Prometheus data
+    source, and its answer is used (the `datasource` variable defaults to it; every panel
+    and variable queries through that variable)."""
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    inputs = dash["__inputs"]
+    assert [(i["name"], i["type"], i["pluginId"]) for i in inputs] == [("DS_PROMETHEUS", "datasource", "prometheus")]
+    body = {k: v for k, v in dash.items() if k != "__inputs"}
+    assert "${DS_PROMETHEUS}" in json.dumps(body), "the import's datasource answer is never used"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["current"]["value"] == "${DS_PROMETHEUS}"
+    refs = _datasource_refs(body["panels"]) + _datasource_refs(body["templating"])
+    assert refs and all(r == {"type": "prometheus", "uid": "${datasource}"} for r in refs if r is not None), refs
+    assert {"type": "datasource", "id": "prometheus"}.items() <= next(
+        r for r in dash["__requires"] if r["type"] == "datasource").items()
+
+
+def test_job_is_a_variable_not_hard_coded() -> None:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["job"]["type"] == "query" and variables["job"]["current"]["value"] == "confguard"
+    exprs = [e for _, e in _queries()]
+    assert not [e for e in exprs if re.search(r'job\s*=~?\s*"(?!\$job)', e)], "a query hard-codes a job"
+    assert any(re.search(r'\bup\{[^}]*job=~"\$job"', e) for e in exprs)
+    assert "$job" in json.dumps(variables["instance"]["query"])
