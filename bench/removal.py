@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from multiprocessing.connection import Connection
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,25 +56,38 @@ def sandbox_process(conn: Connection, seed: int) -> None:
     _common.run_quietly(_sandbox_main, conn, seed)
 
 
-async def _sandbox_main(conn: Connection, seed: int) -> None:
-    from daemon.sandbox import Sandbox
+@dataclass
+class _Bench:
+    """The sandbox side of the benchmark: the org, its calls and the commands it obeys."""
 
-    rng = random.Random(seed)
-    sb = Sandbox(heartbeat_interval=30.0, request_budget=300, seed=seed)
-    await sb.start()
-    w = sb.world
-    queue = w.create_queue("Customer Service").id
-    w.create_queue("Payments", _common.PAYMENTS_QUEUE)
-    users = [w.create_user(f"Agent {i}").id for i in range(100)]
-    poller = w.add_client()
-    conn.send(_common.sandbox_hello(sb, poller_id=poller.id, poller_secret=poller.secret))
-    loop = asyncio.get_running_loop()
-    calls: list[tuple[str, str]] = []  # (conversation id, external party id)
-    fresh: list[int] = []
-    bg: asyncio.Task[None] | None = None
-    bg_count = [0]
+    sb: Any
+    rng: random.Random
+    queue: str
+    users: list[str]
+    poller: Any
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (conversation id, external party id)
+    fresh: list[int] = field(default_factory=list)
+    bg_count: int = 0
 
-    async def background(rate: float) -> None:
+    @property
+    def w(self) -> Any:
+        return self.sb.world
+
+    def setup(self, n_calls: int) -> list[str]:
+        """`n_calls` live conference calls (customer, agent, external party, recording)."""
+        w = self.w
+        for i in range(n_calls):
+            conv = w.start_call(self.queue, ani=f"tel:+1415555{i:04d}", customer_name=f"Customer {i}")
+            w.connect_agent(conv.id, self.users[i % len(self.users)])
+            w.set_recording(conv.id, "active")
+            ext = w.add_external(conv.id, f"tel:+1212555{i:04d}", name="Partner")
+            self.calls.append((conv.id, ext.id))
+        self.fresh[:] = list(range(len(self.calls)))
+        self.rng.shuffle(self.fresh)
+        return [c for c, _ in self.calls]
+
+    async def background(self, rate: float) -> None:
+        """Background events at `rate` per second on random calls, until cancelled."""
         tick = 0.02
         per_tick = rate * tick
         acc = 0.0
@@ -83,43 +97,44 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
             acc += per_tick
             while acc >= 1.0:
                 acc -= 1.0
-                cid, ext = calls[rng.randrange(len(calls))]
-                conv = w.get_call(cid)
-                p = rng.choice(conv.participants)
-                roll = rng.random()
+                cid, ext = self.calls[self.rng.randrange(len(self.calls))]
+                conv = self.w.get_call(cid)
+                p = self.rng.choice(conv.participants)
+                roll = self.rng.random()
                 try:
                     if roll < 0.6:
-                        w.set_attributes(cid, p.id, {"crm.step": str(bg_count[0]),
-                                                     "ivr.intent": rng.choice(("billing", "sales"))})
+                        self.w.set_attributes(cid, p.id, {"crm.step": str(self.bg_count),
+                                                     "ivr.intent": self.rng.choice(("billing", "sales"))})
                     elif roll < 0.8 and p.live:
-                        w.set_party_state(cid, p.id, held=not p.held)
+                        self.w.set_party_state(cid, p.id, held=not p.held)
                     else:
-                        w.touch(cid)
+                        self.w.touch(cid)
                 except Exception:  # a call that ended under us: skip the event
                     continue
-                bg_count[0] += 1
+                self.bg_count += 1
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
-    async def phase(cmd: dict[str, Any]) -> dict[str, Any]:
-        seq0 = sb.journal._req_seq
-        bg0 = bg_count[0]
+    async def phase(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Inject `cmd["breakers"]` breaking events at `cmd["rate"]`/s; the time to each PATCH."""
+        seq0 = self.sb.journal._req_seq
+        bg0 = self.bg_count
         t0 = time.monotonic()
         breakers: list[tuple[str, str, int]] = []
         for _ in range(cmd["breakers"]):
-            cid, ext = calls[fresh.pop()]
-            w.set_attributes(cid, ext, {"complianceFlag": "true"})
-            ev = sb.journal.events[-1]
+            cid, ext = self.calls[self.fresh.pop()]
+            self.w.set_attributes(cid, ext, {"complianceFlag": "true"})
+            ev = self.sb.journal.events[-1]
             assert ev.conversation_id == cid
             breakers.append((cid, ext, ev.perf_ns))
             await asyncio.sleep(1.0 / cmd["rate"])
         inject_s = time.monotonic() - t0
         deadline = time.monotonic() + cmd["settle"]
         while time.monotonic() < deadline:
-            if all(not w.get_call(c).party(p).live for c, p, _ in breakers):
+            if all(not self.w.get_call(c).party(p).live for c, p, _ in breakers):
                 break
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t0
-        reqs = [r for r in sb.journal.requests if r.seq > seq0]
+        reqs = [r for r in self.sb.journal.requests if r.seq > seq0]
         first_patch: dict[str, tuple[int, str | None, int]] = {}
         per_client: dict[str, Counter[str]] = {}
         for r in reqs:
@@ -138,11 +153,11 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
         for cid, pid, ev_ns in breakers:
             path = f"/api/v2/conversations/calls/{cid}/participants/{pid}"
             fp = first_patch.get(path)
-            if fp is None or w.get_call(cid).party(pid).live:
+            if fp is None or self.w.get_call(cid).party(pid).live:
                 missed += 1
                 continue
             lat.append((fp[0] - ev_ns) / 1e6)
-        names = {sb.client_id: "confguard", poller.id: "poller"}
+        names = {self.sb.client_id: "confguard", self.poller.id: "poller"}
         return {
             "breakers": len(breakers), "removed": len(lat), "missed": missed,
             "p50_ms": _common.pct(lat, 0.50), "p95_ms": _common.pct(lat, 0.95),
@@ -151,33 +166,40 @@ async def _sandbox_main(conn: Connection, seed: int) -> None:
             "requests": {names.get(k, k): dict(v) for k, v in per_client.items()},
             "duplicate_2xx_patches": sum(1 for n in dup.values() if n > 1),
             "phase_seconds": round(elapsed, 1), "inject_seconds": round(inject_s, 1),
-            "background_events": bg_count[0] - bg0,
-            "background_rate": round((bg_count[0] - bg0) / elapsed, 1),
+            "background_events": self.bg_count - bg0,
+            "background_rate": round((self.bg_count - bg0) / elapsed, 1),
             "budget_per_minute": cmd["budget"], "load": _common.load(), "latencies_ms": lat,
         }
 
+
+async def _sandbox_main(conn: Connection, seed: int) -> None:
+    from daemon.sandbox import Sandbox
+
+    sb = Sandbox(heartbeat_interval=30.0, request_budget=300, seed=seed)
+    await sb.start()
+    w = sb.world
+    queue = w.create_queue("Customer Service").id
+    w.create_queue("Payments", _common.PAYMENTS_QUEUE)
+    users = [w.create_user(f"Agent {i}").id for i in range(100)]
+    poller = w.add_client()
+    conn.send(_common.sandbox_hello(sb, poller_id=poller.id, poller_secret=poller.secret))
+    loop = asyncio.get_running_loop()
+    bench = _Bench(sb, random.Random(seed), queue, users, poller)
+    bg: asyncio.Task[None] | None = None
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         op = cmd["op"]
         if op == "setup":
-            for i in range(cmd["calls"]):
-                conv = w.start_call(queue, ani=f"tel:+1415555{i:04d}", customer_name=f"Customer {i}")
-                w.connect_agent(conv.id, users[i % len(users)])
-                w.set_recording(conv.id, "active")
-                ext = w.add_external(conv.id, f"tel:+1212555{i:04d}", name="Partner")
-                calls.append((conv.id, ext.id))
-            fresh[:] = list(range(len(calls)))
-            rng.shuffle(fresh)
-            conn.send([c for c, _ in calls])
+            conn.send(bench.setup(cmd["calls"]))
         elif op == "budget":
             sb.faults.budget_per_minute = cmd["budget"]
             sb.faults._windows.clear()
             conn.send(True)
         elif op == "background":
-            bg = asyncio.create_task(background(cmd["rate"]))
+            bg = asyncio.create_task(bench.background(cmd["rate"]))
             conn.send(True)
         elif op == "phase":
-            conn.send(await phase(cmd))
+            conn.send(await bench.phase(cmd))
         else:
             if bg is not None:
                 bg.cancel()
