@@ -457,8 +457,9 @@ class Checkpointer:
                 except Exception as exc:  # noqa: BLE001 - logged; tried again next interval
                     log.error("audit_checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._wake.set()
-            await asyncio.wait(publishers, timeout=1.0) if publishers else None
+            self._wake.set()  # the publishers see `stop` and return; what is queued is close()'s
+            if publishers:
+                await asyncio.wait(publishers, timeout=1.0)
             for t in publishers:
                 t.cancel()
 
