@@ -431,6 +431,21 @@ class AuditLog:
             self._unsynced_since = None if self._written_gen == self._synced_gen else captured_at
         self.last_sync = self._clock()
 
+    def sync_soon(self) -> None:
+        """Start an fdatasync in a worker thread now, unless one is under way (call from the
+        event loop right after writing a record that `wait_durable` will wait for: the disk
+        works while the loop goes on with this turn)."""
+        if self._fd is not None and self.needs_sync:
+            self._shared_sync()
+
+    def _shared_sync(self) -> asyncio.Future[None]:
+        fut = self._sync_task
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().run_in_executor(None, self.sync)
+            fut.add_done_callback(_retrieve)
+            self._sync_task = fut
+        return fut
+
     async def wait_durable(self) -> None:
         """Return once every record written before the call is on disk (fdatasync).
 
@@ -440,12 +455,7 @@ class AuditLog:
         record were durable)."""
         target = self._written_gen
         while self._synced_gen < target and self._fd is not None:
-            task = self._sync_task
-            if task is None or task.done():
-                task = asyncio.ensure_future(asyncio.to_thread(self.sync))
-                task.add_done_callback(_retrieve)
-                self._sync_task = task
-            await asyncio.shield(task)
+            await asyncio.shield(self._shared_sync())
 
     async def run_syncer(self, stop_event: asyncio.Event) -> None:
         """fsync (in a worker thread) at most `fsync_interval` seconds after any write,

@@ -135,6 +135,8 @@ class AuditSink(Protocol):
 
     async def wait_durable(self) -> None: ...
 
+    def sync_soon(self) -> None: ...
+
 
 class SendGate(Protocol):
     """Asked immediately before each PATCH: may this process send removals now? (HA: only
@@ -507,6 +509,8 @@ class Enforcer:
             party_final=self.engine.party_final(d.conversation_id, d.participant_id))
         if adm.verdict == "send":
             assert adm.flight is not None
+            if self.sync_before_patch:
+                self.audit.sync_soon()  # the disk starts now; the action's task waits for it
             action = _Action(adm.flight, removal, log=dlog)
             self._actions[action.key] = action
             # Created in this turn of the loop; runs at the loop's next iteration.
