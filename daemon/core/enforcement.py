@@ -27,7 +27,7 @@ All times are epoch seconds (float). Nothing here reads a clock, logs or does I/
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
@@ -190,19 +190,142 @@ _IMMEDIATE: Final[dict[str, Outcome]] = {
 }
 
 
+# ---------------------------------------------------------------- one action's course (pure)
+
+
+ReplyKind = Literal["accepted", "gate_closed", "not_found", "conflict", "forbidden", "refused"]
+"""What came back from one PATCH: 2xx (`accepted`), the send gate closed before it was
+written (`gate_closed`), 404, 409, 403, or any other refusal (`refused`; the client already
+retried 429/5xx/transport errors)."""
+
+NextStep = Literal["finish", "retry", "confirm", "check_gone", "resend"]
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """What the enforcer's shell does next with an action in flight:
+
+    - `finish`: the action ends with `outcome` (`status`: the HTTP status to record, `error`);
+    - `retry`: a 409: wait the conflict policy's delay, then send again;
+    - `confirm`: the PATCH was accepted: wait for the party to show final (a settled step
+      within `confirm_timeout`, else one GET), then `after_confirm`;
+    - `check_gone`: a refusal: is the party final after all (settled steps; for a 400 one
+      GET)? then `after_gone_check`;
+    - `resend`: accepted but never seen final: write the interim `unconfirmed` record
+      (`error`) and send the PATCH once more.
+    """
+
+    step: NextStep
+    outcome: Outcome | None = None
+    status: int | None = None
+    error: str | None = None
+
+
+def _finish(outcome: Outcome, status: int | None, error: str | None = None) -> Next:
+    return Next("finish", outcome, status, error)
+
+
 @dataclass(eq=False, slots=True)
 class InFlight:
     """One party's action: the leading decision, those that joined it, and whether an
-    applied change (event, resync read, 404) has shown the party final since it started."""
+    applied change (event, resync read, 404) has shown the party final since it started,
+    and its course: the enforcer's shell sends each PATCH and reports what came back
+    (`replied`); `before_send`, `after_reply`, `after_gone_check`, `after_confirm` and
+    `abandoned` decide what happens next and, in the end, the outcome (`Next`)."""
 
     decision: Decision
     started_at: float
     followers: list[Decision] = field(default_factory=list)
     gone: bool = False
+    attempts: int = 0  # PATCHes sent for it (the enforcer's; not the client's own retries)
+    accepted: bool = False  # a PATCH of this action got a 2xx
+    last_status: int | None = None  # HTTP status of the last PATCH (None: none yet)
+    resent: bool = False  # sent once more after an unconfirmed acceptance
 
     @property
     def key(self) -> PartyKey:
         return (self.decision.conversation_id, self.decision.participant_id)
+
+    # -- the action's course (the shell sends; these decide) ---------------------------------
+
+    def before_send(self, *, may_send: bool) -> Next | None:
+        """At the top of each attempt: ends the action when the party is already final or
+        the send gate is closed; else counts the attempt (None: send the PATCH)."""
+        if self.gone:
+            if self.accepted:  # our accepted PATCH took effect after all
+                return _finish("disconnected", self.last_status)
+            return _finish("already_gone", self.last_status,
+                           None if self.attempts else "party left before any request was sent")
+        if not may_send:
+            return _finish("standby", self.last_status,
+                           "not the leader (standby) when the PATCH was due; nothing sent")
+        self.attempts += 1
+        return None
+
+    def replied(self, kind: ReplyKind, status: int | None) -> None:
+        """What one PATCH got back (`status`: its HTTP status, None when none)."""
+        if kind == "accepted":
+            self.accepted = True
+        self.last_status = status
+
+    def unsent(self) -> None:
+        """The send gate closed before the counted attempt's PATCH was written: it does not
+        count."""
+        self.attempts -= 1
+
+    def after_reply(self, kind: ReplyKind, text: str, *, max_attempts: int,
+                    missing: Sequence[str] = ()) -> Next:
+        """The next step after a PATCH's answer (`replied` first). `text`: the error's
+        message; `missing`: the permissions a 403 names."""
+        if kind == "accepted":
+            return Next("confirm")
+        if kind == "gate_closed":
+            if self.accepted:  # an earlier PATCH of this action was accepted
+                return _finish("unconfirmed", self.last_status, f"PATCH accepted, not confirmed; {text}")
+            return _finish("standby", self.last_status, text)
+        if kind == "not_found":
+            # the earlier accepted PATCH removed the party, or it had left
+            return _finish("disconnected" if self.accepted else "already_gone", 404)
+        if kind == "conflict":
+            if self.attempts < max_attempts:
+                return Next("retry")
+            return _finish("failed", 409, f"409 conflict on every one of {self.attempts} attempts: {text}")
+        if kind == "forbidden":
+            return _finish("failed", 403, f"403 forbidden: the OAuth client's role lacks permission "
+                                          f"{', '.join(missing)}: {text}")
+        return Next("check_gone")
+
+    def after_gone_check(self, gone: bool, *, status: int | None, text: str) -> Next:
+        """After a refused PATCH: the party final after all (Genesys may refuse a PATCH for a
+        party that has just left) is not a failure."""
+        if gone:
+            if self.accepted:
+                return _finish("disconnected", self.last_status)
+            return _finish("already_gone", self.last_status, f"party had left; the PATCH was refused: {text}")
+        return _finish("failed", status or None, text)
+
+    def after_confirm(self, confirmed: bool, *, confirm_timeout: float) -> Next:
+        """After waiting for the accepted PATCH to show: confirmed -> `disconnected`; not,
+        the first time -> send once more (an interim `unconfirmed` record); else the final
+        `unconfirmed` (the rule is re-armed)."""
+        if confirmed:
+            return _finish("disconnected", self.last_status)
+        if not self.resent:
+            self.resent = True
+            return Next("resend", "unconfirmed", self.last_status,
+                        f"PATCH accepted but the party was not seen disconnected within "
+                        f"{confirm_timeout:g} s; sending the PATCH once more")
+        return _finish("unconfirmed", self.last_status,
+                       f"PATCH accepted {self.attempts} times but the party was never "
+                       f"seen disconnected; rule re-armed")
+
+    def abandoned(self, *, sending: bool) -> Next:
+        """The action was cancelled at shutdown (`sending`: a PATCH was with the client)."""
+        if sending or self.accepted:
+            return _finish("unconfirmed", self.last_status,
+                           "abandoned at shutdown after the PATCH was sent; removal not confirmed")
+        last = f" (last answer HTTP {self.last_status})" if self.last_status else ""
+        return _finish("failed", self.last_status, f"abandoned at shutdown with no PATCH accepted{last}")
 
 
 # ---------------------------------------------------------------- the owner

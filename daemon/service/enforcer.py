@@ -91,7 +91,7 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from daemon.core.engine import Engine, Step
-from daemon.core.enforcement import Enforcement, InFlight, Mode, Outcome, PartyKey
+from daemon.core.enforcement import Enforcement, InFlight, Mode, Next, Outcome, PartyKey, ReplyKind
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Decision, is_final_state
 from daemon.errors import ApiError, ConflictError, ForbiddenError, NotFoundError, NotSentError
@@ -296,10 +296,7 @@ class _Action:
     log: Logger  # bound once to the action's rule, conversation and participant
     followers: list[Removal] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-    attempts: int = 0
-    last_status: int | None = None
     event_to_request_ms: float | None = None
-    accepted: bool = False  # a PATCH of this action got a 2xx
     sending: bool = False  # a PATCH is with the client, its answer not yet read
     written: int = 0  # the attempt number whose PATCH the client last began to write
     confirm: asyncio.Future[bool] | None = None
@@ -316,6 +313,14 @@ class _Action:
     @property
     def gone(self) -> bool:
         return self.flight.gone
+
+    @property
+    def attempts(self) -> int:
+        return self.flight.attempts
+
+    @property
+    def last_status(self) -> int | None:
+        return self.flight.last_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,14 +572,7 @@ class Enforcer:
             problem = await self._durable() if self.sync_before_patch else None
             result = await self._perform(action) if problem is None else _Result("failed", None, problem)
         except asyncio.CancelledError:
-            if action.sending or action.accepted:
-                result = _Result("unconfirmed", action.last_status,
-                                 "abandoned at shutdown after the PATCH was sent; removal not confirmed")
-            else:
-                last = f" (last answer HTTP {action.last_status})" if action.last_status else ""
-                result = _Result("failed", action.last_status,
-                                 f"abandoned at shutdown with no PATCH accepted{last}")
-            self._finish(action, result)
+            self._finish(action, _result(action.flight.abandoned(sending=action.sending)))
             raise
         except Exception as exc:  # a bug must not leave the party marked in flight forever
             action.log.exception("enforce_action_crashed")
@@ -594,79 +592,69 @@ class Enforcer:
         return None
 
     async def _perform(self, action: _Action) -> _Result:
-        d = action.decision
-        alog = action.log
+        """Send the PATCH, and again as `InFlight` decides (409s, one resend when an accepted
+        PATCH is not confirmed), until it gives the outcome. The deciding is core's
+        (`InFlight.before_send/after_reply/after_gone_check/after_confirm`); here only the
+        I/O and the log lines."""
+        flight = action.flight
         loop = asyncio.get_running_loop()
-        confirm_retried = False
         while True:
-            if action.gone:
-                if action.accepted:  # our accepted PATCH took effect after all
-                    return _Result("disconnected", action.last_status, None)
-                err = None if action.attempts else "party left before any request was sent"
-                return _Result("already_gone", action.last_status, err)
-            if not self._may_send():
-                return _Result("standby", action.last_status,
-                               "not the leader (standby) when the PATCH was due; nothing sent")
-            action.attempts += 1
+            nxt = flight.before_send(may_send=self._may_send())
+            if nxt is not None:
+                return _result(nxt)
             # Registered before sending: the change showing the party gone may arrive before
             # the PATCH reply does.
             action.confirm = loop.create_future()
             exc = await self._send(action)
-            if isinstance(exc, NotSentError):  # the gate closed, or the lease deadline passed
-                if action.written != action.attempts or not isinstance(exc, SendGateClosed):
-                    action.attempts -= 1  # this attempt was never written
-                    action.written = min(action.written, action.attempts)
-                if action.accepted:  # an earlier PATCH of this action was accepted
-                    return _Result("unconfirmed", action.last_status,
-                                   f"PATCH accepted, not confirmed; {exc.message}")
-                return _Result("standby", action.last_status, exc.message)
-            if isinstance(exc, NotFoundError):
-                alog.info("enforce_already_gone", detail=exc.message)
-                if action.accepted:  # the earlier accepted PATCH removed the party
-                    return _Result("disconnected", 404, None)
-                return _Result("already_gone", 404, None)
-            if isinstance(exc, ConflictError):
-                if action.attempts < self.max_attempts:
-                    wait = self.conflict_retry.delay(action.attempts)
-                    alog.info("enforce_conflict_retry", attempt=action.attempts,
-                              retry_in=round(wait, 3))
-                    await asyncio.sleep(wait)
-                    continue
-                return _Result("failed", 409,
-                               f"409 conflict on every one of {action.attempts} attempts: {exc}")
-            if isinstance(exc, ForbiddenError):
-                missing = exc.missing_permissions or [DISCONNECT_PERMISSION]
-                text = (f"403 forbidden: the OAuth client's role lacks permission "
-                        f"{', '.join(missing)}: {exc}")
-                self.forbidden = tuple(missing)
-                alog.critical("enforce_forbidden", missing_permissions=missing,
-                              detail="grant the permission to the OAuth client's role",
-                              error=str(exc))
-                return _Result("failed", 403, text)
-            if exc is not None:
+            kind = _reply_kind(exc)
+            if kind == "gate_closed" and (action.written != flight.attempts
+                                          or not isinstance(exc, SendGateClosed)):
+                # the gate closed, or the lease deadline passed: this attempt was never written
+                flight.unsent()
+                action.written = min(action.written, flight.attempts)
+            missing = (exc.missing_permissions or [DISCONNECT_PERMISSION]) \
+                if isinstance(exc, ForbiddenError) else []
+            text = exc.message if isinstance(exc, NotSentError) else str(exc)
+            nxt = flight.after_reply(kind, text, max_attempts=self.max_attempts, missing=missing)
+            self._log_reply(action, kind, exc, missing)
+            if nxt.step == "retry":
+                wait = self.conflict_retry.delay(flight.attempts)
+                action.log.info("enforce_conflict_retry", attempt=flight.attempts, retry_in=round(wait, 3))
+                await asyncio.sleep(wait)
+                continue
+            if nxt.step == "check_gone":
+                assert exc is not None
                 # Genesys may refuse a PATCH for a party that has just left (e.g. 400
                 # "participant not connected"): that is not a failure.
-                if await self._gone_after_error(action, exc):
-                    if action.accepted:
-                        return _Result("disconnected", action.last_status, None)
-                    alog.info("enforce_already_gone", status=exc.status, detail=exc.message)
-                    return _Result("already_gone", action.last_status,
-                                   f"party had left; the PATCH was refused: {exc}")
-                alog.error("enforce_failed", status=exc.status, error=str(exc))
-                return _Result("failed", exc.status or None, str(exc))
-            if await self._confirm(action):
-                return _Result("disconnected", action.last_status, None)
-            if not confirm_retried:
-                confirm_retried = True
-                alog.warning("enforce_unconfirmed_retry", confirm_timeout=self.confirm_timeout)
-                self._outcome(d, "unconfirmed", action.last_status, action.attempts,
-                              action.event_to_request_ms,
-                              f"PATCH accepted but the party was not seen disconnected within "
-                              f"{self.confirm_timeout:g} s; sending the PATCH once more")
-                continue
-            return _Result("unconfirmed", action.last_status,
-                           f"PATCH accepted {action.attempts} times but the party was never "
-                           f"seen disconnected; rule re-armed")
+                nxt = flight.after_gone_check(await self._gone_after_error(action, exc),
+                                              status=exc.status, text=str(exc))
+                self._log_refused(action, exc, nxt)
+            elif nxt.step == "confirm":
+                nxt = flight.after_confirm(await self._confirm(action), confirm_timeout=self.confirm_timeout)
+                if nxt.step == "resend":
+                    action.log.warning("enforce_unconfirmed_retry", confirm_timeout=self.confirm_timeout)
+                    assert nxt.outcome is not None
+                    self._outcome(action.decision, nxt.outcome, nxt.status, flight.attempts,
+                                  action.event_to_request_ms, nxt.error)
+                    continue
+            return _result(nxt)
+
+    def _log_reply(self, action: _Action, kind: ReplyKind, exc: ApiError | None,
+                   missing: list[str]) -> None:
+        """The log line of a PATCH's answer (the ones that decide at once)."""
+        alog = action.log
+        if kind == "not_found" and exc is not None:
+            alog.info("enforce_already_gone", detail=exc.message)
+        elif kind == "forbidden" and exc is not None:
+            self.forbidden = tuple(missing)
+            alog.critical("enforce_forbidden", missing_permissions=missing,
+                          detail="grant the permission to the OAuth client's role", error=str(exc))
+
+    def _log_refused(self, action: _Action, exc: ApiError, nxt: Next) -> None:
+        if nxt.outcome == "already_gone":
+            action.log.info("enforce_already_gone", status=exc.status, detail=exc.message)
+        elif nxt.outcome == "failed":
+            action.log.error("enforce_failed", status=exc.status, error=str(exc))
 
     async def _send(self, action: _Action) -> ApiError | None:
         """One PATCH. Returns the API error, or None when it was accepted (2xx). A
@@ -682,13 +670,12 @@ class Enforcer:
                 cid, pid, retry_conflict=0, on_send=lambda: self._sending(action), **extra)
         except ApiError as exc:
             action.sending = False
-            action.last_status = exc.status or None
+            action.flight.replied(_reply_kind(exc), exc.status or None)
             action.removal._progress(action.last_status, action.attempts)
             return exc
         action.sending = False
-        action.accepted = True
+        action.flight.replied("accepted", reply if isinstance(reply, int) else None)
         self.forbidden = ()
-        action.last_status = reply if isinstance(reply, int) else None
         action.removal._progress(action.last_status, action.attempts)
         return None
 
@@ -865,6 +852,26 @@ class Enforcer:
         emit("decision", purpose=d.purpose, matched=d.matched, mode=mode,
              action=d.action, severity=d.severity, tags=list(d.tags), message=d.message,
              decided_at=d.decided_at, received_at=d.received_at, **extra)
+
+
+def _reply_kind(exc: ApiError | None) -> ReplyKind:
+    """What one PATCH's answer was, for `InFlight.after_reply`."""
+    if exc is None:
+        return "accepted"
+    if isinstance(exc, NotSentError):  # SendGateClosed, or not written within the send budget
+        return "gate_closed"
+    if isinstance(exc, NotFoundError):
+        return "not_found"
+    if isinstance(exc, ConflictError):
+        return "conflict"
+    if isinstance(exc, ForbiddenError):
+        return "forbidden"
+    return "refused"
+
+
+def _result(nxt: Next) -> _Result:
+    assert nxt.outcome is not None, nxt
+    return _Result(nxt.outcome, nxt.status, nxt.error)
 
 
 class _Absent:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from daemon.core.enforcement import (
-    ACTED, FIRED, HELD_STANDBY, HELD_VALVE, MEANING, OUTCOMES, Enforcement, Origin, manual_decision,
+    ACTED, FIRED, HELD_STANDBY, HELD_VALVE, MEANING, OUTCOMES, Enforcement, InFlight, Next, Origin,
+    manual_decision,
 )
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
 from daemon.core.model import Call, Change, Decision, Participant
@@ -132,3 +133,73 @@ def test_rejudge_acts_at_once_on_held_hold_for_rules(tmp_path: Path) -> None:
 def test_is_final_state(state: object, final: bool) -> None:
     from daemon.core.model import is_final_state
     assert is_final_state(state) is final
+
+
+def _flight() -> InFlight:
+    return InFlight(decision(), T0)
+
+
+def test_an_actions_course_is_decided_in_core() -> None:
+    """The enforcer only sends; `InFlight` decides each next step and the outcome."""
+    f = _flight()
+    assert f.before_send(may_send=True) is None and f.attempts == 1
+    f.replied("accepted", 202)
+    assert f.after_reply("accepted", "", max_attempts=3) == Next("confirm")
+    first = f.after_confirm(False, confirm_timeout=5.0)
+    assert (first.step, first.outcome, first.status) == ("resend", "unconfirmed", 202)
+    assert "within 5 s" in (first.error or "")
+    assert f.before_send(may_send=True) is None and f.attempts == 2
+    f.replied("accepted", 202)
+    last = f.after_confirm(False, confirm_timeout=5.0)
+    assert (last.step, last.outcome) == ("finish", "unconfirmed") and "2 times" in (last.error or "")
+    # confirmed at once
+    g = _flight()
+    g.before_send(may_send=True)
+    g.replied("accepted", 202)
+    assert g.after_confirm(True, confirm_timeout=5.0) == Next("finish", "disconnected", 202)
+
+
+def test_replies_decide_the_outcome() -> None:
+    f = _flight()
+    f.before_send(may_send=True)
+    f.replied("conflict", 409)
+    assert f.after_reply("conflict", "409", max_attempts=2) == Next("retry")
+    f.before_send(may_send=True)
+    f.replied("conflict", 409)
+    done = f.after_reply("conflict", "busy", max_attempts=2)
+    assert (done.outcome, done.status, done.error) == ("failed", 409, "409 conflict on every one of 2 attempts: busy")
+    g = _flight()
+    g.before_send(may_send=True)
+    g.replied("forbidden", 403)
+    nxt = g.after_reply("forbidden", "no", max_attempts=3, missing=["conversation:communication:disconnect"])
+    assert (nxt.outcome, nxt.status) == ("failed", 403) and "conversation:communication:disconnect" in (nxt.error or "")
+    h = _flight()
+    h.before_send(may_send=True)
+    h.replied("not_found", 404)
+    assert h.after_reply("not_found", "", max_attempts=3) == Next("finish", "already_gone", 404)
+    # a refusal: the shell checks whether the party left
+    r = _flight()
+    r.before_send(may_send=True)
+    r.replied("refused", 400)
+    assert r.after_reply("refused", "not connected", max_attempts=3) == Next("check_gone")
+    assert r.after_gone_check(True, status=400, text="not connected").outcome == "already_gone"
+    assert r.after_gone_check(False, status=400, text="x") == Next("finish", "failed", 400, "x")
+
+
+def test_gate_party_gone_and_abandon() -> None:
+    f = _flight()
+    assert f.before_send(may_send=False) == Next(
+        "finish", "standby", None, "not the leader (standby) when the PATCH was due; nothing sent")
+    f.gone = True
+    assert f.before_send(may_send=True) == Next(
+        "finish", "already_gone", None, "party left before any request was sent")
+    g = _flight()
+    g.before_send(may_send=True)
+    g.replied("gate_closed", None)
+    g.unsent()
+    assert g.attempts == 0
+    assert g.after_reply("gate_closed", "closed", max_attempts=3) == Next("finish", "standby", None, "closed")
+    h = _flight()
+    h.before_send(may_send=True)
+    assert h.abandoned(sending=True).outcome == "unconfirmed"
+    assert h.abandoned(sending=False).outcome == "failed"
