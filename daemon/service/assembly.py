@@ -44,7 +44,7 @@ from daemon.genesys.ratelimit import RequestLimiter
 from daemon.genesys.reconcile import Reconciler
 from daemon.genesys.resync import Resyncer
 from daemon.genesys.scope import Scope
-from daemon.genesys.stream import StreamManager
+from daemon.genesys.stream import StreamManager, StreamSettings
 from daemon.service.audit import AuditLog
 from daemon.service.enforcer import Enforcer
 from daemon.service.eventbridge import eventbridge_source
@@ -87,10 +87,10 @@ def websocket_source(ctx: SourceContext) -> Source:
 
     def make_stream(on_message: Callable[[bytes | str, float], Message],
                     on_gap: Callable[[str], None]) -> StreamManager:
+        settings = StreamSettings(heartbeat_timeout_factor=subs.heartbeat_timeout_factor,
+                                  channel_refresh_before=subs.channel_refresh_before)
         return StreamManager(ctx.client, list(ctx.scope.topics), on_message=on_message,
-                             on_gap=on_gap, metrics=ctx.metrics,
-                             heartbeat_timeout_factor=subs.heartbeat_timeout_factor,
-                             channel_refresh_before=subs.channel_refresh_before)
+                             on_gap=on_gap, settings=settings, metrics=ctx.metrics)
 
     return WebSocketSource(ctx.sink, make_stream)
 

@@ -18,7 +18,7 @@ from daemon.service.metrics import Metrics
 from daemon.genesys.scope import Scope
 from daemon.genesys.resync import Resyncer, ResyncReport, analytics_parties
 from daemon.sandbox import Sandbox
-from daemon.genesys.stream import StreamManager
+from daemon.genesys.stream import StreamManager, StreamSettings
 
 ANALYTICS = "/api/v2/analytics/conversations/details/query"
 
@@ -60,7 +60,7 @@ async def test_resync_after_drop_finds_call_started_during_outage() -> None:
                 resyncer.request(reason)
 
             stream = StreamManager(client, [Topic(queue_topic(q.id))], on_message=col.on_message,
-                                   on_gap=on_gap, heartbeat_interval=0.3)
+                                   on_gap=on_gap, settings=StreamSettings(heartbeat_interval=0.3))
             await stream.start()
             task = asyncio.create_task(stream.run())
             try:

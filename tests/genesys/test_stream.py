@@ -21,7 +21,7 @@ from daemon.core.ids import Topic
 from daemon.service.metrics import Metrics
 from daemon.sandbox import Sandbox
 from daemon.sandbox.world import Queue
-from daemon.genesys.stream import Backoff, StreamManager
+from daemon.genesys.stream import Backoff, StreamManager, StreamSettings
 
 HB = 0.3  # sandbox heartbeat for the tests that need a fast one
 
@@ -65,8 +65,10 @@ async def queue_stream(sb: Sandbox, **kw: Any) -> AsyncIterator[
 def collecting(client: GenesysClient, col: Collector, *queues: Queue, **kw: Any) -> StreamManager:
     """A StreamManager on the queues' call topics that hands every message and gap to `col`
     (`kw`: the StreamManager's own settings)."""
+    metrics = kw.pop("metrics", None)
     return StreamManager(client, [Topic(queue_topic(q.id)) for q in queues],
-                         on_message=col.on_message, on_gap=col.on_gap, **kw)
+                         on_message=col.on_message, on_gap=col.on_gap,
+                         settings=StreamSettings(**kw), metrics=metrics)
 
 
 def topics_of(sb: Sandbox, channel_id: str) -> dict[str, str]:
@@ -87,7 +89,7 @@ async def test_2500_queues_across_3_channels(sandbox: Sandbox) -> None:
     metrics = Metrics()
     async with client_for(sandbox) as client:
         stream = StreamManager(client, topics, on_message=col.on_message, on_gap=col.on_gap,
-                               heartbeat_interval=1.0, metrics=metrics)
+                               settings=StreamSettings(heartbeat_interval=1.0), metrics=metrics)
         async with running(stream):
             assert len(stream.channels) == 3
             seen: set[str] = set()
@@ -582,7 +584,7 @@ def test_control_frames_are_recognised_from_the_consumers_one_parse() -> None:
     the pump tells the supervisor about the control messages among those (formerly a
     second, peeking parse in the pump)."""
     from daemon.core.events import parse_message
-    from daemon.genesys.stream.connection import _CONTROL_KINDS
+    from daemon.genesys.stream.pump import _CONTROL_KINDS
     from daemon.genesys.stream.supervisor import ControlKind
 
     event = '{"topicName":"v2.routing.queues.q1.conversations.calls","eventBody":{"id":"c","note":"pong"}}'

@@ -1,6 +1,7 @@
 """The notification stream: channels, subscriptions, WebSockets, watchdog and self-healing.
 
-`StreamManager(client, topics, on_message=..., on_gap=...)` keeps every topic subscribed on
+`StreamManager(client, topics, on_message=..., on_gap=..., settings=StreamSettings(...))`
+keeps every topic subscribed on
 one channel per shard of at most 1000 topics (`daemon.genesys.scope.shard`), one WebSocket per
 channel, for as long as it runs.
 
@@ -28,8 +29,10 @@ Every frame, whatever it is, counts as a sign of life for the watchdog.
 
 Self-healing (per shard): every decision below is made by a sans-I/O `ShardSupervisor`
 (`daemon.genesys.stream.supervisor`: events and `now` in, actions out, unit-tested without
-sockets or a clock); `daemon.genesys.stream.connection` is the thin asyncio layer that
-feeds it and carries out its actions.
+sockets or a clock); the thin asyncio layer that feeds it and carries out its actions is
+`connection` (`StreamManager`, the public face), `driver` (one task per shard),
+`subscriptions` (channels, subscribing with read-back, a reload's update with roll-back)
+and `pump` (the sockets); every timing and limit is one `settings.StreamSettings`.
 - Watchdog: no frame for `heartbeat_timeout_factor x heartbeat_interval` seconds -> send
   `{"message": "ping"}`; no frame at all within `ping_timeout` -> drop the socket and
   reconnect (gap reason `heartbeat_timeout`).
@@ -64,12 +67,9 @@ failed request rolls every shard back and raises `SubscriptionError`. Added topi
 gap (`topics_added`): calls already live on a newly covered queue must be found by a resync.
 """
 
-from daemon.genesys.stream.connection import (
-    StreamClient,
-    StreamManager,
-    TokensLike,
-    TopicStateLike,
-)
+from daemon.genesys.stream.connection import StreamManager
+from daemon.genesys.stream.settings import StreamSettings
+from daemon.genesys.stream.subscriptions import StreamClient, TokensLike, TopicStateLike
 from daemon.genesys.stream.supervisor import (
     RECONNECT_RETRY,
     Backoff,
@@ -79,6 +79,6 @@ from daemon.genesys.stream.supervisor import (
 )
 
 __all__ = [
-    "RECONNECT_RETRY", "Backoff", "ChannelLike", "ShardSupervisor",
-    "StreamClient", "StreamManager", "SupervisorSettings", "TokensLike", "TopicStateLike",
+    "RECONNECT_RETRY", "Backoff", "ChannelLike", "ShardSupervisor", "StreamClient",
+    "StreamManager", "StreamSettings", "SupervisorSettings", "TokensLike", "TopicStateLike",
 ]

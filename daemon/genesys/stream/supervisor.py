@@ -1,7 +1,7 @@
 """The stream's supervision as a sans-I/O state machine, one per shard.
 
 In the manner of websockets' `protocol.py`: no sockets, no asyncio, no clock of its own.
-The connection layer (`daemon.genesys.stream.connection`) feeds each `ShardSupervisor`
+The connection layer (`daemon.genesys.stream.driver`) feeds each `ShardSupervisor`
 what happened, as plain `Event` values, with the time, and carries out the `Action`
 values it gets back, in order:
 
