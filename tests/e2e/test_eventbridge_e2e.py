@@ -236,3 +236,23 @@ async def test_without_an_eventbridge_section_no_aws_library_is_imported(tmp_pat
     finally:
         await d.close()
         await sb.stop()
+
+
+async def test_a_failed_reread_leaves_the_message_for_another_delivery(moto_server: MotoServer,  # noqa: F811
+                                                                        tmp_path: Path) -> None:
+    """The message is deleted only once its re-read succeeded: a re-read that fails (the
+    GET answers 503 past the client's retries) leaves it in the queue; SQS offers it again
+    after the visibility timeout (5 s here) and the second delivery is acted on."""
+    async with eventbridge_stack(moto_server, tmp_path) as (sb, d, url):
+        w = sb.world
+        c = conference(w, SALES, AGENT)
+        await all_consumed(d, sb)
+        sb.faults.add_burst("GET", f"/conversations/calls/{c.id}$", 503, 3)  # 1 try + 2 retries
+        sb.faults.lose_change("websocket", c.id)
+        w.set_attributes(c.id, external(c).id, FLAG)
+        await d.wait_event("reread_failed", timeout=15, conversation_id=c.id)
+        assert moto_server.queue_depth(url)[1] == 1  # in flight, not deleted
+        assert not sb.journal.patches(c.id)
+        await wait_until(lambda: sb.journal.patches(c.id), 20, "the PATCH after the second delivery")
+        await wait_until(lambda: moto_server.queue_depth(url) == (0, 0), 10, "the message deleted")
+        assert len(sb.journal.patches(c.id)) == 1
