@@ -222,9 +222,8 @@ class StreamManager:
                 return
             done = await self._subs.update(self._shards, plan, tell=self._driver.tell,
                                            new_shard=self._driver.new_shard)
-            for ns in done.created:
-                assert ns.channel is not None
-                await self._driver.connect_initial(ns, ns.channel)
+            for ns, channel in done.created:
+                await self._driver.connect_initial(ns, channel)
                 self._shards.append(ns)
                 self._driver.start(ns, lambda: self._stopping)
             for s in done.emptied:

@@ -72,10 +72,10 @@ class _Missing:
 
 @dataclass(frozen=True, slots=True)
 class UpdateResult:
-    """What `Subscriptions.update` did: `created` shards (subscribed, not yet connected),
-    `emptied` shards (to be closed)."""
+    """What `Subscriptions.update` did: `created` shards with their new channels (subscribed,
+    not yet connected), `emptied` shards (to be closed)."""
 
-    created: list[Shard]
+    created: list[tuple[Shard, ChannelLike]]
     emptied: list[Shard]
 
 
@@ -189,7 +189,7 @@ class Subscriptions:
         by_index = {s.index: s for s in shards}
         before = {s.index: s.topics for s in shards}
         touched: list[Shard] = []
-        created: list[Shard] = []
+        created: list[tuple[Shard, ChannelLike]] = []
         emptied: list[Shard] = []
         rejected: list[TopicStateLike] = []
         try:
@@ -216,11 +216,10 @@ class Subscriptions:
                              added=len(change.gained), removed=len(change.lost),
                              topics=len(new_set))
             for group in plan.new_shards:
-                index = max((x.index for x in [*shards, *created]), default=-1) + 1
+                index = max((x.index for x in [*shards, *(c[0] for c in created)]), default=-1) + 1
                 ns = new_shard(index, group)
-                created.append(ns)
                 ch = await self.create_channel(ns.index)
-                ns.sup.channel = ch  # for the roll-back; Begin sets it again
+                created.append((ns, ch))  # the channel is the shard's once connected (Begin)
                 rejected += await self.subscribe(ch, ns.topics)
             if rejected:
                 raise rejection_error(rejected)
@@ -232,7 +231,8 @@ class Subscriptions:
         return UpdateResult(created, emptied)
 
     async def roll_back(self, touched: Sequence[Shard], before: dict[int, tuple[Topic, ...]],
-                        created: Sequence[Shard], *, tell: Callable[[Shard, Event], None]) -> None:
+                        created: Sequence[tuple[Shard, ChannelLike]], *,
+                        tell: Callable[[Shard, Event], None]) -> None:
         """Put shards back to their topic sets before a failed update (best effort)."""
         for s in touched:
             old = before[s.index]
@@ -245,10 +245,9 @@ class Subscriptions:
                 except ConfguardError as exc:
                     log.error("stream_rollback_failed", shard=s.index, error=str(exc))
             tell(s, TopicsChanged(old, subscribed=ok))
-        await self.cleanup([ns.channel for ns in created if ns.channel is not None])
-        for ns in created:
-            if ns.channel is not None:
-                self.forget(ns.channel.id)
+        await self.cleanup([ch for _, ch in created])
+        for _, ch in created:
+            self.forget(ch.id)
 
 
 def rejection_error(rejected: Sequence[TopicStateLike]) -> SubscriptionError:
