@@ -15,7 +15,9 @@ run through `daemon.commands.replay.replay`, the same engine on the same virtual
         until: 2m                      # optional: run the clock to here (default: 1h after the last step)
         calls:
           c1:                          # the conversation id
-            queue: 0d5c7a44-...        # optional: the queue whose topic carries the events
+            queue: 0d5c7a44-...        # optional: the queue the call came through (its topic
+                                       # carries the events; an ended ACD leg `c1-acd` in that
+                                       # queue joins the call unless a party names the queue)
             timeline:
               - at: 0s                 # a call with these parties and attributes
                 recording_state: active
@@ -376,10 +378,18 @@ def frames(case: Case) -> Iterator[Frame]:
     """The notification frames the case's timeline stands for, in time order."""
     calls: dict[str, dict[str, Any]] = {}
     parties: dict[str, dict[str, dict[str, Any]]] = {}
+    named = _queues_named(case)
     for step in case.steps:
-        call = calls.setdefault(step.call, {"id": step.call, "participants": []})
         ps = parties.setdefault(step.call, {})
         now = EPOCH + step.at
+        call = calls.get(step.call)
+        if call is None:
+            call = calls[step.call] = {"id": step.call, "participants": []}
+            queue = case.queues[step.call]
+            if queue != DEFAULT_QUEUE and queue not in named.get(step.call, ()):
+                # The call came through that queue, as a real call's ACD leg shows (it has
+                # ended: the call was answered): `call.queue_ids`, `has_party` see it.
+                call["participants"].append(acd_party(step.call, queue, now))
         if step.sets_recording:
             _put(call, "recordingState", step.recording_state)
         if step.sets_pause:
@@ -394,6 +404,24 @@ def frames(case: Case) -> Iterator[Frame]:
                  "version": "2", "eventBody": call,
                  "metadata": {"CorrelationId": f"confguard-test-{step.line}"}}
         yield Frame(now, orjson.dumps(event).decode(), step.line)
+
+
+def _queues_named(case: Case) -> dict[str, set[str]]:
+    """The queue ids the parties of each call name themselves (`queue_id`)."""
+    out: dict[str, set[str]] = {}
+    for step in case.steps:
+        for fields in step.parties.values():
+            qid = fields.get("queue_id")
+            if isinstance(qid, str):
+                out.setdefault(step.call, set()).add(qid)
+    return out
+
+
+def acd_party(call_id: str, queue_id: str, now: float) -> dict[str, Any]:
+    """The ended ACD leg that puts a test call given `queue:` in that queue."""
+    return {"id": f"{call_id}-acd", "purpose": "acd", "name": "queue", "queue": {"id": queue_id},
+            "state": "disconnected", "disconnectType": "transfer", "connectedTime": iso(now),
+            "endTime": iso(now)}
 
 
 def _put(obj: dict[str, Any], key: str, value: Any) -> None:

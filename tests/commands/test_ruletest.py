@@ -143,15 +143,19 @@ def test_timeline_becomes_genesys_call_events(tmp_path: Path) -> None:
     assert all(isinstance(m, CallEvent) for m in msgs)
     first = orjson.loads(got[0].raw)
     assert first["topicName"] == "v2.routing.queues.q-1.conversations.calls"
-    a, x = first["eventBody"]["participants"]
+    acd, a, x = first["eventBody"]["participants"]
+    # `queue: q-1` puts the call in that queue: an ended ACD leg there, as a real call has
+    assert acd == {"id": "c1-acd", "purpose": "acd", "name": "queue", "queue": {"id": "q-1"},
+                   "state": "disconnected", "disconnectType": "transfer",
+                   "connectedTime": "2026-01-01T00:00:00.000Z", "endTime": "2026-01-01T00:00:00.000Z"}
     assert a == {"id": "a", "purpose": "agent", "state": "connected", "user": {"id": "u1"},
                  "held": False, "connectedTime": "2026-01-01T00:00:00.000Z"}
     assert x["attributes"] == {"k": "5", "f": "true"} and "connectedTime" not in x
     second = orjson.loads(got[1].raw)["eventBody"]
     assert second["recordingState"] == "paused"
-    assert second["participants"][1]["attributes"] == {"f": "true"}
-    assert second["participants"][1]["connectedTime"] == "2026-01-01T00:00:02.500Z"
-    third = orjson.loads(got[2].raw)["eventBody"]["participants"][1]
+    assert second["participants"][2]["attributes"] == {"f": "true"}
+    assert second["participants"][2]["connectedTime"] == "2026-01-01T00:00:02.500Z"
+    third = orjson.loads(got[2].raw)["eventBody"]["participants"][2]
     assert third["endTime"] == "2026-01-01T00:00:09.000Z"
 
 
@@ -196,3 +200,32 @@ def test_readme_example_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path.write_text(example.replace("config: config.yaml", f"config: {CONFIG}"), encoding="utf-8")
     assert main(["test", str(path)]) == 0, capsys.readouterr().out
     assert "SUCCESS: 3 test(s) passed" in capsys.readouterr().out
+
+
+def test_queue_puts_the_call_on_that_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`queue:` puts the call in that queue (an ended ACD leg in it joins the call), so a rule
+    on the queue (`has_party: {purpose: acd, queue_id: ...}`) fires; without it, it does not."""
+    payments = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
+    body = """config: {config}
+tests:
+  - name: through {name}
+    calls:
+      c1:
+{queue}        timeline:
+          - at: 0s
+            recording_state: active
+            parties:
+              cust-1: {{purpose: customer, state: connected}}
+              agent-1: {{purpose: agent, state: connected}}
+          - at: 5s
+            parties:
+              ext-1: {{purpose: external, state: connected, address: "tel:+14155550123"}}
+    expect:
+      - {{rule: no-outside-party-on-payments, party: ext-1, at: {at}}}
+"""
+    on_queue = tmp_path / "on.test.yaml"
+    on_queue.write_text(body.format(config=CONFIG, name="Payments", queue=f"        queue: {payments}\n", at="5s"))
+    assert main(["test", str(on_queue)]) == 0, capsys.readouterr().out
+    other = tmp_path / "off.test.yaml"
+    other.write_text(body.format(config=CONFIG, name="no queue", queue="", at="never"))
+    assert main(["test", str(other)]) == 0, capsys.readouterr().out
