@@ -1,11 +1,14 @@
 """`confguard explain`: why each rule does or does not fire for each party of one call.
 
     confguard explain --config config.yaml (--conversation ID | --call CALL.json)
-                      [--party ID] [--at TIME] [--json]
+                      [--party ID] [--rule NAME]... [--at TIME] [--json]
 
 For every rule and every party (or the one `--party` names): each top-level condition as
 written, the value it saw and its verdict, the call conditions, the timers (`hold_for`
-elapsed/remaining, `connected_seconds` thresholds) and the final result. It starts from
+elapsed/remaining, `connected_seconds` thresholds) and the final result. `--rule NAME` shows
+only that rule (repeatable). Values are shown as the call has them: a phone field as written
+(`sip:...@host`, with the normalised form it was compared as), a false `has_party` as
+`none`, `(absent)` only for a field that is not there. It starts from
 `RuleEngine.explain` and then lets the same engine the daemon runs judge the snapshot and
 run its clock forward (24 h at most, no I/O), so "fires in 10 s" is what the daemon
 would do if nothing about the call changed.
@@ -27,6 +30,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,6 +97,24 @@ def _show(value: object) -> str:
     return str(value)
 
 
+#: Party fields compared after phone normalisation: shown as written, with the compared form.
+PHONE_FIELDS = ("address", "ani", "dnis")
+
+
+def _seen(key: str, value: object, p: Participant) -> str:
+    """What a condition saw, for people: a phone field as the party has it (SIP addresses
+    included), with the normalised form it was compared as when that differs; `has_party`
+    that matched no other party as `none` (false, not absent); `(absent)` only for a field
+    the party or call does not have."""
+    if key in PHONE_FIELDS:
+        raw = getattr(p, key, None)
+        if raw is not None:
+            return str(raw) if value is None or str(value) == str(raw) else f"{raw} (compared as {value})"
+    if key.endswith("has_party") and value is None:
+        return "none"
+    return _show(value)
+
+
 def load_call_file(path: Path) -> dict[str, Any]:
     """A saved CallConversation (as GET /api/v2/conversations/calls/{id} returns it)."""
     try:
@@ -126,8 +148,14 @@ class Explanation:
 
 
 def explain_call(ruleset: RuleSet, conv: dict[str, Any], now: float,
-                 party: str | None = None) -> Explanation:
-    """Judge one conversation snapshot at `now`; see the module docstring."""
+                 party: str | None = None, rules: Sequence[str] = ()) -> Explanation:
+    """Judge one conversation snapshot at `now`; see the module docstring. `rules`: only
+    these rules are shown (all are still judged: the result is the daemon's); a name the
+    config does not have is a ConfigError naming the rules it has."""
+    unknown = [r for r in rules if r not in ruleset.by_name]
+    if unknown:
+        raise ConfigError(f"--rule: no rule {', '.join(repr(r) for r in unknown)} in the config "
+                          f"(enabled rules: {', '.join(ruleset.by_name)})")
     store = CallStore()
     change = store.apply(conv, now, received_at=now, source="resync")
     if change is None:
@@ -156,7 +184,7 @@ def explain_call(ruleset: RuleSet, conv: dict[str, Any], now: float,
         if party is not None and p.id != party:
             continue
         results = [RuleResult(by_name[v.rule], v, fires.get((v.rule, p.id)))
-                   for v in engine.explain(call, p, now)]
+                   for v in engine.explain(call, p, now) if not rules or v.rule in rules]
         out.append((p, results))
     return Explanation(call, now, ruleset, out)
 
@@ -203,7 +231,7 @@ def render_table(ex: Explanation, out: TextIO) -> None:
             rule = r.rule
             extra = f", hold_for {_secs(rule.hold)}" if rule.hold is not None else ""
             print(f"  rule {rule.name}  ({rule.action}, {rule.severity}{extra})", file=out)
-            rows = [(c.scope, c.text, ", ".join(f"{k}={_show(v)}" for k, v in c.values.items()) or "-",
+            rows = [(c.scope, c.text, ", ".join(f"{k}={_seen(k, v, p)}" for k, v in c.values.items()) or "-",
                      "yes" if c.holds else "NO") for c in r.verdict.conditions]
             w1 = max((len(x[1]) for x in rows), default=0)
             w2 = max((len(x[2]) for x in rows), default=0)
@@ -257,6 +285,8 @@ def register(subparsers: Any) -> None:
     src.add_argument("--conversation", metavar="ID", help="read the call over REST")
     src.add_argument("--call", metavar="FILE.json", help="a saved CallConversation JSON (offline)")
     p.add_argument("--party", metavar="ID", help="only this participant")
+    p.add_argument("--rule", metavar="NAME", action="append", default=[],
+                   help="only this rule (repeat for several; all are still judged)")
     p.add_argument("--at", metavar="TIME", help="judge at this instant (ISO-8601 or epoch seconds; default now)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=explain_command)
@@ -292,7 +322,7 @@ def explain_command(args: Any, out: TextIO | None = None) -> int:
             conv = asyncio.run(fetch_call(config, conversation))
         except NotFoundError:
             raise TargetError(f"no call {args.conversation} in Genesys Cloud (404)") from None
-    ex = explain_call(ruleset, conv, now, args.party)
+    ex = explain_call(ruleset, conv, now, args.party, args.rule)
     if args.json:
         out.write(json.dumps(to_json(ex), indent=2, default=str) + "\n")
     else:

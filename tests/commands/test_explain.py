@@ -56,8 +56,8 @@ def test_table_shows_every_condition_value_verdict_timer_and_result(
                           "2026-11-21T09:10:00.000Z: 5 parties, 4 connected, recording_state paused")
     assert f"party {EXTERNAL} (external, connected, 'Third Party', tel:+442079460999)" in out
     lines = [ln.split() for ln in out.splitlines()]
-    assert ["party", "address", "in_list", '"blocked_numbers"', "saw", "address=+442079460999",
-            "yes"] in lines
+    assert ["party", "address", "in_list", '"blocked_numbers"', "saw", "address=tel:+442079460999",
+            "(compared", "as", "+442079460999)", "yes"] in lines  # as written, and as compared
     assert ["call", "call.connected_parties", "gte", "3", "saw", "call.connected_parties=4",
             "yes"] in lines
     assert ["party", "attributes.complianceFlag", "equals", '"true"', "saw",
@@ -192,3 +192,29 @@ def test_disabled_rules_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "1 rule(s) enabled; disabled (not judged): r-off" in out
     assert "rule r-off" not in out and out.count("rule r-on  (observe, warning)") == 5
+
+
+def test_rule_filter_sip_as_written_and_false_not_absent(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`--rule NAME` (repeatable) shows only those rules; a SIP address is shown as the call
+    has it; a `has_party` that matches no one is `none` (false), not `(absent)`."""
+    call = json.loads(CALL.read_text())
+    sip = "sip:a122ab8b-9c1d-4e2f-8a3b-4c5d6e7f8a90@localhost"
+    for party in call["participants"]:
+        if party["id"] == EXTERNAL:
+            party["address"] = sip
+        if party["id"] == ACD:
+            party["queue"] = {"id": "11111111-2222-4333-8444-555555555555"}  # not Payments
+    path = tmp_path / "call.json"
+    path.write_text(json.dumps(call))
+    assert main(["explain", "--config", str(CONFIG), "--call", str(path), "--at", AT,
+                 "--party", EXTERNAL, "--rule", "blocked-number-in-conference",
+                 "--rule", "no-outside-party-on-payments"]) == 0
+    out = capsys.readouterr().out
+    rules = [ln.split()[1] for ln in out.splitlines() if ln.startswith("  rule ")]
+    assert rules == ["blocked-number-in-conference", "no-outside-party-on-payments"]
+    assert f"saw address={sip} (compared as " in out
+    has_party = next(ln for ln in out.splitlines() if "call.has_party(" in ln)
+    assert has_party.split()[-2:] == ["call.has_party=none", "NO"] and "(absent)" not in has_party
+    assert main(["explain", "--config", str(CONFIG), "--call", str(path), "--rule", "no-such-rule"]) == 2
+    assert "--rule: no rule 'no-such-rule'" in capsys.readouterr().err
