@@ -249,3 +249,46 @@ async def test_a_failed_reload_keeps_the_config_and_health_answers_during_a_big_
         config.write_text(good)
         conv, ext = flagged_call(sandbox)
         await wait_until(lambda: conv.party(ext.id).state == "disconnected", 10, "a removal")
+
+
+async def test_ops_over_tls_from_config_and_a_renewed_certificate_on_sighup(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    import ssl
+    import shutil
+
+    import httpx
+
+    from _tls import TestCA
+
+    ca1, ca2 = TestCA(tmp_path, "ca1"), TestCA(tmp_path, "ca2")
+    cert, key = ca1.issue("ops", ip="127.0.0.1")
+    shutil.copy(cert, tmp_path / "ops.crt")
+    shutil.copy(key, tmp_path / "ops.key")
+    sandbox_queue(sandbox)
+    config = write_config(tmp_path, sandbox.base_url)
+    config.write_text(config.read_text().replace(
+        "\nops:\n", "\nops:\n  tls: {cert_file: ops.crt, key_file: ops.key}\n", 1))
+    d = DaemonProcess(config, credentials_env(sandbox), tmp_path)
+    await d.start()
+    try:
+        port = int((await d.wait_event("ops_listening", 20))["port"])
+        url = f"https://127.0.0.1:{port}/healthz"
+
+        async def healthz(ca: TestCA) -> int:
+            ctx = ssl.create_default_context(cafile=str(ca.cert_file))
+            async with httpx.AsyncClient(verify=ctx, timeout=5) as client:
+                return (await client.get(url)).status_code
+
+        assert await healthz(ca1) == 200
+        cert, key = ca2.issue("ops", ip="127.0.0.1")  # renewed in place, same paths
+        shutil.copy(cert, tmp_path / "ops.crt")
+        shutil.copy(key, tmp_path / "ops.key")
+        await wait_until(lambda: d.events("daemon_state", new="running"), 20, "running")
+        d.send(signal.SIGHUP)
+        await d.wait_event("listener_tls_reloaded", 20)
+        assert await healthz(ca2) == 200
+        with pytest.raises(httpx.ConnectError):
+            await healthz(ca1)
+        _no_traceback(d.text())
+    finally:
+        await d.close()

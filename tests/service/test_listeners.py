@@ -381,3 +381,34 @@ def test_loopback_addresses() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
     assert is_loopback("localhost") and is_loopback("127.1.2.3")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.com")
+
+
+async def test_a_non_loopback_listener_without_tls_is_warned_about(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.service.listener as listener_module
+
+    for loopback, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(listener_module, "is_loopback", lambda host, lb=loopback: lb)
+        server = OpsServer(Metrics(), _health)
+        with capture_logs() as logs:
+            await server.start("127.0.0.1", 0)  # bound on loopback; treated as if it were not
+        await server.stop()
+        assert any(e["event"] == "listener_without_tls" for e in logs) is warned, logs
+
+
+async def test_the_loops_accept_errors_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    from daemon.service.listener import install_loop_error_filter
+
+    loop = asyncio.get_running_loop()
+    saved = loop.get_exception_handler()
+    loop.set_exception_handler(None)
+    try:
+        install_loop_error_filter(loop)
+        with capture_logs() as logs:
+            for _ in range(1000):  # what EMFILE on accept() produces, once per attempt
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+        lines = [e for e in logs if e["event"] == "loop_error"]
+        assert len(lines) == 1 and lines[0]["count"] == 1, lines
+    finally:
+        loop.set_exception_handler(saved)
