@@ -34,7 +34,6 @@ import structlog
 from daemon.config import Config, load_lists, resolve_credentials, resolve_ha_dsn
 from daemon.core.engine import Engine
 from daemon.core.enforcement import Mode
-from daemon.core.eventbridge import CallState
 from daemon.core.events import Message
 from daemon.core.lease import LeasePolicy
 from daemon.core.rules import RuleEngine, compile_rules
@@ -52,7 +51,7 @@ from daemon.service.ha import HaGate, HaNode, Takeover
 from daemon.service.loops import GapWatch, Timers, TimerWake
 from daemon.service.metrics import Metrics
 from daemon.service.router import EventRouter, Recorder, StepAccounts
-from daemon.service.sources import Sink, Source, WebSocketSource
+from daemon.service.sources import Source, SourceContext, SourceFactory, WebSocketSource
 from daemon.service.status import Status
 
 log = structlog.get_logger(__name__)
@@ -61,24 +60,6 @@ log = structlog.get_logger(__name__)
 # ---------------------------------------------------------------- sources
 
 
-@dataclass(frozen=True, slots=True)
-class SourceContext:
-    """What a source factory gets: the loaded configuration, the Genesys client, the sink
-    to deliver into (the event router), the metrics, the scope resolved at start-up (a
-    reload hands a source its new scope through `Source.apply_scope`), the clock (epoch
-    seconds) and the call state (read only: a source that judges what the state already
-    shows, the EventBridge queue)."""
-
-    config: Config
-    client: GenesysClient
-    sink: Sink
-    metrics: Metrics
-    scope: Scope
-    clock: Callable[[], float] = time.time
-    state: CallState | None = None
-
-
-SourceFactory = Callable[[SourceContext], "Source | None"]
 
 
 def websocket_source(ctx: SourceContext) -> Source:

@@ -63,7 +63,7 @@ from daemon.service.sources import Sink, SourceHealth, SourceState
 
 if TYPE_CHECKING:
     from daemon.core.eventbridge import CallState
-    from daemon.service.assembly import SourceContext
+    from daemon.service.sources import SourceContext
     from daemon.service.metrics import Metrics
 
 log = structlog.get_logger(__name__)

@@ -39,14 +39,19 @@ started at `started_at`, the daemon's clock, completed: gaps opened before it ar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from daemon.config import Config
+from daemon.core.eventbridge import CallState
 from daemon.core.events import Message
 from daemon.core.ids import ConversationId
+from daemon.genesys.api import GenesysClient
 from daemon.genesys.scope import Scope
 from daemon.genesys.stream import StreamManager
+from daemon.service.metrics import Metrics
 
 SourceState = Literal["starting", "up", "degraded", "down", "stopped"]
 
@@ -162,3 +167,23 @@ class WebSocketSource:
         else:
             state = "degraded"
         return SourceHealth(state, ready, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceContext:
+    """What a source factory gets: the loaded configuration, the Genesys client, the sink
+    to deliver into (the event router), the metrics, the scope resolved at start-up (a
+    reload hands a source its new scope through `Source.apply_scope`), the clock (epoch
+    seconds) and the call state (read only: a source that judges what the state already
+    shows, the EventBridge queue)."""
+
+    config: Config
+    client: GenesysClient
+    sink: Sink
+    metrics: Metrics
+    scope: Scope
+    clock: Callable[[], float] = time.time
+    state: CallState | None = None
+
+
+SourceFactory = Callable[[SourceContext], "Source | None"]
