@@ -24,6 +24,7 @@ installs the test extras).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -124,6 +125,20 @@ class MotoServer:
         req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST", data=b"")
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
+
+    @contextlib.contextmanager
+    def denying(self) -> Iterator[None]:
+        """While inside: moto checks IAM on every request, and the fixture's credentials
+        name no IAM user, so every call is refused (InvalidClientTokenId, HTTP 403), as AWS
+        refuses a key without permission. moto reads the switch per request."""
+        from moto import settings
+
+        old = settings.INITIAL_NO_AUTH_ACTION_COUNT
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        try:
+            yield
+        finally:
+            settings.INITIAL_NO_AUTH_ACTION_COUNT = old
 
     def boto3(self, service: str) -> Any:
         """A plain (synchronous) boto3 client for setting up and inspecting resources."""

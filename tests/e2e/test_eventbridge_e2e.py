@@ -256,3 +256,23 @@ async def test_a_failed_reread_leaves_the_message_for_another_delivery(moto_serv
         await wait_until(lambda: sb.journal.patches(c.id), 20, "the PATCH after the second delivery")
         await wait_until(lambda: moto_server.queue_depth(url) == (0, 0), 10, "the message deleted")
         assert len(sb.journal.patches(c.id)) == 1
+
+
+async def test_access_denied_degrades_and_recovers(moto_server: MotoServer, tmp_path: Path) -> None:  # noqa: F811
+    async with eventbridge_stack(moto_server, tmp_path, delay=0.5) as (sb, d, _url):
+        await d.wait_event("eventbridge_started")
+        with moto_server.denying():
+            rec = await d.wait_event("eventbridge_receive_failed", timeout=30, kind="access_denied")
+            assert "testing" not in str(rec)  # the access key's secret never shows
+            body = await d.wait_http("/healthz", 200)
+            assert body["sources"]["eventbridge"]["state"] == "degraded"
+            assert body["sources"]["eventbridge"]["last_error"].startswith("access_denied")
+            text = await d.metrics()
+            assert (sample(text, "confguard_source_errors_total", source="eventbridge", kind="access_denied")
+                    or 0) >= 1
+        await d.wait_event("eventbridge_recovered", timeout=20)
+        c = conference(sb.world, SALES, AGENT)
+        await all_consumed(d, sb)
+        sb.faults.lose_change("websocket", c.id)
+        sb.world.set_attributes(c.id, external(c).id, FLAG)
+        await wait_until(lambda: sb.journal.patches(c.id), 15, "the PATCH once access is back")
