@@ -79,8 +79,6 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if path.startswith("/channels/"):
         return await handler(request)
     at, perf = time.time(), time.perf_counter_ns()
-    if not path.startswith("/sandbox/"):
-        sb.journal.arrivals.append((request.method, path))
     raw = await request.read() if request.can_read_body else b""
     body: Any = None
     if raw:
@@ -89,6 +87,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             request[BODY] = body
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
+    if not path.startswith("/sandbox/"):
+        # No await from here to the injected latency's sleep: a request seen here already
+        # waits the latency in force now, whatever a test sets next.
+        sb.journal.arrivals.append((request.method, path))
     resp: web.StreamResponse
     try:
         if path.startswith("/api/v2/"):

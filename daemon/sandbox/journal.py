@@ -45,9 +45,9 @@ class Journal:
         self.events: deque[EventRecord] = deque(maxlen=maxlen)
         self._req_seq = 0
         self._ev_seq = 0
-        #: (method, path) of every request as it arrives, before any injected latency and
-        #: before its answer (`requests` records it once answered): a test can see that a
-        #: request it holds has come in.
+        #: (method, path) of every request as it arrives (body read), just before any
+        #: injected latency starts and before its answer (`requests` records it once
+        #: answered): a test can see that a request it holds has come in and is held.
         self.arrivals: deque[tuple[str, str]] = deque(maxlen=maxlen)
 
     def request(self, method: str, path: str, query: dict[str, str], body: Any, status: int,

@@ -301,6 +301,10 @@ async def test_drain_abandons_in_flight_after_timeout(sandbox: Sandbox, tmp_path
         await wait_until(lambda: sum(x.value for m in daemon.metrics.event_to_request_seconds.collect()
                                      for x in m.samples if x.name.endswith("_count")) >= 1,
                          10, "the PATCH to be written")
+        # ... and arrived at the sandbox, so it is held the 8 s (resetting the latency before
+        # it arrived let it through at once now and then: a flake, outcome disconnected).
+        await wait_until(lambda: any(m == "PATCH" and f"/participants/{ext.id}" in p
+                                     for m, p in sandbox.journal.arrivals), 10, "the PATCH to arrive")
         sandbox.faults.latency = 0.0
         started = time.monotonic()
         await asyncio.wait_for(daemon.stop(), 20)
