@@ -119,7 +119,7 @@ class Coverage:
     seconds. Never raises on unknown ids."""
 
     def __init__(self) -> None:
-        self._read: set[ConversationId] = set()
+        self._read: dict[ConversationId, float] = {}  # id -> when last seen whole
         self._unread: dict[ConversationId, float] = {}  # id -> since when unread
         self._conferences: set[ConversationId] = set()
 
@@ -130,9 +130,9 @@ class Coverage:
         for cid, conference in calls:
             if conference:
                 self._conferences.add(cid)
-            if cid in self._unread:
+            if cid in self._unread or self._read.get(cid, -math.inf) >= since:
                 continue
-            self._read.discard(cid)
+            self._read.pop(cid, None)
             self._unread[cid] = since
 
     def seen(self, cid: ConversationId, at: float, *, conference: bool | None = None,
@@ -151,11 +151,11 @@ class Coverage:
         if since is not None and at < since:
             return  # older than what made it stale
         self._unread.pop(cid, None)
-        self._read.add(cid)
+        self._read[cid] = at
 
     def gone(self, cid: ConversationId) -> None:
         """The call ended, or REST says it no longer exists."""
-        self._read.discard(cid)
+        self._read.pop(cid, None)
         self._unread.pop(cid, None)
         self._conferences.discard(cid)
 

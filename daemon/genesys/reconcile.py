@@ -75,7 +75,10 @@ class Reconciler:
       fresh, and skipped).
     - Due calls are read in order: conferences (3+ connected parties), then calls with a
       live customer or external party, then the rest (`reconcile_class`); within a class,
-      the one longest without an event or read first. Calls analytics reports live in
+      the one longest without an event or read first; with ageing: each class is worth
+      `interval` seconds of waiting (key: last event or read + class x interval), so a
+      routed call unread an interval longer than a conference goes first and no class
+      waits forever behind a stream of due conferences. Calls analytics reports live in
       scope that the store does not know (their events were all lost) go first of all.
     - Every request it makes is tagged `reconcile` with `share` in the shared limiter
       (`ratelimit.budget_share`), so per budget window it spends at most
@@ -123,7 +126,7 @@ class Reconciler:
         """The calls to re-read now, in order (see the class docstring)."""
         store = self.resyncer.store
         last_read = self.resyncer.last_read
-        ranked: list[tuple[int, float, ConversationId]] = []
+        ranked: list[tuple[int, float, ConversationId]] = []  # (group, key, id)
         fresh = 0
         next_due = math.inf
         live: set[ConversationId] = set()
@@ -137,11 +140,13 @@ class Reconciler:
                 fresh += 1
                 next_due = min(next_due, seen + self.interval)
                 continue
-            ranked.append((reconcile_class(call), seen, cid))
+            # Ageing (as `daemon.core.coverage.read_order`): a class is worth `interval`
+            # seconds of waiting, so a long-unread routed call is not starved by conferences.
+            ranked.append((0, seen + reconcile_class(call) * self.interval, cid))
         for cid in [c for c in self._unknown if c in live]:
             del self._unknown[cid]  # an event brought it in meanwhile
         for cid, parties in self._unknown.items():
-            ranked.append((-2 if parties >= 3 else -1, 0.0, cid))
+            ranked.append((-2 if parties >= 3 else -1, 0.0, cid))  # unknown: first of all
         for cid in [c for c in last_read if c not in live]:
             del last_read[cid]  # ended or evicted: forget it
         ranked.sort()

@@ -8,9 +8,13 @@ from REST. `Resyncer.resync(reason)`:
    until=now + lookahead)`; analytics lags real time by seconds, hence the look-ahead);
 2. adds every call the store tracks that has not ended (a call may have ended, or left the
    scope, while we were deaf; analytics may also lag);
-3. orders conferences first (3+ live parties in the analytics reply, see
-   `analytics_parties`, or 3+ connected parties in the store; more parties first), then the
-   rest: conferences are what rules act on;
+3. orders the calls with `daemon.core.coverage.read_order`: conferences first (3+ live
+   parties in the analytics reply, see `analytics_parties`, or 3+ connected parties in the
+   store; more parties first), then calls with a live customer or external party, then the
+   rest, with ageing (`age_step`): a call last known current a class' worth of seconds
+   earlier than another goes before it, so nothing waits forever; calls the store does not
+   know go first. The list is handed to `coverage` (`Coverage.stale`) and `on_listed(report)`
+   is called: the daemon sends READY=1 there, the reads go on after it;
 4. reads each call (skipping one that an event or another read updated after the resync
    began: it is already up to date) with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
    the client's shared limiter, `concurrency` at a time, in that order; each reply goes to
@@ -58,6 +62,7 @@ from typing import Any, Protocol, TYPE_CHECKING
 import structlog
 
 from daemon.errors import ApiError, ConfguardError, NotFoundError
+from daemon.core.coverage import DEFAULT_AGE_STEP, CallClass, Candidate, Coverage, call_class, read_order
 from daemon.core.ids import ConversationId, QueueId, UserId
 from daemon.core.engine import Step
 from daemon.core.model import Decision
@@ -123,6 +128,7 @@ class Discovered:
 
     parties: dict[ConversationId, int] = field(default_factory=dict)
     rejected: int = 0
+    outside: set[ConversationId] = field(default_factory=set)  # a live customer/external party
 
 
 class Resyncer:
@@ -142,7 +148,10 @@ class Resyncer:
                  retry_max: float = 30.0,
                  retry: RetryPolicy | None = None,
                  rng: random.Random | None = None,
-                 on_resynced: Callable[[ResyncReport], None] | None = None) -> None:
+                 on_resynced: Callable[[ResyncReport], None] | None = None,
+                 coverage: Coverage | None = None,
+                 on_listed: Callable[[ResyncReport], None] | None = None,
+                 age_step: float = DEFAULT_AGE_STEP) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._client = client
@@ -159,6 +168,12 @@ class Resyncer:
         self.retry = retry or RetryPolicy(initial=retry_initial, factor=2.0, cap=retry_max,
                                           jitter=0.5, max_attempts=max(1, attempts))
         self._on_resynced = on_resynced
+        #: The coverage books (`daemon.core.coverage`): what each resync lists is unread
+        #: until read or seen in an event; reads and 404s are noted here too.
+        self.coverage = coverage if coverage is not None else Coverage()
+        #: Called once per resync, after discovery, when the reading list is known.
+        self.on_listed = on_listed
+        self.age_step = age_step
         self._rng = rng or random.Random()
         # Epoch seconds of each call's last successful REST read (resync or reconciliation),
         # so reconciliation can skip what is fresh. Pruned by `Reconciler`.
@@ -195,6 +210,7 @@ class Resyncer:
                 queue_ids=list(scope.queue_ids), user_ids=list(scope.user_ids),
                 since=now - self.lookback, until=now + self.lookahead)
         parties: dict[ConversationId, int] = {}
+        outside: set[ConversationId] = set()
         rejected = 0
         for conv in found:
             cid = conv.get("conversationId") if isinstance(conv, dict) else None
@@ -204,7 +220,9 @@ class Resyncer:
                 continue
             key = ConversationId(cid)
             parties[key] = max(parties.get(key, 0), analytics_parties(conv))
-        return Discovered(parties, rejected)
+            if analytics_outside(conv):
+                outside.add(key)
+        return Discovered(parties, rejected, outside)
 
     async def resync(self, reason: str) -> ResyncReport:
         """Run a resync (or join the one scheduled next) and return its report.
@@ -284,26 +302,21 @@ class Resyncer:
         report = ResyncReport(reason=reasons[0], started_at=started, reasons=list(reasons))
         log.info("resync_start", reasons=reasons)
         discovered = await self.discover(started)
-        parties = dict(discovered.parties)
-        order = {cid: i for i, cid in enumerate(parties)}
         report.rejected = discovered.rejected
-        report.discovered = len(order)
-
-        store = self._engine.store
-        for cid in list(store.tracked_ids()):
-            call = store.get(cid)
-            if call is None or call.is_ended:
-                continue
-            report.tracked += 1
-            parties[cid] = max(parties.get(cid, 0), call.connected_parties)
-            order.setdefault(cid, len(order))
-
-        ids = sorted(order, key=lambda c: (0 if parties.get(c, 0) >= 3 else 1,
-                                          -parties.get(c, 0), order[c]))
+        report.discovered = len(discovered.parties)
+        cands, report.tracked = self._candidates(discovered)
+        ids = read_order(cands, age_step=self.age_step)
+        conferences = {c.id for c in cands if c.klass is CallClass.CONFERENCE}
         report.calls = len(ids)
-        report.conferences = sum(1 for c in ids if parties.get(c, 0) >= 3)
+        report.conferences = len(conferences)
+        self.coverage.stale(((c, c in conferences) for c in ids), since=started)
         log.info("resync_reading", calls=report.calls, discovered=report.discovered,
                  tracked=report.tracked, conferences=report.conferences)
+        if self.on_listed is not None:
+            try:
+                self.on_listed(report)
+            except Exception:
+                log.exception("resync_on_listed_failed")
 
         todo: deque[ConversationId] = deque(ids)
         await run_workers(min(self.concurrency, len(ids)), partial(self._worker, todo, report))
@@ -327,6 +340,31 @@ class Resyncer:
             except Exception:
                 log.exception("resync_on_resynced_failed")
         return report
+
+    def _candidates(self, discovered: Discovered) -> tuple[list[Candidate], int]:
+        """Every call to read (what analytics listed, then every live call the store tracks),
+        classed for `read_order`, and how many the store tracked."""
+        store = self._engine.store
+        cands: dict[ConversationId, Candidate] = {}
+        for cid, n in discovered.parties.items():
+            klass = (CallClass.CONFERENCE if n >= 3 else
+                     CallClass.OUTSIDE if cid in discovered.outside else CallClass.OTHER)
+            cands[cid] = Candidate(cid, klass, 0.0, n)
+        tracked = 0
+        for cid in list(store.tracked_ids()):
+            call = store.get(cid)
+            if call is None or call.is_ended:
+                continue
+            tracked += 1
+            found = cands.get(cid)
+            klass = call_class(call)
+            parties = call.connected_parties
+            if found is not None:
+                klass = min(klass, found.klass)
+                parties = max(parties, found.parties)
+            since = max(call.last_update, self.last_read.get(cid, 0.0))
+            cands[cid] = Candidate(cid, klass, since, parties)
+        return list(cands.values()), tracked
 
     async def _worker(self, todo: deque[ConversationId], report: ResyncReport) -> None:
         store = self._engine.store
@@ -364,6 +402,7 @@ class Resyncer:
         except NotFoundError:
             report.gone += 1
             self.last_read.pop(cid, None)
+            self.coverage.gone(cid)
             log.info("resync_call_gone", conversation_id=cid)
             return self._mark_gone(cid)
         except ApiError as exc:
@@ -383,7 +422,11 @@ class Resyncer:
             log.exception("resync_apply_failed", conversation_id=cid)
             return None
         report.updated += 1
-        self.last_read[cid] = self.clock()
+        now = self.clock()
+        self.last_read[cid] = now
+        call = step.change.call if step.change is not None else None
+        self.coverage.seen(cid, now, conference=None if call is None else call.connected_parties >= 3,
+                           ended=call is not None and call.is_ended)
         return step
 
     def _mark_gone(self, cid: ConversationId) -> Step | None:
@@ -395,6 +438,28 @@ class Resyncer:
 
 
 _SYSTEM_PURPOSES = frozenset({"acd", "ivr", "workflow", "voicemail"})
+
+
+def analytics_outside(conv: Mapping[str, Any]) -> bool:
+    """Whether an analytics conversation has a customer or external participant whose last
+    segment has not ended (or, in a sparse reply without segments, any such participant)."""
+    ps = conv.get("participants")
+    if not isinstance(ps, list):
+        return False
+    for p in ps:
+        if not isinstance(p, dict) or p.get("purpose") not in ("customer", "external"):
+            continue
+        sessions = p.get("sessions")
+        if not isinstance(sessions, list):
+            return True
+        for sess in sessions:
+            segs = sess.get("segments") if isinstance(sess, dict) else None
+            if not isinstance(segs, list) or not segs:
+                return True
+            last = segs[-1]
+            if isinstance(last, dict) and not last.get("segmentEnd"):
+                return True
+    return False
 
 
 def analytics_parties(conv: Mapping[str, Any]) -> int:

@@ -54,6 +54,9 @@ def test_coverage_moves_with_reads_events_and_ends() -> None:
     # An event for a call nobody listed: known and read at once; becoming a conference.
     cov.seen(C("d"), 141.0, conference=True)
     assert cov.snapshot(141.0).calls_known == 4 and cov.snapshot(141.0).conferences_known == 2
+    # A call seen after a resync began stays read when that resync lists it later.
+    cov.stale([(C("d"), True)], since=140.5)
+    assert not cov.is_unread(C("d"))
     # A second stale listing keeps the earlier time of what is still unread.
     cov.stale([(C("b"), False), (C("a"), True)], since=150.0)
     assert cov.snapshot(160.0).oldest_unread_seconds == 60.0 and cov.is_unread(C("a"))

@@ -163,3 +163,23 @@ def test_reconciler_uses_only_the_resyncers_public_api() -> None:
                if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
                and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
     assert private == []
+
+
+def test_reconciliation_order_ages_so_nothing_waits_forever() -> None:
+    """Sans-I/O over `due()`: a routed call unread for a class' worth (`interval`) longer
+    than a due conference goes before it; one unread less long stays behind."""
+    now = 100_000.0
+    engine = make_engine()
+
+    def body(cid: str, purposes: list[str]) -> dict[str, Any]:
+        return {"id": cid, "participants": [
+            {"id": f"{cid}-{i}", "purpose": p, "state": "connected", "calls": [{"state": "connected"}]}
+            for i, p in enumerate(purposes)]}
+
+    engine.apply_conversation(body("conf", ["customer", "agent", "external"]), now - 400, source="resync")
+    engine.apply_conversation(body("routed_old", ["customer", "agent"]), now - 1100, source="resync")
+    engine.apply_conversation(body("routed", ["customer", "agent"]), now - 600, source="resync")
+    rs = Resyncer(None, engine, Scope(), clock=lambda: now)  # type: ignore[arg-type]
+    rec = Reconciler(rs, interval=300.0, share=0.25, clock=lambda: now, discover=False)
+    # keys: conf -400, routed_old -1100 + 300 = -800, routed -600 + 300 = -300
+    assert rec.due(now) == ["routed_old", "conf", "routed"]
