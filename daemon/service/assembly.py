@@ -4,8 +4,8 @@ with what it needs, in an order without cycles. Nothing is wired after construct
 Three stages, because each needs what the one before made:
 
 1. `build_core(config, ...) -> Core` (at `Daemon(...)`; no network, no secrets): metrics,
-   `Status`, rules, engine, the timer alarm (`TimerWake`), the gap watch, the router's
-   `StepAccounts` and the `--record` file.
+   `Status`, rules, engine, the timer alarm (`TimerWake`), the gap watch, the coverage books
+   (`daemon.core.coverage.Coverage`), the router's `StepAccounts` and the `--record` file.
 2. `connect(core, ...) -> Wired` (at `Daemon.start()`; reads the credentials and the HA
    DSN): request limiter, Genesys client, HA (`HaNode`, `HaGate`), audit trail (stamped by
    the gate), enforcer (asking the gate, telling it each record: `DecisionHook`), event
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.config import Config, load_lists, resolve_credentials, resolve_ha_dsn
+from daemon.core.coverage import Coverage
 from daemon.core.engine import Engine
 from daemon.core.enforcement import Mode
 from daemon.core.events import Message
@@ -100,6 +101,7 @@ class Core:
     accounts: StepAccounts
     recorder: Recorder | None
     clock: Callable[[], float]
+    coverage: Coverage
 
 
 def build_core(config: Config, *, record_path: str | os.PathLike[str] | None = None,
@@ -111,10 +113,12 @@ def build_core(config: Config, *, record_path: str | os.PathLike[str] | None = N
     engine = Engine(rules, CallStore())
     wake = TimerWake(engine)
     recorder = Recorder(record_path) if record_path else None
+    coverage = Coverage()  # which live calls are read: resyncs list them, steps read them
+    metrics.track_coverage(lambda: coverage.snapshot(clock()))
     return Core(config=config, metrics=metrics, status=status, rules=rules, engine=engine,
                 wake=wake, gaps=GapWatch(status, engine, metrics, clock=clock),
-                accounts=StepAccounts(engine, metrics, clock=clock, wake=wake.poke),
-                recorder=recorder, clock=clock)
+                accounts=StepAccounts(engine, metrics, clock=clock, wake=wake.poke, coverage=coverage),
+                recorder=recorder, clock=clock, coverage=coverage)
 
 
 # ---------------------------------------------------------------- stage 2: connected
@@ -213,7 +217,8 @@ def attach(core: Core, wired: Wired, scope: Scope, *,
     built = (make(ctx) for make in factories)
     sources = tuple(source for source in built if source is not None)
     resyncer = Resyncer(wired.client, core.engine, scope,
-                        metrics=metrics, on_step=wired.router.step, clock=clock)
+                        metrics=metrics, on_step=wired.router.step, clock=clock,
+                        coverage=core.coverage)
     subs = cfg.subscriptions
     reconciler = None
     if subs.reconcile_interval > 0:

@@ -659,8 +659,9 @@ class Takeover:
     outcome (`recovery.close_unfinished`); then open the gate and call
     `on_open("became_leader")`, which acts on every live party that still matches a
     disconnect rule. A party the old leader removed is final by then: nothing is sent for
-    it. The re-read is bounded by `takeover_after` seconds; past that the gate opens anyway
-    (a stuck API must not keep enforcement off).
+    it. The whole take-over (rows and re-reads) is bounded by `takeover_after` seconds from
+    the term's start; past that the gate opens anyway (a stuck API must not keep
+    enforcement off).
 
     `read_call(cid)`: GET the call at ENFORCE priority and fold it into the state (None for
     404). `write(record)`: the audit sink. `on_open(reason)`: removals possible again.
@@ -680,7 +681,9 @@ class Takeover:
         self.last_takeover: dict[str, Any] | None = None
 
     def mark_ready(self) -> None:
-        """The daemon finished its start-up resync: a take-over may proceed."""
+        """The daemon can enforce (subscribed, the live calls listed; their reads may still
+        be going on): a take-over may proceed. The daemon starts the lease loop only after
+        this, so a node that cannot enforce yet never takes the lease."""
         self._ready.set()
 
     def on_term(self, epoch: int) -> None:
@@ -692,12 +695,17 @@ class Takeover:
 
     async def _takeover(self, epoch: int) -> None:
         started = self._clock()
-        await self._ready.wait()
+        await self._ready.wait()  # set before the lease loop starts: no wait in practice
         window = 2 * self.node.policy.takeover_after
-        budget = self.node.policy.takeover_after
+        # One bound for the whole take-over (rows and re-reads), counted from the term's start.
+        deadline = started + self.node.policy.takeover_after
+
+        def budget() -> float:
+            return max(0.0, deadline - self._clock())
+
         rows: list[UnfinishedDecision] = []
         try:
-            rows = await within(self.node.recent_decisions(window), budget)
+            rows = await within(self.node.recent_decisions(window), budget())
         except DB_ERRORS as exc:
             log.error("ha_takeover_rows_unreadable", error_type=type(exc).__name__,
                       detail="re-reading only the calls this node decided as standby")
@@ -728,9 +736,10 @@ class Takeover:
                                             closed_on="takeover", on_closed=self._close_row)
 
         try:
-            await within(reread_all(), budget)
+            await within(reread_all(), budget())
         except asyncio.TimeoutError:
-            log.error("ha_takeover_reread_timeout", calls=len(calls), reread=reread, timeout=budget,
+            log.error("ha_takeover_reread_timeout", calls=len(calls), reread=reread,
+                      timeout=self.node.policy.takeover_after,
                       detail="opening the send gate anyway")
         if self.node.epoch != epoch or not self.node.policy.is_leader:
             return  # lost again meanwhile

@@ -41,6 +41,7 @@ import structlog
 
 from daemon.config import Config, load_config, load_lists, resolve_credentials
 from daemon.core.enforcement import Mode, SafetyValve
+from daemon.core.coverage import Coverage
 from daemon.core.engine import Engine
 from daemon.core.rules import RuleEngine, RuleSet, compile_rules
 from daemon.errors import ConfigError, ConfguardError, StreamError, SubscriptionError
@@ -76,7 +77,8 @@ log = structlog.get_logger(__name__)
 class Daemon:
     """One confguard process: sources in, decisions out.
 
-    `start()` returns once subscribed and resynced (READY); `stop()` drains and closes.
+    `start()` returns once subscribed and the live calls are listed (READY; the start-up
+    reads go on after it, conferences first); `stop()` drains and closes.
     `run()` does both around signal handling and is what `confguard run` calls.
     `sources`: the input factories (default `assembly.SOURCES`).
     """
@@ -114,6 +116,7 @@ class Daemon:
         self._ha_stop = asyncio.Event()
         self._ha_task: asyncio.Task[None] | None = None
         self._unfinished: list[Unfinished] = []
+        self._ready_sent = False  # READY=1 sent (start-up), for EXTEND_TIMEOUT_USEC
         self.checkpointer: Checkpointer | None = None  # with a signing key (docs/audit.md)
 
     # ------------------------------------------------------------------ what it is made of
@@ -129,6 +132,11 @@ class Daemon:
     @property
     def engine(self) -> Engine:
         return self.core.engine
+
+    @property
+    def coverage(self) -> Coverage:
+        """Which live calls the daemon holds current state for (`/healthz` coverage)."""
+        return self.core.coverage
 
     @property
     def state(self) -> State:
@@ -208,6 +216,7 @@ class Daemon:
             details["missing_permissions"] = list(forbidden)
         if self.client is not None:
             details["budget"] = self.client.limiter.snapshot().as_dict()
+        details["coverage"] = self.coverage.snapshot(self.clock()).as_dict()
         ha = self.wired.ha if self.wired is not None else None
         return HealthStatus(state=self.state.value, ready=ready, reason=reason, details=details,
                             ha=ha.node.health() if ha is not None else None,
@@ -231,10 +240,14 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Open everything, subscribe, resync; returns when ready (READY=1 sent)."""
+        """Open everything, subscribe, list the live calls; returns when ready (READY=1 sent;
+        the start-up reads go on after it)."""
         cfg = self.config
         core = self.core
         log.info("daemon_starting", mode=self.mode, rules=len(cfg.rules), api=cfg.genesys.api_origin)
+        # STATUS= progress, and EXTEND_TIMEOUT_USEC while READY is pending after 60 s.
+        self._tasks.append(asyncio.create_task(systemd.run_progress(
+            self._stop, lambda: self._ready_sent, self._progress_text), name="sd-progress"))
         if cfg.ops.enabled:
             self.ops = OpsServer(self.metrics, self.health, limits=listener_limits(cfg.ops),
                                  tls=tls_files(cfg, cfg.ops.tls))
@@ -260,7 +273,7 @@ class Daemon:
         # Before any new record: decisions of an earlier run with no outcome (closed below).
         self._unfinished = unfinished_in_audit(wired.audit.path)
         if wired.ha is not None:
-            self._start_ha()
+            self._prepare_ha()
         if cfg.control.enabled:
             from daemon.service.control import start_control
             self.control = await start_control(cfg, submit=wired.enforcer.submit, store=self.engine.store,
@@ -287,7 +300,9 @@ class Daemon:
 
         self._set_state(State.RESYNCING)
         if cfg.subscriptions.resync_on_start:
-            await inputs.resyncer.resync("startup")
+            await self._start_reads(inputs.resyncer)
+        # Enforcing from here: every event judges its call (a call's first event carries the
+        # whole conversation), and the start-up reads go on after READY, conferences first.
         core.status.close_gap()
         for source in inputs.sources:
             source.resynced(None)
@@ -299,8 +314,42 @@ class Daemon:
             self._tasks.append(asyncio.create_task(inputs.reconciler.run(self._stop), name="reconcile"))
         self._set_state(State.RUNNING)
         if wired.ha is not None:
+            # Only a node that can enforce contends for the lease (docs/ha.md).
             wired.ha.takeover.mark_ready()
-        systemd.ready(f"running: {len(scope.topics)} topics, {len(self.engine.store)} calls, mode {self.mode}")
+            self._start_ha()
+        self._ready_sent = True
+        cov = self.coverage.snapshot(self.clock())
+        systemd.ready(f"running: {len(scope.topics)} topics, mode {self.mode}; {cov.status_line()}")
+
+    async def _start_reads(self, resyncer: Resyncer) -> None:
+        """Start the start-up resync and return once analytics listed the live calls (its
+        reads go on in the background, `daemon.core.coverage.read_order`); raises what the
+        discovery raised when it failed on every attempt."""
+        listed = asyncio.Event()
+        resyncer.on_listed = lambda report: listed.set()
+        reads = resyncer.request("startup")
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(listed.wait())
+        both: set[asyncio.Future[Any]] = {reads, waiter}
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            resyncer.on_listed = None
+        if not listed.is_set():
+            reads.result()  # the discovery failed: raise it (start-up fails as before)
+        reads.add_done_callback(self._start_reads_done)
+
+    def _start_reads_done(self, reads: asyncio.Future[Any]) -> None:
+        if reads.cancelled() or reads.exception() is not None:
+            return
+        report = reads.result()
+        log.info("startup_reads_done", calls=report.calls, updated=report.updated,
+                 fresh=report.fresh, conferences=report.conferences, seconds=round(report.seconds, 1))
+
+    def _progress_text(self) -> str | None:
+        """The STATUS= progress line while calls are known (None before discovery)."""
+        cov = self.coverage.snapshot(self.clock())
+        return cov.status_line() if cov.calls_known else None
 
     async def _read_budget_limit(self) -> None:
         """Once at start-up: the org's per-token budget from the limits API (optional; a
@@ -356,6 +405,9 @@ class Daemon:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=max(0.1, left(_final_reserve(timeout))))
         self._tasks.clear()
+        if self.resyncer is not None:  # start-up reads (or a gap's) may still be going on
+            await self._bounded(self.resyncer.aclose(), max(0.1, left(_final_reserve(timeout))),
+                                "resync_close")
         if self.control is not None:  # after the drain: until then POSTs get 503 draining
             await self._bounded(self.control.stop(), max(0.2, left()), "control_close")
         await self._close_outputs(left)
@@ -607,14 +659,21 @@ class Daemon:
 
     # ------------------------------------------------------------------ HA
 
-    def _start_ha(self) -> None:
-        """ha.backend: postgres: contend for the lease (docs/ha.md). The
-        lease loop runs until `_stop_ha`; until this node holds the lease and finished its
-        take-over, the send gate is closed and decisions are audited `standby`."""
+    def _prepare_ha(self) -> None:
+        """ha.backend: postgres, before the lease loop: the role for the control API and the
+        HA metrics (the send gate stays closed: decisions are audited `standby`)."""
         assert self.wired is not None and self.wired.ha is not None
-        ha, settings = self.wired.ha, self.config.ha
+        ha = self.wired.ha
         self.ha_role = ha.gate.role_and_leader
         ha.node.update_metrics()
+
+    def _start_ha(self) -> None:
+        """Contend for the lease (docs/ha.md), once this node can enforce: subscribed, the
+        live calls listed. The lease loop runs until `_stop_ha`; until this node holds the
+        lease and finished its take-over, the send gate is closed and decisions are
+        audited `standby`."""
+        assert self.wired is not None and self.wired.ha is not None
+        ha, settings = self.wired.ha, self.config.ha
         log.info("ha_starting", node=ha.node.node, lease=settings.lease, takeover_after=settings.takeover_after)
         self._ha_task = asyncio.create_task(
             ha.node.run(self._ha_stop, on_term=ha.takeover.on_term, on_lost=ha.gate.close), name="ha-lease")

@@ -72,6 +72,17 @@ class BudgetView(Protocol):
     def reset_seconds(self) -> float: ...
 
 
+class CoverageView(Protocol):
+    """What `track_coverage` reads (`daemon.core.coverage.CoverageSnapshot` has it)."""
+
+    @property
+    def calls_unread(self) -> int: ...
+    @property
+    def conferences_unread(self) -> int: ...
+    @property
+    def oldest_unread_seconds(self) -> float: ...
+
+
 def _version() -> str:
     try:
         return metadata.version("confguard")
@@ -170,6 +181,15 @@ class Metrics:
             p + "budget_remaining", "Requests left in the current budget window.", registry=r)
         self.budget_reset_seconds = Gauge(
             p + "budget_reset_seconds", "Seconds until the budget window resets (0: none under way).",
+            registry=r)
+        self.calls_unread = Gauge(
+            p + "calls_unread", "Live calls known whose current state has not been read yet "
+            "(a resync's reads under way; an event counts as a read).", registry=r)
+        self.coverage_oldest_unread_seconds = Gauge(
+            p + "coverage_oldest_unread_seconds", "Seconds the call unread the longest has been "
+            "unread (0: every known call read).", registry=r)
+        self.conferences_unread = Gauge(
+            p + "conferences_unread", "Known conferences whose current state has not been read yet.",
             registry=r)
         self.rate_limited = Counter(
             p + "rate_limited", "HTTP 429 answers, by the request's priority (enforce, normal, "
@@ -270,6 +290,14 @@ class Metrics:
         self.budget_used.set_function(lambda: float(snapshot().used))
         self.budget_remaining.set_function(lambda: float(snapshot().remaining))
         self.budget_reset_seconds.set_function(lambda: float(snapshot().reset_seconds))
+
+    def track_coverage(self, snapshot: Callable[[], CoverageView]) -> None:
+        """Read the coverage gauges from `snapshot()` (the daemon's `Coverage.snapshot` at
+        now) at each scrape."""
+        self.calls_unread.set_function(lambda: float(snapshot().calls_unread))
+        self.conferences_unread.set_function(lambda: float(snapshot().conferences_unread))
+        self.coverage_oldest_unread_seconds.set_function(
+            lambda: float(snapshot().oldest_unread_seconds))
 
     def note_listener_rejection(self, listener: str, reason: str) -> None:
         """Count one listener rejection (the `Listener` `on_reject` hook)."""

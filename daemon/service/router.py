@@ -35,6 +35,7 @@ from typing import IO, Any, Protocol
 import orjson
 import structlog
 
+from daemon.core.coverage import Coverage
 from daemon.core.engine import Engine, Step
 from daemon.core.events import Message, Rejected, excerpt
 from daemon.core.ids import ConversationId
@@ -90,17 +91,25 @@ class StepAccounts:
     checks whether the next rule deadline moved closer)."""
 
     def __init__(self, engine: Engine, metrics: Metrics, *, clock: Callable[[], float] = time.time,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None,
+                 coverage: Coverage | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
         self._clock = clock
         self._wake = wake
+        #: The coverage books: every step with a change carries a whole conversation (an
+        #: event or a read), so that call counts as read from now on.
+        self.coverage = coverage
 
     def note(self, step: Step, *, source: str, raw: bytes | str | None = None) -> None:
         if step.rejected:
             self.rejected(step, source, raw)
         if step.change is not None:
             self._metrics.tracked_calls.set(len(self._engine.store))
+            if self.coverage is not None:
+                call = step.change.call
+                self.coverage.seen(ConversationId(call.id), self._clock(),
+                                   conference=call.connected_parties >= 3, ended=call.is_ended)
         self.latency(step.decisions)
 
     def note_rest(self, step: Step) -> None:
