@@ -4,7 +4,10 @@
 - `GET /healthz`: liveness. 200 `{"status": "ok", "state": ...}` whenever the process and
   its event loop answer (a wedged loop does not answer, which is the point); plus
   `"budget": {allowed, used, remaining, reset_seconds, learnt, reserve, in_flight,
-  paused_seconds, rate_limited, headers_rejected}` once the API client exists. With HA,
+  paused_seconds, rate_limited, headers_rejected}` once the API client exists, and
+  `"coverage": {calls_known, calls_read, conferences_unread, oldest_unread_seconds}`
+  (`daemon.core.coverage`: live calls known, how many read, conferences not read yet, how
+  long the call unread the longest has waited, seconds). With HA,
   also `role` (leader | standby | no-lease), `epoch`, `node` and `lease_age` (seconds).
 - `GET /readyz`: readiness. 200 `{"status": "ready", ...}` when `health().ready` (all
   topics subscribed, not in a gap/resync), else 503 `{"status": "not_ready", "reason": ...}`.
@@ -135,6 +138,8 @@ class OpsServer:
         body: dict[str, Any] = {**(st.ha or {}), "status": "ok", "state": st.state}
         if "budget" in st.details:  # the request budget (daemon.genesys.ratelimit.BudgetSnapshot)
             body["budget"] = st.details["budget"]
+        if "coverage" in st.details:  # daemon.core.coverage.CoverageSnapshot.as_dict()
+            body["coverage"] = st.details["coverage"]
         if st.sources:
             body["sources"] = st.sources
         return _json(body, 200)

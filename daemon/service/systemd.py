@@ -165,7 +165,7 @@ def extend_timeout(seconds: float) -> bool:
 async def run_progress(stop_event: asyncio.Event, ready: Callable[[], bool],
                        progress: Callable[[], str | None], *, extend_after: float = 60.0,
                        extend_every: float = 30.0, extend_by: float = 90.0,
-                       interval: float = 5.0,
+                       interval: float = 2.0,
                        clock: Callable[[], float] = time.monotonic) -> None:
     """Until `stop_event` is set, every `interval` seconds: send `STATUS=<progress()>` when
     the text changed (None: nothing to say), and, while `ready()` is still False
