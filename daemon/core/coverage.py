@@ -88,13 +88,15 @@ class CoverageSnapshot:
     `calls_known`: live calls the daemon knows of (listed by a resync, or seen in an event);
     `calls_read`: of those, the ones whose current state it holds; `conferences_known` and
     `conferences_unread`: the same for conferences; `oldest_unread_seconds`: how long the
-    call unread the longest has been unread (0 when every known call is read)."""
+    call unread the longest has been unread (0 when every known call is read);
+    `oldest_conference_unread_seconds`: the same among conferences (the alert's input)."""
 
     calls_known: int
     calls_read: int
     conferences_known: int
     conferences_unread: int
     oldest_unread_seconds: float
+    oldest_conference_unread_seconds: float = 0.0
 
     @property
     def calls_unread(self) -> int:
@@ -164,8 +166,11 @@ class Coverage:
 
     def snapshot(self, now: float) -> CoverageSnapshot:
         oldest = min(self._unread.values(), default=math.inf)
+        conf_since = [self._unread[c] for c in self._conferences if c in self._unread]
+        oldest_conf = min(conf_since, default=math.inf)
         return CoverageSnapshot(
             calls_known=len(self._read) + len(self._unread), calls_read=len(self._read),
-            conferences_known=len(self._conferences),
-            conferences_unread=sum(1 for c in self._conferences if c in self._unread),
-            oldest_unread_seconds=0.0 if oldest == math.inf else max(0.0, now - oldest))
+            conferences_known=len(self._conferences), conferences_unread=len(conf_since),
+            oldest_unread_seconds=0.0 if oldest == math.inf else max(0.0, now - oldest),
+            oldest_conference_unread_seconds=(0.0 if oldest_conf == math.inf
+                                              else max(0.0, now - oldest_conf)))

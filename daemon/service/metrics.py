@@ -81,6 +81,8 @@ class CoverageView(Protocol):
     def conferences_unread(self) -> int: ...
     @property
     def oldest_unread_seconds(self) -> float: ...
+    @property
+    def oldest_conference_unread_seconds(self) -> float: ...
 
 
 def _version() -> str:
@@ -188,6 +190,9 @@ class Metrics:
         self.coverage_oldest_unread_seconds = Gauge(
             p + "coverage_oldest_unread_seconds", "Seconds the call unread the longest has been "
             "unread (0: every known call read).", registry=r)
+        self.coverage_oldest_conference_unread_seconds = Gauge(
+            p + "coverage_oldest_conference_unread_seconds", "Seconds the conference unread the "
+            "longest has been unread (0: every known conference read).", registry=r)
         self.conferences_unread = Gauge(
             p + "conferences_unread", "Known conferences whose current state has not been read yet.",
             registry=r)
@@ -298,6 +303,8 @@ class Metrics:
         self.conferences_unread.set_function(lambda: float(snapshot().conferences_unread))
         self.coverage_oldest_unread_seconds.set_function(
             lambda: float(snapshot().oldest_unread_seconds))
+        self.coverage_oldest_conference_unread_seconds.set_function(
+            lambda: float(snapshot().oldest_conference_unread_seconds))
 
     def note_listener_rejection(self, listener: str, reason: str) -> None:
         """Count one listener rejection (the `Listener` `on_reject` hook)."""

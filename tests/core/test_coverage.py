@@ -45,11 +45,13 @@ def test_coverage_moves_with_reads_events_and_ends() -> None:
     snap = cov.snapshot(130.0)
     assert (snap.calls_known, snap.calls_read, snap.conferences_unread) == (3, 0, 1)
     assert snap.oldest_unread_seconds == 30.0 and snap.calls_unread == 3
+    assert snap.oldest_conference_unread_seconds == 30.0
     assert snap.status_line() == "resync 0/3 calls read, 0/1 conferences"
     cov.seen(C("a"), 131.0)  # a read (or an event)
     cov.seen(C("b"), 99.0)  # older than what made it stale: still unread
     snap = cov.snapshot(140.0)
     assert (snap.calls_read, snap.conferences_unread) == (1, 0)
+    assert snap.oldest_conference_unread_seconds == 0.0
     assert snap.status_line() == "resync 1/3 calls read, 1/1 conferences"
     # An event for a call nobody listed: known and read at once; becoming a conference.
     cov.seen(C("d"), 141.0, conference=True)
