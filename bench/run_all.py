@@ -70,6 +70,8 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("budget_resync", smoke=("--smoke",)),
     Bench("budget_reconcile", smoke=("--smoke",)),
     Bench("rest_roundtrip", smoke=("--smoke",)),  # why the burst's PATCH costs more (issue 11)
+    # Start-up and gaps at scale (issue 18); figures by hand in RESULTS.md "## Request budget".
+    Bench("startup_scale", smoke=("--smoke",)),
     # HA (issue 12); figures by hand in RESULTS.md "## High availability".
     Bench("takeover", smoke=("--runs", "1", "--renewals", "10", "--takeover-after", "1")),
     # EventBridge (issue 19); figures by hand in RESULTS.md "## Durable input with Amazon EventBridge".
