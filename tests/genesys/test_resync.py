@@ -280,3 +280,37 @@ def test_analytics_parties_counts_live_non_system_parties() -> None:
     assert analytics_parties(sparse) == 3
     assert analytics_parties({"participants": "junk"}) == 0
     assert analytics_parties(orjson.loads(b"{}")) == 0
+
+
+async def test_order_conferences_then_outside_then_the_rest_and_coverage_books() -> None:
+    """Conferences, then calls with a live customer or external party, then the rest (here
+    two agents whose customer hung up), whatever analytics' listing order; `on_listed` is
+    called once, before the first GET, and the coverage books follow the reads."""
+    async with own_sandbox() as sb:
+        w = sb.world
+        q = w.create_queue("Sales")
+        a1, a2 = w.create_user("A1"), w.create_user("A2")
+        internal = []
+        for _ in range(3):  # listed first by analytics
+            c = w.start_call(q.id)
+            w.connect_agent(c.id, a1.id)
+            w.add_agent(c.id, a2.id)
+            w.disconnect(c.id, c.participants[0].id)
+            internal.append(c.id)
+        outside = [w.start_call(q.id).id for _ in range(3)]
+        conf = w.start_call(q.id)
+        w.connect_agent(conf.id, a1.id)
+        w.add_external(conf.id)
+        engine = make_engine()
+        listed: list[tuple[int, int]] = []
+        async with client_for(sb) as client:
+            resyncer = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)),
+                                on_decisions=lambda ds: None, concurrency=1)
+            resyncer.on_listed = lambda rep: listed.append((rep.calls, len(call_gets(sb))))
+            report = await asyncio.wait_for(resyncer.resync("test"), 10)
+        order = call_gets(sb)
+        assert order[0] == conf.id
+        assert set(order[1:4]) == set(outside) and set(order[4:]) == set(internal)
+        assert listed == [(7, 0)] and report.conferences == 1
+        snap = resyncer.coverage.snapshot(time.time())
+        assert (snap.calls_known, snap.calls_read, snap.conferences_unread) == (7, 7, 0)
