@@ -55,6 +55,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from daemon.config.secrets import MAX_SECRET_BYTES, read_file
 from daemon.core.timefmt import format_time
 from daemon.errors import AuditError
 from daemon.genesys.retry import RetryPolicy
@@ -129,10 +130,8 @@ def key_id(public: Ed25519PublicKey) -> str:
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in PEM file `path`. AuditError (naming the file, never its
     content) when it cannot be read or is not an unencrypted Ed25519 PEM key."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise AuditError(f"cannot read the audit signing key {path}: {exc.strerror or exc}") from None
+    data = read_file(Path(path), "cannot read the audit signing key {path}: {reason}",
+                     max_bytes=MAX_SECRET_BYTES, error=AuditError).encode()
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
