@@ -3,7 +3,8 @@
 Genesys' Amazon EventBridge integration puts conversation detail events on an event bus; a
 rule sends them to one SQS queue per confguard host. `EventBridgeSource` (a `Source` of
 `daemon.service.sources`, optional: the daemon is ready without it) long-polls that queue
-and hands each message to the daemon:
+(`POLLERS` long polls at once, so one batch waiting for its re-reads does not hold the
+others back) and hands each message to the daemon:
 
 - the body is decoded by the sans-I/O `daemon.core.eventbridge.decode`;
 - a call-topic event (its `detail` is a WebSocket frame) goes to `sink.frame(...)`: the same
@@ -74,6 +75,8 @@ RETRY = RetryPolicy(initial=0.5, factor=2.0, cap=5.0, jitter=0.5, max_attempts=N
 #: Seconds between two `eventbridge_receive_failed` lines of the same kind while it lasts.
 ERROR_LOG_INTERVAL = 60.0
 MAX_MESSAGES = 10  # SQS' most per ReceiveMessage
+#: Concurrent long polls: one waits for its batch's re-reads while the others receive.
+POLLERS = 3
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class EventBridgeSource:
         self._state_name: SourceState = "starting"
         self._last_error: AwsFailure | None = None
         self._failures = 0
+        self._delays = retry.backoff()
         self._logged: dict[str, float] = {}
         self.counts: dict[str, int] = dict.fromkeys(("received", "handled", "rejected", "deleted"), 0)
         self._set_up(False)
@@ -123,8 +127,10 @@ class EventBridgeSource:
         self._state_name = "starting"
 
     async def run(self) -> None:
-        """Poll until `stop()`. Never raises for SQS trouble (retried with back-off)."""
-        delays = self._retry.backoff()
+        """Poll until `stop()` with `POLLERS` concurrent long polls on one client. Never
+        raises for SQS trouble: any poll's failure stops them all, and they start again
+        after the back-off."""
+        self._delays = self._retry.backoff()
         read_timeout = self.settings.wait_seconds + 10.0
         while not self._stop.is_set():
             try:
@@ -132,25 +138,31 @@ class EventBridgeSource:
                                       endpoint_url=self.settings.endpoint_url,
                                       read_timeout=read_timeout) as sqs:
                     await self._connected(sqs)
-                    delays = self._retry.backoff()
-                    while not self._stop.is_set():
-                        messages = await self._receive(sqs)
-                        if messages is None:
-                            return  # stopped while waiting
-                        if self._failures:
-                            self._recovered()
-                        delays = self._retry.backoff()
-                        self._state_name = "up"
-                        self._set_up(True)
-                        if messages:
-                            await self._handle_batch(sqs, messages)
+                    self._delays = self._retry.backoff()
+                    async with asyncio.TaskGroup() as polls:
+                        for i in range(POLLERS):
+                            polls.create_task(self._poll(sqs), name=f"eventbridge-poll-{i}")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SQS down, refused, no credentials: degraded, retried
-                self._failed(exc)
-                delay = next(delays, self._retry.cap)
+                self._failed(_first(exc))
+                delay = next(self._delays, self._retry.cap)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _poll(self, sqs: Any) -> None:
+        """One long-poll loop: receive, handle, delete; returns at `stop()`."""
+        while not self._stop.is_set():
+            messages = await self._receive(sqs)
+            if messages is None:
+                return  # stopped while waiting
+            if self._failures:
+                self._recovered()
+            self._delays = self._retry.backoff()
+            self._state_name = "up"
+            self._set_up(True)
+            if messages:
+                await self._handle_batch(sqs, messages)
 
     async def stop(self) -> None:
         """Ends `run()` (an SQS long poll under way is abandoned at once)."""
@@ -318,6 +330,13 @@ class EventBridgeSource:
         self._failures = 0
         self._logged.clear()
         self._last_error = None
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first failure inside (nested) exception groups (a poll's error in the TaskGroup)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def eventbridge_source(ctx: SourceContext) -> EventBridgeSource | None:
