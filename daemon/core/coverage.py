@@ -9,8 +9,9 @@ live call) until then. `Coverage` keeps those books for `/healthz`, the metrics 
 `STATUS=` line; `read_order` is the order resync and reconciliation read in.
 
 Order (`read_order`): each call has a class (`CONFERENCE` 0: 3+ live parties; `OUTSIDE` 1:
-a live customer or external party; `OTHER` 2) and `since`, when it was last known current
-(its last event or read; 0 when never). Calls are read by `since + class x age_step`
+a live customer or external party; `OTHER` 2) and `since`, from when it has waited
+(resync: since it became unread; reconciliation orders by its last event or read the same
+way, `daemon.genesys.reconcile`). Calls are read by `since + class x age_step`
 ascending: conferences before outside calls before the rest when they became stale
 together (a gap makes every call stale at once: strict class order), but a call that has
 waited `age_step` seconds longer than one of a better class goes first, so no class waits
@@ -55,7 +56,7 @@ def call_class(call: Call) -> CallClass:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One call to order. `since`: epoch seconds it was last known current (0: never);
+    """One call to order. `since`: epoch seconds from when it has waited;
     `parties`: live parties as far as known (analytics or the store)."""
 
     id: ConversationId
@@ -163,6 +164,10 @@ class Coverage:
 
     def is_unread(self, cid: ConversationId) -> bool:
         return cid in self._unread
+
+    def unread_since(self, cid: ConversationId) -> float | None:
+        """Since when `cid` has been unread (epoch s), or None when it is not."""
+        return self._unread.get(cid)
 
     def snapshot(self, now: float) -> CoverageSnapshot:
         oldest = min(self._unread.values(), default=math.inf)

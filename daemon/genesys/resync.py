@@ -11,9 +11,10 @@ from REST. `Resyncer.resync(reason)`:
 3. orders the calls with `daemon.core.coverage.read_order`: conferences first (3+ live
    parties in the analytics reply, see `analytics_parties`, or 3+ connected parties in the
    store; more parties first), then calls with a live customer or external party, then the
-   rest, with ageing (`age_step`): a call last known current a class' worth of seconds
-   earlier than another goes before it, so nothing waits forever; calls the store does not
-   know go first. The list is handed to `coverage` (`Coverage.stale`) and `on_listed(report)`
+   rest, with ageing (`age_step`): a call that has waited unread (listed by an earlier
+   resync and not read since) a class' worth of seconds longer than another goes before
+   it, so nothing waits forever; calls that became stale together (a gap: all of them)
+   are read in strict class order. The list is handed to `coverage` (`Coverage.stale`) and `on_listed(report)`
    is called: the daemon sends READY=1 there, the reads go on after it;
 4. reads each call (skipping one that an event or another read updated after the resync
    began: it is already up to date) with `GET /api/v2/conversations/calls/{id}` at `Priority.RESYNC` through
@@ -304,7 +305,7 @@ class Resyncer:
         discovered = await self.discover(started)
         report.rejected = discovered.rejected
         report.discovered = len(discovered.parties)
-        cands, report.tracked = self._candidates(discovered)
+        cands, report.tracked = self._candidates(discovered, started)
         ids = read_order(cands, age_step=self.age_step)
         conferences = {c.id for c in cands if c.klass is CallClass.CONFERENCE}
         report.calls = len(ids)
@@ -341,15 +342,25 @@ class Resyncer:
                 log.exception("resync_on_resynced_failed")
         return report
 
-    def _candidates(self, discovered: Discovered) -> tuple[list[Candidate], int]:
+    def _candidates(self, discovered: Discovered,
+                    started: float) -> tuple[list[Candidate], int]:
         """Every call to read (what analytics listed, then every live call the store tracks),
-        classed for `read_order`, and how many the store tracked."""
+        classed for `read_order`, and how many the store tracked. A call's `since` is when
+        it became unread: `started` (this resync made it stale), or earlier when an earlier
+        resync listed it and it has not been read since (ageing counts waiting unread, so
+        a gap, which makes every call stale at once, reads in strict class order)."""
         store = self._engine.store
+        cov = self.coverage
+
+        def since(cid: ConversationId) -> float:
+            at = cov.unread_since(cid)
+            return started if at is None else min(at, started)
+
         cands: dict[ConversationId, Candidate] = {}
         for cid, n in discovered.parties.items():
             klass = (CallClass.CONFERENCE if n >= 3 else
                      CallClass.OUTSIDE if cid in discovered.outside else CallClass.OTHER)
-            cands[cid] = Candidate(cid, klass, 0.0, n)
+            cands[cid] = Candidate(cid, klass, since(cid), n)
         tracked = 0
         for cid in list(store.tracked_ids()):
             call = store.get(cid)
@@ -362,8 +373,7 @@ class Resyncer:
             if found is not None:
                 klass = min(klass, found.klass)
                 parties = max(parties, found.parties)
-            since = max(call.last_update, self.last_read.get(cid, 0.0))
-            cands[cid] = Candidate(cid, klass, since, parties)
+            cands[cid] = Candidate(cid, klass, since(cid), parties)
         return list(cands.values()), tracked
 
     async def _worker(self, todo: deque[ConversationId], report: ResyncReport) -> None:

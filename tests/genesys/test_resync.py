@@ -13,7 +13,7 @@ import pytest
 from _wait import wait_until
 from _stream_helpers import Collector, client_for, make_engine, queue_topic
 from daemon.errors import ConfguardError
-from daemon.core.ids import QueueId, Topic
+from daemon.core.ids import ConversationId, QueueId, Topic
 from daemon.service.metrics import Metrics
 from daemon.genesys.scope import Scope
 from daemon.genesys.resync import Resyncer, ResyncReport, analytics_parties
@@ -314,3 +314,35 @@ async def test_order_conferences_then_outside_then_the_rest_and_coverage_books()
         assert listed == [(7, 0)] and report.conferences == 1
         snap = resyncer.coverage.snapshot(time.time())
         assert (snap.calls_known, snap.calls_read, snap.conferences_unread) == (7, 7, 0)
+
+
+async def test_gap_resync_is_strict_class_order_and_ages_what_stayed_unread() -> None:
+    """After a gap every call is stale at once: conferences first even when a routed call
+    was read long before them. A call an earlier resync listed and nobody read since has
+    waited longer: it goes first once that is a class' worth (`age_step`)."""
+    async with own_sandbox() as sb:
+        w = sb.world
+        q = w.create_queue("Sales")
+        agent = w.create_user("A1")
+        routed = w.start_call(q.id)
+        w.connect_agent(routed.id, agent.id)
+        conf = w.start_call(q.id)
+        w.connect_agent(conf.id, agent.id)
+        w.add_external(conf.id)
+        engine = make_engine()
+        now = [time.time()]
+        engine.apply_conversation(w.get_call(routed.id).rest_body(), now[0] - 3000, source="resync")
+        engine.apply_conversation(w.get_call(conf.id).rest_body(), now[0] - 10, source="resync")
+        async with client_for(sb) as client:
+            rs = Resyncer(client, engine, Scope(queue_ids=(QueueId(q.id),)),
+                          on_decisions=lambda ds: None, concurrency=1, clock=lambda: now[0],
+                          age_step=300.0)
+            await asyncio.wait_for(rs.resync("gap"), 10)
+            assert call_gets(sb) == [conf.id, routed.id]  # strict class order
+            # The routed call stayed unread since a listing 400 s ago (one class = 300 s).
+            rs.coverage.gone(ConversationId(routed.id))
+            rs.coverage.stale([(ConversationId(routed.id), False)], since=now[0] - 400)
+            sb.journal.clear()
+            now[0] += 1.0
+            await asyncio.wait_for(rs.resync("gap"), 10)
+            assert call_gets(sb) == [routed.id, conf.id]
