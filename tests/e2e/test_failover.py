@@ -92,5 +92,17 @@ async def test_leader_sigkill_mid_burst_every_party_removed_once(
     assert {r["node"] for r in records_b} == {"host-b"}
     standby_outcomes = [r for r in records_b if r["type"] == "outcome" and r["outcome"] == "standby"]
     assert standby_outcomes, "the standby audited its decisions before the take-over"
-    assert all(r["epoch"] == 1 for r in standby_outcomes)
+    # A `standby` outcome is a decision made while host-b could not send: as the standby
+    # (epoch 1), or as the new leader during its take-over re-read (epoch 2: docs/ha.md
+    # "Take-over": the gate opens once the old leader's calls are re-read; the flags still
+    # arriving then land in that window or not, depending on the machine's load). Each of
+    # the latter was acted on when the gate opened: a later epoch-2 `disconnected` record of
+    # host-b for the same party (and only one 2xx PATCH for it, checked above).
+    assert {r["epoch"] for r in standby_outcomes} <= {1, 2}
+    for i, r in enumerate(records_b):
+        if r["type"] == "outcome" and r["outcome"] == "standby" and r["epoch"] == 2:
+            assert any(later["type"] == "outcome" and later["outcome"] == "disconnected"
+                       and later["participant_id"] == r["participant_id"] and later["epoch"] == 2
+                       for later in records_b[i + 1:]), (
+                "a decision held during the take-over was not acted on when the gate opened", r)
     print(f"\nfailover: worst flag-to-removal {worst:.2f} s (bound {TAKEOVER + 3:g} s)")
