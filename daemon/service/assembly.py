@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -45,7 +46,7 @@ from daemon.genesys.reconcile import Reconciler
 from daemon.genesys.resync import Resyncer
 from daemon.genesys.scope import Scope
 from daemon.genesys.stream import StreamManager, StreamSettings
-from daemon.service.audit import AuditLog
+from daemon.service.audit import AuditLog, RotationHook
 from daemon.service.enforcer import Enforcer
 from daemon.service.eventbridge import eventbridge_source
 from daemon.service.ha import HaGate, HaNode, Takeover
@@ -54,6 +55,9 @@ from daemon.service.metrics import Metrics
 from daemon.service.router import EventRouter, Recorder, StepAccounts
 from daemon.service.sources import Source, SourceContext, SourceFactory, WebSocketSource
 from daemon.service.status import Status
+
+if TYPE_CHECKING:
+    from daemon.service.checkpoint import Checkpointer  # cryptography: imported only when used
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +147,7 @@ class Wired:
     router: EventRouter
     timers: Timers
     ha: Ha | None
+    checkpointer: Checkpointer | None = None  # with a signing key (docs/audit.md)
 
 
 def connect(core: Core, *, mode: Mode) -> Wired:
@@ -163,11 +168,7 @@ def connect(core: Core, *, mode: Mode) -> Wired:
                       policy=LeasePolicy(ha.takeover_after, safety_margin=ha.safety_margin),
                       metrics=metrics)
         gate = HaGate(node)
-    audit = AuditLog(cfg.resolve_path(cfg.audit.path), max_bytes=cfg.audit.max_bytes,
-                     fsync_interval=cfg.audit.fsync_interval,
-                     on_record=lambda kind: metrics.audit_records.labels(type=kind).inc(),
-                     stamp=gate.stamp if gate is not None else None)
-    metrics.audit_unsynced_seconds.set_function(audit.unsynced_seconds)
+    audit, checkpointer = _audit_trail(cfg, metrics, gate=gate, node=node)
     enforcer = Enforcer(client, audit, core.engine, mode=mode, metrics=metrics, clock=clock,
                         note_step=core.accounts.note_rest, gate=gate, hook=gate,
                         sync_before_patch=cfg.audit.sync_before_patch)
@@ -181,7 +182,30 @@ def connect(core: Core, *, mode: Mode) -> Wired:
                             on_open=router.act_now)
         ha_parts = Ha(node, gate, takeover)
     return Wired(client=client, audit=audit, enforcer=enforcer, router=router, timers=timers,
-                 ha=ha_parts)
+                 ha=ha_parts, checkpointer=checkpointer)
+
+
+def _audit_trail(cfg: Config, metrics: Metrics, *, gate: HaGate | None,
+                 node: HaNode | None) -> tuple[AuditLog, Checkpointer | None]:
+    """The audit trail, built by its Checkpointer when a signing key is configured (the
+    checkpointer is the trail's rotation hook, a constructor argument of both), else alone.
+    Reads the signing key; raises AuditError / ConfigError (see `checkpointer_for`)."""
+    from daemon.service.checkpoint import checkpointer_for  # cryptography: only when started
+
+    def make_audit(rotation: RotationHook | None) -> AuditLog:
+        return AuditLog(cfg.resolve_path(cfg.audit.path), max_bytes=cfg.audit.max_bytes,
+                        fsync_interval=cfg.audit.fsync_interval,
+                        on_record=lambda kind: metrics.audit_records.labels(type=kind).inc(),
+                        stamp=gate.stamp if gate is not None else None, rotation=rotation)
+
+    checkpointer = checkpointer_for(
+        cfg, make_audit, epoch=lambda: node.epoch if node is not None else 0,
+        on_result=lambda sink, result: metrics.audit_checkpoints.labels(sink=sink, result=result).inc())
+    audit = checkpointer.audit if checkpointer is not None else make_audit(None)
+    metrics.audit_unsynced_seconds.set_function(audit.unsynced_seconds)
+    if checkpointer is not None:
+        metrics.audit_checkpoints_queued.set_function(checkpointer.pending)
+    return audit, checkpointer
 
 
 def _response_counter(metrics: Metrics) -> Callable[[str, str, int, float], None]:

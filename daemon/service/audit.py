@@ -50,7 +50,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -165,6 +165,15 @@ def rotated_files(path: Path) -> list[Path]:
 # ---------------------------------------------------------------- the writer
 
 
+class RotationHook(Protocol):
+    """What `AuditLog(rotation=...)` calls right before the live file is rotated, so a
+    checkpoint record can close the file (`daemon.service.checkpoint.Checkpointer`)."""
+
+    def before_rotate(self) -> None:
+        """Called with no arguments; may call the trail's `write`. An exception is logged
+        (`audit_before_rotate_failed`) and the rotation goes on."""
+
+
 class AuditLog:
     """An append-only, hash-chained JSON Lines audit trail.
 
@@ -173,7 +182,8 @@ class AuditLog:
     `clock` gives epoch seconds for the `time` field and `last_sync`. `on_record`, if
     given, is called with each written record's `type` (e.g. to count it in metrics).
     `stamp` (default None): when given, its fields (HA: `node` and `epoch`) are added to
-    every record not already carrying them.
+    every record not already carrying them. `rotation` (default None): a `RotationHook`
+    called right before each rotation (a checkpointer builds the trail with itself here).
 
     Use from one thread (the event loop); `sync` may run in a worker thread meanwhile.
     """
@@ -181,7 +191,8 @@ class AuditLog:
     def __init__(self, path: Path, *, max_bytes: int, fsync_interval: float = 1.0,
                  clock: Callable[[], float] = time.time,
                  on_record: Callable[[str], None] | None = None,
-                 stamp: Callable[[], dict[str, Any]] | None = None) -> None:
+                 stamp: Callable[[], dict[str, Any]] | None = None,
+                 rotation: RotationHook | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         if fsync_interval <= 0:
@@ -192,9 +203,7 @@ class AuditLog:
         self._clock = clock
         self._on_record = on_record
         self._stamp = stamp
-        #: Called (no arguments) right before the live file is rotated, so a checkpoint
-        #: record can close the file (`daemon.service.checkpoint`). May call `write`.
-        self.before_rotate: Callable[[], None] | None = None
+        self._rotation = rotation
         self._rotating = False
         self._sync_task: asyncio.Future[None] | None = None
         self._fd: int | None = None
@@ -343,10 +352,10 @@ class AuditLog:
         rec["hash"] = _record_hash(rec)
         line = _canonical(rec) + b"\n"
         if self._size > 0 and self._size + len(line) > self.max_bytes and not self._rotating:
-            if self.before_rotate is not None:
+            if self._rotation is not None:
                 self._rotating = True
                 try:
-                    self.before_rotate()  # writes into the file about to be rotated
+                    self._rotation.before_rotate()  # writes into the file about to be rotated
                 except Exception:  # a failed checkpoint must not lose the record itself
                     log.exception("audit_before_rotate_failed")
                 finally:

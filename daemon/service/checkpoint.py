@@ -59,7 +59,7 @@ from daemon.config.secrets import MAX_SECRET_BYTES, read_file
 from daemon.core.timefmt import format_time
 from daemon.errors import AuditError
 from daemon.genesys.retry import RetryPolicy
-from daemon.service.audit import AuditLog, checkpoint_state_path
+from daemon.service.audit import AuditLog, RotationHook, checkpoint_state_path
 
 log = structlog.get_logger(__name__)
 
@@ -314,16 +314,18 @@ class Checkpointer:
     seconds. Counters for metrics and tests: `written`, and per sink name `published` /
     `failed`; `last` is the last signed checkpoint. `on_result(sink, result)` is called for
     each checkpoint written (`trail`) and each sink attempt (`ok` / `failed`).
-    Installs itself as `audit.before_rotate`. Use from the event loop's thread.
+    `make_audit(hook)` builds the trail this checkpointer signs (`AuditLog(..., rotation=hook)`):
+    it is called once, here, with this checkpointer as the hook, so a checkpoint closes each
+    file before it rotates; the trail is `audit`. Use from the event loop's thread.
     """
 
-    def __init__(self, audit: AuditLog, key: Ed25519PrivateKey, *, node: str,
+    def __init__(self, make_audit: Callable[[RotationHook], AuditLog], key: Ed25519PrivateKey, *, node: str,
                  epoch: Callable[[], int] = lambda: 0, interval: float = 60.0,
                  sinks: Sequence[CheckpointSink] = (), clock: Callable[[], float] = time.time,
                  on_result: Callable[[str, str], None] | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
-        self.audit = audit
+        self.audit = make_audit(self)
         self._key = key
         self.node = node
         self.epoch = epoch
@@ -340,7 +342,6 @@ class Checkpointer:
         self.written = 0
         self.published: dict[str, int] = {s.name: 0 for s in self.sinks}
         self.failed: dict[str, int] = {s.name: 0 for s in self.sinks}
-        audit.before_rotate = self._before_rotate
 
     def resume(self) -> None:
         """Continue the checkpoint chain from the state file beside the trail (call after
@@ -381,7 +382,8 @@ class Checkpointer:
         self._publish_one(cp, cp_hash)
         return cp
 
-    def _before_rotate(self) -> None:
+    def before_rotate(self) -> None:
+        """The trail's `RotationHook`: a checkpoint closes the file about to rotate."""
         self.checkpoint_now()
 
     def _write(self) -> tuple[dict[str, Any], str]:
@@ -521,10 +523,13 @@ class Checkpointer:
             await sink.aclose()
 
 
-def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int], env: Any = None,
+def checkpointer_for(config: Any, make_audit: Callable[[RotationHook], AuditLog], *,
+                     epoch: Callable[[], int], env: Any = None,
                      on_result: Callable[[str, str], None] | None = None) -> Checkpointer | None:
-    """The daemon's Checkpointer from `config` (a `daemon.config.Config`), or None when no
-    signing key is configured (`audit.signing_key_file`, credential `audit_signing_key`).
+    """The daemon's Checkpointer from `config` (a `daemon.config.Config`), building its trail
+    with `make_audit` (see `Checkpointer`), or None when no signing key is configured
+    (`audit.signing_key_file`, credential `audit_signing_key`): the caller then builds the
+    trail itself, without a rotation hook. The chain resumes from the state file beside it.
     Sinks: PostgreSQL when `ha:` is configured, S3 when `audit.checkpoint_s3` is. Raises
     AuditError (key unreadable) or ConfigError (no HA database named)."""
     from daemon.config.secrets import resolve_ha_dsn, resolve_signing_key_file
@@ -541,7 +546,7 @@ def checkpointer_for(config: Any, audit: AuditLog, *, epoch: Callable[[], int], 
     s3 = config.audit.checkpoint_s3
     if s3 is not None:
         sinks.append(S3CheckpointSink(s3.bucket, s3.prefix, region=s3.region, endpoint_url=s3.endpoint_url))
-    cpr = Checkpointer(audit, key, node=config.ha.node_name, epoch=epoch,
+    cpr = Checkpointer(make_audit, key, node=config.ha.node_name, epoch=epoch,
                        interval=config.audit.checkpoint_interval, sinks=sinks, on_result=on_result)
     cpr.resume()
     log.info("audit_checkpoints_on", key_id=key_id(key.public_key()), interval=cpr.interval,

@@ -262,14 +262,7 @@ class Daemon:
         wired = self.wired = connect(core, mode=self.mode)
         self._tasks.append(asyncio.create_task(self._read_budget_limit(), name="budget-limit"))
         wired.audit.open()
-        from daemon.service.checkpoint import checkpointer_for  # cryptography: only when started
-
-        ha = wired.ha
-        self.checkpointer = checkpointer_for(
-            cfg, wired.audit, epoch=lambda: ha.node.epoch if ha is not None else 0,
-            on_result=lambda sink, result: self.metrics.audit_checkpoints.labels(sink=sink, result=result).inc())
-        if self.checkpointer is not None:
-            self.metrics.audit_checkpoints_queued.set_function(self.checkpointer.pending)
+        self.checkpointer = wired.checkpointer
         # Before any new record: decisions of an earlier run with no outcome (closed below).
         self._unfinished = unfinished_in_audit(wired.audit.path)
         if wired.ha is not None:

@@ -9,6 +9,7 @@ import asyncio
 import inspect
 from pathlib import Path
 
+import orjson
 import pytest
 
 from _daemon_harness import SALES, SUPPORT, sandbox_queue, write_config
@@ -26,7 +27,7 @@ DAEMON = Path(__file__).resolve().parents[2] / "daemon"
 
 #: Attributes that used to be set on another object after it was built (the wiring the
 #: composition root replaced with constructor arguments).
-WIRING = {"route_step", "on_rate_limited", "gate", "stamp", "observers", "on_term", "on_lost",
+WIRING = {"route_step", "before_rotate", "on_rate_limited", "gate", "stamp", "observers", "on_term", "on_lost",
           "mode", "max_per_minute", "enforcer", "failover", "on_message", "on_gap", "channel",
           "sync_before_patch", "on_send", "limiter", "ha_role", "state"}
 
@@ -157,3 +158,40 @@ def test_the_daemon_builds_stage_one_at_construction(tmp_path: Path) -> None:
     assert daemon.wired is None and daemon.inputs is None and daemon.scope is None
     assert daemon.state is State.STARTING and daemon.engine is daemon.core.engine
     assert daemon.health().sources == {}
+
+
+def test_the_checkpointer_builds_the_trail_it_closes_at_each_rotation(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a signing key, stage 2 builds the audit trail through its Checkpointer (the
+    rotation hook is a constructor argument, not `audit.before_rotate = ...`): each rotated
+    file ends with a signed checkpoint record."""
+    from daemon.service.audit import rotated_files
+    from daemon.service.checkpoint import generate_keypair
+
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", "id")
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "secret")
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    cfg = parse_config(CONFIG.replace("audit: {path: audit.jsonl}",
+                                      "audit: {path: audit.jsonl, max_bytes: 4096, signing_key_file: k.pem}"),
+                       file=str(tmp_path / "config.yaml"), base_dir=tmp_path)
+    wired = assembly.connect(assembly.build_core(cfg), mode="enforce")
+    assert wired.checkpointer is not None and wired.checkpointer.audit is wired.audit
+    wired.audit.open()
+    try:
+        for i in range(60):
+            wired.audit.write({"type": "note", "pad": "x" * 100, "i": i})
+    finally:
+        wired.audit.close()
+    rotated = rotated_files(wired.audit.path)
+    assert len(rotated) >= 2 and wired.checkpointer.written >= len(rotated)
+    for path in rotated:
+        last = orjson.loads(path.read_bytes().splitlines()[-1])
+        assert last["type"] == "checkpoint", path
+
+
+def test_without_a_signing_key_the_trail_has_no_checkpointer(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", "id")
+    monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "secret")
+    wired = assembly.connect(assembly.build_core(_config(tmp_path)), mode="enforce")  # type: ignore[arg-type]
+    assert wired.checkpointer is None and wired.audit.path == tmp_path / "audit.jsonl"

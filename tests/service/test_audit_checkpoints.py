@@ -63,9 +63,9 @@ def _trail(tmp: Path, priv: Path, *, n: int = 12, every: int = 4) -> tuple[Path,
     'journal' file holding each checkpoint as the daemon logs it (plus unrelated lines)."""
     path = tmp / "audit" / "audit.jsonl"
     journal = tmp / "journal.log"
-    log = AuditLog(path, max_bytes=1 << 20)
+    cpr = Checkpointer(lambda hook: AuditLog(path, max_bytes=1 << 20, rotation=hook), load_private_key(priv), node="host-a")
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(priv), node="host-a")
     cpr.resume()
     lines = [b'{"event":"daemon_starting","level":"info"}', b"not json at all"]
     for i in range(1, n + 1):
@@ -267,9 +267,9 @@ def test_records_after_the_last_checkpoint_are_said_to_be_unchecked(tmp_path: Pa
 def test_checkpoint_chain_links_and_state_resumes_across_restarts(tmp_path: Path) -> None:
     priv, pub = _keys(tmp_path)
     path, _ = _trail(tmp_path, priv, n=4)
-    log = AuditLog(path, max_bytes=1 << 20)
+    cpr = Checkpointer(lambda hook: AuditLog(path, max_bytes=1 << 20, rotation=hook), load_private_key(priv), node="host-a")
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(priv), node="host-a")
     cpr.resume()
     assert cpr.checkpoint_now() is None  # nothing new since the last one
     log.write({"type": "decision"})
@@ -283,9 +283,9 @@ def test_checkpoint_chain_links_and_state_resumes_across_restarts(tmp_path: Path
 def test_rotation_closes_each_file_with_a_checkpoint(tmp_path: Path) -> None:
     priv, pub = _keys(tmp_path)
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, max_bytes=4096)
+    cpr = Checkpointer(lambda hook: AuditLog(path, max_bytes=4096, rotation=hook), load_private_key(priv), node="host-a")
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(priv), node="host-a")
     for i in range(60):
         log.write({"type": "decision", "pad": "x" * 100, "i": i})
     log.close()
@@ -333,9 +333,9 @@ def test_a_key_rotation_verifies_with_both_public_keys(tmp_path: Path) -> None:
     old_priv, old_pub = _keys(tmp_path, "old")
     new_priv, new_pub = _keys(tmp_path, "new")
     path, journal = _trail(tmp_path, old_priv, n=4)
-    log = AuditLog(path, max_bytes=1 << 20)
+    cpr = Checkpointer(lambda hook: AuditLog(path, max_bytes=1 << 20, rotation=hook), load_private_key(new_priv), node="host-a")
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(new_priv), node="host-a")
     cpr.resume()
     log.write({"type": "decision"})
     cp = cpr.checkpoint_now()

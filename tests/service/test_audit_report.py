@@ -62,9 +62,9 @@ def _trail(tmp: Path) -> tuple[Path, Path]:
     priv, pub = tmp / "k.pem", tmp / "k.pub"
     generate_keypair(priv, pub)
     clock = Clock(DAY1)
-    log = AuditLog(tmp / "audit" / "audit.jsonl", max_bytes=1 << 20, clock=clock)
+    cpr = Checkpointer(lambda hook: AuditLog(tmp / "audit" / "audit.jsonl", max_bytes=1 << 20, clock=clock, rotation=hook), load_private_key(priv), node="host-a", clock=clock)
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(priv), node="host-a", clock=clock)
     plan = [  # (day start, rule, cid, pid, outcome, seconds to the outcome, caller)
         (DAY1, "flagged", "c1", "p1", "disconnected", 0.4, None),
         (DAY1, "flagged", "c2", "p2", "disconnected", 1.5, None),

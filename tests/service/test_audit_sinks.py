@@ -48,9 +48,9 @@ async def _trail_with_sink(tmp: Path, sink: Any) -> tuple[Path, Path, list[dict[
     priv, pub = tmp / "k.pem", tmp / "k.pub"
     generate_keypair(priv, pub)
     path = tmp / "audit" / "audit.jsonl"
-    log = AuditLog(path, max_bytes=1 << 20)
+    cpr = Checkpointer(lambda hook: AuditLog(path, max_bytes=1 << 20, rotation=hook), load_private_key(priv), node="host-a", sinks=[sink])
+    log = cpr.audit
     log.open()
-    cpr = Checkpointer(log, load_private_key(priv), node="host-a", sinks=[sink])
     cps = []
     for i in range(1, 10):
         log.write({"type": "decision", "rule": "r", "i": i})
@@ -93,12 +93,13 @@ async def test_checkpoints_reach_postgres_and_verify_reads_them_back(
 async def test_postgres_down_checkpoints_wait_and_are_sent_later(postgres: PostgresServer, tmp_path: Path) -> None:  # noqa: F811
     priv, _ = tmp_path / "k.pem", tmp_path / "k.pub"
     generate_keypair(priv, tmp_path / "k.pub")
-    log = AuditLog(tmp_path / "a.jsonl", max_bytes=1 << 20)
-    log.open()
     sink = PostgresCheckpointSink(postgres.dsn.replace(str(postgres.port), "1"), timeout=1.0)  # nothing there
     results: list[tuple[str, str]] = []
-    cpr = Checkpointer(log, load_private_key(priv), node="host-b", sinks=[sink],
+    cpr = Checkpointer(lambda hook: AuditLog(tmp_path / "a.jsonl", max_bytes=1 << 20, rotation=hook),
+                       load_private_key(priv), node="host-b", sinks=[sink],
                        on_result=lambda sink, result: results.append((sink, result)))
+    log = cpr.audit
+    log.open()
     log.write({"type": "decision"})
     with structlog.testing.capture_logs() as logs:
         await cpr.checkpoint_async()
