@@ -341,6 +341,9 @@ async def patch_participant(request: web.Request) -> web.Response:
         if k in body and not isinstance(body[k], bool):
             raise WorldError(400, "bad.request", f"{k} must be a boolean")
     if state == "disconnected":
+        hold = sb.faults.hold_disconnects
+        if hold is not None:
+            await hold.wait()
         sb.world.require_any(_token(request), PARTICIPANT_PATCH_PERMISSIONS)
         if not party.live:
             if sb.patch_final_status >= 400:

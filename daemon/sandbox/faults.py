@@ -2,7 +2,10 @@
 the server asks `Faults` what to do with each request and each event delivery.
 
 REST faults: `latency` seconds added to every /api/v2 request; `ignore_disconnects`
-answers a participant PATCH 202 and leaves the party connected; `bursts` answer the next N
+answers a participant PATCH 202 and leaves the party connected; `hold_disconnects` (an
+`asyncio.Event` of the sandbox's loop, in-process tests only) keeps every participant PATCH
+{"state": "disconnected"} waiting until it is set, so a test holds a removal in flight for
+as long as it needs, with no timing race; `bursts` answer the next N
 requests matching a method and a path regex with a chosen status (429 with Retry-After, 5xx);
 `budget_per_minute` is a per-token request budget. By default it is counted in a sliding
 60 s window (Genesys does not document its window; sliding is the strictest reading), no
@@ -26,6 +29,7 @@ seconds delay every EventBridge delivery (`delay_eventbridge`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import re
@@ -131,6 +135,9 @@ class Faults:
     #: A participant PATCH {"state": "disconnected"} is answered 202 and not carried out
     #: (the party stays connected): a removal Genesys accepted and never made.
     ignore_disconnects: bool = False
+    #: While an unset Event: a participant PATCH {"state": "disconnected"} waits (after
+    #: `latency`, before it is carried out) until the test sets it. None: no hold.
+    hold_disconnects: asyncio.Event | None = None
     _windows: dict[str, Window] = field(default_factory=dict)  # legacy: fixed windows
     _sliding: dict[str, deque[float]] = field(default_factory=dict)  # accepted request times
 
@@ -143,6 +150,9 @@ class Faults:
         self.latency = self.event_latency = 0.0
         self.drop_every = None
         self.ignore_disconnects = False
+        if self.hold_disconnects is not None:
+            self.hold_disconnects.set()  # nothing stays held once the faults are off
+        self.hold_disconnects = None
         self.extra_field = True
         self.bursts.clear()
         self.duplicate, self.lose = EventFault(), EventFault()

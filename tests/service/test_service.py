@@ -82,24 +82,24 @@ async def removed(sb: Sandbox, conv: Conversation, party: Party, timeout: float 
 async def test_sigterm_lets_an_in_flight_disconnect_finish(sandbox: Sandbox, tmp_path: Path) -> None:
     async with daemon_process(sandbox, tmp_path) as d:
         await d.wait_ready()
-        sandbox.faults.latency = 3.0  # every /api/v2 request now takes 3 s: the PATCH is in flight
+        hold = asyncio.Event()
+        sandbox.faults.hold_disconnects = hold  # the PATCH stays in flight until released
         conv, ext = flagged_call(sandbox)
         await wait_until(lambda: [r for r in audit_records(tmp_path) if r["type"] == "decision"],
                          10, "the decision record (written just before the PATCH is sent)")
-        # The PATCH is written once its decision record is fdatasync'd: event-to-request is
-        # observed at that moment.
-        await d.wait_metrics(lambda t: (sample(t, "confguard_event_to_request_seconds_count") or 0) >= 1)
+        await wait_until(lambda: any(m == "PATCH" and f"/participants/{ext.id}" in p
+                                     for m, p in sandbox.journal.arrivals), 10, "the PATCH to arrive")
         assert patched(sandbox, conv, ext) == [], "the PATCH must still be in flight"
         assert conv.party(ext.id).state == "connected"
         sent_at = time.time()
         d.send(signal.SIGTERM)
-        sandbox.faults.latency = 0.0  # later requests (unsubscribe on close) are quick again
         # while it drains: alive, but not ready (a load balancer or probe stops sending work)
         draining = await d.wait_http("/readyz", 503, timeout=5)
         assert draining["state"] == "draining" and draining["reason"] == "draining"
         assert draining["details"]["in_flight"] == 1
         st, raw = await d.get("/healthz")
         assert st == 200 and b'"state":"draining"' in raw
+        hold.set()  # Genesys answers now: the drain must wait for this answer
         assert await d.wait_exit(20) == 0
         (patch,) = patched(sandbox, conv, ext)
         assert patch.status == 202 and patch.body == {"state": "disconnected"}
