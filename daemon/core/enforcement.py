@@ -225,6 +225,20 @@ def _finish(outcome: Outcome, status: int | None, error: str | None = None) -> N
     return Next("finish", outcome, status, error)
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """One decision's result when its action ends (`Enforcement.finish`): the leading
+    decision's own (`leader`; `attempts`: the PATCHes sent), or a follower's (the leader's
+    outcome and status, `attempts` 0, `error` naming the rule whose action it joined)."""
+
+    decision: Decision
+    outcome: Outcome
+    status: int | None
+    attempts: int
+    error: str | None
+    leader: bool
+
+
 @dataclass(eq=False, slots=True)
 class InFlight:
     """One party's action: the leading decision, those that joined it, and whether an
@@ -534,10 +548,13 @@ class Enforcement:
         self.mark(rule, cid, pid, FIRED | ACTED)
         return Admission("send", flight=flight)
 
-    def finish(self, flight: InFlight, outcome: Outcome) -> None:
-        """The action ended with `outcome`: no longer in flight; by `MEANING`, its rule and
-        its followers' rules are re-armed (the removal did not happen), held (standby: judged
-        again when the gate opens), or marked acted on."""
+    def finish(self, flight: InFlight, outcome: Outcome, *, status: int | None = None,
+               error: str | None = None) -> list[Ended]:
+        """The action ended with `outcome` (`status`: the HTTP status of its last PATCH,
+        `error`): no longer in flight; by `MEANING`, its rule and its followers' rules are
+        re-armed (the removal did not happen), held (standby: judged again when the gate
+        opens), or marked acted on. Returns each decision's result to record, the leading
+        decision first, then the followers in the order they joined (see `Ended`)."""
         key = flight.key
         if self._flights.get(key) is flight:
             del self._flights[key]
@@ -555,6 +572,11 @@ class Enforcement:
                 self.mark(d.rule, d.conversation_id, d.participant_id, FIRED | HELD_STANDBY)
             else:
                 self.mark(d.rule, d.conversation_id, d.participant_id, FIRED | ACTED)
+        lead = flight.decision
+        note = f"joined the in-flight action of rule {lead.rule}"
+        joined_error = f"{note}: {error}" if error else note
+        return [Ended(lead, outcome, status, flight.attempts, error, leader=True),
+                *(Ended(d, outcome, status, 0, joined_error, leader=False) for d in flight.followers)]
 
     def not_sent(self, d: Decision) -> None:
         """The decision could not be acted on before any action began (its audit record

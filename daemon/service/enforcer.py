@@ -85,7 +85,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -294,7 +294,6 @@ class _Action:
     flight: InFlight
     removal: Removal
     log: Logger  # bound once to the action's rule, conversation and participant
-    followers: list[Removal] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     event_to_request_ms: float | None = None
     sending: bool = False  # a PATCH is with the client, its answer not yet read
@@ -377,6 +376,10 @@ class Enforcer:
         self._log: Logger = log if log is not None else structlog.get_logger(__name__)
         self._accepting = True
         self._actions: dict[PartyKey, _Action] = {}
+        # The handles of decisions that joined an action in flight, by id() of the Decision
+        # (core's InFlight.followers holds the decision itself, so the id stays valid until
+        # `Enforcement.finish` returns it): settled when the action ends.
+        self._joined: dict[int, Removal] = {}
         self._children: dict[tuple[object, ...], Any] = {}  # labelled metrics (`_child`)
         self._note_step = note_step
         #: The permissions the last refused (403) removal named, until a removal is accepted
@@ -534,10 +537,10 @@ class Enforcer:
         self._log_decision(d, mode, dlog)
         if adm.verdict == "joined":
             assert adm.flight is not None
-            leader = self._actions[adm.flight.key]
-            leader.followers.append(removal)
-            removal.joined = leader.decision.rule
-            dlog.info("enforce_joined", joined_rule=leader.decision.rule)
+            # Core records the follower (adm.flight.followers); only its handle waits here.
+            self._joined[id(d)] = removal
+            removal.joined = adm.flight.decision.rule
+            dlog.info("enforce_joined", joined_rule=adm.flight.decision.rule)
             return
         outcome = adm.outcome
         assert outcome is not None
@@ -781,10 +784,10 @@ class Enforcer:
         if action.finished:
             return
         action.finished = True
-        d = action.decision
         if self._actions.get(action.key) is action:
             del self._actions[action.key]
-        self.enforcement.finish(action.flight, result.outcome)
+        ended = self.enforcement.finish(action.flight, result.outcome, status=result.http_status,
+                                        error=result.error)
         if action.confirm is not None and not action.confirm.done():
             action.confirm.cancel()
         now = self._clock()
@@ -793,16 +796,14 @@ class Enforcer:
         (alog.info if level == "info" else alog.error)(
             "enforce_outcome", outcome=result.outcome, http_status=result.http_status, attempts=action.attempts,
             event_to_request_ms=action.event_to_request_ms, error=result.error)
-        self._outcome(d, result.outcome, result.http_status, action.attempts,
-                      action.event_to_request_ms, result.error)
-        action.removal._settle(result.outcome, result.http_status, action.attempts,
-                               result.error, now)
-        for f in action.followers:
-            note = f"joined the in-flight action of rule {d.rule}"
-            error = f"{note}: {result.error}" if result.error else note
-            self._outcome(f.decision, result.outcome, result.http_status, 0, None, error)
-            f.sent_at = action.removal.sent_at
-            f._settle(result.outcome, result.http_status, 0, error, now)
+        for e in ended:  # the leading decision first, then those that joined it
+            self._outcome(e.decision, e.outcome, e.status, e.attempts,
+                          action.event_to_request_ms if e.leader else None, e.error)
+            handle = action.removal if e.leader else self._joined.pop(id(e.decision), None)
+            if handle is not None:
+                if not e.leader:
+                    handle.sent_at = action.removal.sent_at
+                handle._settle(e.outcome, e.status, e.attempts, e.error, now)
 
     # ------------------------------------------------------------------ helpers
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.core.enforcement import (
-    ACTED, FIRED, HELD_STANDBY, HELD_VALVE, MEANING, OUTCOMES, Enforcement, InFlight, Next, Origin,
+    ACTED, FIRED, HELD_STANDBY, HELD_VALVE, MEANING, OUTCOMES, Ended, Enforcement, InFlight, Next, Origin,
     manual_decision,
 )
 from daemon.core.ids import ConversationId, ParticipantId, RuleName
@@ -73,6 +73,31 @@ def test_finish_rearms_holds_or_marks_acted() -> None:
     assert c is not None
     e.finish(c, "standby")
     assert e.flags(R1, C1, P2) == FIRED | HELD_STANDBY and e.held == 1
+
+
+def test_finish_gives_every_decision_of_the_action_its_result() -> None:
+    """Core owns the followers: `finish` returns the leader's result, then each follower's
+    (same outcome and status, no attempts of its own, the join named in the error)."""
+    e = Enforcement()
+    lead_d, f1, f2 = decision(), decision(R2), decision(RuleName("r3"))
+    flight = e.admit(lead_d, T0, mode="enforce").flight
+    assert flight is not None
+    assert e.admit(f1, T0, mode="enforce").verdict == "joined"
+    assert e.admit(f2, T0, mode="enforce").verdict == "joined"
+    assert flight.before_send(may_send=True) is None  # one PATCH sent
+    flight.replied("refused", 400)
+    ended = e.finish(flight, "failed", status=400, error="HTTP 400: bad")
+    assert ended == [
+        Ended(lead_d, "failed", 400, 1, "HTTP 400: bad", leader=True),
+        Ended(f1, "failed", 400, 0, "joined the in-flight action of rule r1: HTTP 400: bad", leader=False),
+        Ended(f2, "failed", 400, 0, "joined the in-flight action of rule r1: HTTP 400: bad", leader=False),
+    ]
+    assert [x.decision for x in ended] == [lead_d, f1, f2]  # the very objects admitted
+    assert all(x.decision is y for x, y in zip(ended, (lead_d, f1, f2), strict=True))
+    g = e.admit(decision(pid=P2), T0, mode="enforce").flight
+    assert g is not None
+    assert e.finish(g, "disconnected", status=202) == [
+        Ended(g.decision, "disconnected", 202, 0, None, leader=True)]
 
 
 def test_release_held_and_eviction_and_reload() -> None:
