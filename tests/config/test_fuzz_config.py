@@ -100,8 +100,11 @@ def mutated_documents(draw: st.DrawFn) -> str:
             parent[draw(st.sampled_from(OPERATORS + FIELDS))] = draw(VALUES)
         elif how == 4:  # a rule condition rebuilt from parts
             rules = data.get("rules")
-            if isinstance(rules, list) and rules and isinstance(rules[0], dict):
-                rules[draw(st.integers(0, len(rules) - 1))]["when"] = {
+            # An earlier mutation may have replaced any rule (not only the first) by a
+            # scalar: rebuild the condition of a rule that is still a mapping.
+            dicts = [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []
+            if dicts:
+                draw(st.sampled_from(dicts))["when"] = {
                     draw(st.sampled_from(FIELDS)): {draw(st.sampled_from(OPERATORS)): draw(VALUES)}}
         elif how == 5:  # list sources broken
             data["lists"] = {"blocked_numbers": draw(st.sampled_from([
