@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from daemon.config.secrets import REGION_ENVS, env_first, resolve_path
 from daemon.config.source import ConfigSource
-from daemon.config.values import Duration, check_listen, listen_host, listen_port, queue_region
+from daemon.config.values import Duration, check_http_url, check_listen, listen_host, listen_port, queue_region
 
 SCHEMA_VERSION = 1
 
@@ -170,12 +170,7 @@ class CheckpointS3Settings(_Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http(s) URL such as https://s3.eu-west-1.amazonaws.com")
-        return v
+        return check_http_url(v, "https://s3.eu-west-1.amazonaws.com")
 
 
 class AuditSettings(_Strict):
@@ -353,12 +348,7 @@ class EventBridgeSettings(_Strict):
     @field_validator("queue_url", "endpoint_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http(s) URL such as https://sqs.eu-west-1.amazonaws.com/123456789012/confguard-host-a")
-        return v
+        return check_http_url(v, "https://sqs.eu-west-1.amazonaws.com/123456789012/confguard-host-a")
 
     @property
     def enabled(self) -> bool:

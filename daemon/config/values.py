@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, WithJsonSchema
 
@@ -55,6 +56,17 @@ def _seconds(value: object) -> object:
 Duration = Annotated[float, BeforeValidator(_seconds), WithJsonSchema({"anyOf": [
     {"type": "number", "exclusiveMinimum": 0},
     {"type": "string", "pattern": DURATION_PATTERN}]})]
+
+
+def check_http_url(v: str | None, example: str) -> str | None:
+    """`v` (None passes) when it is an http(s) URL with a host, else a ValueError quoting
+    `example`."""
+    if v is None:
+        return v
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL such as {example}")
+    return v
 
 
 def check_listen(v: str, example: str) -> str:

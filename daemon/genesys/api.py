@@ -459,15 +459,21 @@ class GenesysClient:
             resp = await self._http.request(method, self.api_origin + path, headers=headers, json=json,
                                             params=query)
         except httpx.HTTPError as exc:
-            seconds = time.monotonic() - started
-            self._report(method, route, 0, seconds)
-            _debug_line(method, route, 0, seconds, exc.__class__.__name__)
-            return TransportError(
-                f"no answer from the Genesys API at {self.api_origin} "
-                f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
-                method=method, path=path), seconds
+            return self._no_answer(exc, method, route, path, token, started)
         self.limiter.observe(resp.headers)
         return resp, time.monotonic() - started
+
+    def _no_answer(self, exc: httpx.HTTPError, method: str, route: str, path: str, token: str,
+                   started: float) -> tuple[TransportError, float]:
+        """Count and describe a request that got no HTTP answer (the token never quoted);
+        with the seconds it took."""
+        seconds = time.monotonic() - started
+        self._report(method, route, 0, seconds)
+        _debug_line(method, route, 0, seconds, exc.__class__.__name__)
+        return TransportError(
+            f"no answer from the Genesys API at {self.api_origin} "
+            f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
+            method=method, path=path), seconds
 
     async def _send_within(self, method: str, route: str, path: str, headers: dict[str, str],
                            token: str, json: Any, budget: Callable[[], float | None],
@@ -498,13 +504,7 @@ class GenesysClient:
             raise NotSentError(f"not written before the lease deadline ({body.stage}); "
                                f"abandoned, nothing sent", method=method, path=path) from None
         except httpx.HTTPError as exc:
-            seconds = time.monotonic() - started
-            self._report(method, route, 0, seconds)
-            _debug_line(method, route, 0, seconds, exc.__class__.__name__)
-            return TransportError(
-                f"no answer from the Genesys API at {self.api_origin} "
-                f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
-                method=method, path=path), seconds
+            return self._no_answer(exc, method, route, path, token, started)
         finally:
             if timer is not None:
                 timer.cancel()
