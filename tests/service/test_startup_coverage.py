@@ -59,8 +59,11 @@ async def test_reads_after_ready_flags_acted_on_at_once_coverage_moves(
         await wait_until(lambda: daemon.client is not None
                          and daemon.client.limiter.waiting(daemon_priority_resync()) > 0, 15,
                          "the reads to wait for the budget")
-        cov = daemon.health().details["coverage"]
-        assert CONFERENCES <= cov["calls_read"] < CALLS and cov["oldest_unread_seconds"] > 0
+        # The oldest unread call ages (the field is rounded to 0.1 s, so on a fast machine
+        # it can still read 0.0 the moment the reads start waiting).
+        cov = await wait_until(lambda: (c := daemon.health().details["coverage"])
+                               ["oldest_unread_seconds"] > 0 and c, 10, "the unread calls to age")
+        assert CONFERENCES <= cov["calls_read"] < CALLS
         text = daemon.metrics.render().decode()
         assert sample(text, "confguard_calls_unread") == CALLS - cov["calls_read"]
         assert sample(text, "confguard_coverage_oldest_unread_seconds") is not None
