@@ -19,7 +19,8 @@ stamps). Hops, per flagged conversation (its first removal only):
     task        the PATCH task began to run (`Enforcer._run`: the next loop turn or later)
     on_send     the client is about to send (limiter slot and token taken; the audit's
                 `event_to_request_ms` ends here)
-    send        `httpx.AsyncClient.send` entered (request object built)
+    send        the request object built and handed over (`GenesysClient._exchange`
+                entered; `httpx.AsyncClient.send` in trees before it)
     transport   the httpx transport's `handle_async_request` entered
     written     the first bytes of the PATCH handed to the socket (`transport.write` or
                 `writelines` of the asyncio selector transport, whatever library calls it)
@@ -94,7 +95,13 @@ def install() -> Probe:
     p._patch(AuditLog, "write", lambda orig: _audit_write(p, orig))
     p._patch(enf.Enforcer, "_run", lambda orig: _run(p, orig))
     p._patch(enf.Enforcer, "_sending", lambda orig: _sending(p, orig))
-    p._patch(httpx.AsyncClient, "send", lambda orig: _request_hop(p, orig, "send"))
+    from daemon.genesys.api import GenesysClient
+
+    # The request built, handed to the exchange: `GenesysClient._exchange` (issue 22), or
+    # httpx's `AsyncClient.send` in trees before it.
+    sender = GenesysClient if hasattr(GenesysClient, "_exchange") else httpx.AsyncClient
+    p._patch(sender, "_exchange" if sender is GenesysClient else "send",
+             lambda orig: _request_hop(p, orig, "send"))
     for cls in _transport_classes():
         p._patch(cls, "handle_async_request", lambda orig: _request_hop(p, orig, "transport"))
     sock = asyncio.selector_events._SelectorSocketTransport
