@@ -146,15 +146,58 @@ def _client_figures(flags: list[tuple[str, str, str, int]],
 # ----------------------------------------------------------------------------- minimal client
 
 
-def minimal_process(conn: Connection, base: str, client_id: str, secret: str, queue: str) -> None:
-    _common.run_quietly(_minimal_main, conn, base, client_id, secret, queue)
+def minimal_process(conn: Connection, base: str, client_id: str, secret: str, queue: str,
+                    hops: bool = False) -> None:
+    _common.run_quietly(_minimal_main, conn, base, client_id, secret, queue, hops)
 
 
 async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str,
-                        queue: str) -> None:
-    """Token, channel, socket, PATCH on flag: the least a client can do."""
+                        queue: str, hops: bool = False) -> None:
+    """Token, channel, socket, PATCH on flag: the least a client can do.
+
+    With `hops`: its own share, measured as `--hops` measures confguard's (`on_message`:
+    the socket library handed the frame over, before the JSON is parsed; `written`: the
+    PATCH's first bytes handed to the socket), sent back as one list of ms when the socket
+    closes."""
     import aiohttp
     import orjson
+
+    seen: dict[str, int] = {}
+    written: dict[str, int] = {}
+    if hops:
+        import asyncio.selector_events as sel
+
+        sock = sel._SelectorSocketTransport
+        prefix = b"PATCH /api/v2/conversations/calls/"
+
+        def stamp(data: Any) -> None:
+            if bytes(data[:len(prefix)]) == prefix:
+                cid = bytes(data[len(prefix):len(prefix) + 80]).split(b"/", 1)[0].decode()
+                written.setdefault(cid, time.perf_counter_ns())
+
+        orig_write, orig_lines = sock.write, sock.writelines
+
+        def write(self: Any, data: Any) -> None:
+            stamp(data)
+            orig_write(self, data)
+
+        def writelines(self: Any, chunks: Any) -> None:
+            chunks = list(chunks)
+            if chunks:
+                stamp(chunks[0])
+            orig_lines(self, chunks)
+
+        sock.write, sock.writelines = write, writelines  # type: ignore[method-assign]
+    try:
+        await _minimal_loop(conn, base, client_id, secret, queue, aiohttp, orjson, seen)
+    finally:
+        if hops:
+            conn.send({"on_message_to_written_ms": [(written[c] - t) / 1e6
+                                                    for c, t in seen.items() if c in written]})
+
+
+async def _minimal_loop(conn: Connection, base: str, client_id: str, secret: str, queue: str,
+                        aiohttp: Any, orjson: Any, seen: dict[str, int]) -> None:
 
     async with aiohttp.ClientSession() as s:
         basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
@@ -184,6 +227,7 @@ async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str
         async with s.ws_connect(ch["connectUri"]) as ws:
             conn.send("ready")
             async for msg in ws:
+                t = time.perf_counter_ns()
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
                 m = orjson.loads(msg.data)
@@ -197,9 +241,10 @@ async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str
                     if (p.get("purpose") == "external" and p.get("state") == "connected"
                             and p["id"] not in done):
                         done.add(p["id"])
-                        t = asyncio.create_task(patch(body["id"], p["id"]))
-                        tasks.add(t)
-                        t.add_done_callback(tasks.discard)
+                        seen.setdefault(body["id"], t)
+                        task = asyncio.create_task(patch(body["id"], p["id"]))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
 
 
 # ----------------------------------------------------------------------------- bench side
@@ -219,7 +264,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             mhere, mthere = ctx.Pipe()
             mproc = ctx.Process(target=minimal_process, daemon=True,
                                 args=(mthere, info["base"], info["minimal_id"], info["minimal_secret"],
-                                      info["queue"]))
+                                      info["queue"], args.hops))
             mproc.start()
             if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
                 raise TimeoutError("minimal client did not start")
@@ -268,6 +313,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["confguard"]["in_daemon_ms"] = inside
         finally:
             await remote.close()  # first: the minimal client's socket ends with the sandbox
+            if mproc is not None and args.hops and "minimal" in results and await asyncio.get_running_loop(
+                    ).run_in_executor(None, mhere.poll, 10.0):
+                own = mhere.recv().get("on_message_to_written_ms") or []
+                if own:
+                    results["minimal"]["on_message_to_written_ms"] = {
+                        "p50": round(_common.pct(own, 0.5), 4), "p99": round(_common.pct(own, 0.99), 4),
+                        "n": len(own)}
             if mproc is not None:
                 _common.end_process(mproc, 5.0)
     c, m = results.get("confguard"), results.get("minimal")
@@ -305,7 +357,9 @@ def summary(r: dict[str, Any]) -> str:
     if h.get("n"):
         lines.append(f"  hops (p50 ms since the previous one, {h['n']} removals): "
                      + ", ".join(f"{k} {v['p50']:.3f}" for k, v in h["hops_ms"].items()))
-        lines.append(f"  frame handed over -> PATCH written: {h['on_message_to_written_ms']}")
+        lines.append(f"  frame handed over -> PATCH written: {h['on_message_to_written_ms']}; "
+                     f"the minimal client's own: "
+                     f"{(r.get('minimal') or {}).get('on_message_to_written_ms')}")
     return "\n".join(lines)
 
 
@@ -382,6 +436,8 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         agg["hops_order"] = [x["order"] for x in hops]
         agg["on_message_to_written_p50_ms"] = _med(
             [x["on_message_to_written_ms"]["p50"] for x in hops])
+        agg["minimal_on_message_to_written_p50_ms"] = _med(
+            col("minimal", "on_message_to_written_ms", "p50"))
     return agg
 
 
@@ -425,7 +481,8 @@ def alternate_summary(r: dict[str, Any]) -> str:
                      f"429s {v['status_429']}")
         if "hops_p50_ms" in v:
             lines.append(f"     hops p50 ms {v['hops_p50_ms']}; frame -> written p50 "
-                         f"{v['on_message_to_written_p50_ms']}")
+                         f"{v['on_message_to_written_p50_ms']} (the minimal client's own: "
+                         f"{v.get('minimal_on_message_to_written_p50_ms')})")
     return "\n".join(lines)
 
 
@@ -441,7 +498,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a daemon config setting (dotted key, YAML value); repeatable")
     ap.add_argument("--hops", action="store_true",
-                    help="per-hop timestamps of confguard's path (bench/_hops.py)")
+                    help="per-hop timestamps of confguard's path (bench/_hops.py), and the "
+                         "minimal client's own frame -> PATCH written")
     ap.add_argument("--profile", metavar="FILE", help="pyinstrument profile of the burst to FILE")
     ap.add_argument("--runs", type=int, default=1,
                     help="rounds, each in its own process: medians and spread (>= 5 to judge)")

@@ -233,6 +233,21 @@ async def test_ping_answered_keeps_connection() -> None:
                 assert any(b'"pong"' in (r if isinstance(r, bytes) else r.encode()) for r, _ in col.frames)
 
 
+@pytest.mark.parametrize("compression", [False, True])
+async def test_permessage_deflate_is_offered_only_when_asked(compression: bool) -> None:
+    # Off by default (StreamSettings.compression: latency over bandwidth); the sandbox, like
+    # any RFC 7692 server, accepts it when offered. Events arrive either way.
+    async with own_sandbox() as sb:
+        async with queue_stream(sb, compression=compression) as (q, col, _client, stream, _task):
+            conns = [c for s in stream._shards for c in s.conns.values()]
+            assert len(conns) == 1
+            names = [e.name for e in conns[0].ws.protocol.extensions]
+            assert names == (["permessage-deflate"] if compression else [])
+            call = sb.world.start_call(q.id)
+            await wait_until(lambda: any(call.id in str(r) for r, _ in col.frames),
+                             what="the call's event")
+
+
 async def test_accept_and_drop_server_does_not_hot_loop(sandbox: Sandbox) -> None:
     """A WebSocket server that completes the handshake and hangs up at once: reconnects
     back off instead of spinning (the back-off is not reset by a successful handshake)."""

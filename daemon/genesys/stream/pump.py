@@ -132,7 +132,8 @@ class Sockets:
         """Connect to `ch` and start the socket's pump."""
         ws = await connect(ch.connect_uri, ping_interval=None, open_timeout=self._settings.connect_timeout,
                            close_timeout=2.0, max_size=self._settings.max_frame_bytes,
-                           user_agent_header="confguard/0.1")
+                           user_agent_header="confguard/0.1",
+                           compression="deflate" if self._settings.compression else None)
         conn = Conn(id=next(self._ids), shard=s, channel=ch, ws=ws,
                     log=log.bind(shard=s.index, channel=ch.id))
         s.conns[conn.id] = conn
