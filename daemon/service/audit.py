@@ -21,6 +21,10 @@ loses nothing; the caller writes the decision record BEFORE sending the disconne
 `await wait_durable()` returns once every record written before the call is on disk: the
 enforcer awaits it before each removal's first PATCH. Concurrent waiters share one
 fdatasync (group commit): decisions written while a sync runs are covered by the next one.
+While the disk is fast (the last fdatasync took under `INLINE_SYNC_MAX`, 2 ms), that sync
+runs on the loop itself: a worker thread's hand-offs (queue, GIL, the loop's wake-up) cost
+about 0.7 ms on top of a 0.15 ms fdatasync in the burst bench (bench/RESULTS.md, issue
+22); a slower disk goes back to the worker thread, so the loop never stalls for long.
 
 No silent loss: a torn last line (a write cut by a power loss) is moved to a
 quarantine file beside the trail (`<file>.quarantine.<YYYYmmddTHHMMSSZ>.<offset>`) and the
@@ -78,6 +82,9 @@ RESERVED = ("seq", "time", "prev_hash", "hash")
 #: Record types that may skip seqs (a declared gap: `skipped: [first, last]`).
 GAP_TYPES = ("gap",)
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+#: Seconds: `wait_durable` fdatasyncs on the loop itself while the last fdatasync took less
+#: than this (a local SSD: 0.1-0.3 ms), in a worker thread otherwise (see the module docstring).
+INLINE_SYNC_MAX = 0.002
 
 
 
@@ -214,6 +221,9 @@ class AuditLog:
         self._written_gen = 0  # bumped per write; compared with _synced_gen
         self._synced_gen = 0
         self.last_sync: float | None = None  # clock() of the last completed fsync
+        #: Seconds the last fdatasync took (monotonic; 0.0 before the first): decides
+        #: whether `wait_durable` syncs on the loop or in a worker thread.
+        self.last_sync_seconds = 0.0
         # clock() of the oldest record not yet fsynced (an upper bound after a sync that
         # raced with writes), None when all are synced. Guarded by `_lock`.
         self._unsynced_since: float | None = None
@@ -427,12 +437,14 @@ class AuditLog:
             gen = self._written_gen
             captured_at = self._clock()
             fd = os.dup(self._fd)
+        started = time.monotonic()
         try:
             os.fdatasync(fd)  # the data and the file's size: what reading it back needs
         except OSError as exc:
             raise AuditError(f"cannot fsync audit trail {self.path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
+            self.last_sync_seconds = time.monotonic() - started
         with self._lock:
             self._synced_gen = max(self._synced_gen, gen)
             # Records written during the fsync are not covered; they are no older than
@@ -440,11 +452,19 @@ class AuditLog:
             self._unsynced_since = None if self._written_gen == self._synced_gen else captured_at
         self.last_sync = self._clock()
 
+    @property
+    def syncs_inline(self) -> bool:
+        """Whether `wait_durable` fdatasyncs on the loop itself: the disk was fast last time
+        (under `INLINE_SYNC_MAX`) and no sync is under way in a worker thread."""
+        fut = self._sync_task
+        return self.last_sync_seconds < INLINE_SYNC_MAX and (fut is None or fut.done())
+
     def sync_soon(self) -> None:
-        """Start an fdatasync in a worker thread now, unless one is under way (call from the
-        event loop right after writing a record that `wait_durable` will wait for: the disk
-        works while the loop goes on with this turn)."""
-        if self._fd is not None and self.needs_sync:
+        """Start an fdatasync in a worker thread now, unless one is under way or the disk
+        is fast enough for `wait_durable` to sync on the loop (call from the event loop
+        right after writing a record that `wait_durable` will wait for: a slow disk works
+        while the loop goes on with this turn)."""
+        if self._fd is not None and self.needs_sync and not self.syncs_inline:
             self._shared_sync()
 
     def _shared_sync(self) -> asyncio.Future[None]:
@@ -458,13 +478,16 @@ class AuditLog:
     async def wait_durable(self) -> None:
         """Return once every record written before the call is on disk (fdatasync).
 
-        Group commit: one sync runs at a time, in a worker thread; callers arriving while it
-        runs wait for it and then share the next one, which covers every record written
-        meanwhile. Raises AuditError when the sync fails (the caller must not act as if the
+        Group commit: one sync runs at a time, on the loop while the disk is fast (see the
+        module docstring), else in a worker thread; callers arriving while it runs wait for
+        it and then share the next one, which covers every record written meanwhile. Raises AuditError when the sync fails (the caller must not act as if the
         record were durable)."""
         target = self._written_gen
         while self._synced_gen < target and self._fd is not None:
-            await asyncio.shield(self._shared_sync())
+            if self.syncs_inline:
+                self.sync()  # one fast fdatasync, covering every record written so far
+            else:
+                await asyncio.shield(self._shared_sync())
 
     async def run_syncer(self, stop_event: asyncio.Event) -> None:
         """fsync (in a worker thread) at most `fsync_interval` seconds after any write,

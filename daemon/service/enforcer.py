@@ -519,7 +519,9 @@ class Enforcer:
         if adm.verdict == "send":
             assert adm.flight is not None
             if self.sync_before_patch:
-                self.audit.sync_soon()  # the disk starts now; the action's task waits for it
+                # A slow disk starts now, in a worker thread; a fast one is synced on the
+                # loop by the action's task, once for every record of this turn.
+                self.audit.sync_soon()
             action = _Action(adm.flight, removal, log=dlog)
             self._actions[action.key] = action
             # Created in this turn of the loop; runs at the loop's next iteration.

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from daemon.service.audit import (
     OUTCOMES,
+    INLINE_SYNC_MAX,
     ZERO_HASH,
     AuditLog,
     decision_record,
@@ -312,6 +313,75 @@ async def test_run_syncer_syncs_within_interval(tmp_path: Path) -> None:
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     assert not log.needs_sync  # final sync on stop
+    log.close()
+
+
+class _Disk:
+    """`os.fdatasync` as the audit module calls it, timed as a disk of `delay` seconds would
+    be (the real fdatasync still runs), noting the thread each sync ran on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+        import threading
+        import time
+
+        self.delay = delay
+        self.threads: list[int] = []
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            self.threads.append(threading.get_ident())
+            real(fd)
+            time.sleep(self.delay)
+
+        import daemon.service.audit as audit_mod
+        monkeypatch.setattr(audit_mod.os, "fdatasync", fdatasync)
+
+
+async def test_wait_durable_syncs_on_the_loop_while_the_disk_is_fast(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    disk = _Disk(monkeypatch, 0.0)
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    log.open()
+    for n in range(3):
+        log.write({"type": "decision", "n": n})
+        log.sync_soon()  # a fast disk: nothing started in a thread
+        await log.wait_durable()
+        assert not log.needs_sync
+    assert disk.threads == [threading.get_ident()] * 3
+    assert log.last_sync_seconds < INLINE_SYNC_MAX
+    log.close()
+
+
+async def test_a_slow_disk_is_synced_in_a_worker_thread_and_back_when_fast(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    loop_thread = threading.get_ident()
+    disk = _Disk(monkeypatch, INLINE_SYNC_MAX * 5)
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    log.open()
+    log.write({"type": "decision", "n": 0})
+    await log.wait_durable()  # nothing known of the disk yet: on the loop, and slow
+    assert disk.threads == [loop_thread] and log.last_sync_seconds >= INLINE_SYNC_MAX
+    # Slow: the next syncs go to a worker thread, shared by the waiters of one turn.
+    for n in (1, 2):
+        log.write({"type": "decision", "n": n})
+        log.sync_soon()
+    await asyncio.wait_for(asyncio.gather(log.wait_durable(), log.wait_durable()), 10)
+    assert not log.needs_sync
+    # One or two syncs (the worker may have begun before the second record was written).
+    slow = disk.threads[1:]
+    assert 1 <= len(slow) <= 2 and loop_thread not in slow
+    # The disk is fast again: the next sync (still in a thread) shows it, then the loop.
+    disk.delay = 0.0
+    log.write({"type": "decision", "n": 3})
+    await asyncio.wait_for(log.wait_durable(), 10)
+    log.write({"type": "decision", "n": 4})
+    await asyncio.wait_for(log.wait_durable(), 10)
+    assert disk.threads[-2] != loop_thread and disk.threads[-1] == loop_thread
+    assert [r["n"] for r in _lines(tmp_path / "audit.jsonl")] == [0, 1, 2, 3, 4]
     log.close()
 
 
