@@ -191,6 +191,8 @@ class AuditLog:
     `stamp` (default None): when given, its fields (HA: `node` and `epoch`) are added to
     every record not already carrying them. `rotation` (default None): a `RotationHook`
     called right before each rotation (a checkpointer builds the trail with itself here).
+    `inline_sync_max` (seconds): `wait_durable` syncs on the loop while the last fdatasync
+    took less than this, else in a worker thread (module docstring).
 
     Use from one thread (the event loop); `sync` may run in a worker thread meanwhile.
     """
@@ -199,7 +201,8 @@ class AuditLog:
                  clock: Callable[[], float] = time.time,
                  on_record: Callable[[str], None] | None = None,
                  stamp: Callable[[], dict[str, Any]] | None = None,
-                 rotation: RotationHook | None = None) -> None:
+                 rotation: RotationHook | None = None,
+                 inline_sync_max: float = INLINE_SYNC_MAX) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         if fsync_interval <= 0:
@@ -224,6 +227,7 @@ class AuditLog:
         #: Seconds the last fdatasync took (monotonic; 0.0 before the first): decides
         #: whether `wait_durable` syncs on the loop or in a worker thread.
         self.last_sync_seconds = 0.0
+        self.inline_sync_max = inline_sync_max
         # clock() of the oldest record not yet fsynced (an upper bound after a sync that
         # raced with writes), None when all are synced. Guarded by `_lock`.
         self._unsynced_since: float | None = None
@@ -455,9 +459,10 @@ class AuditLog:
     @property
     def syncs_inline(self) -> bool:
         """Whether `wait_durable` fdatasyncs on the loop itself: the disk was fast last time
-        (under `INLINE_SYNC_MAX`) and no sync is under way in a worker thread."""
+        (under `inline_sync_max` seconds, default `INLINE_SYNC_MAX`) and no sync is under
+        way in a worker thread."""
         fut = self._sync_task
-        return self.last_sync_seconds < INLINE_SYNC_MAX and (fut is None or fut.done())
+        return self.last_sync_seconds < self.inline_sync_max and (fut is None or fut.done())
 
     def sync_soon(self) -> None:
         """Start an fdatasync in a worker thread now, unless one is under way or the disk

@@ -342,7 +342,8 @@ async def test_wait_durable_syncs_on_the_loop_while_the_disk_is_fast(
     import threading
 
     disk = _Disk(monkeypatch, 0.0)
-    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    # Any real disk is "fast" at 10 s: what is tested is the choice, not this disk's speed.
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20, inline_sync_max=10.0)
     log.open()
     for n in range(3):
         log.write({"type": "decision", "n": n})
@@ -350,8 +351,9 @@ async def test_wait_durable_syncs_on_the_loop_while_the_disk_is_fast(
         await log.wait_durable()
         assert not log.needs_sync
     assert disk.threads == [threading.get_ident()] * 3
-    assert log.last_sync_seconds < INLINE_SYNC_MAX
+    assert log.last_sync_seconds < log.inline_sync_max
     log.close()
+    assert AuditLog(tmp_path / "b.jsonl", max_bytes=1).inline_sync_max == INLINE_SYNC_MAX
 
 
 async def test_a_slow_disk_is_synced_in_a_worker_thread_and_back_when_fast(
@@ -359,12 +361,13 @@ async def test_a_slow_disk_is_synced_in_a_worker_thread_and_back_when_fast(
     import threading
 
     loop_thread = threading.get_ident()
-    disk = _Disk(monkeypatch, INLINE_SYNC_MAX * 5)
-    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    # Slow: 0.6 s a sync against a limit of 0.3 s; fast: the real disk (well under 0.3 s).
+    disk = _Disk(monkeypatch, 0.6)
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=1 << 20, inline_sync_max=0.3)
     log.open()
     log.write({"type": "decision", "n": 0})
     await log.wait_durable()  # nothing known of the disk yet: on the loop, and slow
-    assert disk.threads == [loop_thread] and log.last_sync_seconds >= INLINE_SYNC_MAX
+    assert disk.threads == [loop_thread] and log.last_sync_seconds >= log.inline_sync_max
     # Slow: the next syncs go to a worker thread, shared by the waiters of one turn.
     for n in (1, 2):
         log.write({"type": "decision", "n": n})
