@@ -1,13 +1,15 @@
 """Shared helpers for the benchmarks: the machine line, load average, percentiles, the
 50-rule configuration (the six shipped rules plus 44 realistic variants), a daemon
-config pointed at a sandbox, and the sandbox in a child process (`SandboxProcess`, with
-`sandbox_hello` on its side).
+config pointed at a sandbox, the sandbox in a child process (`SandboxProcess`, with
+`sandbox_hello` and `start_one_queue_sandbox` on its side), a compressed clock
+(`scaled_clock`) and the end of a benchmark's main() (`run_cli`: --smoke, --json, run, print).
 
 Not a benchmark itself; imported by the scripts in bench/.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +41,8 @@ elif sys.path.index(str(ROOT)) > 0:  # ahead of a bench script's own folder's pa
 from daemon.config import Config, load_config  # noqa: E402
 
 if TYPE_CHECKING:
+    from daemon.genesys.ratelimit import RequestLimiter
+    from daemon.genesys.reconcile import Reconciler
     from daemon.sandbox import Sandbox
     from daemon.service.lifecycle import Daemon
 
@@ -80,6 +85,39 @@ def fmt(v: float | None, digits: int) -> str:
 
 def now_utc() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def scaled_clock(scale: float) -> Callable[[], float]:
+    """A clock for COMPRESSED TIME: epoch seconds that start at now and run `scale` times
+    faster than real time (read from time.monotonic)."""
+    t0, m0 = time.time(), time.monotonic()
+
+    def scaled() -> float:
+        return t0 + (time.monotonic() - m0) * scale
+
+    return scaled
+
+
+def run_cli(ap: argparse.ArgumentParser,
+            run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+            summary: Callable[[dict[str, Any]], str], *, smoke_help: str, smoke: dict[str, Any],
+            check: Callable[[argparse.Namespace], str | None] | None = None) -> None:
+    """The end of a benchmark's main(): adds --smoke (help `smoke_help`) and --json to `ap`
+    and parses the command line; under --smoke, sets each argument named in `smoke` to its
+    value there; `check(args)`, when given, returns an error message for arguments that do
+    not fit (`ap.error`, exit 2) or None; then runs `run(args)` in a new event loop and
+    prints its result as one JSON line (--json) or as `summary(result)`."""
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        for name, value in smoke.items():
+            setattr(args, name, value)
+    problem = check(args) if check is not None else None
+    if problem is not None:
+        ap.error(problem)
+    r = asyncio.run(run(args))
+    print(json.dumps(r) if args.json else summary(r))
 
 
 # --------------------------------------------------------------------------- 50 rules
@@ -230,6 +268,35 @@ async def wait_tracked(daemon: Daemon, calls: int, timeout: float) -> int:
     return len(daemon.engine.store)
 
 
+def start_compressed_reconciler(daemon: Daemon, clock: Callable[[], float], stop: asyncio.Event, *,
+                                scale: float, interval: float, share: float, allowed: int,
+                                ) -> tuple[Reconciler, RequestLimiter, asyncio.Task[None]]:
+    """Reconciliation in COMPRESSED TIME on the started `daemon` (which has a client and a
+    resyncer): its client's limiter replaced by `RequestLimiter(allowed, window=60/scale)`
+    with a 20% enforcement reserve, and a `Reconciler` (`interval`, `share`, that limiter,
+    the daemon's metrics, `clock`, idle wake-up 5/scale s, no discovery) running until
+    `stop` is set, in a task. Returns the reconciler, the limiter and the task (end it with
+    `end_task`)."""
+    from daemon.genesys.ratelimit import RequestLimiter
+    from daemon.genesys.reconcile import Reconciler
+
+    assert daemon.client is not None and daemon.resyncer is not None
+    limiter = RequestLimiter(allowed, window=60.0 / scale, enforce_reserve=0.2)
+    daemon.client.limiter = limiter
+    rec = Reconciler(daemon.resyncer, interval=interval, share=share, limiter=limiter,
+                     metrics=daemon.metrics, clock=clock, idle=5.0 / scale, discover=False)
+    return rec, limiter, asyncio.create_task(rec.run(stop))
+
+
+async def end_task(stop: asyncio.Event, task: asyncio.Task[None] | None) -> None:
+    """Set `stop`; then cancel `task`, when there is one, and wait for it to end (its
+    exception, if any, ignored)."""
+    stop.set()
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def run_quietly(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
     """Entry of a benchmark's helper process (e.g. the sandbox): its logs go nowhere, so
     they cost no terminal I/O and cannot skew the figures; then `asyncio.run(main(*args))`."""
@@ -249,6 +316,24 @@ def sandbox_hello(sb: Sandbox, **extra: Any) -> dict[str, Any]:
     sandbox's base URL and the daemon's OAuth client as `base`, `client_id`, `secret`, plus
     whatever else the benchmark needs (`extra`)."""
     return {"base": sb.base_url, "client_id": sb.client_id, "secret": sb.client_secret, **extra}
+
+
+async def start_one_queue_sandbox(conn: Connection, *, seed: int, agents: int = 100,
+                                  request_budget: int | None = None,
+                                  queue: str = "Customer Service") -> tuple[Sandbox, str, list[str]]:
+    """A started sandbox (heartbeat every 30 s, its own request budget `request_budget` a
+    minute or none, `seed`) whose world holds one queue named `queue` and `agents` users
+    "Agent 0".. ; its hello (`sandbox_hello`) sent to the parent over `conn`. Returns the
+    sandbox, the queue's id and the users' ids."""
+    from daemon.sandbox import Sandbox
+
+    sb = Sandbox(heartbeat_interval=30.0, request_budget=request_budget, seed=seed)
+    await sb.start()
+    w = sb.world
+    queue_id = w.create_queue(queue).id
+    users = [w.create_user(f"Agent {i}").id for i in range(agents)]
+    conn.send(sandbox_hello(sb))
+    return sb, queue_id, users
 
 
 def end_process(proc: BaseProcess, join_timeout: float) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -52,14 +51,8 @@ def sandbox_process(conn: Connection) -> None:
 
 
 async def _sandbox_main(conn: Connection) -> None:
-    from daemon.sandbox import Sandbox
-
-    sb = Sandbox(heartbeat_interval=30.0, request_budget=None, seed=13)
-    await sb.start()
+    sb, queue, users = await _common.start_one_queue_sandbox(conn, seed=13, queue=QUEUE)
     w = sb.world
-    queue = w.create_queue(QUEUE).id
-    users = [w.create_user(f"Agent {i}").id for i in range(100)]
-    conn.send(_common.sandbox_hello(sb))
     loop = asyncio.get_running_loop()
     confs: list[tuple[str, str]] = []  # (conversation id, external id)
     lost: list[tuple[str, float]] = []  # (PATCH path, epoch when flagged)
@@ -98,16 +91,10 @@ async def _sandbox_main(conn: Connection) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.config import load_config
-    from daemon.genesys.ratelimit import RequestLimiter
-    from daemon.genesys.reconcile import Reconciler
     from daemon.service.lifecycle import Daemon
 
     scale = float(args.scale)
-    t0, m0 = time.time(), time.monotonic()
-
-    def scaled() -> float:
-        return t0 + (time.monotonic() - m0) * scale
-
+    scaled = _common.scaled_clock(scale)
     interval, share, allowed = 300.0, 0.25, 300
     n_conf = round(args.calls * args.conference_share)
     results: dict[str, Any] = {"bench": "budget_reconcile", "calls": args.calls,
@@ -130,13 +117,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 await remote.ask({"op": "setup", "calls": args.calls, "conferences": n_conf})
                 results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.calls, 120)
-                assert daemon.client is not None and daemon.resyncer is not None
-                limiter = RequestLimiter(allowed, window=60.0 / scale, enforce_reserve=0.2)
-                daemon.client.limiter = limiter
-                rec = Reconciler(daemon.resyncer, interval=interval, share=share, limiter=limiter,
-                                 metrics=daemon.metrics, clock=scaled, idle=5.0 / scale,
-                                 discover=False)
-                task = asyncio.create_task(rec.run(stop))
+                rec, limiter, task = _common.start_compressed_reconciler(
+                    daemon, scaled, stop, scale=scale, interval=interval, share=share, allowed=allowed)
                 shares: list[float] = []
                 last_seen = rec.stats.share_used
                 start_real = time.monotonic()
@@ -165,10 +147,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "decisions": rec.stats.decisions}
                 results["rate_limited_seen"] = dict(limiter.rate_limited_count)
             finally:
-                stop.set()
-                if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                await _common.end_task(stop, task)
                 await daemon.stop()
         rep = await remote.ask({"op": "report"})
     un = [None if x is None else round(x * scale, 1) for x in rep["unnoticed_real_s"]]
@@ -203,13 +182,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=40.0, help="scaled minutes to run")
     ap.add_argument("--lost", type=int, default=10, help="lost breaking events to inject")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--smoke", action="store_true", help="100 calls, 8 scaled minutes")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        args.calls, args.minutes, args.lost = 100, 8.0, 1
-    r = asyncio.run(run(args))
-    print(json.dumps(r) if args.json else summary(r))
+    _common.run_cli(ap, run, summary, smoke_help="100 calls, 8 scaled minutes",
+                    smoke={"calls": 100, "minutes": 8.0, "lost": 1})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections import Counter
@@ -41,14 +40,9 @@ def sandbox_process(conn: Connection, budget: int) -> None:
 
 
 async def _sandbox_main(conn: Connection, budget: int) -> None:
-    from daemon.sandbox import Sandbox
-
-    sb = Sandbox(heartbeat_interval=30.0, request_budget=budget, seed=12)
-    await sb.start()
+    sb, queue, users = await _common.start_one_queue_sandbox(conn, seed=12, agents=50,
+                                                             request_budget=budget, queue=QUEUE)
     w = sb.world
-    queue = w.create_queue(QUEUE).id
-    users = [w.create_user(f"Agent {i}").id for i in range(50)]
-    conn.send(_common.sandbox_hello(sb))
     loop = asyncio.get_running_loop()
     flagged: list[str] = []  # PATCH paths that must come
 
@@ -164,15 +158,10 @@ def main() -> None:
     ap.add_argument("--conferences", type=int, default=120)
     ap.add_argument("--flagged", type=int, default=5)
     ap.add_argument("--budget", type=int, default=300)
-    ap.add_argument("--smoke", action="store_true", help="30 calls: check the script runs")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        args.calls, args.conferences, args.flagged = 30, 6, 2
-    if not 0 < args.flagged <= args.conferences <= args.calls:
-        ap.error("need 0 < --flagged <= --conferences <= --calls")
-    r = asyncio.run(run(args))
-    print(json.dumps(r) if args.json else summary(r))
+    _common.run_cli(ap, run, summary, smoke_help="30 calls: check the script runs",
+                    smoke={"calls": 30, "conferences": 6, "flagged": 2},
+                    check=lambda a: None if 0 < a.flagged <= a.conferences <= a.calls
+                    else "need 0 < --flagged <= --conferences <= --calls")
 
 
 if __name__ == "__main__":

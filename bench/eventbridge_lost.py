@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import socket
@@ -200,17 +199,11 @@ async def _sandbox_main(conn: Connection, queue_url: str, endpoint: str, delay: 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.update(AWS_ENV)
     from daemon.config import load_config
-    from daemon.genesys.ratelimit import RequestLimiter
-    from daemon.genesys.reconcile import Reconciler
     from daemon.service.eventbridge import EventBridgeSource
     from daemon.service.lifecycle import Daemon
 
     scale = float(args.scale)
-    t0, m0 = time.time(), time.monotonic()
-
-    def scaled() -> float:
-        return t0 + (time.monotonic() - m0) * scale
-
+    scaled = _common.scaled_clock(scale)
     interval, share, allowed = 300.0, 0.25, 300
     n_conf = round(args.calls * args.conference_share)
     results: dict[str, Any] = {"bench": "eventbridge_lost", "calls": args.calls, "conferences": n_conf,
@@ -262,13 +255,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["setup_sqs_messages"] = q["sent"]
                     since = await remote.ask({"op": "mark"})
                     skipped0 = dict(src.decider.counts)
-                    assert dr.client is not None and dr.resyncer is not None
-                    limiter = RequestLimiter(allowed, window=60.0 / scale, enforce_reserve=0.2)
-                    dr.client.limiter = limiter
-                    rec = Reconciler(dr.resyncer, interval=interval, share=share, limiter=limiter,
-                                     metrics=dr.metrics, clock=scaled, idle=5.0 / scale, discover=False)
                     # the reconciler's clock moves on from here: its calls were all learnt before
-                    task = asyncio.create_task(rec.run(stop))
+                    rec, limiter, task = _common.start_compressed_reconciler(
+                        dr, scaled, stop, scale=scale, interval=interval, share=share, allowed=allowed)
                     start_real = time.monotonic()
                     run_real = args.minutes * 60.0 / scale
                     warm_real = interval / scale
@@ -290,10 +279,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["decider"] = {k: v - skipped0.get(k, 0) for k, v in src.decider.counts.items()}
                     results["source_counts"] = dict(src.counts)
                 finally:
-                    stop.set()
-                    if task is not None:
-                        task.cancel()
-                        await asyncio.gather(task, return_exceptions=True)
+                    await _common.end_task(stop, task)
                     await dw.stop()
                     await dr.stop()
             rep = await remote.ask({"op": "report", "since": since})
@@ -349,13 +335,8 @@ def main() -> None:
                          "'all' (default attributes: moto's receive costs ~80 ms a message on a loaded "
                          "2-core machine, too slow for every start/end event of 10,000 calls)")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--smoke", action="store_true", help="50 calls a side, 6 scaled minutes, 1 event a side")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        args.calls, args.minutes, args.lost = 50, 6.0, 1
-    r = asyncio.run(run(args))
-    print(json.dumps(r) if args.json else summary(r))
+    _common.run_cli(ap, run, summary, smoke_help="50 calls a side, 6 scaled minutes, 1 event a side",
+                    smoke={"calls": 50, "minutes": 6.0, "lost": 1})
 
 
 if __name__ == "__main__":

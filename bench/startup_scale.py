@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,14 +60,8 @@ def sandbox_process(conn: Connection) -> None:
 
 
 async def _sandbox_main(conn: Connection) -> None:
-    from daemon.sandbox import Sandbox
-
-    sb = Sandbox(heartbeat_interval=30.0, request_budget=None, seed=18)
-    await sb.start()
+    sb, queue, users = await _common.start_one_queue_sandbox(conn, seed=18, queue=QUEUE)
     w = sb.world
-    queue = w.create_queue(QUEUE).id
-    users = [w.create_user(f"Agent {i}").id for i in range(100)]
-    conn.send(_common.sandbox_hello(sb))
     loop = asyncio.get_running_loop()
     flagged: list[str] = []
     confs: list[tuple[str, str]] = []  # (conversation, customer) in listing order
@@ -244,13 +237,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1500,5000", help="live calls, comma-separated")
     ap.add_argument("--scale", type=float, default=20.0, help="time compression factor")
-    ap.add_argument("--smoke", action="store_true", help="60 calls, time x20")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.smoke:
-        args.sizes = "60"
-    r = asyncio.run(run(args))
-    print(json.dumps(r) if args.json else summary(r))
+    _common.run_cli(ap, run, summary, smoke_help="60 calls, time x20", smoke={"sizes": "60"})
 
 
 if __name__ == "__main__":
