@@ -7,10 +7,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.errors import AuditError
 from daemon.service.audit import verify
+
+if TYPE_CHECKING:
+    from daemon.service.audit_check import Located
 
 VERIFY_HELP = ("Check that audit records are intact and linked. PATH may be a file or a folder "
                "(all its audit files, oldest first). With --public-key, every checkpoint "
@@ -81,29 +84,23 @@ def run_report(args: argparse.Namespace) -> int:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     if since is not None and until is not None and until <= since:
-        print("error: --until must be after --since", file=sys.stderr)
-        return 2
+        return _fail("--until must be after --since")
     if args.checkpoints and args.public_key is None:
-        print("error: --checkpoints needs --public-key", file=sys.stderr)
-        return 2
+        return _fail("--checkpoints needs --public-key")
     try:
         verification = None
         if args.public_key is not None:
-            from daemon.service.audit_check import check, load_checkpoints
+            from daemon.service.audit_check import check
             from daemon.service.checkpoint import load_public_key
 
-            external = []
-            for spec in args.checkpoints:
-                external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
+            external = _outside_checkpoints(args)
             result = check(list(args.paths), [load_public_key(k) for k in args.public_key], external)
             verification = coverage_from_check(result, since, until)
         report = build_report(list(args.paths), since=since, until=until, verification=verification)
     except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     data = {"html": to_html, "csv": to_csv, "json": to_json}[args.format](report)
     if args.out is None:
         sys.stdout.write(data.decode())
@@ -111,8 +108,7 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         args.out.write_bytes(data)
     except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"wrote {args.out}: {report.decisions} decisions, {report.removals} removals")
     return 0
 
@@ -123,8 +119,7 @@ def run_keygen(args: argparse.Namespace) -> int:
     try:
         kid = generate_keypair(args.private_key, args.public_key)
     except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     print(f"wrote {args.private_key} (private, mode 0600) and {args.public_key} (public); key id {kid}")
     return 0
 
@@ -133,22 +128,18 @@ def run_verify(args: argparse.Namespace) -> int:
     """`confguard audit verify` body; prints what was checked and what could not be."""
     if args.public_key is None:
         if args.checkpoints:
-            print("error: --checkpoints needs --public-key (checkpoints are trusted only by their "
-                  "signature)", file=sys.stderr)
-            return 2
+            return _fail("--checkpoints needs --public-key (checkpoints are trusted only by their "
+                         "signature)")
         return _verify_chain_only(args)
-    from daemon.service.audit_check import check, describe, load_checkpoints
+    from daemon.service.audit_check import check, describe
     from daemon.service.checkpoint import key_id, load_public_key
 
     try:
         public = [load_public_key(k) for k in args.public_key]
-        external = []
-        for spec in args.checkpoints:
-            external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
+        external = _outside_checkpoints(args)
         result = check(list(args.paths), public, external, node=args.node)
     except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     report = result.report
     if report.ok:
         print(f"chain: {report.records} records in {report.files} files, seq 1 to "
@@ -176,8 +167,7 @@ def _verify_chain_only(args: argparse.Namespace) -> int:
     try:
         report = verify(list(args.paths))
     except AuditError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     if not report.ok:
         print(f"broken: {report.problem}")
         return 1
@@ -190,6 +180,23 @@ def _verify_chain_only(args: argparse.Namespace) -> int:
     print(f"ok: {report.records} records in {report.files} files, chain intact"
           + (" (with a quarantined torn record)" if report.truncated else ""))
     return 3 if report.truncated else 0
+
+
+def _outside_checkpoints(args: argparse.Namespace) -> list[Located]:
+    """The checkpoints read from every `--checkpoints` source, in the order given (s3:// ones
+    with `--s3-region` and `--s3-endpoint-url`); raises AuditError for one unreadable."""
+    from daemon.service.audit_check import load_checkpoints
+
+    external: list[Located] = []
+    for spec in args.checkpoints:
+        external.extend(load_checkpoints(spec, region=args.s3_region, endpoint_url=args.s3_endpoint_url))
+    return external
+
+
+def _fail(message: str) -> int:
+    """Print `error: <message>` on stderr; returns the exit status of an error, 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
