@@ -1,4 +1,6 @@
-"""Builders shared by tests/test_rules.py and tests/test_rules_config.py."""
+"""Builders shared by the rule tests (tests/core/test_rules*.py, test_enforcement.py) and the
+tests that configure the example rules of config.yaml (commands/test_replay.py,
+e2e/test_e2e_rules.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,62 @@ from daemon.core.rules import RuleEngine, RuleSet, compile_rules
 QUEUE = "0d5c7a44-3f2e-4b1a-8c9d-6e7f8a9b0c1d"
 TRUSTED = "6f1c2a9e-0b3d-4c8e-9a57-2d1e4b7c8f01"
 
+#: The six example rules of the rule format (config.yaml): their `when` / `call` /
+#: `hold_for` and action as YAML lines below the name, with the places that tests vary.
+_SHIPPED: dict[str, str] = {
+    "flagged-party": """\
+    when:
+      purpose: {{in: [customer, external]}}
+      attributes.complianceFlag: "true"
+    action: disconnect""",
+    "blocked-number-in-conference": """\
+    when:
+      purpose: external
+      address: {{in_list: blocked_numbers}}
+    call:
+      connected_parties: {{gte: 3}}
+    action: disconnect""",
+    "third-party-needs-recording": """\
+    when: {{purpose: external, state: connected}}
+    call: {{recording_state: {{not_in: [active]}}}}
+    hold_for: {hold_for}
+    action: disconnect""",
+    "supervisor-monitor-time-limit": """\
+    when:
+      monitored_participant_id: {{exists: true}}
+      user_id: {{not_in_list: trusted_supervisors}}
+      connected_seconds: {{gt: {monitor_limit}}}
+    action: disconnect""",
+    "no-outside-party-on-payments": """\
+    when: {{purpose: external}}
+    call:
+      has_party: {{purpose: acd, queue_id: {payments}}}
+    action: disconnect""",
+    "flagged-interaction": """\
+    when:
+      any: [{{flagged_reason: {{exists: true}}}}, {{attributes.riskScore: {{gte: 80}}}}]
+      not: {{purpose: agent}}
+    action: observe""",
+}
+
+
+def shipped_rule(name: str, *extra: str, description: str | None = None, hold_for: str = "10s",
+                 monitor_limit: int = 600, payments: str = QUEUE) -> str:
+    """The example rule `name` (one of the six of config.yaml) as an item of a `rules:` list
+    (YAML lines ending in a newline): `description` after its name, when given; each line of
+    `extra` (e.g. "severity: critical") after its action; `hold_for` of
+    third-party-needs-recording, the `connected_seconds` limit of
+    supervisor-monitor-time-limit and the queue of no-outside-party-on-payments as given
+    (defaults: config.yaml's)."""
+    lines = [f"  - name: {name}"]
+    if description is not None:
+        lines.append(f"    description: {description}")
+    lines.append(_SHIPPED[name].format(hold_for=hold_for, monitor_limit=monitor_limit,
+                                       payments=payments))
+    lines.extend(f"    {x}" for x in extra)
+    return "\n".join(lines) + "\n"
+
+
 EXAMPLE = f"""\
 mode: enforce
 safety:
@@ -23,41 +81,10 @@ lists:
   blocked_numbers: {{file: blocked-numbers.txt}}
   trusted_supervisors: {{values: [{TRUSTED}]}}
 rules:
-  - name: flagged-party
-    description: Remove a customer or external party whose participant data carries a compliance flag.
-    when:
-      purpose: {{in: [customer, external]}}
-      attributes.complianceFlag: "true"
-    action: disconnect
-  - name: blocked-number-in-conference
-    when:
-      purpose: external
-      address: {{in_list: blocked_numbers}}
-    call:
-      connected_parties: {{gte: 3}}
-    action: disconnect
-  - name: third-party-needs-recording
-    when: {{purpose: external, state: connected}}
-    call: {{recording_state: {{not_in: [active]}}}}
-    hold_for: 10s
-    action: disconnect
-  - name: supervisor-monitor-time-limit
-    when:
-      monitored_participant_id: {{exists: true}}
-      user_id: {{not_in_list: trusted_supervisors}}
-      connected_seconds: {{gt: 600}}
-    action: disconnect
-  - name: no-outside-party-on-payments
-    when: {{purpose: external}}
-    call:
-      has_party: {{purpose: acd, queue_id: {QUEUE}}}
-    action: disconnect
-  - name: flagged-interaction
-    when:
-      any: [{{flagged_reason: {{exists: true}}}}, {{attributes.riskScore: {{gte: 80}}}}]
-      not: {{purpose: agent}}
-    action: observe
-"""
+""" + "".join(
+    shipped_rule(name, description="Remove a customer or external party whose participant data "
+                 "carries a compliance flag." if name == "flagged-party" else None)
+    for name in _SHIPPED)
 
 BLOCKED = "# blocked numbers\n+44 20 7946 0000  # fraud ring\ntel:+1-555-010-9999\n\n"
 

@@ -23,6 +23,7 @@ import orjson
 import pytest
 
 from _daemon_harness import REPO, SALES, read_jsonl, run_cli, wait_until
+from _rules_helpers import shipped_rule
 from daemon.service.audit import verify
 from daemon.config import load_config
 from daemon.commands.replay import read_frames, replay
@@ -34,32 +35,17 @@ FIXTURES = REPO / "tests" / "fixtures" / "replay"
 HOLD = 1.0
 AGENT = "a11ce000-0000-4000-8000-00000000000b"
 
-RULES = f"""
-rules:
-  - name: flagged-party
-    when:
-      purpose: {{in: [customer, external]}}
-      attributes.complianceFlag: "true"
-    action: disconnect
-    severity: critical
-  - name: blocked-number-in-conference
-    when:
-      purpose: external
-      address: {{in_list: blocked_numbers}}
-    call:
-      connected_parties: {{gte: 3}}
-    action: disconnect
-  - name: third-party-needs-recording
-    when: {{purpose: external, state: connected}}
-    call: {{recording_state: {{not_in: [active]}}}}
-    hold_for: {HOLD:g}s
-    action: disconnect
+RULES = "\nrules:\n" + "".join([
+    shipped_rule("flagged-party", "severity: critical"),
+    shipped_rule("blocked-number-in-conference"),
+    shipped_rule("third-party-needs-recording", hold_for=f"{HOLD:g}s"),
+    """\
   - name: risky-interaction
     when:
-      attributes.riskScore: {{gte: 80}}
-      not: {{purpose: agent}}
+      attributes.riskScore: {gte: 80}
+      not: {purpose: agent}
     action: observe
-"""
+"""])
 
 
 def replay_config(folder: Path, base_url: str = "http://127.0.0.1:9") -> Path:

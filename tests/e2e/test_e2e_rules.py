@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from _rules_helpers import shipped_rule
 from _wait import wait_until
 from daemon.service.audit import verify
 from daemon.config import Config, parse_config
@@ -46,53 +47,15 @@ HOLD = 2.0  # seconds, hold_for of third-party-needs-recording in these tests
 MONITOR_LIMIT = 3  # seconds, supervisor-monitor-time-limit threshold in these tests
 PATCH_BODY = {"state": "disconnected"}
 
-RULES_YAML = f"""
-rules:
-  - name: flagged-party
-    when:
-      purpose: {{in: [customer, external]}}
-      attributes.complianceFlag: "true"
-    action: disconnect
-    severity: critical
-    tags: [PCI-DSS-3.2.1]
-    message: "{{party.purpose}} {{party.name}} flagged by an upstream system on call {{call.id}}"
-
-  - name: blocked-number-in-conference
-    when:
-      purpose: external
-      address: {{in_list: blocked_numbers}}
-    call:
-      connected_parties: {{gte: 3}}
-    action: disconnect
-    severity: critical
-
-  - name: third-party-needs-recording
-    when: {{purpose: external, state: connected}}
-    call: {{recording_state: {{not_in: [active]}}}}
-    hold_for: {HOLD:g}s
-    action: disconnect
-
-  - name: supervisor-monitor-time-limit
-    when:
-      monitored_participant_id: {{exists: true}}
-      user_id: {{not_in_list: trusted_supervisors}}
-      connected_seconds: {{gt: {MONITOR_LIMIT}}}
-    action: disconnect
-
-  - name: no-outside-party-on-payments
-    when: {{purpose: external}}
-    call:
-      has_party: {{purpose: acd, queue_id: {PAYMENTS}}}
-    action: disconnect
-    severity: critical
-
-  - name: flagged-interaction
-    when:
-      any: [{{flagged_reason: {{exists: true}}}}, {{attributes.riskScore: {{gte: 80}}}}]
-      not: {{purpose: agent}}
-    action: observe
-    severity: info
-"""
+RULES_YAML = "\nrules:\n" + "\n".join([
+    shipped_rule("flagged-party", "severity: critical", "tags: [PCI-DSS-3.2.1]",
+                 'message: "{party.purpose} {party.name} flagged by an upstream system on call {call.id}"'),
+    shipped_rule("blocked-number-in-conference", "severity: critical"),
+    shipped_rule("third-party-needs-recording", hold_for=f"{HOLD:g}s"),
+    shipped_rule("supervisor-monitor-time-limit", monitor_limit=MONITOR_LIMIT),
+    shipped_rule("no-outside-party-on-payments", "severity: critical", payments=PAYMENTS),
+    shipped_rule("flagged-interaction", "severity: info"),
+])
 
 
 def make_config(tmp_path: Path, base_url: str, *, mode: str = "enforce",
