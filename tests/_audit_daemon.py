@@ -7,7 +7,8 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from _daemon_harness import SALES, DaemonProcess, audit_records, credentials_env, sandbox_queue, wait_until, write_config
+from _daemon_harness import (SALES, DaemonProcess, audit_records, credentials_env, sandbox_agent, started,
+                             wait_until, write_config)
 
 from daemon.sandbox import Sandbox
 
@@ -18,21 +19,14 @@ AGENT = "a11ce000-0000-4000-8000-00000000000a"
 async def running(sb: Sandbox, folder: Path, key: Path | None, s3: str = "") -> AsyncIterator[DaemonProcess]:
     """The daemon with a signing key (checkpoints every 1 s) when `key` is given; `s3`: more
     `audit:` YAML lines (indented two spaces)."""
-    sandbox_queue(sb)
-    if AGENT not in sb.world.users:
-        sb.world.create_user("Alice Agent", AGENT)
+    sandbox_agent(sb, AGENT, "Alice Agent")
     extra = s3
     if key is not None:
         extra += f"  signing_key_file: {key}\n  checkpoint_interval: 1s\n"
     config = write_config(folder, sb.base_url)
     config.write_text(config.read_text().replace("  fsync_interval: 0.2\n", "  fsync_interval: 0.2\n" + extra, 1))
-    d = DaemonProcess(config, credentials_env(sb), folder)
-    await d.start()
-    try:
+    async with started(DaemonProcess(config, credentials_env(sb), folder), sb) as d:
         yield d
-    finally:
-        sb.faults.reset()
-        await d.close()
 
 
 async def remove_one(sb: Sandbox, folder: Path) -> None:

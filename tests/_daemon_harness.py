@@ -18,7 +18,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +289,23 @@ def sandbox_queue(sb: Sandbox, queue_id: str = SALES, name: str = "Sales") -> st
     if queue_id not in sb.world.queues:
         sb.world.create_queue(name, queue_id)
     return queue_id
+
+
+def sandbox_agent(sb: Sandbox, user_id: str, name: str) -> None:
+    """The Sales queue (`sandbox_queue`) and a user `user_id` called `name` in `sb`'s world,
+    each added unless it is there already."""
+    sandbox_queue(sb)
+    if user_id not in sb.world.users:
+        sb.world.create_user(name, user_id)
+
+
+@contextlib.asynccontextmanager
+async def started(d: DaemonProcess, sb: Sandbox) -> AsyncIterator[DaemonProcess]:
+    """`d` started (`DaemonProcess.start`) for the body of the `async with`; after it, even
+    on an error, `sb`'s faults are reset and `d` closed."""
+    await d.start()
+    try:
+        yield d
+    finally:
+        sb.faults.reset()
+        await d.close()

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from _daemon_harness import (SALES, DaemonProcess, credentials_env, run_cli, sample,
-                             sandbox_queue, wait_until, write_config)
+                             sandbox_agent, sandbox_queue, wait_until, write_config)
 from daemon.config.loader import MAX_LIST_VALUES
 from daemon.sandbox import Sandbox
 from daemon.sandbox.world import Conversation, Party
@@ -60,9 +60,7 @@ def fd_limit(soft: int) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def running(sb: Sandbox, folder: Path, *, ops_extra: str = "", fd_soft: int | None = None,
                   **cfg: Any) -> AsyncIterator[DaemonProcess]:
-    sandbox_queue(sb)
-    if AGENT not in sb.world.users:
-        sb.world.create_user("Bob Agent", AGENT)
+    sandbox_agent(sb, AGENT, "Bob Agent")
     config = write_config(folder, sb.base_url, **cfg)
     if ops_extra:
         config.write_text(config.read_text().replace("\nops:\n", f"\nops:\n{ops_extra}", 1))

@@ -23,8 +23,8 @@ import pytest
 import structlog.testing
 
 from _daemon_harness import (BLOCKED_RULE, FLAGGED_RULE, SALES, SUPPORT, DaemonProcess,
-                             audit_records, credentials_env, sample, sandbox_queue, wait_until,
-                             write_config)
+                             audit_records, credentials_env, sample, sandbox_agent, sandbox_queue, started,
+                             wait_until, write_config)
 from daemon.service.audit import verify
 from daemon.config import load_config
 from daemon.core.ids import ConversationId
@@ -40,19 +40,12 @@ AGENT = "a11ce000-0000-4000-8000-00000000000a"
 async def daemon_process(sb: Sandbox, folder: Path, *, env_extra: dict[str, str] | None = None,
                          ops_extra: str = "", **cfg: Any) -> AsyncIterator[DaemonProcess]:
     """`ops_extra`: more `ops:` keys, as YAML lines indented two spaces."""
-    sandbox_queue(sb)
-    if AGENT not in sb.world.users:
-        sb.world.create_user("Alice Agent", AGENT)
+    sandbox_agent(sb, AGENT, "Alice Agent")
     config = write_config(folder, sb.base_url, **cfg)
     if ops_extra:
         config.write_text(config.read_text().replace("\nops:\n", f"\nops:\n{ops_extra}", 1))
-    d = DaemonProcess(config, credentials_env(sb, **(env_extra or {})), folder)
-    await d.start()
-    try:
+    async with started(DaemonProcess(config, credentials_env(sb, **(env_extra or {})), folder), sb) as d:
         yield d
-    finally:
-        sb.faults.reset()
-        await d.close()
 
 
 def flagged_call(sb: Sandbox, queue: str = SALES, flag: str = "true",
@@ -418,9 +411,7 @@ async def test_ops_endpoints_from_the_running_daemon(sandbox: Sandbox, tmp_path:
 async def in_process(sb: Sandbox, folder: Path, monkeypatch: pytest.MonkeyPatch,
                      **cfg: Any) -> AsyncIterator[Daemon]:
     """A started in-process Daemon (max_retries 4) on a config.yaml in `folder`."""
-    sandbox_queue(sb)
-    if AGENT not in sb.world.users:
-        sb.world.create_user("Alice Agent", AGENT)
+    sandbox_agent(sb, AGENT, "Alice Agent")
     monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_ID", sb.client_id)
     monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", sb.client_secret)
     path = write_config(folder, sb.base_url, ops=False, max_retries=4, **cfg)
