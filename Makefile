@@ -30,11 +30,13 @@ demo: $(DEMO_STAMP)
 	$(BIN)/confguard demo
 
 # Lint, types, then the suite (which includes the soak, 60 s, and every benchmark at
-# smoke sizes, tests/bench).
+# smoke sizes, tests/bench) on 2 pytest-xdist workers: most of the suite waits on sockets,
+# subprocesses and timers, so two workers halve its wall time on 2 cores. `loadgroup` hands
+# out one test at a time (the `slow` ones first: tests/conftest.py).
 test: $(BENCH_STAMP)
 	$(BIN)/python -m ruff check daemon tests bench
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy

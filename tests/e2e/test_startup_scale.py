@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from _daemon_harness import FLAGGED_RULE, DaemonProcess, credentials_env, sandbox_queue, wait_until, write_config
 
 from daemon.sandbox import Sandbox
@@ -108,6 +109,7 @@ def _progress(notify: Notify) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow
 async def test_1500_calls_ready_fast_conferences_first_no_429(sandbox_factory: Any, tmp_path: Path) -> None:
     sb: Sandbox = await sandbox_factory(request_budget=300)
     flagged = _world(sb)
