@@ -32,17 +32,24 @@ async def play(sandbox: Any, d: Daemon, queue_id: str, n: int) -> None:
     """Start and end `n` calls, in batches; wait (bounded) until the daemon has seen every
     published event, then let ended calls pass their grace period and be evicted."""
     w = sandbox.world
+
+    def published() -> int:
+        return sum(1 for e in sandbox.journal.events if e.sockets)
+
+    # Both counted from here: the daemon's count goes on across plays while the sandbox's
+    # journal is cleared between them, so a wait on the totals passed early by the
+    # warm-up's events and the last batch could still be in flight at the eviction.
+    seen0, published0 = sum(d.engine.call_events.values()), published()
     for start in range(0, n, BATCH):
         for _ in range(min(BATCH, n - start)):
             w.end_call(w.start_call(queue_id).id)
-        published = sum(1 for e in sandbox.journal.events if e.sockets)
+        target = published() - published0
         deadline = time.monotonic() + 30
-        while sum(d.engine.call_events.values()) < published:
+        while sum(d.engine.call_events.values()) - seen0 < target:
             assert time.monotonic() < deadline, "daemon fell behind the sandbox"
             await asyncio.sleep(0.01)
-    # Past the ended-call grace: evict. The event count can reach `published` while a call's
-    # last event is still on its way (seen once on a loaded machine: one call left), so the
-    # tick is repeated, bounded (30 s), until every call has ended and been evicted.
+    # Past the ended-call grace: evict. Repeated, bounded (30 s), in case a call's last event
+    # is still on its way (seen once on a loaded machine: one call left).
     deadline = time.monotonic() + 30
     while True:
         d.engine.tick(time.time() + 3600)
