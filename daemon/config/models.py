@@ -127,6 +127,11 @@ class SubscriptionSettings(_Strict):
     reconcile_share: float = Field(
         default=0.25, gt=0.0, le=1.0,
         description="Fraction of every budget window that reconciliation may spend at most.")
+    compression: bool = Field(
+        default=False,
+        description="Offer permessage-deflate on the notification WebSocket. Off: the frames are "
+                    "small and compressing and inflating each one delays the removal; on where "
+                    "the link, not the latency, is short.")
 
 
 class SafetySettings(_Strict):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from daemon.config import Config, load_lists, resolve_credentials, resolve_ha_dsn
+from daemon.config import Config, SubscriptionSettings, load_lists, resolve_credentials, resolve_ha_dsn
 from daemon.core.coverage import Coverage
 from daemon.core.engine import Engine
 from daemon.core.enforcement import Mode
@@ -73,12 +73,18 @@ def websocket_source(ctx: SourceContext) -> Source:
 
     def make_stream(on_message: Callable[[bytes | str, float], Message],
                     on_gap: Callable[[str], None]) -> StreamManager:
-        settings = StreamSettings(heartbeat_timeout_factor=subs.heartbeat_timeout_factor,
-                                  channel_refresh_before=subs.channel_refresh_before)
         return StreamManager(ctx.client, list(ctx.scope.topics), on_message=on_message,
-                             on_gap=on_gap, settings=settings, metrics=ctx.metrics)
+                             on_gap=on_gap, settings=stream_settings(subs),
+                             metrics=ctx.metrics)
 
     return WebSocketSource(ctx.sink, make_stream)
+
+
+def stream_settings(subs: SubscriptionSettings) -> StreamSettings:
+    """The stream's settings from the config's `subscriptions:` (the rest are defaults)."""
+    return StreamSettings(heartbeat_timeout_factor=subs.heartbeat_timeout_factor,
+                          channel_refresh_before=subs.channel_refresh_before,
+                          compression=subs.compression)
 
 
 #: Every input of the daemon, in start order (one line per source).

@@ -9,6 +9,8 @@ import asyncio
 import inspect
 from pathlib import Path
 
+from typing import Any
+
 import orjson
 import pytest
 
@@ -195,3 +197,25 @@ def test_without_a_signing_key_the_trail_has_no_checkpointer(tmp_path: Path,
     monkeypatch.setenv("GENESYSCLOUD_OAUTHCLIENT_SECRET", "secret")
     wired = assembly.connect(assembly.build_core(_config(tmp_path)), mode="enforce")  # type: ignore[arg-type]
     assert wired.checkpointer is None and wired.audit.path == tmp_path / "audit.jsonl"
+
+
+def test_subscriptions_compression_reaches_the_stream_and_needs_a_restart(tmp_path: Path) -> None:
+    """`subscriptions.compression` (default off) is the stream's `compression`; a reload
+    cannot change it on live sockets, and says so."""
+    from daemon.service.lifecycle import _restart_only_changes
+
+    def config(extra: str) -> Any:
+        return parse_config(f"""
+genesys: {{api_base_url: "https://api.example.test", login_base_url: "https://login.example.test"}}
+subscriptions: {{queues: ["{SALES}"]{extra}}}
+rules: []
+audit: {{path: "{tmp_path / 'audit.jsonl'}"}}
+""", file="config.yaml", base_dir=tmp_path)
+
+    off, on = config(""), config(", compression: true")
+    assert off.subscriptions.compression is False
+    assert assembly.stream_settings(off.subscriptions).compression is False
+    assert assembly.stream_settings(on.subscriptions).compression is True
+    assert assembly.stream_settings(on.subscriptions).heartbeat_timeout_factor == \
+        on.subscriptions.heartbeat_timeout_factor
+    assert "subscriptions.compression" in _restart_only_changes(off, on)

@@ -33,7 +33,7 @@ class StreamSettings:
       100 KB/s), and compressing each one at the server and inflating it here is time spent
       between the event and the removal (the frame reached the daemon 0.3-0.5 ms later with
       it in the burst bench, bench/RESULTS.md issue 22). Turn it on where the link, not the
-      latency, is what is short.
+      latency, is what is short (config: `subscriptions.compression`).
     """
 
     heartbeat_interval: float = 30.0
