@@ -36,6 +36,7 @@ from daemon.sandbox import Sandbox
 from daemon.sandbox.world import World, WorldError
 from daemon.service.lifecycle import Daemon, State
 from _logging_state import preserved_logging
+from _rules_helpers import shipped_rule
 
 SOAK_SECONDS = float(os.environ.get("CONFGUARD_SOAK_SECONDS", "60"))
 FAULT_EVERY = 3.0  # seconds between faults
@@ -68,19 +69,7 @@ safety:
 lists:
   blocked_numbers: {{file: blocked-numbers.txt}}
 rules:
-  - name: flagged-party
-    when:
-      purpose: {{in: [customer, external]}}
-      attributes.complianceFlag: "true"
-    action: disconnect
-  - name: blocked-number-in-conference
-    when:
-      purpose: external
-      address: {{in_list: blocked_numbers}}
-    call:
-      connected_parties: {{gte: 3}}
-    action: disconnect
-audit:
+{shipped_rule("flagged-party")}{shipped_rule("blocked-number-in-conference")}audit:
   path: audit/soak.jsonl
   fsync_interval: 1.0
 ops:
