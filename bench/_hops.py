@@ -104,9 +104,7 @@ def install() -> Probe:
              lambda orig: _request_hop(p, orig, "send"))
     for cls in _transport_classes():
         p._patch(cls, "handle_async_request", lambda orig: _request_hop(p, orig, "transport"))
-    sock = asyncio.selector_events._SelectorSocketTransport
-    p._patch(sock, "write", lambda orig: _write(p, orig))
-    p._patch(sock, "writelines", lambda orig: _writelines(p, orig))
+    watch_patch_writes(p, lambda cid: p.stamp(cid, "written"))
     return p
 
 
@@ -198,26 +196,33 @@ def _request_hop(p: Probe, orig: Any, hop: str) -> Any:
     return f
 
 
-def _written(p: Probe, data: Any) -> None:
-    if bytes(data[:len(_PATCH)]) == _PATCH:
-        head = bytes(data[len(_PATCH):len(_PATCH) + 80])
-        p.stamp(head.split(b"/", 1)[0].decode("ascii", "replace"), "written")
+def watch_patch_writes(p: Probe, seen: Callable[[str], None]) -> None:
+    """Call `seen(conversation id)` whenever this process hands the first bytes of a PATCH
+    of a call's participant to a socket (`write`, or `writelines`: aiohttp may write headers
+    and body in one call); undone with `p.uninstall()`. Used for confguard's `written` hop
+    and, in its own process, for the minimal client's."""
+    def written(data: Any) -> None:
+        if bytes(data[:len(_PATCH)]) == _PATCH:
+            head = bytes(data[len(_PATCH):len(_PATCH) + 80])
+            seen(head.split(b"/", 1)[0].decode("ascii", "replace"))
 
+    def write(orig: Any) -> Any:
+        def f(self: Any, data: Any) -> None:
+            written(data)
+            orig(self, data)
+        return f
 
-def _write(p: Probe, orig: Any) -> Any:
-    def f(self: Any, data: Any) -> None:
-        _written(p, data)
-        orig(self, data)
-    return f
+    def writelines(orig: Any) -> Any:
+        def f(self: Any, chunks: Any) -> None:
+            chunks = list(chunks)
+            if chunks:
+                written(chunks[0])
+            orig(self, chunks)
+        return f
 
-
-def _writelines(p: Probe, orig: Any) -> Any:  # aiohttp may write headers and body in one call
-    def f(self: Any, chunks: Any) -> None:
-        chunks = list(chunks)
-        if chunks:
-            _written(p, chunks[0])
-        orig(self, chunks)
-    return f
+    sock = asyncio.selector_events._SelectorSocketTransport
+    p._patch(sock, "write", write)
+    p._patch(sock, "writelines", writelines)
 
 
 def _transport_classes() -> list[type]:

@@ -159,45 +159,25 @@ async def _minimal_main(conn: Connection, base: str, client_id: str, secret: str
     the socket library handed the frame over, before the JSON is parsed; `written`: the
     PATCH's first bytes handed to the socket), sent back as one list of ms when the socket
     closes."""
-    import aiohttp
-    import orjson
-
     seen: dict[str, int] = {}
     written: dict[str, int] = {}
+    probe = _hops.Probe()
     if hops:
-        import asyncio.selector_events as sel
-
-        sock = sel._SelectorSocketTransport
-        prefix = b"PATCH /api/v2/conversations/calls/"
-
-        def stamp(data: Any) -> None:
-            if bytes(data[:len(prefix)]) == prefix:
-                cid = bytes(data[len(prefix):len(prefix) + 80]).split(b"/", 1)[0].decode()
-                written.setdefault(cid, time.perf_counter_ns())
-
-        orig_write, orig_lines = sock.write, sock.writelines
-
-        def write(self: Any, data: Any) -> None:
-            stamp(data)
-            orig_write(self, data)
-
-        def writelines(self: Any, chunks: Any) -> None:
-            chunks = list(chunks)
-            if chunks:
-                stamp(chunks[0])
-            orig_lines(self, chunks)
-
-        sock.write, sock.writelines = write, writelines  # type: ignore[method-assign]
+        _hops.watch_patch_writes(probe, lambda cid: written.setdefault(cid, time.perf_counter_ns()))
     try:
-        await _minimal_loop(conn, base, client_id, secret, queue, aiohttp, orjson, seen)
+        await _minimal_loop(conn, base, client_id, secret, queue, seen)
     finally:
+        probe.uninstall()
         if hops:
             conn.send({"on_message_to_written_ms": [(written[c] - t) / 1e6
                                                     for c, t in seen.items() if c in written]})
 
 
 async def _minimal_loop(conn: Connection, base: str, client_id: str, secret: str, queue: str,
-                        aiohttp: Any, orjson: Any, seen: dict[str, int]) -> None:
+                        seen: dict[str, int]) -> None:
+    """The minimal client's work; `seen`: when each call's flag frame was handed over."""
+    import aiohttp
+    import orjson
 
     async with aiohttp.ClientSession() as s:
         basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()

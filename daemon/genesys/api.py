@@ -474,7 +474,7 @@ class GenesysClient:
         it does not use (no auth flow, redirects, cookies or event hooks) and without
         merging URL and headers per request (`__init__` did that once). Same transport
         seam (`MockTransport` in tests), same `httpx` request, response and exceptions;
-        about 65 us less per request (bench/RESULTS.md, issue 22)."""
+        a PATCH round trip p50 0.43-0.62 -> 0.35-0.48 ms (bench/RESULTS.md, issue 22)."""
         resp = await self._transport.handle_async_request(request)
         resp.request = request
         try:

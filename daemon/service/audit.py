@@ -22,9 +22,10 @@ loses nothing; the caller writes the decision record BEFORE sending the disconne
 enforcer awaits it before each removal's first PATCH. Concurrent waiters share one
 fdatasync (group commit): decisions written while a sync runs are covered by the next one.
 While the disk is fast (the last fdatasync took under `INLINE_SYNC_MAX`, 2 ms), that sync
-runs on the loop itself: a worker thread's hand-offs (queue, GIL, the loop's wake-up) cost
-about 0.7 ms on top of a 0.15 ms fdatasync in the burst bench (bench/RESULTS.md, issue
-22); a slower disk goes back to the worker thread, so the loop never stalls for long.
+runs on the loop itself, without a worker thread's hand-offs (queue, GIL, the loop's
+wake-up): the wait before the PATCH went from 0.89 to 0.65 ms p50 in the burst bench
+(bench/RESULTS.md, issue 22); a slower disk goes back to the worker thread, so the loop
+never stalls for long.
 
 No silent loss: a torn last line (a write cut by a power loss) is moved to a
 quarantine file beside the trail (`<file>.quarantine.<YYYYmmddTHHMMSSZ>.<offset>`) and the
@@ -83,7 +84,7 @@ RESERVED = ("seq", "time", "prev_hash", "hash")
 GAP_TYPES = ("gap",)
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 #: Seconds: `wait_durable` fdatasyncs on the loop itself while the last fdatasync took less
-#: than this (a local SSD: 0.1-0.3 ms), in a worker thread otherwise (see the module docstring).
+#: than this, in a worker thread otherwise (see the module docstring).
 INLINE_SYNC_MAX = 0.002
 
 

@@ -29,10 +29,9 @@ class StreamSettings:
     - `connect_timeout` (WebSocket handshake), `stop_timeout` (unsubscribing at stop),
       `max_frame_bytes` (a larger frame ends the socket).
     - `compression`: offer permessage-deflate (RFC 7692) in the handshake. Off: the frames
-      are small JSON (a few KB, a few per call and minute: 5,000 calls are well under
-      100 KB/s), and compressing each one at the server and inflating it here is time spent
-      between the event and the removal (the frame reached the daemon 0.3-0.5 ms later with
-      it in the burst bench, bench/RESULTS.md issue 22). Turn it on where the link, not the
+      are small JSON (a few KB each), and compressing each one at the server and inflating
+      it here is time spent between the event and the removal (about 0.2 ms a frame in the
+      burst bench, bench/RESULTS.md issue 22). Turn it on where the link, not the
       latency, is what is short (config: `subscriptions.compression`).
     """
 
