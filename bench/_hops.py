@@ -229,12 +229,13 @@ def _transport_classes() -> list[type]:
     import httpx
 
     out: list[type] = [httpx.AsyncHTTPTransport]
-    try:
-        from daemon.genesys.transport import AiohttpTransport as Ours
-    except ImportError:  # a tree before it
+    try:  # the tree under test's own: Http11Transport, or AiohttpTransport before it
+        from daemon.genesys import transport as ours
+    except ImportError:  # a tree before both
         pass
     else:
-        out.append(Ours)
+        out += [getattr(ours, n) for n in ("Http11Transport", "AiohttpTransport")
+                if hasattr(ours, n)]
     try:
         from httpx_aiohttp import AiohttpTransport
     except ImportError:

@@ -68,9 +68,9 @@ async def _httpx(url: str, n: int, transport_name: str = "httpcore") -> list[flo
 
         transport = AiohttpTransport()
     elif transport_name == "confguard":
-        from daemon.genesys.transport import AiohttpTransport as Ours
+        from daemon.genesys.transport import default_transport
 
-        transport = Ours()
+        transport = default_transport()
     out: list[float] = []
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport,
                                  headers={"User-Agent": "confguard/0.1",
@@ -92,7 +92,8 @@ async def _httpx_aiohttp(url: str, n: int) -> list[float]:
 
 
 async def _httpx_confguard(url: str, n: int) -> list[float]:
-    """httpx over confguard's own aiohttp transport (`daemon.genesys.transport`)."""
+    """httpx over confguard's own transport (`daemon.genesys.transport.default_transport()`:
+    `Http11Transport`; `AiohttpTransport` in trees before it)."""
     return await _httpx(url, n, "confguard")
 
 

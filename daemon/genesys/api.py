@@ -116,7 +116,8 @@ class GenesysClient:
     """Async Genesys Cloud REST client. Use as `async with GenesysClient(settings, creds) as c:`.
 
     `transport` replaces the network (httpx.MockTransport in tests); by default requests go
-    out through aiohttp (`daemon.genesys.transport`) under the same httpx API. `limiter` may be shared
+    out through confguard's HTTP/1.1 transport (`daemon.genesys.transport`) under the same
+    httpx API. `limiter` may be shared
     with other clients of the same OAuth client; by default one is made from
     `settings.requests_per_minute`. `retry_base_delay`/`retry_max_delay` shape the
     jittered exponential back-off (seconds) of `self.retry` (a `RetryPolicy` with

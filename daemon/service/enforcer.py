@@ -19,8 +19,8 @@ Contract:
   the action's task first awaits `audit.wait_durable()`, one fdatasync shared by every
   decision written meanwhile, unless `sync_before_patch` is off), log one line `decision`
   carrying every decision field (INFO for rules of severity info, else WARNING; when a
-  PATCH task is started, the line is written two loop iterations later, after the PATCH's
-  first step and its body writer, so that building it does not delay the PATCH), then act as
+  PATCH task is started, the line is written at the loop's next iteration, after the PATCH
+  task's first step, so that building it does not delay the PATCH), then act as
   `Enforcement.admit` says:
     * rule action `observe`, or `observe` mode: an `observed` outcome; nothing is sent;
     * draining (`stop_accepting`): `suppressed`, "daemon stopping";
@@ -528,13 +528,12 @@ class Enforcer:
             loop = asyncio.get_running_loop()
             action.task = loop.create_task(
                 self._run(action), name=f"disconnect {d.conversation_id}/{d.participant_id}")
-            # The `decision` line two loop iterations on (callbacks run in the order
-            # scheduled): after the task's first step and after the writer task aiohttp
-            # starts in it for the body (Python < 3.12), which together write the PATCH
-            # unless it has to wait (limiter, token, a new connection). Building and writing
-            # the line is the costliest part of a submit, and the audit record, not the log
-            # line, is what must exist before the PATCH.
-            loop.call_soon(loop.call_soon, self._log_decision, d, mode, dlog)
+            # The `decision` line on the loop's next iteration, after the task's first step
+            # (callbacks run in the order scheduled), which writes the PATCH unless it has
+            # to wait (the audit's sync, limiter, token, a new connection). Building and
+            # writing the line is the costliest part of a submit, and the audit record, not
+            # the log line, is what must exist before the PATCH.
+            loop.call_soon(self._log_decision, d, mode, dlog)
             return
         self._log_decision(d, mode, dlog)
         if adm.verdict == "joined":

@@ -1,6 +1,6 @@
 """The PATCH write deadline (`GenesysClient.disconnect_participant(send_budget=...)`, HA's
 lease validity minus its margin) over real sockets against the sandbox, with both
-transports (aiohttp's, the default, and httpx's own): a PATCH whose body is not written
+transports (confguard's `Http11Transport`, the default, and httpx's own): a PATCH whose body is not written
 within the budget (here: waiting for the pool's only connection) is abandoned and raises
 NotSentError, and nothing reaches the sandbox even after the path clears; a PATCH with
 room is sent; a spent budget sends nothing at all."""
@@ -18,11 +18,11 @@ from daemon.config import Credentials, GenesysSettings
 from daemon.errors import NotSentError
 from daemon.genesys.api import GenesysClient
 from daemon.genesys.ratelimit import RequestLimiter
-from daemon.genesys.transport import AiohttpTransport
+from daemon.genesys.transport import Http11Transport
 from daemon.sandbox import Sandbox
 
 TRANSPORTS: dict[str, Callable[[], httpx.AsyncBaseTransport]] = {
-    "aiohttp": lambda: AiohttpTransport(max_connections=1),
+    "http11": lambda: Http11Transport(max_connections=1),
     "httpx": lambda: httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1)),
 }
 
