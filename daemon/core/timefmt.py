@@ -16,8 +16,19 @@ MAX_TIME_LEN: Final = 64
 
 def format_time(epoch: float) -> str:
     """Epoch seconds as `2026-11-21T09:15:02.345Z` (UTC, milliseconds, `Z`)."""
+    global _second
     dt = datetime.fromtimestamp(epoch, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # The text up to the second is kept for the next call within the same second (a
+    # burst's records): `strftime` is most of the cost. (int(epoch), dt.second) names one
+    # second: dt's own second is int(epoch) - 1, + 0 or + 1 (truncation of a negative
+    # epoch, rounding up to the next second), and its value modulo 60 tells which.
+    key = (int(epoch), dt.second)
+    if _second[0] != key:
+        _second = (key, dt.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second[1]}{dt.microsecond // 1000:03d}Z"
+
+
+_second: tuple[tuple[int, int], str] = ((0, -1), "")
 
 
 _DAYS_BEFORE_MONTH: Final = (0, 0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)

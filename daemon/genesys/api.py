@@ -39,11 +39,10 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import orjson
@@ -87,6 +86,8 @@ ANALYTICS_PAGE_SIZE = 100
 # Ids per analytics query (one segment-filter predicate each); keeps request bodies small.
 ANALYTICS_IDS_PER_QUERY = 50
 MAX_PAGES = 1000  # a bound on every paging loop, far beyond any real listing
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # httpx sends `Content-Length: 0` without one
 
 CONFLICT_RETRY = RetryPolicy(initial=0.2, factor=2.0, cap=2.0, jitter=0.5)
 """The 409 back-off: a conflicting operation (a transfer, another removal) is usually over
@@ -145,11 +146,12 @@ class GenesysClient:
         self._http = httpx.AsyncClient(
             transport=self._transport, timeout=timeout, follow_redirects=False,
             headers={"User-Agent": "confguard/0.1", "Accept": "application/json"})
-        # What `AsyncClient.build_request` would add to each API request, worked out once
-        # (see `_exchange`): the client's default headers and the timeout extension.
-        self._headers = dict(self._http.headers.multi_items())
-        self._extensions = {"timeout": timeout.as_dict()}
         self.api_origin = settings.api_origin.rstrip("/")
+        # What `AsyncClient.build_request` would add to each API request, worked out once
+        # (see `_build`): Host, the client's default headers as bytes, the timeouts.
+        self._raw_headers = [(b"Host", httpx.URL(self.api_origin).netloc),
+                             *self._http.headers.raw]
+        self._extensions = {"timeout": timeout.as_dict()}
         self.tokens = TokenManager(self._http, settings.login_origin, credentials,
                                    refresh_margin=settings.token_refresh_margin,
                                    clock=token_clock)
@@ -390,19 +392,19 @@ class GenesysClient:
                        send_budget: Callable[[], float | None] | None = None) -> httpx.Response:
         """Send one logical request with the retry policy of the module docstring."""
         path = build_path(method, route, path_args)
+        body = None if json is None else orjson.dumps(json)  # once for every attempt
         # One budget of retries for 5xx, transport errors and 429s together; its own for 409.
         delays = self.retry.backoff(self._rng)
         conflict_delays: Iterator[float] | None = None  # made at the first 409 (rare)
         reauthed = False
         while True:
             token = await self.tokens.token()
-            headers = {"Authorization": f"Bearer {token}"}
             self.limiter.note_token(hash(token))  # a new token has a new budget window
             err: ApiError
             async with self.limiter.slot(priority):
                 if on_send is not None:
                     on_send()
-                resp, seconds = await self._send(method, route, path, headers, token, json=json,
+                resp, seconds = await self._send(method, route, path, token, body=body,
                                                  query=query, send_budget=send_budget)
             if isinstance(resp, TransportError):
                 err = resp
@@ -450,24 +452,42 @@ class GenesysClient:
                 continue
             await asyncio.sleep(wait)
 
-    async def _send(self, method: str, route: str, path: str, headers: dict[str, str], token: str, *,
-                    json: Any, query: Mapping[str, str] | None,
+    async def _send(self, method: str, route: str, path: str, token: str, *,
+                    body: bytes | None, query: Mapping[str, str] | None,
                     send_budget: Callable[[], float | None] | None = None,
                     ) -> tuple[httpx.Response | TransportError, float]:
         """One HTTP exchange (the caller holds the limiter slot): the answer (its headers
         handed to the limiter) or, when none came, a reported and logged TransportError;
         and the seconds it took. With `send_budget`: `_send_within`."""
         if send_budget is not None:
-            return await self._send_within(method, route, path, headers, token, json, send_budget)
+            return await self._send_within(method, route, path, token, body, send_budget)
         started = time.monotonic()
         try:
-            resp = await self._exchange(httpx.Request(
-                method, self.api_origin + path, params=query, headers={**self._headers, **headers},
-                json=json, extensions=self._extensions))
+            resp = await self._exchange(self._build(method, path, token, body, query))
         except httpx.HTTPError as exc:
             return self._no_answer(exc, method, route, path, token, started)
         self.limiter.observe(resp.headers)
         return resp, time.monotonic() - started
+
+    def _build(self, method: str, path: str, token: str, body: bytes | None,
+               query: Mapping[str, str] | None = None,
+               stream: httpx.AsyncByteStream | None = None) -> httpx.Request:
+        """The request `AsyncClient.build_request` would make (the same headers, in the
+        same order: Host, the client's defaults, Authorization, Content-Type and
+        Content-Length), from parts worked out once (`__init__`) or once per logical
+        request (the JSON body): per attempt only the URL is parsed. `stream` (default:
+        `body` whole) is what the transport writes after the head."""
+        headers = [*self._raw_headers, (b"Authorization", b"Bearer " + token.encode())]
+        if body is not None:
+            headers += ((b"Content-Type", b"application/json"),
+                        (b"Content-Length", b"%d" % len(body)))
+        elif method in _BODY_METHODS:
+            headers.append((b"Content-Length", b"0"))
+        url = (httpx.URL(self.api_origin + path) if not query
+               else httpx.URL(self.api_origin + path, params=query))
+        return httpx.Request(method, url, headers=headers,
+                             stream=stream if stream is not None else httpx.ByteStream(body or b""),
+                             extensions=self._extensions)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
         """One HTTP exchange, the request handed straight to the transport and the answer
@@ -497,34 +517,31 @@ class GenesysClient:
             f"({exc.__class__.__name__}{_safe_detail(exc, token)})",
             method=method, path=path), seconds
 
-    async def _send_within(self, method: str, route: str, path: str, headers: dict[str, str],
-                           token: str, json: Any, budget: Callable[[], float | None],
+    async def _send_within(self, method: str, route: str, path: str, token: str,
+                           body: bytes | None, budget: Callable[[], float | None],
                            ) -> tuple[httpx.Response | TransportError, float]:
         """`_send` with a deadline on the write (see `disconnect_participant`)."""
         left = budget()
         if left is not None and left <= 0:
             raise NotSentError("the lease deadline had passed before the PATCH could be "
                                "written; nothing sent", method=method, path=path)
-        body = _WriteGuard(orjson.dumps(json), budget)
-        headers = {**self._headers, **headers, "Content-Type": "application/json",
-                   "Content-Length": str(len(body.data))}
+        guard = _WriteGuard(body or b"", budget)
         started = time.monotonic()
-        task = asyncio.ensure_future(self._exchange(httpx.Request(
-            method, self.api_origin + path, headers=headers, content=body,
-            extensions=self._extensions)))
-        timer = (asyncio.get_running_loop().call_later(left, body.expire, task)
+        task = asyncio.ensure_future(self._exchange(
+            self._build(method, path, token, body, stream=guard)))
+        timer = (asyncio.get_running_loop().call_later(left, guard.expire, task)
                  if left is not None else None)
         try:
             resp = await task
         except (asyncio.CancelledError, _Abandoned):
-            if body.state != "abandoned":
+            if guard.state != "abandoned":
                 raise  # our own caller was cancelled
             seconds = time.monotonic() - started
             self._report(method, route, 0, seconds)
             log.warning("api_request_abandoned", method=method, route=route,
-                        seconds=round(seconds, 3), stage=body.stage,
+                        seconds=round(seconds, 3), stage=guard.stage,
                         detail="not written before the lease deadline; nothing sent")
-            raise NotSentError(f"not written before the lease deadline ({body.stage}); "
+            raise NotSentError(f"not written before the lease deadline ({guard.stage}); "
                                f"abandoned, nothing sent", method=method, path=path) from None
         except httpx.HTTPError as exc:
             return self._no_answer(exc, method, route, path, token, started)
@@ -649,14 +666,14 @@ class _Abandoned(Exception):
     """Raised from inside the body stream: the deadline passed before the body went out."""
 
 
-class _WriteGuard:
+class _WriteGuard(httpx.AsyncByteStream):
     """A one-chunk request body that knows whether it has been written.
 
-    The transport iterates it: the first `__anext__` hands over the bytes (after checking
-    the budget once more: past it, `_Abandoned` and nothing of the body is written); the
-    transport asks for the next chunk only once it has written that one, so the second
-    `__anext__` marks the body `written`. `expire(task)`, at the deadline, cancels the
-    request if the body is not written by then (`stage` says how far it got)."""
+    The transport iterates it: the first step hands over the bytes (after checking the
+    budget once more: past it, `_Abandoned` and nothing of the body is written); the
+    transport asks for the next chunk only once it has written that one, so the step after
+    it marks the body `written`. `expire(task)`, at the deadline, cancels the request if
+    the body is not written by then (`stage` says how far it got)."""
 
     def __init__(self, data: bytes, budget: Callable[[], float | None]) -> None:
         self.data = data
@@ -664,21 +681,17 @@ class _WriteGuard:
         self.state = "waiting"  # waiting | handed_over | written | abandoned
         self.stage = "before the body"
 
-    def __aiter__(self) -> _WriteGuard:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.state == "waiting":
-            left = self.budget()
-            if left is not None and left <= 0:
-                self.state = "abandoned"
-                self.stage = "the deadline passed before the body was written"
-                raise _Abandoned()
-            self.state = "handed_over"
-            return self.data
-        if self.state == "handed_over":
-            self.state = "written"
-        raise StopAsyncIteration
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.state != "waiting":
+            return
+        left = self.budget()
+        if left is not None and left <= 0:
+            self.state = "abandoned"
+            self.stage = "the deadline passed before the body was written"
+            raise _Abandoned()
+        self.state = "handed_over"
+        yield self.data
+        self.state = "written"
 
     def expire(self, task: asyncio.Future[Any]) -> None:
         if self.state in ("waiting", "handed_over"):
@@ -709,7 +722,9 @@ def build_path(method: str, route: str, path_args: Mapping[str, str]) -> str:
         if not is_path_id(value):
             raise InvalidIdError(f"{name} {str(value)[:60]!r} is not a valid id; nothing was sent",
                                  code="invalid_id", method=method, path=route)
-    return route.format(**{k: quote(str(v), safe="") for k, v in path_args.items()})
+    # No quoting: a path id's characters ([A-Za-z0-9_.-]) are all unreserved (RFC 3986
+    # 2.3), which `quote` leaves as they are.
+    return route.format_map(path_args)
 
 
 def _entities(body: Mapping[str, Any]) -> list[dict[str, Any]]:

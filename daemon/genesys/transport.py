@@ -385,8 +385,8 @@ class _Connection(asyncio.Protocol):
         try:
             try:
                 body: bytes | None = request.content
-            except httpx.RequestNotRead:
-                body = None
+            except httpx.RequestNotRead:  # built with `stream=`: a whole body is read here
+                body = request.read() if isinstance(request.stream, httpx.ByteStream) else None
             if body is not None:
                 transport.write(head + body if body else head)
             else:
