@@ -473,14 +473,14 @@ class GenesysClient:
                query: Mapping[str, str] | None = None,
                stream: httpx.AsyncByteStream | None = None) -> httpx.Request:
         """The request `AsyncClient.build_request` would make (the same headers, in the
-        same order: Host, the client's defaults, Authorization, Content-Type and
-        Content-Length), from parts worked out once (`__init__`) or once per logical
+        same order: Host, the client's defaults, Authorization, Content-Length and
+        Content-Type), from parts worked out once (`__init__`) or once per logical
         request (the JSON body): per attempt only the URL is parsed. `stream` (default:
         `body` whole) is what the transport writes after the head."""
         headers = [*self._raw_headers, (b"Authorization", b"Bearer " + token.encode())]
         if body is not None:
-            headers += ((b"Content-Type", b"application/json"),
-                        (b"Content-Length", b"%d" % len(body)))
+            headers += ((b"Content-Length", b"%d" % len(body)),
+                        (b"Content-Type", b"application/json"))
         elif method in _BODY_METHODS:
             headers.append((b"Content-Length", b"0"))
         url = (httpx.URL(self.api_origin + path) if not query

@@ -95,6 +95,50 @@ async def test_disconnect_participant_wire_format() -> None:
     assert seen == [("PATCH", "/api/v2/conversations/calls/{conversationId}/participants/{participantId}", 202)]
 
 
+async def test_requests_carry_what_asyncclient_build_request_would_give_them() -> None:
+    """`GenesysClient._build` makes each request from parts worked out once; what goes out
+    is what `httpx.AsyncClient.build_request` would have built from the same call:
+    method, URL (query included), every header in the same order, body."""
+    def api(r: httpx.Request) -> httpx.Response:
+        if r.method == "GET":
+            return httpx.Response(200, json={"entities": [], "pageCount": 1})
+        if r.method == "HEAD":
+            return httpx.Response(200)
+        if r.method == "POST":
+            return httpx.Response(200, json={"entities": []})
+        return httpx.Response(202)
+
+    g = Genesys(api)
+    async with client(g) as c:
+        await c.disconnect_participant("conv-1", "part-2")
+        await c.find_queues_by_name("Sales")
+        await c.channel_exists("ch-1")
+        await c.add_subscriptions("ch-1", ["v2.routing.queues.q1.conversations"],
+                                  ignore_errors=True)
+        ref = c._http
+        token = g.tokens[0]
+        expected = [
+            ref.build_request("PATCH", API + "/api/v2/conversations/calls/conv-1/participants/part-2",
+                              json={"state": "disconnected"},
+                              headers={"Authorization": f"Bearer {token}"}),
+            ref.build_request("GET", API + "/api/v2/routing/queues",
+                              params={"name": "Sales", "pageSize": "100", "pageNumber": "1"},
+                              headers={"Authorization": f"Bearer {token}"}),
+            ref.build_request("HEAD", API + "/api/v2/notifications/channels/ch-1",
+                              headers={"Authorization": f"Bearer {token}"}),
+            ref.build_request("POST", API + "/api/v2/notifications/channels/ch-1/subscriptions",
+                              params={"ignoreErrors": "true"},
+                              json=[{"id": "v2.routing.queues.q1.conversations"}],
+                              headers={"Authorization": f"Bearer {token}"}),
+        ]
+    assert len(g.api_requests) == len(expected)
+    for got, want in zip(g.api_requests, expected):
+        assert (got.method, got.url) == (want.method, want.url)
+        assert got.headers.raw == want.headers.raw, got.method
+        assert json.loads(got.content or b"null") == json.loads(want.content or b"null")
+        assert got.extensions["timeout"] == want.extensions["timeout"]
+
+
 async def test_get_call_and_attributes() -> None:
     def api(r: httpx.Request) -> httpx.Response:
         if r.method == "GET":
