@@ -7,7 +7,8 @@ One aiohttp server in its own process on 127.0.0.1 answers every request 202 wit
 `{"state": "disconnected"}` with an httpx.AsyncClient built as GenesysClient builds its own
 (one pool, explicit timeouts, default headers), then the same with an aiohttp.ClientSession
 (the burst bench's minimal client). Reported per client: p50/p90 round trip in ms (request
-call -> answer read), the best of `--rounds`; and whether `sniffio` is importable: httpcore
+call -> answer read) and `written_p50_ms` (request call -> the PATCH's first bytes handed to
+the socket, `bench/_hops.watch_patch_writes`), the best of `--rounds`; and whether `sniffio` is importable: httpcore
 (under httpx) looks it up 4 times a request, and when it is missing every lookup is a failed
 import that searches sys.path again (bench/RESULTS.md, "Request budget"). `--smoke`: 50
 requests, 1 round.
@@ -29,8 +30,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+import _hops  # noqa: E402
 
 PATH = "/api/v2/conversations/calls/c1/participants/p1"
+_CALLED = [0.0]  # perf_counter() when the current request was called
+_WRITTEN: list[float] = []  # ms from the call to its first PATCH bytes on the socket, each
+
+
+def _called() -> float:
+    _CALLED[0] = t = time.perf_counter()
+    return t
+
+
+def _seen_written(cid: str) -> None:
+    if _CALLED[0]:
+        _WRITTEN.append((time.perf_counter() - _CALLED[0]) * 1000.0)
+        _CALLED[0] = 0.0
+
+
 BUDGET = {"inin-ratelimit-count": "1", "inin-ratelimit-allowed": "3000",
           "inin-ratelimit-reset": "60"}
 
@@ -76,7 +93,7 @@ async def _httpx(url: str, n: int, transport_name: str = "httpcore") -> list[flo
                                  headers={"User-Agent": "confguard/0.1",
                                           "Accept": "application/json"}) as c:
         for i in range(n + 20):  # the first 20 warm the pool
-            t = time.perf_counter()
+            t = _called()
             r = await c.request("PATCH", url, json={"state": "disconnected"},
                                 headers={"Authorization": "Bearer x"})
             r.raise_for_status()
@@ -97,10 +114,12 @@ async def _httpx_confguard(url: str, n: int) -> list[float]:
     return await _httpx(url, n, "confguard")
 
 
-async def _genesys(url: str, n: int) -> list[float]:
+async def _genesys(url: str, n: int, ha: bool = False) -> list[float]:
     """The whole of confguard's client: `GenesysClient.disconnect_participant` (limiter slot,
     token, retry policy, metrics hook, the transport GenesysClient picks) against the
-    same server; the token comes from a MockTransport-free stub (no OAuth round trip)."""
+    same server; the token comes from a MockTransport-free stub (no OAuth round trip).
+    `ha`: with a `send_budget` (as an HA leader sends: the body's write bounded by the
+    lease; 30 s here, never reached)."""
     from daemon.config import Credentials, GenesysSettings
     from daemon.genesys.api import GenesysClient
 
@@ -113,13 +132,19 @@ async def _genesys(url: str, n: int) -> list[float]:
 
     client.tokens.token = token  # type: ignore[method-assign]
     out: list[float] = []
+    extra: dict[str, Any] = {"send_budget": lambda: 30.0} if ha else {}
     async with client:
         for i in range(n + 20):
-            t = time.perf_counter()
-            await client.disconnect_participant("c1", "p1")
+            t = _called()
+            await client.disconnect_participant("c1", "p1", **extra)
             if i >= 20:
                 out.append((time.perf_counter() - t) * 1000.0)
     return out
+
+
+async def _genesys_ha(url: str, n: int) -> list[float]:
+    """`_genesys` as an HA leader sends (`send_budget`)."""
+    return await _genesys(url, n, ha=True)
 
 
 async def _aiohttp(url: str, n: int) -> list[float]:
@@ -128,7 +153,7 @@ async def _aiohttp(url: str, n: int) -> list[float]:
     out: list[float] = []
     async with aiohttp.ClientSession() as s:
         for i in range(n + 20):
-            t = time.perf_counter()
+            t = _called()
             async with s.patch(url, json={"state": "disconnected"},
                                headers={"Authorization": "Bearer x"}) as r:
                 await r.read()
@@ -148,20 +173,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise TimeoutError("server did not start")
         url = f"http://127.0.0.1:{here.recv()}{PATH}"
         best: dict[str, dict[str, float]] = {}
+        probe = _hops.Probe()
+        _hops.watch_patch_writes(probe, _seen_written)
         fns = {"httpx": _httpx, "httpx_aiohttp": _httpx_aiohttp,
-               "httpx_confguard": _httpx_confguard, "genesys": _genesys, "aiohttp": _aiohttp}
+               "httpx_confguard": _httpx_confguard, "genesys": _genesys,
+               "genesys_ha": _genesys_ha, "aiohttp": _aiohttp}
         if importlib.util.find_spec("httpx_aiohttp") is None:
             del fns["httpx_aiohttp"]
         for i in range(args.rounds):
             order = [c for c in args.clients if c in fns]
             for name in order if i % 2 == 0 else reversed(order):  # alternated
                 fn = fns[name]
+                _WRITTEN.clear()
                 lat = await fn(url, args.requests)
+                written = _WRITTEN[20:]  # the first 20 warm the pool
                 row = {"p50_ms": round(_common.pct(lat, 0.5), 3),
-                       "p90_ms": round(_common.pct(lat, 0.9), 3)}
+                       "p90_ms": round(_common.pct(lat, 0.9), 3),
+                       "written_p50_ms": round(_common.pct(written, 0.5), 3) if written else None}
                 if name not in best or row["p50_ms"] < best[name]["p50_ms"]:
                     best[name] = row
         here.send("stop")
+        probe.uninstall()
     finally:
         _common.end_process(proc, 5.0)
     return {"bench": "rest_roundtrip", "requests": args.requests, "rounds": args.rounds,
@@ -182,7 +214,8 @@ def main() -> None:
                     help="which clients, alternated round by round: httpx (its own transport, "
                          "httpcore), httpx_aiohttp (the httpx-aiohttp package's transport, when "
                          "installed), httpx_confguard (daemon.genesys.transport), genesys "
-                         "(GenesysClient whole), aiohttp (bare)")
+                         "(GenesysClient whole), genesys_ha (the same with an HA leader's "
+                         "send_budget), aiohttp (bare)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.smoke:

@@ -527,15 +527,22 @@ class GenesysClient:
                                "written; nothing sent", method=method, path=path)
         guard = _WriteGuard(body or b"", budget)
         started = time.monotonic()
-        task = asyncio.ensure_future(self._exchange(
-            self._build(method, path, token, body, stream=guard)))
+        # The exchange runs in the caller's own task (no task of its own: the PATCH is
+        # written in this step); at the deadline `guard.expire` cancels this task if the
+        # body is not written yet, and that cancellation is taken back below, as
+        # `asyncio.timeout` does (a cancellation from our own caller is not).
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
         timer = (asyncio.get_running_loop().call_later(left, guard.expire, task)
                  if left is not None else None)
         try:
-            resp = await task
-        except (asyncio.CancelledError, _Abandoned):
+            resp = await self._exchange(self._build(method, path, token, body, stream=guard))
+        except (asyncio.CancelledError, _Abandoned) as exc:
             if guard.state != "abandoned":
                 raise  # our own caller was cancelled
+            if isinstance(exc, asyncio.CancelledError) and task.uncancel() > cancelling:
+                raise  # cancelled by the deadline and by our caller: the caller's wins
             seconds = time.monotonic() - started
             self._report(method, route, 0, seconds)
             log.warning("api_request_abandoned", method=method, route=route,
@@ -693,7 +700,7 @@ class _WriteGuard(httpx.AsyncByteStream):
         yield self.data
         self.state = "written"
 
-    def expire(self, task: asyncio.Future[Any]) -> None:
+    def expire(self, task: asyncio.Task[Any]) -> None:
         if self.state in ("waiting", "handed_over"):
             self.stage = ("pool wait, connect or headers" if self.state == "waiting"
                           else "the body was being written (incomplete: cannot be acted on)")

@@ -15,10 +15,10 @@ of Node.js and uvicorn), not here.
   them), headers in httpx's order and case (httpx adds `Host`, `Content-Length` /
   `Transfer-Encoding`), body. A header name or value holding CR, LF or NUL is refused
   (`httpx.LocalProtocolError`) and nothing is written. A body given whole goes out in the
-  same write as the head; a streamed body is written chunk by chunk (chunked framing when
-  the request says `Transfer-Encoding: chunked`), each chunk asked for only once the
-  previous one was handed to the socket and the socket's buffer is below its high-water
-  mark;
+  same write as the head; a streamed body is written chunk by chunk, the head with its
+  first chunk (chunked framing when the request says `Transfer-Encoding: chunked`), each
+  chunk asked for only once the previous one was handed to the socket and the socket's
+  buffer is below its high-water mark;
 - one keep-alive pool per transport, `max_connections` open at most across origins; the
   most recently used idle connection is taken first (warm), one idle for longer than
   `keepalive_expiry` seconds or closed by the server is dropped, never written to. TLS for
@@ -390,8 +390,7 @@ class _Connection(asyncio.Protocol):
             if body is not None:
                 transport.write(head + body if body else head)
             else:
-                transport.write(head)
-                await self._write_stream(request, timeouts.get("write"))
+                await self._write_stream(request, head, timeouts.get("write"))
             await self._read(answer, timeouts.get("read"))
         except httpx.TransportError as exc:
             self.close()
@@ -413,24 +412,30 @@ class _Connection(asyncio.Protocol):
         response.read()
         return response
 
-    async def _write_stream(self, request: httpx.Request, timeout: float | None) -> None:
-        """The body of a streamed request, chunk by chunk (see the module docstring)."""
+    async def _write_stream(self, request: httpx.Request, head: bytes,
+                            timeout: float | None) -> None:
+        """`head`, then the body of a streamed request chunk by chunk (see the module
+        docstring). The head goes out with the first chunk, in one write: a body whose
+        stream fails before its first chunk (a PATCH past its deadline) leaves nothing of
+        the request on the wire."""
         transport = self._transport
         assert transport is not None
         chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
         stream = request.stream
         assert isinstance(stream, AsyncIterable)
+        pending = head
         async for chunk in stream:
             if self.closed:
                 raise httpx.WriteError("the connection was closed while writing")
             if chunked:
-                if chunk:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            else:
-                transport.write(chunk)
+                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
+            if pending or chunk:
+                transport.write(pending + chunk)
+                pending = b""
             await self._drain(timeout)
-        if chunked:
-            transport.write(b"0\r\n\r\n")
+        end = pending + b"0\r\n\r\n" if chunked else pending
+        if end:
+            transport.write(end)
 
     async def _drain(self, timeout: float | None) -> None:
         if not self._paused:

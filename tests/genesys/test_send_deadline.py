@@ -73,3 +73,32 @@ async def test_an_unwritten_patch_is_abandoned_at_the_deadline_and_never_arrives
         (patch,) = sandbox.journal.patches(conv.id)
         assert patch.body == {"state": "disconnected"}
         assert conv.party(ext.id).state == "disconnected"
+
+
+@pytest.mark.parametrize("kind", list(TRANSPORTS))
+async def test_a_caller_cancelling_a_patch_with_a_budget_gets_its_cancellation(
+        sandbox: Sandbox, kind: str) -> None:
+    """The deadline cancels the caller's own task and takes that back; a cancellation from
+    the caller itself (daemon stopping) is not taken back: it propagates as it is, the
+    task stays cancelled, and the client serves the next request."""
+    w = sandbox.world
+    q = w.create_queue("Sales").id
+    conv = w.start_call(q)
+    ext = w.add_external(conv.id, "tel:+14155550123")
+    async with _client(sandbox, TRANSPORTS[kind]()) as client:
+        await client.get_call(conv.id)
+        sandbox.faults.latency = 2.0
+        busy = asyncio.create_task(client.get_call(conv.id))  # holds the only connection
+        await asyncio.sleep(0.2)
+        patch = asyncio.create_task(
+            client.disconnect_participant(conv.id, ext.id, send_budget=_budget(5.0)))
+        await asyncio.sleep(0.2)  # waiting for the pool, well within its budget
+        patch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(patch, 10.0)
+        assert patch.cancelled()
+        sandbox.faults.latency = 0.0
+        await busy
+        assert sandbox.journal.patches(conv.id) == []
+        status = await client.disconnect_participant(conv.id, ext.id, send_budget=_budget(5.0))
+        assert 200 <= status < 300
