@@ -101,7 +101,10 @@ class StepAccounts:
         #: event or a read), so that call counts as read from now on.
         self.coverage = coverage
 
-    def note(self, step: Step, *, source: str, raw: bytes | str | None = None) -> None:
+    def note(self, step: Step, *, source: str, raw: bytes | str | None = None,
+             decided: float | None = None) -> None:
+        """Count and record one step (after its decisions went to the enforcer);
+        `decided`: when they were made (epoch seconds; default now)."""
         if step.rejected:
             self.rejected(step, source, raw)
         if step.change is not None:
@@ -110,7 +113,7 @@ class StepAccounts:
                 call = step.change.call
                 self.coverage.seen(ConversationId(call.id), self._clock(),
                                    conference=call.connected_parties >= 3, ended=call.is_ended)
-        self.latency(step.decisions)
+        self.latency(step.decisions, decided)
 
     def note_rest(self, step: Step) -> None:
         """`note` for a step made from a REST reply (the enforcer's confirming reads)."""
@@ -132,10 +135,11 @@ class StepAccounts:
                     conversation_id=step.change.call.id if step.change is not None else None,
                     excerpt=text)
 
-    def latency(self, decisions: list[Decision]) -> None:
+    def latency(self, decisions: list[Decision], decided: float | None = None) -> None:
+        """Event-to-decision seconds of each decision; `decided`: epoch seconds (now)."""
         if not decisions:
             return
-        now = self._clock()
+        now = self._clock() if decided is None else decided
         for d in decisions:
             if d.received_at is not None:
                 self._metrics.event_to_decision_seconds.observe(max(0.0, now - d.received_at))
@@ -173,10 +177,10 @@ class EventRouter:
         fed = self.engine.feed(raw, received_at)
         message = fed.message
         assert message is not None  # feed always parses
-        topic = getattr(message, "topic", None)
+        self.step(fed, source=source, raw=raw)
+        topic = getattr(message, "topic", None)  # counted after a removal's PATCH is under way
         if topic is not None and not isinstance(message, Rejected):
             self._metrics.events_received.labels(topic=topic).inc()
-        self.step(fed, source=source, raw=raw)
         if self._trace_events:  # the canonical line per processed event (at debug level)
             change = fed.change
             event_log.debug("event", kind=type(message).__name__, topic=topic,
@@ -222,9 +226,12 @@ class EventRouter:
     # ------------------------------------------------------------------ REST input
 
     def step(self, step: Step, *, source: str = REST, raw: bytes | str | None = None) -> None:
-        """Every engine result (frame, REST read, 404) takes this one path to enforcement."""
-        self.accounts.note(step, source=source, raw=raw)
+        """Every engine result (frame, REST read, 404) takes this one path to enforcement.
+        The enforcer first; the books (metrics, coverage, a rejection's line) after it, so
+        that none of them comes between an event and its removal's PATCH."""
+        decided = self._clock() if step.decisions else None
         self.enforcer.handle(step)
+        self.accounts.note(step, source=source, raw=raw, decided=decided)
         self.accounts.wake()
 
     def submit(self, decisions: Iterable[Decision]) -> None:
