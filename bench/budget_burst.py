@@ -22,6 +22,14 @@ published the flag event -> its perf_counter_ns when that client's first PATCH f
 party (confguard: the customer, minimal: the external) arrived (same process, same clock), per client. Reported: p50/p99/max, PATCHes,
 429s, requests per client, the allowance confguard learnt. Target (budget 300): confguard
 p99 <= 1.5 x the minimal client's, 0 x 429. `--smoke`: 10 conferences, checks it runs.
+
+Side by side, the two clients and the sandbox share the machine's cores, and how the
+scheduler places three busy processes on two cores decides much of each round (a client
+sharing a core with the sandbox waits for it). `--solo` takes that out: each round runs
+each client alone (`--only`), pinned with the sandbox on a core of its own (`--pin`:
+sandbox on the first allowed CPU, the client on the second; Linux); the ratio is
+confguard's p99 over the minimal client's of the same round. The side-by-side run stays
+the one the target names; `--solo` says what each client costs by itself.
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
     calls: list[tuple[str, str, str]] = []  # (conversation id, customer id, external id)
     names = {sb.client_id: "confguard", minimal.id: "minimal"}
 
-    async def burst(n: int, gap: float, settle: float, raw: bool) -> dict[str, Any]:
+    async def burst(n: int, gap: float, settle: float, raw: bool,
+                    clients: list[str]) -> dict[str, Any]:
         seq0 = sb.journal._req_seq
         flags: list[tuple[str, str, str, int]] = []
         t0 = time.monotonic()
@@ -79,7 +88,8 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
         inject = time.monotonic() - t0
         base = "/api/v2/conversations/calls/{}/participants/{}"
         target = {sb.client_id: 1, minimal.id: 2}  # index into the flag tuple: whose party
-        wanted = {base.format(f[0], f[t]) for f in flags for t in (1, 2)}
+        wanted = {base.format(f[0], f[target[c]]) for f in flags for c in target
+                  if names[c] in clients}
         deadline = time.monotonic() + settle
         while time.monotonic() < deadline:
             got = {(r.client_id, r.path) for r in sb.journal.requests
@@ -104,8 +114,9 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
             out["raw"] = [[f[0], f[3], first.get((sb.client_id, base.format(f[0], f[1])))]
                           for f in flags]
         for client_id, who in names.items():
-            out[who] = _client_figures(flags, first, client_id, target[client_id], base,
-                                       per.get(who, Counter()))
+            if who in clients:
+                out[who] = _client_figures(flags, first, client_id, target[client_id], base,
+                                           per.get(who, Counter()))
         return out
 
     while True:
@@ -120,7 +131,8 @@ async def _sandbox_main(conn: Connection, budget: int) -> None:
                 calls.append((conv.id, conv.participants[0].id, ext.id))
             conn.send(len(calls))
         elif op == "burst":
-            conn.send(await burst(cmd["n"], cmd["gap"], cmd["settle"], cmd.get("raw", False)))
+            conn.send(await burst(cmd["n"], cmd["gap"], cmd["settle"], cmd.get("raw", False),
+                                  cmd.get("clients", ["confguard", "minimal"])))
         else:
             await sb.stop()
             conn.send(True)
@@ -231,66 +243,39 @@ async def _minimal_loop(conn: Connection, base: str, client_id: str, secret: str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from daemon.config import load_config
-    from daemon.service.lifecycle import Daemon
-
     ctx = mp.get_context("spawn")
     mproc = None
+    clients = [args.only] if args.only else ["confguard", "minimal"]
     results: dict[str, Any] = {"bench": "budget_burst", "conferences": args.conferences,
                                "gap_ms": args.gap_ms, "budget_per_minute": args.budget}
+    cpus = _pin_cpus() if args.pin else None
+    if cpus is not None:
+        _pin(0, cpus[1])  # this process: confguard (threads made later inherit it)
+        results["pinned"] = {"sandbox": cpus[0], "clients": cpus[1]}
     async with _common.SandboxProcess(sandbox_process, args.budget) as remote:
         try:
             info = remote.info
-            mhere, mthere = ctx.Pipe()
-            mproc = ctx.Process(target=minimal_process, daemon=True,
-                                args=(mthere, info["base"], info["minimal_id"], info["minimal_secret"],
-                                      info["queue"], args.hops))
-            mproc.start()
-            if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
-                raise TimeoutError("minimal client did not start")
-            mhere.recv()
-            with _common.daemon_folder() as tmp:
-                path = _common.config_for_sandbox(
-                    tmp, info, n_rules=6, queues=[QUEUE],
-                    overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning",
-                               **dict(_setting(x) for x in args.set)})
-                # Before the Daemon is made: the stream keeps the bound `_on_message`.
-                probe = _hops.install() if args.hops else None
-                daemon = Daemon(load_config(path), config_path=path)
-                await daemon.start()
-                try:
-                    await remote.ask({"op": "setup", "conferences": args.conferences})
-                    results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.conferences, 60)
-                    await asyncio.sleep(1.0)
-                    profiler = _profiler(args.profile)
-                    try:
-                        r = await remote.ask({"op": "burst", "n": args.conferences,
-                                              "gap": args.gap_ms / 1000.0, "settle": args.settle,
-                                              "raw": probe is not None})
-                    finally:
-                        if profiler is not None:
-                            profiler.stop()
-                            Path(args.profile).write_text(profiler.output_text(show_all=False))
-                            results["profile"] = args.profile
-                        if probe is not None:
-                            probe.uninstall()
-                    raw = r.pop("raw", None)
-                    if probe is not None and raw:
-                        results["hops"] = _hops.breakdown(
-                            probe.rows(), {c: ev for c, ev, _ in raw},
-                            {c: ns for c, _, ns in raw if ns is not None})
-                    assert daemon.client is not None
-                    snap = daemon.client.limiter.snapshot()
-                    r["confguard"]["learnt_allowed"] = snap.allowed
-                    r["confguard"]["learnt"] = snap.learnt
-                    r["confguard"]["rate_limited_seen"] = dict(snap.rate_limited)
-                    results.update(r)
-                finally:
-                    await daemon.stop()
-                # confguard's own share: frame received -> PATCH about to be sent (its audit).
-                inside = _common.in_daemon_ms(tmp / "audit.jsonl", (0.5, 0.99))
-                if inside and "confguard" in results:
-                    results["confguard"]["in_daemon_ms"] = inside
+            if cpus is not None:
+                _pin(remote.proc.pid, cpus[0])
+            if "minimal" in clients:
+                mhere, mthere = ctx.Pipe()
+                mproc = ctx.Process(target=minimal_process, daemon=True,
+                                    args=(mthere, info["base"], info["minimal_id"],
+                                          info["minimal_secret"], info["queue"], args.hops))
+                mproc.start()
+                if not await asyncio.get_running_loop().run_in_executor(None, mhere.poll, 30.0):
+                    raise TimeoutError("minimal client did not start")
+                mhere.recv()
+                if cpus is not None:
+                    _pin(mproc.pid, cpus[1])
+            burst = {"op": "burst", "n": args.conferences, "gap": args.gap_ms / 1000.0,
+                     "settle": args.settle, "clients": clients}
+            if "confguard" in clients:
+                await _with_daemon(args, info, remote, burst, results)
+            else:
+                await remote.ask({"op": "setup", "conferences": args.conferences})
+                await asyncio.sleep(1.0)
+                results.update(await remote.ask(burst))
         finally:
             await remote.close()  # first: the minimal client's socket ends with the sandbox
             if mproc is not None and args.hops and "minimal" in results and await asyncio.get_running_loop(
@@ -307,6 +292,75 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["ratio_p99"] = round(c["p99_ms"] / m["p99_ms"], 2)
     results["target"] = "confguard p99 <= 1.5 x minimal p99, 0 x 429"
     return results
+
+
+async def _with_daemon(args: argparse.Namespace, info: dict[str, Any],
+                       remote: _common.SandboxProcess, burst: dict[str, Any],
+                       results: dict[str, Any]) -> None:
+    """confguard's side of a run: the real Daemon in this process through the burst."""
+    from daemon.config import load_config
+    from daemon.service.lifecycle import Daemon
+
+    with _common.daemon_folder() as tmp:
+        path = _common.config_for_sandbox(
+            tmp, info, n_rules=6, queues=[QUEUE],
+            overrides={"safety.max_disconnects_per_minute": 1_000_000, "logging.level": "warning",
+                       **dict(_setting(x) for x in args.set)})
+        # Before the Daemon is made: the stream keeps the bound `_on_message`.
+        probe = _hops.install() if args.hops else None
+        daemon = Daemon(load_config(path), config_path=path)
+        await daemon.start()
+        try:
+            await remote.ask({"op": "setup", "conferences": args.conferences})
+            results["tracked_by_daemon"] = await _common.wait_tracked(daemon, args.conferences, 60)
+            await asyncio.sleep(1.0)
+            profiler = _profiler(args.profile)
+            try:
+                r = await remote.ask({**burst, "raw": probe is not None})
+            finally:
+                if profiler is not None:
+                    profiler.stop()
+                    Path(args.profile).write_text(profiler.output_text(show_all=False))
+                    results["profile"] = args.profile
+                if probe is not None:
+                    probe.uninstall()
+            raw = r.pop("raw", None)
+            if probe is not None and raw:
+                results["hops"] = _hops.breakdown(
+                    probe.rows(), {c: ev for c, ev, _ in raw},
+                    {c: ns for c, _, ns in raw if ns is not None})
+            assert daemon.client is not None
+            snap = daemon.client.limiter.snapshot()
+            r["confguard"]["learnt_allowed"] = snap.allowed
+            r["confguard"]["learnt"] = snap.learnt
+            r["confguard"]["rate_limited_seen"] = dict(snap.rate_limited)
+            results.update(r)
+        finally:
+            await daemon.stop()
+        # confguard's own share: frame received -> PATCH about to be sent (its audit).
+        inside = _common.in_daemon_ms(tmp / "audit.jsonl", (0.5, 0.99))
+        if inside and "confguard" in results:
+            results["confguard"]["in_daemon_ms"] = inside
+
+
+def _pin_cpus() -> tuple[int, int]:
+    """(the sandbox's CPU, the clients' CPU): the first two this process may run on."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    return allowed[0], allowed[1]
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Pin every thread of process `pid` (0: this one) to `cpu`; threads made later
+    inherit it."""
+    import os
+
+    real = pid or os.getpid()
+    for tid in os.listdir(f"/proc/{real}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
 
 
 def _profiler(path: str | None) -> Any:
@@ -353,9 +407,11 @@ def _setting(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _one_run(root: Path, args: argparse.Namespace, sets: list[str]) -> dict[str, Any]:
+def _one_run(root: Path, args: argparse.Namespace, sets: list[str],
+             only: str | None = None) -> dict[str, Any]:
     """One single-run of this script in its own process (a fresh sandbox and interpreter),
-    with the daemon's code taken from `root` (CONFGUARD_BENCH_ROOT) and `sets` as --set."""
+    with the daemon's code taken from `root` (CONFGUARD_BENCH_ROOT) and `sets` as --set;
+    `only`: that client alone, pinned (`--only ... --pin`)."""
     import os
     import subprocess
 
@@ -365,6 +421,8 @@ def _one_run(root: Path, args: argparse.Namespace, sets: list[str]) -> dict[str,
     cmd += [a for x in sets for a in ("--set", x)]
     if args.hops:
         cmd.append("--hops")
+    if only:
+        cmd += ["--only", only, "--pin"]
     env = {**os.environ, "CONFGUARD_BENCH_ROOT": str(root)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
@@ -434,7 +492,8 @@ def alternate(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.runs):
         order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for k in order:
-            r = _one_run(variants[k][0], args, variants[k][1])
+            r = _solo_pair(variants[k][0], args, variants[k][1], i) if args.solo \
+                else _one_run(variants[k][0], args, variants[k][1])
             runs[k].append(r)
             print(f"round {i + 1} {k}: ratio {r.get('ratio_p99')} confguard p99 "
                   f"{_common.fmt(r.get('confguard', {}).get('p99_ms'), 2)} minimal p99 "
@@ -446,6 +505,20 @@ def alternate(args: argparse.Namespace) -> dict[str, Any]:
             "variants": {k: {"root": str(v[0]), "set": v[1], **_aggregate(runs[k]),
                              "each": runs[k]} for k, v in variants.items()},
             "target": "median ratio_p99 <= 1.5"}
+
+
+def _solo_pair(root: Path, args: argparse.Namespace, sets: list[str], i: int) -> dict[str, Any]:
+    """One `--solo` round of one variant: confguard alone and the minimal client alone,
+    each pinned beside the sandbox (order alternated by round), as one result."""
+    order = ["confguard", "minimal"] if i % 2 == 0 else ["minimal", "confguard"]
+    got = {who: _one_run(root, args, sets, only=who) for who in order}
+    r = got["confguard"]
+    r["minimal"] = got["minimal"]["minimal"]
+    c, m = r["confguard"].get("p99_ms"), r["minimal"].get("p99_ms")
+    if c and m:
+        r["ratio_p99"] = round(c / m, 2)
+    r["solo"] = True
+    return r
 
 
 def alternate_summary(r: dict[str, Any]) -> str:
@@ -488,10 +561,18 @@ def main() -> None:
                          "of the commit before)")
     ap.add_argument("--b-set", action="append", default=[], metavar="KEY=VALUE",
                     help="settings of the alternated variant B (with or without --against)")
+    ap.add_argument("--only", choices=["confguard", "minimal"],
+                    help="run this client alone (the other's parties are left in the calls)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the sandbox on the first allowed CPU, the client(s) on the second "
+                         "(Linux sched_setaffinity)")
+    ap.add_argument("--solo", action="store_true",
+                    help="with --runs: each round runs each client alone and pinned "
+                         "(--only ... --pin), the ratio taken between the two")
     args = ap.parse_args()
     if args.smoke:
         args.conferences, args.settle = 10, 15.0
-    if args.runs > 1 or args.against or args.b_set:
+    if args.runs > 1 or args.against or args.b_set or args.solo:
         r = alternate(args)
         print(json.dumps(r) if args.json else alternate_summary(r))
         return
