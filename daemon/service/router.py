@@ -227,10 +227,20 @@ class EventRouter:
 
     def step(self, step: Step, *, source: str = REST, raw: bytes | str | None = None) -> None:
         """Every engine result (frame, REST read, 404) takes this one path to enforcement.
-        The enforcer first; the books (metrics, coverage, a rejection's line) after it, so
-        that none of them comes between an event and its removal's PATCH."""
+        The enforcer first; the books (metrics, coverage, a rejection's line, the timer
+        loop's wake-up) after it, and after the first step of any PATCH task it started,
+        so that none of them comes between an event and its removal's PATCH."""
         decided = self._clock() if step.decisions else None
-        self.enforcer.handle(step)
+        removals = self.enforcer.handle(step)
+        if any(not r.done() for r in removals):
+            # A PATCH task was started: the books run after its first step (callbacks run
+            # in the order scheduled), which writes the PATCH unless it has to wait.
+            asyncio.get_running_loop().call_soon(self._books, step, source, raw, decided)
+        else:
+            self._books(step, source, raw, decided)
+
+    def _books(self, step: Step, source: str, raw: bytes | str | None,
+               decided: float | None) -> None:
         self.accounts.note(step, source=source, raw=raw, decided=decided)
         self.accounts.wake()
 
