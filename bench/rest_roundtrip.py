@@ -210,7 +210,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="50 requests, 1 round")
     ap.add_argument("--clients", nargs="+",
-                    default=["httpx", "httpx_aiohttp", "httpx_confguard", "genesys", "aiohttp"],
+                    default=["httpx", "httpx_aiohttp", "httpx_confguard", "genesys", "genesys_ha",
+                             "aiohttp"],
                     help="which clients, alternated round by round: httpx (its own transport, "
                          "httpcore), httpx_aiohttp (the httpx-aiohttp package's transport, when "
                          "installed), httpx_confguard (daemon.genesys.transport), genesys "

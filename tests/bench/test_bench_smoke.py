@@ -46,3 +46,22 @@ def test_benchmark_runs_at_smoke_sizes(name: str) -> None:
     assert took < run_all.SMOKE_TIMEOUT
     if bench.json:
         assert data is not None and data.get("bench", name) == name, data
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="--pin needs Linux and two CPUs")
+def test_burst_solo_runs_each_client_alone_pinned_and_takes_the_ratio_between_them() -> None:
+    """`budget_burst.py --solo`: per round, confguard alone and the minimal client alone,
+    each pinned to a CPU other than the sandbox's; the ratio is taken between the two."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "budget_burst.py"), "--smoke",
+                           "--runs", "1", "--solo", "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(done.stdout.strip().splitlines()[-1])["variants"]["A"]["each"]
+    assert run["solo"] is True
+    assert run["pinned"]["sandbox"] != run["pinned"]["clients"]
+    assert run["confguard"]["patched"] == run["minimal"]["patched"] == 10
+    assert run["ratio_p99"] == round(run["confguard"]["p99_ms"] / run["minimal"]["p99_ms"], 2)
