@@ -168,6 +168,31 @@ def peer_of(request: web.Request) -> object:
     return request.transport.get_extra_info("peername") if request.transport else None
 
 
+class Hold:
+    """An aiohttp handler that answers each request with its path, except that a request
+    for `path` is held (`arrived` set) until `release` is set (at most WAIT seconds).
+    `events`: ("start", path) and ("answer", path) in order; `peers`: each request's."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.arrived, self.release = asyncio.Event(), asyncio.Event()
+        self.events: list[tuple[str, str]] = []
+        self.peers: list[object] = []
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for kind, p in self.events if kind == "start"]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.peers.append(peer_of(request))
+        self.events.append(("start", request.path))
+        if request.path == self.path:
+            self.arrived.set()
+            await asyncio.wait_for(self.release.wait(), WAIT)
+        self.events.append(("answer", request.path))
+        return web.Response(text=request.path)
+
+
 def idle_closed(t: Http11Transport) -> bool:
     """Whether the transport holds idle connections and has seen every one of them closed
     (the pool's own state: what the client knows is what a test must wait for)."""
@@ -584,65 +609,44 @@ async def test_pool_full_request_waits_and_the_pool_timeout_bounds_the_wait(serv
     """With `max_connections=1` held by a slow answer, a second request waits for the
     connection, at most `pool` seconds: PoolTimeout, and nothing of it reached the server.
     The held request is unaffected."""
-    arrived, release = asyncio.Event(), asyncio.Event()
-    paths: list[str] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        paths.append(request.path)
-        if request.path == "/slow":
-            arrived.set()
-            await asyncio.wait_for(release.wait(), WAIT)
-        return web.Response(text="ok")
-
-    origin = await serve(handler)
+    hold = Hold("/slow")
+    origin = await serve(hold.handle)
     t = Http11Transport(max_connections=1)
     async with httpx.AsyncClient(transport=t, timeout=httpx.Timeout(WAIT, pool=0.2)) as c:
         slow = asyncio.create_task(c.get(origin + "/slow"))
         try:
-            await asyncio.wait_for(arrived.wait(), WAIT)
+            await asyncio.wait_for(hold.arrived.wait(), WAIT)
             with pytest.raises(httpx.PoolTimeout):
                 await asyncio.wait_for(c.get(origin + "/second"), WAIT)
-            assert paths == ["/slow"] and t.connections == 1
+            assert hold.paths == ["/slow"] and t.connections == 1
         finally:
-            release.set()
-        assert (await asyncio.wait_for(slow, WAIT)).text == "ok"
+            hold.release.set()
+        assert (await asyncio.wait_for(slow, WAIT)).text == "/slow"
         assert t.connections == 1
 
 
 async def test_pool_full_request_gets_the_connection_once_the_first_answer_is_in(serve) -> None:
     """Without a pool timeout, the queued request waits as long as it takes, then goes out
     on the connection the first one released: after the first answer, on the same peer."""
-    arrived, release = asyncio.Event(), asyncio.Event()
-    events: list[tuple[str, str]] = []
-    peers: list[object] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        peers.append(peer_of(request))
-        events.append(("start", request.path))
-        if request.path == "/slow":
-            arrived.set()
-            await asyncio.wait_for(release.wait(), WAIT)
-        events.append(("answer", request.path))
-        return web.Response(text=request.path)
-
-    origin = await serve(handler)
+    hold = Hold("/slow")
+    origin = await serve(hold.handle)
     t = Http11Transport(max_connections=1)
     async with httpx.AsyncClient(transport=t, timeout=httpx.Timeout(WAIT, pool=None)) as c:
         first = asyncio.create_task(c.get(origin + "/slow"))
         try:
-            await asyncio.wait_for(arrived.wait(), WAIT)
+            await asyncio.wait_for(hold.arrived.wait(), WAIT)
             second = asyncio.create_task(c.get(origin + "/next"))
             await wait_until(lambda: len(t._waiters) == 1, WAIT,
                              "the second request to queue for the connection")
-            assert events == [("start", "/slow")]
+            assert hold.events == [("start", "/slow")]
         finally:
-            release.set()
+            hold.release.set()
         r1, r2 = await asyncio.wait_for(asyncio.gather(first, second), WAIT)
         assert t.connections == 1
     assert (r1.text, r2.text) == ("/slow", "/next")
-    assert events == [("start", "/slow"), ("answer", "/slow"), ("start", "/next"),
-                      ("answer", "/next")]
-    assert len(set(peers)) == 1
+    assert hold.events == [("start", "/slow"), ("answer", "/slow"), ("start", "/next"),
+                           ("answer", "/next")]
+    assert len(set(hold.peers)) == 1
 
 
 async def test_cancelled_queued_request_passes_the_free_connection_on(serve) -> None:
@@ -650,21 +654,14 @@ async def test_cancelled_queued_request_passes_the_free_connection_on(serve) -> 
     first is cancelled, which frees the connection and wakes the first queued one; that
     one is cancelled before it could run. The free connection must go to the last one
     (not sit unused until its pool timeout)."""
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        if request.path == "/hold":
-            arrived.set()
-            await asyncio.wait_for(release.wait(), WAIT)
-        return web.Response(text=request.path)
-
-    origin = await serve(handler)
+    hold = Hold("/hold")
+    origin = await serve(hold.handle)
     t = Http11Transport(max_connections=1)
     loop = asyncio.get_running_loop()
     async with httpx.AsyncClient(transport=t, timeout=httpx.Timeout(WAIT, pool=3.0)) as c:
         try:
             held = asyncio.create_task(c.get(origin + "/hold"))
-            await asyncio.wait_for(arrived.wait(), WAIT)
+            await asyncio.wait_for(hold.arrived.wait(), WAIT)
             woken = asyncio.create_task(c.get(origin + "/woken"))
             await wait_until(lambda: len(t._waiters) == 1, WAIT, "the first to queue")
             last = asyncio.create_task(c.get(origin + "/last"))
@@ -676,7 +673,7 @@ async def test_cancelled_queued_request_passes_the_free_connection_on(serve) -> 
                     await asyncio.wait_for(task, WAIT)
             r = await asyncio.wait_for(last, WAIT)
         finally:
-            release.set()
+            hold.release.set()
     assert r.text == "/last"
 
 
@@ -821,27 +818,20 @@ async def test_aclose_fails_a_request_queued_for_the_pool(serve) -> None:
     """A request waiting for a connection when the transport is closed is a
     TransportError at once; the request in flight completes, and its connection is
     closed rather than pooled."""
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        if request.path == "/slow":
-            arrived.set()
-            await asyncio.wait_for(release.wait(), WAIT)
-        return web.Response(text=request.path)
-
-    origin = await serve(handler)
+    hold = Hold("/slow")
+    origin = await serve(hold.handle)
     t = Http11Transport(max_connections=1)
     request = httpx.Request("GET", origin + "/slow", extensions={"timeout": {"pool": None}})
     slow = asyncio.create_task(t.handle_async_request(request))
     try:
-        await asyncio.wait_for(arrived.wait(), WAIT)
+        await asyncio.wait_for(hold.arrived.wait(), WAIT)
         queued = asyncio.create_task(t.handle_async_request(httpx.Request("GET", origin + "/q")))
         await wait_until(lambda: len(t._waiters) == 1, WAIT, "the second request to queue")
         await t.aclose()
         with pytest.raises(httpx.TransportError):
             await asyncio.wait_for(queued, WAIT)
     finally:
-        release.set()
+        hold.release.set()
     assert (await asyncio.wait_for(slow, WAIT)).content == b"/slow"
     assert t.connections == 0
 
