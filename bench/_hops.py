@@ -181,10 +181,12 @@ def _sending(p: Probe, orig: Any) -> Any:
 
 
 def _cid_of(request: Any) -> str | None:
+    """The conversation id of a PATCH of a call's participant (from the URL's raw path, an
+    attribute httpx keeps: `str(request.url)` would rebuild the URL inside the hop)."""
     if request.method != "PATCH":
         return None
-    parts = str(request.url).split("/conversations/calls/", 1)
-    return parts[1].split("/", 1)[0] if len(parts) == 2 else None
+    parts = request.url.raw_path.split(b"/conversations/calls/", 1)
+    return parts[1].split(b"/", 1)[0].decode("ascii", "replace") if len(parts) == 2 else None
 
 
 def _request_hop(p: Probe, orig: Any, hop: str) -> Any:
