@@ -201,7 +201,7 @@ def _audit_trail(cfg: Config, metrics: Metrics, *, gate: HaGate | None,
     def make_audit(rotation: RotationHook | None) -> AuditLog:
         return AuditLog(cfg.resolve_path(cfg.audit.path), max_bytes=cfg.audit.max_bytes,
                         fsync_interval=cfg.audit.fsync_interval,
-                        on_record=lambda kind: metrics.audit_records.labels(type=kind).inc(),
+                        on_record=lambda kind: metrics.child(metrics.audit_records, kind).inc(),
                         stamp=gate.stamp if gate is not None else None, rotation=rotation)
 
     checkpointer = checkpointer_for(

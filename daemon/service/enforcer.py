@@ -380,7 +380,6 @@ class Enforcer:
         # (core's InFlight.followers holds the decision itself, so the id stays valid until
         # `Enforcement.finish` returns it): settled when the action ends.
         self._joined: dict[int, Removal] = {}
-        self._children: dict[tuple[object, ...], Any] = {}  # labelled metrics (`_child`)
         self._note_step = note_step
         #: The permissions the last refused (403) removal named, until a removal is accepted
         #: again or `clear_forbidden()` (a reload): `/readyz` reports them.
@@ -833,21 +832,11 @@ class Enforcer:
 
     def _count_decision(self, d: Decision, mode: str) -> None:
         if self.metrics is not None:
-            self._child(self.metrics.decisions, d.rule, d.action, mode).inc()
+            self.metrics.child(self.metrics.decisions, d.rule, d.action, mode).inc()
 
     def _count_outcome(self, d: Decision, outcome: str) -> None:
         if self.metrics is not None:
-            self._child(self.metrics.outcomes, d.rule, outcome).inc()
-
-    def _child(self, metric: Any, *values: str) -> Any:
-        """`metric.labels(*values)`, kept per metric and label values: `labels()` builds
-        and looks up its key under a lock each time (~2-5 us); the set of rules, actions,
-        modes and outcomes is small and fixed by the configuration."""
-        key = (id(metric), *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+            self.metrics.child(self.metrics.outcomes, d.rule, outcome).inc()
 
     def _bound(self, d: Decision) -> Logger:
         """The logger bound to one decision's ids (`rule`, `conversation_id`,

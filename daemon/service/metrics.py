@@ -20,7 +20,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 from importlib import metadata
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -287,6 +287,7 @@ class Metrics:
         self.build_info: Info = Info(
             p + "build", "Version and build of the running daemon.", registry=r)
         self.build_info.info({"version": _version(), "python": platform.python_version()})
+        self._children: dict[tuple[object, ...], Any] = {}  # `child`
 
     def track_budget(self, snapshot: Callable[[], BudgetView]) -> None:
         """Read the budget gauges from `snapshot()` (e.g. `RequestLimiter.snapshot`) at each
@@ -305,6 +306,18 @@ class Metrics:
             lambda: float(snapshot().oldest_unread_seconds))
         self.coverage_oldest_conference_unread_seconds.set_function(
             lambda: float(snapshot().oldest_conference_unread_seconds))
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, kept per metric and label values: `labels()` builds
+        and looks up its key under a lock each time (~2-5 us). For the hot path's counts
+        (decisions, outcomes, audit records, events by topic), whose label values come
+        from the configuration and the scope, not from input: as bounded as the labelled
+        children the metric itself keeps."""
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def note_listener_rejection(self, listener: str, reason: str) -> None:
         """Count one listener rejection (the `Listener` `on_reject` hook)."""

@@ -180,7 +180,7 @@ class EventRouter:
         self.step(fed, source=source, raw=raw)
         topic = getattr(message, "topic", None)  # counted after a removal's PATCH is under way
         if topic is not None and not isinstance(message, Rejected):
-            self._metrics.events_received.labels(topic=topic).inc()
+            self._metrics.child(self._metrics.events_received, topic).inc()
         if self._trace_events:  # the canonical line per processed event (at debug level)
             change = fed.change
             event_log.debug("event", kind=type(message).__name__, topic=topic,

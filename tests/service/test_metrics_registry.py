@@ -143,3 +143,19 @@ def test_audit_unsynced_seconds_follows_the_writer(tmp_path: Path) -> None:
     finally:
         audit.close()
     assert value() == 0.0
+
+
+def test_child_is_the_labelled_child_kept_once_per_label_values() -> None:
+    """`Metrics.child(metric, *values)` is `metric.labels(*values)`, looked up once per
+    metric and label values; its counts are the metric's own in the exposition."""
+    m = Metrics()
+    a = m.child(m.audit_records, "decision")
+    assert a is m.child(m.audit_records, "decision") is m.audit_records.labels("decision")
+    assert m.child(m.audit_records, "outcome") is not a
+    assert m.child(m.events_received, "decision") is not a  # per metric, not per values only
+    a.inc()
+    m.child(m.audit_records, "decision").inc()
+    samples = {(s.name, s.labels.get("type")): s.value
+               for f in text_string_to_metric_families(m.render().decode())
+               for s in f.samples}
+    assert samples[("confguard_audit_records_total", "decision")] == 2.0
