@@ -229,6 +229,15 @@ class _Connection(asyncio.Protocol):
     One exchange at a time (the pool hands it to one request); `reusable` says whether it
     can take the next one."""
 
+    # The answer being read (`_reset_answer` starts each one).
+    _status: int
+    _reason: bytes
+    _headers: list[tuple[bytes, bytes]]
+    _body: list[bytes]
+    _framed: bool  # Content-Length or chunked: the body's end is known
+    _keep: bool  # the answer allows the connection's reuse
+    _complete: bool
+
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
         self._loop = loop
         self._transport: asyncio.Transport | None = None
@@ -239,18 +248,12 @@ class _Connection(asyncio.Protocol):
         self._answer: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._paused = False
-        self._head = False
+        self._is_head = False  # the request being answered is a HEAD
         self._read_timeout = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
-        self._status = 0
-        self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
-        self._framed = False  # Content-Length or chunked: the body's end is known
-        self._keep = True  # the answer allows the connection's reuse
-        self._started = False  # some bytes of the answer came
-        self._complete = False
+        self._started = False  # some bytes of the answer came (an interim one included)
+        self._reset_answer()
 
     def _reset_answer(self) -> None:
         self._status = 0
@@ -333,7 +336,7 @@ class _Connection(asyncio.Protocol):
                 self._framed = True
         if self._status in (204, 304):
             self._framed = True  # never a body (RFC 9110 15.3.5, 15.4.5)
-        if self._head and self._status >= 200:
+        if self._is_head and self._status >= 200:
             self._keep = False  # llhttp would wait for the body a HEAD answer never has
             self._framed = True
             self._finish()
@@ -380,7 +383,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self._reset_answer()
         self._started = False
-        self._head = request.method == "HEAD"
+        self._is_head = request.method == "HEAD"
         self._answer = answer = self._loop.create_future()
         try:
             try:

@@ -310,9 +310,9 @@ class Metrics:
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, kept per metric and label values: `labels()` builds
         and looks up its key under a lock each time (~2-5 us). For the hot path's counts
-        (decisions, outcomes, audit records, events by topic), whose label values come
-        from the configuration and the scope, not from input: as bounded as the labelled
-        children the metric itself keeps."""
+        (decisions, outcomes, audit records, events by topic). It keeps one entry per
+        child the metric itself keeps for ever, so it is exactly as bounded as the metric's
+        own label values."""
         key = (id(metric), *values)
         found = self._children.get(key)
         if found is None:
